@@ -1,0 +1,451 @@
+"""
+SR-ViT: the Soft Recursive Vision Transformer, in one file.
+
+A Vision Transformer whose encoder re-applies weight-shared blocks R times ("recursion
+depth") and mixes the outputs of all R steps, per token, with learned weights (SoftMoR,
+Soft Mixture-of-Recursions). Lee and Park, arXiv 2607.00774. Only the abstract is public;
+where the method is not pinned down there, this file follows our reading, written down in
+README.md ("Our reading of the method").
+
+    python srvit.py                   # parameters and forward GMACs of each preset, R = 1..4
+
+    from srvit import srvit_small
+    model = srvit_small(depth=4)      # 12 shared blocks, each applied 4 times, SoftMoR mixers
+    logits, mix = model(images, return_mix=True)   # mix[l]: (B, T, R) weights of mixer l
+    logits_2 = model(images, steps=2)              # anytime inference: the first 2 steps only
+
+The file reads in the order the data flows: patches -> block -> mixer -> recursion -> head,
+then presets, checkpoint loading and the cost table.
+
+Shapes: B images, C channels, D width, p patch size, N = (H/p)(W/p) patches, T = N + 1 tokens
+(class token first), L blocks, R recursion steps, k <= R steps actually run.
+"""
+
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+MIXERS = ("soft", "mean", "last")
+SHARES = ("block", "stack")
+
+
+@dataclass
+class SRViTConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 384        # D
+    num_layers: int = 12        # L distinct (weight-shared) blocks
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    depth: int = 1              # R recursion steps; R = 1 is a plain DeiT
+    mixer: str = "soft"         # how the R step outputs are combined: soft | mean | last
+    share: str = "block"        # what is re-applied: each block R times, or the whole stack
+    drop_path_rate: float = 0.0
+    grad_checkpointing: bool = False
+
+    def __post_init__(self):
+        # Every check a user can trip, with the fix in the message (ValueError, not an assert).
+        if not (isinstance(self.depth, int) and self.depth >= 1):
+            raise ValueError(f"depth (recursion steps R) must be an integer >= 1, got {self.depth!r}")
+        if self.mixer not in MIXERS:
+            raise ValueError(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
+        if self.share not in SHARES:
+            raise ValueError(f"share must be one of {SHARES}, got {self.share!r}")
+        if self.img_size % self.patch_size != 0:
+            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}: "
+                             f"choose a patch size that divides the image (e.g. 4 or 8 for 32 px, 16 for 224 px)")
+        if self.embed_dim % self.num_heads != 0:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+
+    @property
+    def num_patches(self):
+        return (self.img_size // self.patch_size) ** 2
+
+
+# ----------------------------------------------------------------------------------------
+# 1. Patches: image -> tokens
+
+class PatchEmbed(nn.Module):
+    """Cut the image into p x p patches and project each to D numbers: one strided conv."""
+
+    def __init__(self, img_size, patch_size, in_chans, embed_dim):
+        super().__init__()
+        self.img_size, self.in_chans = img_size, in_chans
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        if x.ndim != 4 or x.shape[1] != self.in_chans or x.shape[2:] != (self.img_size, self.img_size):
+            raise ValueError(f"expected images of shape (B, {self.in_chans}, {self.img_size}, {self.img_size}), "
+                             f"got {tuple(x.shape)}: resize or crop the input to {self.img_size} px, "
+                             f"or build the model with img_size={x.shape[-1] if x.ndim == 4 else '...'}")
+        x = self.proj(x)                      # (B, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)   # (B, N, D)
+
+
+# ----------------------------------------------------------------------------------------
+# 2. The block: exactly DeiT's pre-norm Transformer block
+#    x = x + drop_path(attn(norm1(x)));  x = x + drop_path(mlp(norm2(x)))
+
+def drop_path(x, p, training):
+    """Stochastic depth: drop the whole residual branch for a random subset of samples,
+    scaling the kept ones by 1/(1-p) so the expected output is unchanged."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1.0 - p)  # (B, 1, 1)
+    return x * keep / (1.0 - p)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)          # each (B, heads, T, D/heads)
+        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v, fused kernel
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden, out_dim=None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, out_dim or dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """One Transformer block f_l. The drop-path rate is an argument of forward, not an
+    attribute: under recursion the same block is applied at several depths, and each
+    application has its own rate."""
+
+    def __init__(self, dim, num_heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, drop_prob=0.0):
+        x = x + drop_path(self.attn(self.norm1(x)), drop_prob, self.training)
+        x = x + drop_path(self.mlp(self.norm2(x)), drop_prob, self.training)
+        return x
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Mixers: combine the step outputs h_1..h_k of one recursion, per token
+#    Each takes h (B, T, k, D) and returns (out (B, T, D), weights a (B, T, k)), with
+#    out_t = sum_r a_{r,t} h_{r,t}. Returning a for all three makes them comparable in plots.
+
+class SoftMixer(nn.Module):
+    """SoftMoR.  s_{r,t} = g(LayerNorm(h_{r,t})) + b_r,   a_{.,t} = softmax_r(s_{.,t}),
+                 out_t   = sum_r a_{r,t} h_{r,t}
+    g = Linear(D, D) -> GELU -> Linear(D, 1) is one router shared by all steps: it scores
+    what a token looks like after a step, not which step it is; the step bias b carries the
+    step's identity. The router's last layer and b start at zero, so a fresh model mixes
+    the steps uniformly (it starts as the "mean" mixer) and learns to prefer steps."""
+
+    def __init__(self, dim, depth):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.router = Mlp(dim, dim, out_dim=1)             # g: fc1 (D -> D), GELU, fc2 (D -> 1)
+        self.step_bias = nn.Parameter(torch.zeros(depth))  # b, one per recursion step
+
+    def reset_parameters(self):
+        # Called after the model-wide init, which would otherwise overwrite these zeros.
+        nn.init.zeros_(self.router.fc2.weight)
+        nn.init.zeros_(self.router.fc2.bias)
+        nn.init.zeros_(self.step_bias)
+
+    def forward(self, h):
+        k = h.shape[2]
+        scores = self.router(self.norm(h)).squeeze(-1) + self.step_bias[:k]  # (B, T, k)
+        weights = scores.float().softmax(dim=-1)                             # (B, T, k), sums to 1
+        out = torch.einsum("btk,btkd->btd", weights.to(h.dtype), h)          # (B, T, D)
+        return out, weights
+
+
+class MeanMixer(nn.Module):
+    """a_{r,t} = 1/k: "average all stages", no parameters."""
+
+    def forward(self, h):
+        B, T, k, _ = h.shape
+        return h.mean(dim=2), h.new_full((B, T, k), 1.0 / k, dtype=torch.float32)
+
+
+class LastMixer(nn.Module):
+    """out = h_k: plain recursion, the classic recursive Transformer. No parameters."""
+
+    def forward(self, h):
+        B, T, k, _ = h.shape
+        weights = h.new_zeros((B, T, k), dtype=torch.float32)
+        weights[..., -1] = 1.0
+        return h[:, :, -1], weights
+
+
+def build_mixer(kind, dim, depth):
+    return {"soft": lambda: SoftMixer(dim, depth), "mean": MeanMixer, "last": LastMixer}[kind]()
+
+
+# ----------------------------------------------------------------------------------------
+# 4. The model: embed -> recursive encoder -> head
+
+class SRViT(nn.Module):
+    """SRViT(config) or SRViT(**fields): fields as in SRViTConfig, keywords override config."""
+
+    def __init__(self, config=None, **overrides):
+        super().__init__()
+        config = SRViTConfig(**{**(asdict(config) if config else {}), **overrides})
+        self.config = cfg = config
+        D, L, R = cfg.embed_dim, cfg.num_layers, cfg.depth
+
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, D))   # (1, T, D)
+        self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(L))
+        # One mixer per recursion: L of them when each block recurses, one when the stack does.
+        # With R = 1 there is nothing to mix, no mixer is built, and the model IS a DeiT.
+        n_mixers = 0 if R == 1 else (L if cfg.share == "block" else 1)
+        self.mixers = nn.ModuleList(build_mixer(cfg.mixer, D, R) for _ in range(n_mixers))
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.head = nn.Linear(D, cfg.num_classes)
+
+        # Stochastic depth rises linearly over the L*R block applications, in the order they
+        # run: block-sharing runs f_1 R times, then f_2 R times...; stack-sharing runs the
+        # stack f_1..f_L, R times. Either way the deepest application gets drop_path_rate.
+        n = L * R
+        self.drop_path_rates = [cfg.drop_path_rate * i / max(n - 1, 1) for i in range(n)]
+        self.init_weights()
+
+    def init_weights(self):
+        # DeiT / timm: trunc-normal(0.02) for Linear weights, class token and position
+        # embedding; zero biases; LayerNorm (1, 0); the patch conv keeps PyTorch's default.
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.mixers:
+            if isinstance(m, SoftMixer):
+                m.reset_parameters()
+
+    def _apply_block(self, block, h, drop_prob):
+        if self.config.grad_checkpointing and torch.is_grad_enabled():
+            # Recompute this application in the backward pass instead of storing its
+            # activations. The RNG state is saved and restored, so drop-path draws the same
+            # mask twice and neither the output nor the gradient changes.
+            return checkpoint(block, h, drop_prob, use_reentrant=False)
+        return block(h, drop_prob)
+
+    def _mix(self, i, hs, mix):
+        if not self.mixers:                      # R = 1: the one step is the output
+            return hs[-1]
+        out, weights = self.mixers[i](torch.stack(hs, dim=2))  # (B, T, k, D) -> (B, T, D)
+        mix.append(weights)                                    # (B, T, k)
+        return out
+
+    def forward_features(self, x, steps=None, return_mix=False):
+        """Images (B, C, H, W) -> tokens (B, T, D) after the recursive encoder and final norm."""
+        cfg = self.config
+        R, L = cfg.depth, cfg.num_layers
+        k = R if steps is None else steps
+        if not (isinstance(k, int) and 1 <= k <= R):
+            raise ValueError(f"steps must be an integer in 1..{R} (the model's depth), got {steps!r}")
+
+        x = self.patch_embed(x)                                   # (B, N, D)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)           # (B, 1, D)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed           # (B, T, D)
+
+        mix, dpr = [], self.drop_path_rates
+        if cfg.share == "block":
+            # h_1 = f_l(x), h_r = f_l(h_{r-1}), x <- mix_l(h_1..h_k), for l = 1..L
+            for l, block in enumerate(self.blocks):
+                hs, h = [], x
+                for r in range(k):
+                    h = self._apply_block(block, h, dpr[l * R + r])
+                    hs.append(h)
+                x = self._mix(l, hs, mix)
+        else:
+            # F = f_L o ... o f_1;  h_1 = F(x), h_r = F(h_{r-1}), x <- mix(h_1..h_k)
+            hs, h = [], x
+            for r in range(k):
+                for l, block in enumerate(self.blocks):
+                    h = self._apply_block(block, h, dpr[r * L + l])
+                hs.append(h)
+            x = self._mix(0, hs, mix)
+
+        x = self.norm(x)
+        return (x, mix) if return_mix else x
+
+    def forward(self, x, steps=None, return_mix=False):
+        """Images (B, C, H, W) -> logits (B, classes); with return_mix, also the list of
+        mixture weights, one (B, T, k) tensor per mixer (empty when R = 1)."""
+        x, mix = self.forward_features(x, steps=steps, return_mix=True)
+        logits = self.head(x[:, 0])               # class token -> (B, classes)
+        return (logits, mix) if return_mix else logits
+
+    def no_weight_decay(self):
+        """Names of parameters that DeiT trains without weight decay (besides biases and norms)."""
+        return {"cls_token", "pos_embed"} | {n for n, _ in self.named_parameters() if n.endswith("step_bias")}
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Presets: DeiT's sizes (224 px, patch 16, 12 blocks); any other size via keywords
+
+PRESETS = {
+    "tiny": dict(embed_dim=192, num_heads=3),
+    "small": dict(embed_dim=384, num_heads=6),
+    "base": dict(embed_dim=768, num_heads=12),
+}
+
+
+def srvit(preset="small", depth=1, **overrides):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {tuple(PRESETS)}")
+    return SRViT(SRViTConfig(**{**PRESETS[preset], "depth": depth, **overrides}))
+
+
+def srvit_tiny(depth=1, **overrides):
+    return srvit("tiny", depth, **overrides)
+
+
+def srvit_small(depth=1, **overrides):
+    return srvit("small", depth, **overrides)
+
+
+def srvit_base(depth=1, **overrides):
+    return srvit("base", depth, **overrides)
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Warm start from a DeiT / timm ViT checkpoint
+
+def clean_state_dict(state):
+    """Unwrap {"model": ...} and strip DDP's "module." and torch.compile's "_orig_mod." prefixes."""
+    while isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"expected a state dict (name -> tensor), got {type(state).__name__}")
+    out = {}
+    for name, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            name = name.replace(prefix, "")
+        out[name] = value
+    return out
+
+
+def load_pretrained(model, checkpoint, verbose=True):
+    """Load a DeiT / timm ViT (or SR-ViT) checkpoint into `model`, a path or a state dict.
+
+    The L blocks of a plain ViT become the L shared blocks of an SR-ViT of any depth; only the
+    mixers stay new (a fresh soft mixer is the uniform mean, so the warm-started model starts
+    near the pretrained one). Position embeddings of another grid are interpolated; a head with
+    another number of classes is left new. Returns a dict with the keys left new and the keys
+    of the checkpoint that were not used. Raises ValueError for a checkpoint of another width,
+    patch size or number of blocks."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        if not os.path.isfile(checkpoint):
+            raise ValueError(f"checkpoint file not found: {checkpoint}")
+        try:
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"could not read {checkpoint} as tensors only ({type(e).__name__}). If you trust the "
+                             f"file, load it with torch.load(..., weights_only=False) and pass its state dict.") from None
+    state = clean_state_dict(checkpoint)
+    own = model.state_dict()
+    cfg = model.config
+
+    w = state.get("patch_embed.proj.weight")
+    if w is None:
+        raise ValueError("not a ViT checkpoint: it has no 'patch_embed.proj.weight' "
+                         f"(first keys: {list(state)[:5]})")
+    if tuple(w.shape) != tuple(own["patch_embed.proj.weight"].shape):
+        raise ValueError(f"checkpoint is a ViT of width {w.shape[0]}, patch {w.shape[-1]}, {w.shape[1]} channels; "
+                         f"this model has width {cfg.embed_dim}, patch {cfg.patch_size}, {cfg.in_chans} channels. "
+                         f"Build the model to match (e.g. srvit_tiny/small/base for DeiT-Ti/S/B).")
+    n_blocks = 1 + max((int(n.split(".")[1]) for n in state if n.startswith("blocks.")), default=-1)
+    if n_blocks != cfg.num_layers:
+        raise ValueError(f"checkpoint has {n_blocks} blocks, this model has num_layers={cfg.num_layers}: "
+                         f"build the model with num_layers={n_blocks}")
+
+    load, unused = {}, []
+    for name, value in state.items():
+        if name not in own:
+            unused.append(name)
+            continue
+        if name == "pos_embed" and value.shape != own[name].shape:
+            value = resize_pos_embed(value, own[name].shape[1] - 1)
+        if value.shape != own[name].shape:   # another head size, or mixers of another depth
+            unused.append(name)
+            continue
+        load[name] = value
+    model.load_state_dict(load, strict=False)
+    result = {"new": sorted(set(own) - set(load)), "unused": sorted(unused)}
+    if verbose:
+        print(f"load_pretrained: loaded {len(load)} tensors; left new: {len(result['new'])} "
+              f"{result['new'][:4]}{'...' if len(result['new']) > 4 else ''}; unused: {result['unused'][:4]}")
+    return result
+
+
+def resize_pos_embed(pos_embed, num_patches):
+    """(1, 1 + n*n, D) -> (1, 1 + num_patches, D): bicubic over the patch grid, class token kept."""
+    cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
+    old, new, D = int(math.isqrt(grid.shape[1])), int(math.isqrt(num_patches)), grid.shape[-1]
+    grid = grid.reshape(1, old, old, D).permute(0, 3, 1, 2)            # (1, D, n, n)
+    grid = F.interpolate(grid.float(), size=(new, new), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, D).to(pos_embed.dtype)
+    return torch.cat([cls, grid], dim=1)
+
+
+# ----------------------------------------------------------------------------------------
+# 7. Cost: parameters and forward multiply-accumulates, counted by PyTorch
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_gmacs(model, steps=None):
+    """Forward GMACs for one image, counted by torch.utils.flop_counter (matmuls, convs and
+    attention; elementwise ops are not counted, as in the usual ViT figures). A FLOP is a
+    multiply or an add, so MACs = FLOPs / 2."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = model.config
+    p = next(model.parameters())
+    x = torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size, device=p.device, dtype=p.dtype)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x, steps=steps)
+    return counter.get_total_flops() / 2e9
+
+
+if __name__ == "__main__":
+    print(f"{'model':<8}{'R':>3}{'params':>14}{'extra vs R=1':>14}{'GMACs':>9}")
+    for name in PRESETS:
+        for R in (1, 2, 3, 4):
+            with torch.device("meta"):   # shapes only: no memory, no arithmetic
+                model = srvit(name, depth=R)
+            n = count_params(model)
+            base = n if R == 1 else base
+            print(f"{name:<8}{R:>3}{n:>14,}{n - base:>+14,}{forward_gmacs(model):>9.2f}")

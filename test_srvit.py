@@ -300,3 +300,157 @@ def test_cost_table_runs():
     out = subprocess.run([sys.executable, "srvit.py"], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "23,838,628" in out.stdout and "22,050,664" in out.stdout and "+1,787,964" in out.stdout
+
+
+# ----------------------------------------------------------------------------------------
+# train.py
+
+import train  # noqa: E402
+
+# A tiny model and FakeData: 256 images, 8 steps of 32 per epoch.
+FAST = ["--img-size", "32", "--patch-size", "8", "--embed-dim", "32", "--num-layers", "2", "--num-heads", "2",
+        "--batch-size", "32", "--workers", "0", "--log-interval", "4"]
+FAKE = ["--data", "fake", "--num-classes", "10", "--subset", "256", "--val-subset", "64"] + FAST
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_train(args, env=None, timeout=300):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=HERE)
+
+
+def make_image_folder(root, splits=("train", "val"), classes=("cat", "dog"), n=12, size=32):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split in splits:
+        for c, name in enumerate(classes):
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            for i in range(n):
+                pixels = (torch.rand(size, size, 3, generator=g) * 80 + 80 * c).byte().numpy()
+                Image.fromarray(pixels).save(os.path.join(root, split, name, f"{i}.jpg"))
+    return str(root)
+
+
+def test_train_on_fake_data_writes_metrics_and_checkpoints(tmp_path):
+    out = str(tmp_path / "run")
+    model = train.main(FAKE + ["--depth", "2", "--epochs", "2", "--out-dir", out])
+    rows = read_metrics(out)
+    assert rows[0]["type"] == "run" and rows[0]["params"] == srvit.count_params(model)
+    epochs = [r for r in rows if r["type"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2] and all(r["val_images"] == 64 for r in epochs)
+    assert all(math.isfinite(r["train_loss"]) and 0 <= r["top1"] <= r["top5"] <= 100 for r in epochs)
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["config"]["depth"] == 2 and os.path.isfile(os.path.join(out, "best.pt"))
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    for name, value in model.state_dict().items():
+        assert torch.equal(ckpt["model"][name], value), name
+
+
+def test_train_on_image_folder_with_accumulation_and_mixup(tmp_path):
+    root = make_image_folder(tmp_path / "data")
+    out = str(tmp_path / "run")
+    train.main(["--data", "folder", "--data-path", root, "--micro-batch", "8", "--mixup", "0.8", "--cutmix", "1.0",
+                "--epochs", "1", "--out-dir", out] + FAST[:-6] + ["--batch-size", "16", "--workers", "0"])
+    rows = read_metrics(out)
+    assert rows[1]["val_images"] == 24 and math.isfinite(rows[1]["train_loss"])
+    assert rows[0]["config"]["num_classes"] == 2
+
+
+def test_kill_and_resume_repeats_the_uninterrupted_run(tmp_path):
+    args = FAKE + ["--depth", "2", "--epochs", "3", "--drop-path", "0.1", "--log-interval", "1"]
+    whole = run_train(args + ["--out-dir", str(tmp_path / "whole")])
+    assert whole.returncode == 0, whole.stderr
+    cut = str(tmp_path / "cut")
+    cmd = [sys.executable, "-u", os.path.join(HERE, "train.py"), *args, "--out-dir", cut]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:           # kill -9 in the middle of epoch 2, after epoch 1's checkpoint
+        if line.startswith("epoch 2/3 | step 3/"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert [r["epoch"] for r in read_metrics(cut) if r["type"] == "epoch"] == [1]
+    resumed = run_train(args + ["--out-dir", cut])
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr
+    key = lambda rows: [(r["epoch"], r["train_loss"], r["val_loss"]) for r in rows if r["type"] == "epoch"]
+    assert key(read_metrics(cut)) == key(read_metrics(str(tmp_path / "whole")))
+
+
+def test_torchrun_two_ranks_hold_identical_weights(tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, torch
+        sys.path.insert(0, {HERE!r})
+        import train
+        model = train.main(sys.argv[1:])
+        torch.save(model.state_dict(), os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"] + ".pt"))
+    """))
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           *FAKE, "--val-subset", "63", "--micro-batch", "8", "--depth", "2", "--epochs", "1", "--out-dir", out]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("val top-1") == 1                    # only rank 0 logs
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    start = torch.load(os.path.join(out, "last.pt"), weights_only=True)["model"]
+    assert any(not torch.equal(start[k], train.srvit.srvit_tiny().state_dict().get(k, start[k])) for k in start)
+    assert read_metrics(out)[1]["val_images"] == 63             # 63 images over 2 ranks, each counted once
+
+
+def assert_user_error(res, *fragments):
+    assert res.returncode == 2, (res.returncode, res.stdout[-500:], res.stderr[-2000:])
+    assert "Traceback" not in res.stderr and res.stderr.startswith("error: "), res.stderr
+    for fragment in fragments:
+        assert fragment in res.stderr, res.stderr
+
+
+def test_bad_inputs_give_one_clear_message(tmp_path):
+    assert_user_error(run_train(["--data", "folder", "--data-path", str(tmp_path / "missing")]), "data folder not found")
+    os.makedirs(tmp_path / "empty" / "train")
+    os.makedirs(tmp_path / "empty" / "val")
+    assert_user_error(run_train(["--data", "folder", "--data-path", str(tmp_path / "empty")] + FAST), "no images in")
+    assert_user_error(run_train(FAKE + ["--patch-size", "5"]), "not divisible by patch_size 5")
+    assert_user_error(run_train(FAKE + ["--depth", "0"]), "--depth must be >= 1")
+    assert_user_error(run_train(FAKE, env={"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0"}),
+                      "--batch-size 32 is not divisible by the 3 processes")
+    root = make_image_folder(tmp_path / "data", n=4)
+    with open(os.path.join(root, "train", "cat", "broken.jpg"), "wb") as f:
+        f.write(b"not a jpeg")
+    assert_user_error(run_train(["--data", "folder", "--data-path", root, "--epochs", "1"] + FAST[:-6] +
+                                ["--batch-size", "3", "--workers", "1"]), "cannot read image", "broken.jpg")
+
+
+def test_resume_refuses_another_models_checkpoint_and_nan_keeps_last_good(tmp_path):
+    out = str(tmp_path / "run")
+    ok = run_train(FAKE + ["--depth", "1", "--epochs", "1", "--out-dir", out])
+    assert ok.returncode == 0, ok.stderr
+    assert_user_error(run_train(FAKE + ["--depth", "2", "--epochs", "2", "--out-dir", out]),
+                      "from another model", "depth: checkpoint 1 vs now 2")
+    # Poison the weights of last.pt: the resumed run must stop at its first step, name it,
+    # and leave the checkpoints on disk as they were.
+    last = os.path.join(out, "last.pt")
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["model"] = {k: torch.full_like(v, float("nan")) for k, v in ckpt["model"].items()}
+    torch.save(ckpt, last)
+    before = open(last, "rb").read(), open(os.path.join(out, "best.pt"), "rb").read()
+    assert_user_error(run_train(FAKE + ["--depth", "1", "--epochs", "2", "--out-dir", out]),
+                      "loss became NaN or infinite at step 9 (epoch 2)")
+    assert (open(last, "rb").read(), open(os.path.join(out, "best.pt"), "rb").read()) == before
+    assert [r["epoch"] for r in read_metrics(out) if r["type"] == "epoch"] == [1]
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(CIFAR, "train")),
+                    reason="../shared/data/cifar10 is not present (real-data check)")
+def test_learns_real_cifar10_subset(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(["--data", "cifar10", "--data-path", CIFAR, "--subset", "4000", "--val-subset", "1000",
+                "--epochs", "3", "--lr", "2e-3", "--depth", "2", "--out-dir", out] + FAST[:-6] + ["--batch-size", "64", "--workers", "0"])
+    epochs = [r for r in read_metrics(out) if r["type"] == "epoch"]
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"] - 0.1
+    assert epochs[-1]["top1"] > 25          # chance is 10%

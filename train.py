@@ -270,18 +270,9 @@ def peak_flops(device, amp):
 
 def main(argv=None):
     args = get_args(argv)
-    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if ddp:
-        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        cuda = torch.cuda.is_available() and args.device != "cpu"
-        dist.init_process_group("nccl" if cuda else "gloo")
-        device = torch.device(f"cuda:{local}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-    else:
-        rank, world = 0, 1
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    master = rank == 0
+    # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is a single process.
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    ddp, master = world > 1, rank == 0
     log = print if master else (lambda *a, **k: None)
 
     # Batch bookkeeping: global batch = world x micro-batch x accumulation steps.
@@ -291,6 +282,15 @@ def main(argv=None):
     if (args.batch_size // world) % micro:
         raise UserError(f"--micro-batch {micro} does not divide the per-process batch {args.batch_size // world}")
     accum = args.batch_size // world // micro
+
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+    else:
+        device = torch.device(args.device or ("cuda" if cuda else "cpu"))
     if args.amp is None:
         args.amp = "none" if device.type == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}[args.amp]
@@ -376,8 +376,9 @@ def main(argv=None):
         with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps({"type": "run", "args": vars(args), "config": asdict(raw_model.config), "params": n_params,
                                 "gmacs": gmacs, "world_size": world, "device": str(device), "start_epoch": start_epoch}) + "\n")
-    log(f"SR-ViT {args.model} R={args.depth} mixer={args.mixer} share={args.share}: {n_params:,} params, "
-        f"{gmacs:.2f} GMACs/image | {len(train_set):,} train / {len(val_set):,} val images, {num_classes} classes | "
+    c = raw_model.config
+    log(f"SR-ViT D={c.embed_dim} L={c.num_layers} heads={c.num_heads} patch={c.patch_size} R={c.depth} mixer={c.mixer} "
+        f"share={c.share}: {n_params:,} params, {gmacs:.3g} GMACs/image | {len(train_set):,} train / {len(val_set):,} val images, {num_classes} classes | "
         f"batch {args.batch_size} = {world} x {micro} x {accum} accum | {device} {args.amp} | {args.out_dir}")
 
     for epoch in range(start_epoch, args.epochs):
@@ -455,6 +456,7 @@ def main(argv=None):
     log(f"done: best top-1 {best:.2f}, {fmt_time(elapsed)} training time, checkpoints in {args.out_dir}")
     if ddp:
         dist.destroy_process_group()
+    return raw_model
 
 
 def fmt_time(s):

@@ -454,3 +454,74 @@ def test_learns_real_cifar10_subset(tmp_path):
     epochs = [r for r in read_metrics(out) if r["type"] == "epoch"]
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"] - 0.1
     assert epochs[-1]["top1"] > 25          # chance is 10%
+
+
+# ----------------------------------------------------------------------------------------
+# eval.py
+
+import eval as srvit_eval  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory):
+    """Two short runs on FakeData: R=1 and R=3 soft."""
+    root = tmp_path_factory.mktemp("runs")
+    for depth in (1, 3):
+        train.main(FAKE + ["--depth", str(depth), "--epochs", "1", "--out-dir", str(root / f"R{depth}")])
+    return root
+
+
+def test_eval_checkpoint_anytime_table_and_maps(trained_runs, tmp_path):
+    from PIL import Image
+    ckpt = str(trained_runs / "R3" / "last.pt")
+    res = srvit_eval.main(["--checkpoint", ckpt, "--steps", "all", "--maps", str(tmp_path / "maps.png"),
+                           "--json", str(tmp_path / "eval.json"), "--workers", "0"])
+    saved = read_metrics(str(trained_runs / "R3"))[-1]
+    assert res["images"] == 64 and res["top1"] == pytest.approx(saved["top1"])     # same numbers as training's eval
+    assert [r["steps"] for r in res["anytime"]] == [1, 2, 3] and res["anytime"][-1]["top1"] == res["top1"]
+    g = [r["gmacs"] for r in res["anytime"]]
+    assert g[0] < g[1] < g[2] == pytest.approx(res["gmacs"])
+    assert len(res["step_weights"]) == 2 and all(sum(w) == pytest.approx(1, abs=1e-4) for w in res["step_weights"])
+    assert all(0 <= e <= math.log(3) + 1e-5 for e in res["entropy"])
+    with Image.open(tmp_path / "maps.png") as im:                # 4 rows of (image + 3 steps) at 112 px
+        assert im.size == (6 + 4 * 118, 34 + 4 * 118 + 40)
+        assert len(set(im.convert('RGB').tobytes())) > 10
+    assert json.load(open(tmp_path / "eval.json"))["anytime"][0]["steps"] == 1
+
+
+def test_eval_refuses_foreign_and_broken_checkpoints(trained_runs, tmp_path):
+    torch.save(tiny().state_dict(), tmp_path / "timm_style.pth")
+    with open(trained_runs / "R3" / "last.pt", "rb") as f:
+        (tmp_path / "half.pt").write_bytes(f.read()[:5000])      # a half-written file
+    ckpt = torch.load(trained_runs / "R3" / "last.pt", weights_only=True)
+    ckpt["config"]["depth"] = 2                                    # config and weights disagree
+    torch.save(ckpt, tmp_path / "other.pt")
+    script = os.path.join(HERE, "eval.py")
+    for name, message in [("timm_style.pth", "not a train.py checkpoint"), ("half.pt", "cannot read"),
+                          ("other.pt", "does not hold an SR-ViT"), ("missing.pt", "checkpoint not found")]:
+        res = subprocess.run([sys.executable, script, "--checkpoint", str(tmp_path / name)], capture_output=True, text=True)
+        assert_user_error(res, message)
+
+
+def test_curve_table_and_plot(trained_runs, tmp_path, capsys):
+    from PIL import Image
+    rows = srvit_eval.main(["--curve", str(trained_runs / "*"), str(tmp_path / "not-a-run"),
+                            "--plot", str(tmp_path / "curve.png"), "--paper"])
+    assert [(r["depth"], r["mixer"]) for r in rows] == [(1, "-"), (3, "soft")]
+    out = capsys.readouterr().out
+    assert "| R3 | 3 | soft | block | 0 |" in out and "| R1 | 1 | - | - | 0 |" in out
+    with Image.open(tmp_path / "curve.png") as im:
+        assert im.size == (620 + 520, 380)
+
+
+def test_bench_numbers_are_finite_and_consistent(tmp_path):
+    res = srvit_eval.main(["--bench", "--img-size", "32", "--patch-size", "8", "--embed-dim", "32", "--num-layers", "2",
+                           "--num-heads", "2", "--num-classes", "10", "--depth", "1", "4", "--batch-size", "8",
+                           "--iters", "2", "--rounds", "1", "--json", str(tmp_path / "bench.json")])
+    r1, r4 = res
+    for r in res:
+        assert r["train_img_s"] > 0 and r["infer_img_s"] > 0 and 0 < r["mfu"] < 1.5
+    assert 3.0 < (r4["gmacs"] - r4["mixer_gmacs"]) / r1["gmacs"] < 4.0       # 4x the blocks, 1x embed and head
+    assert r4["unshared_gmacs"] + r4["mixer_gmacs"] == pytest.approx(r4["gmacs"])
+    assert r4["unshared_params"] > r4["params"] and r4["train_ratio"] > 0
+    assert json.load(open(tmp_path / "bench.json"))["results"][1]["depth"] == 4

@@ -143,21 +143,20 @@ def image_folder(root, transform):
         raise UserError(f"no images in {root}: {e}. Expected {root}/<class>/<image>.jpg") from None
 
 
-def build_datasets(args):
+def build_dataset(args, split):
+    """The 'train' or 'val' split named by --data / --data-path, and its number of classes."""
     import torchvision.datasets as tvd
-    root = args.data_path or "./data"
-    train_tf, val_tf = transforms(args, True), transforms(args, False)
+    root, train = args.data_path or "./data", split == "train"
+    tf = transforms(args, train)
     if args.data == "fake":
         n_cls = args.num_classes or 1000
-        shape = (3, args.img_size, args.img_size)
-        train = tvd.FakeData(args.subset or 10_000, shape, n_cls, train_tf, random_offset=0)
-        val = tvd.FakeData(args.val_subset or 1_000, shape, n_cls, val_tf, random_offset=10**7)
-        return train, val, n_cls
+        size = (args.subset or 10_000) if train else (args.val_subset or 1_000)
+        return tvd.FakeData(size, (3, args.img_size, args.img_size), n_cls, tf, random_offset=0 if train else 10**7), n_cls
     has_folder = os.path.isdir(os.path.join(root, "train"))
     if args.data in ("cifar10", "cifar100") and not has_folder:
         cls = tvd.CIFAR10 if args.data == "cifar10" else tvd.CIFAR100
         try:
-            train, val = cls(root, True, train_tf, download=True), cls(root, False, val_tf, download=True)
+            data = cls(root, train, tf, download=True)
         except Exception as e:
             raise UserError(f"could not find or download {args.data} into {root} ({type(e).__name__}). Offline? "
                             f"Point --data-path at a folder with train/<class>/ and test/<class>/ images, "
@@ -168,15 +167,19 @@ def build_datasets(args):
         val_dir = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
         if not has_folder or val_dir is None:
             raise UserError(f"{root} must hold train/ and val/ (or test/), each with one folder per class")
-        train, val = image_folder(os.path.join(root, "train"), train_tf), image_folder(val_dir, val_tf)
-        if train.classes != val.classes:
-            raise UserError(f"train/ and {os.path.basename(val_dir)}/ in {root} have different class folders")
-    n_cls = len(train.classes)
-    g = torch.Generator().manual_seed(1234)   # the same subset on every rank and every run
-    if args.subset:
-        train = torch.utils.data.Subset(train, torch.randperm(len(train), generator=g)[:args.subset].tolist())
-    if args.val_subset:
-        val = torch.utils.data.Subset(val, torch.randperm(len(val), generator=g)[:args.val_subset].tolist())
+        data = image_folder(os.path.join(root, "train") if train else val_dir, tf)
+    n_cls = len(data.classes)
+    keep = args.subset if train else args.val_subset
+    if keep:   # the same subset on every rank and in every run
+        g = torch.Generator().manual_seed(1234 if train else 4321)
+        data = torch.utils.data.Subset(data, torch.randperm(len(data), generator=g)[:keep].tolist())
+    return data, n_cls
+
+
+def build_datasets(args):
+    (train, n_cls), (val, n_val) = build_dataset(args, "train"), build_dataset(args, "val")
+    if n_cls != n_val:
+        raise UserError(f"train and validation splits in {args.data_path} have {n_cls} and {n_val} classes")
     return train, val, n_cls
 
 
@@ -328,8 +331,7 @@ def main(argv=None):
                             grad_checkpointing=args.grad_ckpt, **overrides)
     except ValueError as e:
         raise UserError(f"cannot build the model: {e}") from None
-    with torch.device("meta"):
-        gmacs = srvit.forward_gmacs(srvit.SRViT(model.config))
+    gmacs = srvit.forward_gmacs(model)
     n_params = srvit.count_params(model)
     model.to(device)
 

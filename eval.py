@@ -1,0 +1,502 @@
+"""
+Evaluate, benchmark and look inside SR-ViT; turn training runs into the depth curve.
+
+    python eval.py --checkpoint runs/x/best.pt                    # top-1/5, loss, speed, cost
+    python eval.py --checkpoint runs/x/best.pt --steps all --maps mix.png   # anytime table, SoftMoR maps
+    python eval.py --bench --model small --depth 1 2 3 4 --amp bf16 --compile --batch-size 256
+    python eval.py --curve runs/*/ --plot curve.png --paper       # Markdown table + PNG of top-1 vs depth
+
+The checkpoint remembers its data set and image size; --data / --data-path override them.
+Pictures are drawn with Pillow (it comes with torchvision), so matplotlib is not needed.
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+import srvit
+import train
+from train import UserError
+
+# The paper's ImageNet-1K numbers (abstract of arXiv 2607.00774): SR-ViT-S top-1 at R = 1 and 4,
+# and DeiT-B for reference. Nothing else of the paper's curve is public.
+PAPER = {"srvit_s": {1: 79.83, 4: 82.48}, "deit_b": 81.8}
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluate a checkpoint
+
+def load_checkpoint(path):
+    """A train.py checkpoint -> (model in eval mode, checkpoint dict). One clear error otherwise."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}): not a complete PyTorch checkpoint") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise UserError(f"{path} is not a train.py checkpoint (no 'config'); for DeiT/timm weights use "
+                        f"train.py --init-from, or srvit.load_pretrained in Python")
+    config = {**ckpt["config"], "grad_checkpointing": False}
+    try:
+        model = srvit.SRViT(srvit.SRViTConfig(**config))
+        model.load_state_dict(srvit.clean_state_dict(ckpt["model"]))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path} does not hold an SR-ViT of the configuration it names: {str(e).splitlines()[0]}") from None
+    return model.eval(), ckpt
+
+
+@torch.no_grad()
+def run_split(model, loader, device, autocast, steps=None):
+    """One pass over the split: accuracy, loss, and per mixer the mean weight of each step and
+    the mean entropy of the weights over all tokens."""
+    n = c1 = c5 = loss = 0.0
+    w_sum, ent_sum, tokens = None, None, 0
+    t0 = time.time()
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        with autocast:
+            logits, mix = model(x, steps=steps, return_mix=True)
+        logits = logits.float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        c1 += (top5[:, 0] == y).sum().item()
+        c5 += (top5 == y[:, None]).any(1).sum().item()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        n += len(y)
+        if mix:
+            w = torch.stack(mix)                                     # (mixers, B, T, k)
+            ws, es = w.sum(dim=(1, 2)), -(w * w.clamp_min(1e-12).log()).sum(-1).sum(dim=(1, 2))
+            w_sum, ent_sum = (ws, es) if w_sum is None else (w_sum + ws, ent_sum + es)
+            tokens += w.shape[1] * w.shape[2]
+    if n == 0:
+        raise UserError("the validation split is empty")
+    out = {"top1": 100 * c1 / n, "top5": 100 * c5 / n, "loss": loss / n, "images": int(n),
+           "images_per_s": n / (time.time() - t0)}
+    if w_sum is not None:
+        out["step_weights"] = (w_sum / tokens).tolist()              # [mixer][step]
+        out["entropy"] = (ent_sum / tokens).tolist()                 # [mixer], nats; uniform = log k
+    return out
+
+
+def evaluate_checkpoint(args):
+    model, ckpt = load_checkpoint(args.checkpoint)
+    cfg = model.config
+    targs = argparse.Namespace(**{**ckpt.get("args", {}), "img_size": cfg.img_size})
+    for key in ("data", "data_path", "val_subset"):
+        if getattr(args, key) is not None:
+            setattr(targs, key, getattr(args, key))
+    if targs.data == "fake":
+        targs.num_classes = cfg.num_classes
+    val, n_cls = train.build_dataset(targs, "val")
+    if n_cls != cfg.num_classes:
+        raise UserError(f"the checkpoint classifies {cfg.num_classes} classes, the data at {targs.data_path} has {n_cls}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    autocast = amp_context(device, args.amp)
+    loader = torch.utils.data.DataLoader(val, args.batch_size or 256, num_workers=args.workers)
+
+    print(f"{args.checkpoint}: SR-ViT D={cfg.embed_dim} L={cfg.num_layers} R={cfg.depth} mixer={cfg.mixer} "
+          f"share={cfg.share}, trained {ckpt.get('epoch', '?')} epochs | {len(val):,} images of {targs.data} on {device}")
+    params = srvit.count_params(model)
+    result = {"checkpoint": args.checkpoint, "params": params, "gmacs": srvit.forward_gmacs(model), **run_split(model, loader, device, autocast)}
+    print(f"top-1 {result['top1']:.2f} | top-5 {result['top5']:.2f} | loss {result['loss']:.4f} | "
+          f"{result['images_per_s']:,.0f} images/s (with data loading) | {params:,} params | {result['gmacs']:.3g} GMACs/image")
+    if "step_weights" in result:
+        print("\nSoftMoR weights over validation tokens: mean weight of each step, and entropy (uniform = "
+              f"{math.log(cfg.depth):.3f} nats)")
+        print("| mixer | " + " | ".join(f"step {r + 1}" for r in range(cfg.depth)) + " | entropy |")
+        print("|---" * (cfg.depth + 2) + "|")
+        for i, (w, e) in enumerate(zip(result["step_weights"], result["entropy"])):
+            print(f"| {i} | " + " | ".join(f"{v:.3f}" for v in w) + f" | {e:.3f} |")
+
+    if args.steps == "all":
+        print("\nAnytime inference: the first k recursion steps of the same model")
+        print("| steps k | top-1 | top-5 | GMACs |\n|---|---|---|---|")
+        result["anytime"] = []
+        for k in range(1, cfg.depth + 1):
+            r = run_split(model, loader, device, autocast, steps=k) if k < cfg.depth else result
+            row = {"steps": k, "top1": r["top1"], "top5": r["top5"], "gmacs": srvit.forward_gmacs(model, steps=k)}
+            result["anytime"].append(row)
+            print(f"| {k} | {row['top1']:.2f} | {row['top5']:.2f} | {row['gmacs']:.3g} |")
+    if args.maps:
+        draw_maps(model, val, args.maps, targs, device, n=args.maps_images, mixer=args.maps_mixer)
+        print(f"\nwrote {args.maps}")
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+def amp_context(device, amp):
+    if amp in (None, "none"):
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+    print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------------------
+# Pictures (Pillow only)
+
+# A viridis-like ramp: dark blue (weight 0) -> green -> yellow (weight 1).
+RAMP = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
+
+
+def colour(v):
+    v = min(max(v, 0.0), 1.0) * (len(RAMP) - 1)
+    i = min(int(v), len(RAMP) - 2)
+    t = v - i
+    return tuple(round(a + (b - a) * t) for a, b in zip(RAMP[i], RAMP[i + 1]))
+
+
+@torch.no_grad()
+def draw_maps(model, dataset, path, targs, device, n=4, mixer=-1, cell=112):
+    """One row per image: the image, then one heat map per recursion step of the weight that
+    mixer gives that step at each patch (0 dark, 1 yellow; the class token's weight above)."""
+    from PIL import Image, ImageDraw
+    cfg = model.config
+    if cfg.depth == 1:
+        raise UserError("a depth-1 model has no mixer: nothing to draw")
+    xs = torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))]).to(device)
+    _, mix = model(xs, return_mix=True)
+    weights = mix[mixer].float().cpu()                                 # (n, T, R)
+    grid = cfg.img_size // cfg.patch_size
+    mean, std = train.MEAN_STD["cifar" if cfg.img_size <= 64 else "imagenet"]
+    pad, top, R = 6, 34, cfg.depth
+    W, H = pad + (R + 1) * (cell + pad), top + len(xs) * (cell + pad) + 40
+    canvas = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.font = font(12)
+    which = f"mixer {mixer % len(mix)} of {len(mix)}"
+    draw.text((pad, 4), f"SoftMoR step weights per patch ({which}, {cfg.mixer}, share={cfg.share})", fill="black")
+    for r in range(R):
+        draw.text((pad + (r + 1) * (cell + pad), 20), f"step {r + 1}", fill="black")
+    draw.text((pad, 20), "image", fill="black")
+    for row, x in enumerate(xs.cpu()):
+        y0 = top + row * (cell + pad)
+        img = (x * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]).clamp(0, 1)
+        img = Image.fromarray((img.permute(1, 2, 0) * 255).byte().numpy()).resize((cell, cell), Image.NEAREST)
+        canvas.paste(img, (pad, y0))
+        for r in range(R):
+            w = weights[row, 1:, r].reshape(grid, grid)                # patch tokens, (grid, grid)
+            heat = Image.new("RGB", (grid, grid))
+            heat.putdata([colour(v) for v in w.flatten().tolist()])
+            x0 = pad + (r + 1) * (cell + pad)
+            canvas.paste(heat.resize((cell, cell), Image.NEAREST), (x0, y0))
+            label = f"cls {weights[row, 0, r]:.2f}"
+            draw.rectangle([x0, y0, x0 + 8 + 6 * len(label), y0 + 13], fill="white")
+            draw.text((x0 + 3, y0 + 1), label, fill="black")
+    # colour bar
+    y0, bar_w = H - 30, W - 2 * pad - 60
+    for i in range(bar_w):
+        draw.line([(pad + 30 + i, y0), (pad + 30 + i, y0 + 10)], fill=colour(i / (bar_w - 1)))
+    draw.text((pad, y0), "0", fill="black")
+    draw.text((pad + 36 + bar_w, y0), "1", fill="black")
+    draw.text((pad + 30, y0 + 13), f"weight a (uniform = 1/{R} = {1 / R:.2f})", fill="black")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    canvas.save(path)
+
+
+def font(size=13):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)   # scalable default font, Pillow >= 10.1
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def draw_lines(panel, series, title, xlabel, ylabel, xticks):
+    """A line chart into a Pillow image: series = [(label, [(x, y), ...], colour, joined)]."""
+    from PIL import ImageDraw
+    draw = ImageDraw.Draw(panel)
+    draw.font = font()
+    W, H = panel.size
+    left, right, top, bottom = 58, 150, 30, 42
+    ys = [y for _, pts, _, _ in series for _, y in pts]
+    lo, hi = min(ys), max(ys)
+    span = max(hi - lo, 1.0)
+    lo, hi = lo - 0.15 * span, hi + 0.15 * span
+    X = lambda x: left + (x - min(xticks)) / max(1, max(xticks) - min(xticks)) * (W - left - right)
+    Y = lambda y: H - bottom - (y - lo) / (hi - lo) * (H - top - bottom)
+    draw.text((left, 8), title, fill="black")
+    draw.rectangle([left, top, W - right, H - bottom], outline="black")
+    for x in xticks:
+        draw.line([(X(x), H - bottom), (X(x), H - bottom + 4)], fill="black")
+        draw.text((X(x) - 3, H - bottom + 6), str(x), fill="black")
+    step = 10 ** math.floor(math.log10((hi - lo) / 4))
+    step *= 5 if (hi - lo) / step > 20 else (2 if (hi - lo) / step > 8 else 1)
+    y = math.ceil(lo / step) * step
+    while y <= hi:
+        draw.line([(left, Y(y)), (W - right, Y(y))], fill=(225, 225, 225))
+        draw.text((6, Y(y) - 6), f"{y:.1f}", fill="black")
+        y += step
+    draw.text((left + (W - left - right) // 2 - 20, H - 18), xlabel, fill="black")
+    draw.text((6, top - 16), ylabel, fill="black")
+    for i, (label, pts, col, joined) in enumerate(series):
+        pts = sorted(pts)
+        if joined and len(pts) > 1:
+            draw.line([(X(x), Y(y)) for x, y in pts], fill=col, width=2)
+        for x, y in pts:
+            draw.ellipse([X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4], fill=col)
+        draw.line([(W - right + 10, top + 10 + 16 * i), (W - right + 30, top + 10 + 16 * i)], fill=col, width=3)
+        draw.text((W - right + 34, top + 4 + 16 * i), label, fill="black")
+
+
+# ----------------------------------------------------------------------------------------
+# Depth curve from training runs
+
+MIXER_COLOURS = {"soft": (214, 39, 40), "last": (31, 119, 180), "mean": (44, 160, 44)}
+
+
+def read_run(folder):
+    path = os.path.join(folder, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    runs, epochs = [r for r in rows if r.get("type") == "run"], [r for r in rows if r.get("type") == "epoch"]
+    if not runs or not epochs:
+        return None
+    run, last = runs[-1], epochs[-1]
+    c = run["config"]
+    return {"run": os.path.basename(os.path.normpath(folder)), "depth": c["depth"],
+            "mixer": c["mixer"] if c["depth"] > 1 else "-", "share": c["share"] if c["depth"] > 1 else "-",
+            "seed": run["args"]["seed"], "params": run["params"], "gmacs": run["gmacs"], "epochs": last["epoch"],
+            "best_top1": max(e["top1"] for e in epochs), "final_top1": last["top1"], "wall_s": last["elapsed"]}
+
+
+def curve(args):
+    folders = [f for pattern in args.curve for f in sorted(glob.glob(pattern)) if os.path.isdir(f)]
+    rows = [r for r in map(read_run, folders) if r]
+    if not rows:
+        raise UserError(f"no finished runs (metrics.jsonl with an epoch) in {' '.join(args.curve)}")
+    rows.sort(key=lambda r: (r["depth"] > 1, r["mixer"], r["share"], r["depth"], r["seed"]))
+    print("| run | R | mixer | share | seed | params | GMACs | epochs | best top-1 | final top-1 | wall time |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['run']} | {r['depth']} | {r['mixer']} | {r['share']} | {r['seed']} | {r['params']:,} | "
+              f"{r['gmacs']:.3g} | {r['epochs']} | {r['best_top1']:.2f} | {r['final_top1']:.2f} | {train.fmt_time(r['wall_s'])} |")
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["depth"], r["mixer"], r["share"]), []).append(r["final_top1"])
+    print("\nFinal top-1 by configuration (mean over seeds; range where there are several)")
+    print("| R | mixer | share | seeds | final top-1 |\n|---|---|---|---|---|")
+    for (depth, mixer, share), accs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        spread = f" ({min(accs):.2f}-{max(accs):.2f})" if len(accs) > 1 else ""
+        print(f"| {depth} | {mixer} | {share} | {len(accs)} | {statistics.mean(accs):.2f}{spread} |")
+    if args.plot:
+        plot_curve(groups, args.plot, paper=args.paper)
+        print(f"\nwrote {args.plot}")
+    if args.json:
+        write_json(args.json, rows)
+    return rows
+
+
+def plot_curve(groups, path, paper=False):
+    from PIL import Image
+    base = groups.get((1, "-", "-"))
+    series = []
+    for mixer, col in MIXER_COLOURS.items():
+        for share in ("block", "stack"):
+            pts = [(d, statistics.mean(a)) for (d, m, s), a in groups.items() if m == mixer and s == share]
+            if pts:
+                pts += [(1, statistics.mean(base))] if base else []
+                series.append((f"{mixer}" + (" (stack)" if share == "stack" else ""), pts,
+                               col if share == "block" else tuple(c // 2 for c in col), True))
+    if not series and base:
+        series = [("R=1", [(1, statistics.mean(base))], (0, 0, 0), False)]
+    depths = sorted({d for d, _, _ in groups})
+    panels = [Image.new("RGB", (620, 380), "white")]
+    draw_lines(panels[0], series, "Our runs: final top-1 (mean over seeds)", "recursion depth R", "top-1 %",
+               list(range(1, max(depths) + 1)))
+    if paper:
+        panels.append(Image.new("RGB", (520, 380), "white"))
+        # Only R = 1 and R = 4 are public: points, not a line that would invent R = 2, 3.
+        draw_lines(panels[1], [("SR-ViT-S", list(PAPER["srvit_s"].items()), MIXER_COLOURS["soft"], False),
+                               ("DeiT-B", [(1, PAPER["deit_b"]), (4, PAPER["deit_b"])], (120, 120, 120), True)],
+                   "The paper, ImageNet-1K top-1 (abstract)", "recursion depth R", "top-1 %", [1, 2, 3, 4])
+    canvas = Image.new("RGB", (sum(p.width for p in panels), 380), "white")
+    x = 0
+    for p in panels:
+        canvas.paste(p, (x, 0))
+        x += p.width
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    canvas.save(path)
+
+
+# ----------------------------------------------------------------------------------------
+# Benchmark: speed against an unshared ViT of the same FLOPs, MFU against a measured ceiling
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, iters):
+    for _ in range(2):                         # warm-up: compilation, lazy init, allocator
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / iters
+
+
+def matmul_ceiling(device, dtype):
+    """FLOP/s of a large square matmul on this device and dtype: the MFU denominator."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / min(timed(lambda: a @ b, device, 10) for _ in range(3))
+
+
+def bench_model(cfg, batch, device, amp, compile_, iters):
+    torch.manual_seed(0)
+    model = srvit.SRViT(cfg).to(device)
+    gmacs = srvit.forward_gmacs(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    fwd = torch.compile(model) if compile_ else model
+    x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
+    y = torch.randint(0, cfg.num_classes, (batch,), device=device)
+    autocast = amp_context(device, amp)
+
+    def train_step():
+        with autocast:
+            loss = F.cross_entropy(fwd(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def infer_step():
+        with torch.no_grad(), autocast:
+            fwd(x)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    t_train = timed(train_step, device, iters)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+    model.eval()
+    t_infer = timed(infer_step, device, iters)
+    return {"params": srvit.count_params(model), "gmacs": gmacs, "train_img_s": batch / t_train,
+            "infer_img_s": batch / t_infer, "peak_mem_gib": peak}
+
+
+def bench(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}[amp]
+    batch = args.batch_size or (256 if device.type == "cuda" else 32)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ceiling = matmul_ceiling(device, dtype)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"bench on {name}, {amp}, batch {batch}, compile={args.compile}, grad-ckpt={args.grad_ckpt}; "
+          f"matmul ceiling {ceiling / 1e12:.3g} TFLOP/s")
+    overrides = {k: getattr(args, k) for k in ("embed_dim", "num_layers", "num_heads", "img_size", "patch_size", "num_classes")
+                 if getattr(args, k) is not None}
+    results = []
+    for depth in args.depth:
+        try:
+            cfg = srvit.srvit(args.model, depth=depth, mixer=args.mixer, share=args.share,
+                              grad_checkpointing=args.grad_ckpt, **overrides).config
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        unshared = srvit.SRViTConfig(**{**cfg.__dict__, "depth": 1, "num_layers": cfg.num_layers * depth})
+        # Alternate the two models over rounds and keep each one's median: a shared, noisy
+        # machine then slows both alike, and the ratio stays honest.
+        rounds = {"srvit": [], "unshared": []}
+        for _ in range(args.rounds):
+            rounds["srvit"].append(bench_model(cfg, batch, device, amp, args.compile, args.iters))
+            if depth > 1:
+                rounds["unshared"].append(bench_model(unshared, batch, device, amp, args.compile, args.iters))
+        med = lambda rs, k: statistics.median(r[k] for r in rs)
+        row = {"depth": depth, **{k: med(rounds["srvit"], k) for k in rounds["srvit"][0]}}
+        row["mfu"] = 3 * 2 * row["gmacs"] * 1e9 * row["train_img_s"] / ceiling
+        if depth > 1:
+            u = {k: med(rounds["unshared"], k) for k in rounds["unshared"][0]}
+            row.update(unshared_params=u["params"], unshared_gmacs=u["gmacs"], unshared_train_img_s=u["train_img_s"],
+                       train_ratio=row["train_img_s"] / u["train_img_s"], mixer_gmacs=row["gmacs"] - u["gmacs"])
+        results.append(row)
+    print("\n| R | params | GMACs | mixer GMACs | train img/s | infer img/s | peak mem GiB | MFU | train vs unshared ViT (L x R blocks) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        mem = "-" if math.isnan(r["peak_mem_gib"]) else f"{r['peak_mem_gib']:.2f}"
+        ratio = (f"{r['train_ratio']:.3f} (unshared: {r['unshared_params']:,} params, {r['unshared_train_img_s']:,.1f} img/s)"
+                 if "train_ratio" in r else "-")
+        print(f"| {r['depth']} | {r['params']:,} | {r['gmacs']:.3g} | {r.get('mixer_gmacs', 0):.3g} | "
+              f"{r['train_img_s']:,.1f} | {r['infer_img_s']:,.1f} | {mem} | {r['mfu']:.1%} | {ratio} |")
+    if args.json:
+        write_json(args.json, {"device": name, "amp": amp, "batch": batch, "compile": args.compile,
+                               "grad_ckpt": args.grad_ckpt, "matmul_ceiling_flops": ceiling, "results": results})
+    return results
+
+
+# ----------------------------------------------------------------------------------------
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--checkpoint", help="train.py checkpoint to evaluate")
+    a("--bench", action="store_true", help="benchmark speed, memory and MFU")
+    a("--curve", nargs="+", help="run folders (with metrics.jsonl) for the depth-curve table")
+    a("--data", default=None, choices=["imagenet", "cifar10", "cifar100", "folder", "fake"])
+    a("--data-path", default=None)
+    a("--val-subset", type=int, default=None)
+    a("--steps", default=None, help="'all': the anytime table for k = 1..R")
+    a("--maps", default=None, help="PNG file for the SoftMoR weight maps")
+    a("--maps-images", type=int, default=4)
+    a("--maps-mixer", type=int, default=-1, help="which mixer to draw (block sharing has one per block)")
+    a("--plot", default=None, help="PNG file for the depth curve")
+    a("--paper", action="store_true", help="add the paper's ImageNet points as a second panel")
+    a("--json", default=None, help="also write the numbers to this JSON file")
+    a("--model", default="small", choices=list(srvit.PRESETS))
+    a("--depth", type=int, nargs="+", default=[1, 2, 3, 4])
+    a("--mixer", default="soft", choices=srvit.MIXERS)
+    a("--share", default="block", choices=srvit.SHARES)
+    for flag in ("--embed-dim", "--num-layers", "--num-heads", "--img-size", "--patch-size", "--num-classes"):
+        a(flag, type=int, default=None)
+    a("--batch-size", type=int, default=None)
+    a("--amp", default=None, choices=["bf16", "fp16", "none"])
+    a("--compile", action="store_true")
+    a("--grad-ckpt", action="store_true")
+    a("--iters", type=int, default=10, help="timed iterations per measurement")
+    a("--rounds", type=int, default=3, help="alternating measurement rounds (median kept)")
+    a("--device", default=None)
+    a("--workers", type=int, default=2)
+    args = p.parse_args(argv)
+    if sum(map(bool, (args.checkpoint, args.bench, args.curve))) != 1:
+        p.error("give exactly one of --checkpoint, --bench, --curve")
+    if args.steps not in (None, "all"):
+        p.error("--steps takes 'all'")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.curve:
+        return curve(args)
+    if args.bench:
+        return bench(args)
+    return evaluate_checkpoint(args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {train.user_error_message(e)}", file=sys.stderr)
+        sys.exit(2)

@@ -14,6 +14,13 @@ README.md ("Our reading of the method").
     logits, mix = model(images, return_mix=True)   # mix[l]: (B, T, R) weights of mixer l
     logits_2 = model(images, steps=2)              # anytime inference: the first 2 steps only
 
+What is re-applied, for L = 2 blocks f1, f2 and R = 3 steps (effective depth L*R = 6 either way):
+
+    share="block" (default), one mixer per block     share="stack", one mixer
+    x -> f1 -> f1 -> f1                              x -> f1 f2 -> f1 f2 -> f1 f2
+         h1    h2    h3  -> mix_1 -> x'                      h1       h2       h3  -> mix -> x'
+    x' -> f2 -> f2 -> f2 -> mix_2 -> x''
+
 The file reads in the order the data flows: patches -> block -> mixer -> recursion -> head,
 then presets, checkpoint loading and the cost table.
 

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The CPU depth curve on CIFAR-10 (README "Results"). Two chains of runs at once, one CPU
-# thread each, on the 2-core development machine: about 80 minutes.
-#   bash results/cifar10/sweep.sh [path/to/cifar10]
+# The CPU depth curve on CIFAR-10 (README "Results"). Chains of runs at once, one CPU thread
+# each, on the 2-core development machine.
+#   bash results/cifar10/sweep.sh main  [path/to/cifar10]   # the depth curve: two chains, ~90 min
+#   bash results/cifar10/sweep.sh extra [path/to/cifar10]   # drop path, and stack vs block at L=2
 set -u
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 CODE=${CODE:-$ROOT}     # where train.py is (a frozen copy, so editing the tree mid-sweep is safe)
 cd "$ROOT"
-DATA=${1:-../shared/data/cifar10}
+PART=${1:-main}
+DATA=${2:-../shared/data/cifar10}
 OUT=results/cifar10
 COMMON="--data cifar10 --data-path $DATA --embed-dim 128 --num-layers 1 --num-heads 4 --patch-size 8 \
   --batch-size 128 --lr 1e-3 --epochs 8 --workers 0 --log-interval 100"
@@ -32,5 +34,18 @@ chain_b() {
   run R3-last-s0 --depth 3 --mixer last --seed 0
   run R3-mean-s0 --depth 3 --mixer mean --seed 0
 }
-chain_a & chain_b & wait
+chain_c() {
+  run R4-soft-dp0.1-s0 --depth 4 --mixer soft --drop-path 0.1 --seed 0
+  run R4-last-dp0.1-s0 --depth 4 --mixer last --drop-path 0.1 --seed 0
+}
+chain_d() {  # two shared blocks, so that re-applying the stack differs from re-applying each block
+  run L2-R1-s0 --depth 1 --num-layers 2 --seed 0
+  run L2-R4-soft-block-s0 --depth 4 --mixer soft --share block --num-layers 2 --seed 0
+  run L2-R4-soft-stack-s0 --depth 4 --mixer soft --share stack --num-layers 2 --seed 0
+}
+case $PART in
+  main) chain_a & chain_b & wait ;;
+  extra) chain_c & chain_d & wait ;;
+  *) echo "usage: bash results/cifar10/sweep.sh main|extra [path/to/cifar10]"; exit 2 ;;
+esac
 echo "sweep done"

@@ -159,8 +159,11 @@ class Block(nn.Module):
 
 # ----------------------------------------------------------------------------------------
 # 3. Mixers: combine the step outputs h_1..h_k of one recursion, per token
-#    Each takes h (B, T, k, D) and returns (out (B, T, D), weights a (B, T, k)), with
-#    out_t = sum_r a_{r,t} h_{r,t}. Returning a for all three makes them comparable in plots.
+#    Each takes the list [h_1, ..., h_k], each (B, T, D), and returns (out (B, T, D), weights
+#    a (B, T, k)) with out_t = sum_r a_{r,t} h_{r,t}. Returning a for all three makes them
+#    comparable in plots. The steps stay a list: stacking them into one (B, T, k, D) tensor
+#    costs a copy, and the weighted sum as k fused multiply-adds is several times faster on a
+#    CPU than the batched matmul an einsum turns into (eval.py --bench measures the mixers).
 
 class SoftMixer(nn.Module):
     """SoftMoR.  s_{r,t} = g(LayerNorm(h_{r,t})) + b_r,   a_{.,t} = softmax_r(s_{.,t}),
@@ -182,30 +185,32 @@ class SoftMixer(nn.Module):
         nn.init.zeros_(self.router.fc2.bias)
         nn.init.zeros_(self.step_bias)
 
-    def forward(self, h):
-        k = h.shape[2]
-        scores = self.router(self.norm(h)).squeeze(-1) + self.step_bias[:k]  # (B, T, k)
-        weights = scores.float().softmax(dim=-1)                             # (B, T, k), sums to 1
-        out = torch.einsum("btk,btkd->btd", weights.to(h.dtype), h)          # (B, T, D)
+    def forward(self, hs):
+        k = len(hs)
+        scores = torch.stack([self.router(self.norm(h)).squeeze(-1) for h in hs], dim=-1)  # (B, T, k)
+        scores = scores + self.step_bias[:k]
+        weights = scores.float().softmax(dim=-1)                # (B, T, k), sums to 1 over steps
+        a = weights.to(hs[0].dtype)
+        out = sum(a[..., r, None] * h for r, h in enumerate(hs))   # (B, T, D)
         return out, weights
 
 
 class MeanMixer(nn.Module):
     """a_{r,t} = 1/k: "average all stages", no parameters."""
 
-    def forward(self, h):
-        B, T, k, _ = h.shape
-        return h.mean(dim=2), h.new_full((B, T, k), 1.0 / k, dtype=torch.float32)
+    def forward(self, hs):
+        k, (B, T, _) = len(hs), hs[0].shape
+        return sum(hs) / k, hs[0].new_full((B, T, k), 1.0 / k, dtype=torch.float32)
 
 
 class LastMixer(nn.Module):
     """out = h_k: plain recursion, the classic recursive Transformer. No parameters."""
 
-    def forward(self, h):
-        B, T, k, _ = h.shape
-        weights = h.new_zeros((B, T, k), dtype=torch.float32)
+    def forward(self, hs):
+        k, (B, T, _) = len(hs), hs[0].shape
+        weights = hs[0].new_zeros((B, T, k), dtype=torch.float32)
         weights[..., -1] = 1.0
-        return h[:, :, -1], weights
+        return hs[-1], weights
 
 
 def build_mixer(kind, dim, depth):
@@ -269,8 +274,8 @@ class SRViT(nn.Module):
     def _mix(self, i, hs, mix):
         if not self.mixers:                      # R = 1: the one step is the output
             return hs[-1]
-        out, weights = self.mixers[i](torch.stack(hs, dim=2))  # (B, T, k, D) -> (B, T, D)
-        mix.append(weights)                                    # (B, T, k)
+        out, weights = self.mixers[i](hs)   # k x (B, T, D) -> (B, T, D)
+        mix.append(weights)                 # (B, T, k)
         return out
 
     def forward_features(self, x, steps=None, return_mix=False):

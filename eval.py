@@ -415,30 +415,43 @@ def bench(args):
                               grad_checkpointing=args.grad_ckpt, **overrides).config
         except ValueError as e:
             raise UserError(str(e)) from None
-        unshared = srvit.SRViTConfig(**{**cfg.__dict__, "depth": 1, "num_layers": cfg.num_layers * depth})
-        # Alternate the two models over rounds and keep each one's median: a shared, noisy
-        # machine then slows both alike, and the ratio stays honest.
-        rounds = {"srvit": [], "unshared": []}
-        for _ in range(args.rounds):
-            rounds["srvit"].append(bench_model(cfg, batch, device, amp, args.compile, args.iters))
-            if depth > 1:
-                rounds["unshared"].append(bench_model(unshared, batch, device, amp, args.compile, args.iters))
-        med = lambda rs, k: statistics.median(r[k] for r in rs)
-        row = {"depth": depth, **{k: med(rounds["srvit"], k) for k in rounds["srvit"][0]}}
-        row["mfu"] = 3 * 2 * row["gmacs"] * 1e9 * row["train_img_s"] / ceiling
+        # The models measured against each other: the unshared ViT of the same block FLOPs (L x R
+        # distinct blocks), and for a soft mixer the same SR-ViT with "last" (no mixer arithmetic),
+        # which separates what weight sharing costs from what the routers cost.
+        variants = {"srvit": cfg}
         if depth > 1:
-            u = {k: med(rounds["unshared"], k) for k in rounds["unshared"][0]}
+            variants["unshared"] = srvit.SRViTConfig(**{**cfg.__dict__, "depth": 1, "num_layers": cfg.num_layers * depth})
+            if cfg.mixer == "soft":
+                variants["no_mixer"] = srvit.SRViTConfig(**{**cfg.__dict__, "mixer": "last"})
+        # Alternate the models over rounds and keep each one's median: a shared, noisy machine
+        # then slows them alike, and the ratios stay honest.
+        rounds = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, c in variants.items():
+                rounds[name].append(bench_model(c, batch, device, amp, args.compile, args.iters))
+        m = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in rounds.items()}
+        row = {"depth": depth, **m["srvit"]}
+        row["mfu"] = 3 * 2 * row["gmacs"] * 1e9 * row["train_img_s"] / ceiling
+        if "unshared" in m:
+            u = m["unshared"]
             row.update(unshared_params=u["params"], unshared_gmacs=u["gmacs"], unshared_train_img_s=u["train_img_s"],
                        train_ratio=row["train_img_s"] / u["train_img_s"], mixer_gmacs=row["gmacs"] - u["gmacs"])
+        if "no_mixer" in m:
+            row.update(no_mixer_train_img_s=m["no_mixer"]["train_img_s"],
+                       sharing_ratio=m["no_mixer"]["train_img_s"] / m["unshared"]["train_img_s"],
+                       mixer_time_share=1 - row["train_img_s"] / m["no_mixer"]["train_img_s"])
         results.append(row)
-    print("\n| R | params | GMACs | mixer GMACs | train img/s | infer img/s | peak mem GiB | MFU | train vs unshared ViT (L x R blocks) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| R | params | GMACs | mixer GMACs | train img/s | infer img/s | peak mem GiB | MFU "
+          "| train vs unshared ViT (L x R blocks) | sharing alone (mixer 'last') vs unshared | mixers' share of train time |")
+    print("|---" * 11 + "|")
     for r in results:
         mem = "-" if math.isnan(r["peak_mem_gib"]) else f"{r['peak_mem_gib']:.2f}"
         ratio = (f"{r['train_ratio']:.3f} (unshared: {r['unshared_params']:,} params, {r['unshared_train_img_s']:,.1f} img/s)"
                  if "train_ratio" in r else "-")
+        sharing = f"{r['sharing_ratio']:.3f}" if "sharing_ratio" in r else "-"
+        mixer_t = f"{r['mixer_time_share']:.1%}" if "mixer_time_share" in r else "-"
         print(f"| {r['depth']} | {r['params']:,} | {r['gmacs']:.3g} | {r.get('mixer_gmacs', 0):.3g} | "
-              f"{r['train_img_s']:,.1f} | {r['infer_img_s']:,.1f} | {mem} | {r['mfu']:.1%} | {ratio} |")
+              f"{r['train_img_s']:,.1f} | {r['infer_img_s']:,.1f} | {mem} | {r['mfu']:.1%} | {ratio} | {sharing} | {mixer_t} |")
     if args.json:
         write_json(args.json, {"device": name, "amp": amp, "batch": batch, "compile": args.compile,
                                "grad_ckpt": args.grad_ckpt, "matmul_ceiling_flops": ceiling, "results": results})

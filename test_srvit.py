@@ -524,4 +524,5 @@ def test_bench_numbers_are_finite_and_consistent(tmp_path):
     assert 3.0 < (r4["gmacs"] - r4["mixer_gmacs"]) / r1["gmacs"] < 4.0       # 4x the blocks, 1x embed and head
     assert r4["unshared_gmacs"] + r4["mixer_gmacs"] == pytest.approx(r4["gmacs"])
     assert r4["unshared_params"] > r4["params"] and r4["train_ratio"] > 0
+    assert r4["sharing_ratio"] > 0 and r4["mixer_time_share"] < 1 and "sharing_ratio" not in r1
     assert json.load(open(tmp_path / "bench.json"))["results"][1]["depth"] == 4

@@ -165,28 +165,28 @@ def colour(v):
 @torch.no_grad()
 def draw_maps(model, dataset, path, targs, device, n=4, mixer=-1, cell=112):
     """One row per image: the image, then one heat map per recursion step of the weight that
-    mixer gives that step at each patch (0 dark, 1 yellow; the class token's weight above)."""
+    mixer gives that step at each patch (0 dark, 1 yellow; the class token's weight above it).
+    The images are spread evenly over the split, so a class-sorted folder shows several classes."""
     from PIL import Image, ImageDraw
     cfg = model.config
     if cfg.depth == 1:
         raise UserError("a depth-1 model has no mixer: nothing to draw")
-    xs = torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))]).to(device)
+    picks = sorted({i * len(dataset) // n for i in range(n)})
+    xs = torch.stack([dataset[i][0] for i in picks]).to(device)
     _, mix = model(xs, return_mix=True)
     weights = mix[mixer].float().cpu()                                 # (n, T, R)
     grid = cfg.img_size // cfg.patch_size
     mean, std = train.MEAN_STD["cifar" if cfg.img_size <= 64 else "imagenet"]
-    pad, top, R = 6, 34, cfg.depth
-    W, H = pad + (R + 1) * (cell + pad), top + len(xs) * (cell + pad) + 40
+    pad, top, label_h, R = 6, 22, 15, cfg.depth
+    row_h = label_h + cell + pad
+    W, H = pad + (R + 1) * (cell + pad), top + len(xs) * row_h + 40
     canvas = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(canvas)
     draw.font = font(12)
-    which = f"mixer {mixer % len(mix)} of {len(mix)}"
+    which = f"mixer {mixer % len(mix) + 1} of {len(mix)}"
     draw.text((pad, 4), f"SoftMoR step weights per patch ({which}, {cfg.mixer}, share={cfg.share})", fill="black")
-    for r in range(R):
-        draw.text((pad + (r + 1) * (cell + pad), 20), f"step {r + 1}", fill="black")
-    draw.text((pad, 20), "image", fill="black")
     for row, x in enumerate(xs.cpu()):
-        y0 = top + row * (cell + pad)
+        y0 = top + row * row_h + label_h
         img = (x * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]).clamp(0, 1)
         img = Image.fromarray((img.permute(1, 2, 0) * 255).byte().numpy()).resize((cell, cell), Image.NEAREST)
         canvas.paste(img, (pad, y0))
@@ -196,9 +196,7 @@ def draw_maps(model, dataset, path, targs, device, n=4, mixer=-1, cell=112):
             heat.putdata([colour(v) for v in w.flatten().tolist()])
             x0 = pad + (r + 1) * (cell + pad)
             canvas.paste(heat.resize((cell, cell), Image.NEAREST), (x0, y0))
-            label = f"cls {weights[row, 0, r]:.2f}"
-            draw.rectangle([x0, y0, x0 + 8 + 6 * len(label), y0 + 13], fill="white")
-            draw.text((x0 + 3, y0 + 1), label, fill="black")
+            draw.text((x0, y0 - label_h), f"step {r + 1} · cls {weights[row, 0, r]:.2f}", fill="black")
     # colour bar
     y0, bar_w = H - 30, W - 2 * pad - 60
     for i in range(bar_w):

@@ -483,8 +483,8 @@ def test_eval_checkpoint_anytime_table_and_maps(trained_runs, tmp_path):
     assert g[0] < g[1] < g[2] == pytest.approx(res["gmacs"])
     assert len(res["step_weights"]) == 2 and all(sum(w) == pytest.approx(1, abs=1e-4) for w in res["step_weights"])
     assert all(0 <= e <= math.log(3) + 1e-5 for e in res["entropy"])
-    with Image.open(tmp_path / "maps.png") as im:                # 4 rows of (image + 3 steps) at 112 px
-        assert im.size == (6 + 4 * 118, 34 + 4 * 118 + 40)
+    with Image.open(tmp_path / "maps.png") as im:      # 4 rows of (label, image + 3 steps at 112 px)
+        assert im.size == (6 + 4 * 118, 22 + 4 * (15 + 118) + 40)
         assert len(set(im.convert('RGB').tobytes())) > 10
     assert json.load(open(tmp_path / "eval.json"))["anytime"][0]["steps"] == 1
 

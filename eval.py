@@ -111,12 +111,12 @@ def evaluate_checkpoint(args):
     print(f"top-1 {result['top1']:.2f} | top-5 {result['top5']:.2f} | loss {result['loss']:.4f} | "
           f"{result['images_per_s']:,.0f} images/s (with data loading) | {params:,} params | {result['gmacs']:.3g} GMACs/image")
     if "step_weights" in result:
-        print("\nSoftMoR weights over validation tokens: mean weight of each step, and entropy (uniform = "
+        print(f"\nMixture weights ({cfg.mixer}) over validation tokens: mean weight of each step, and entropy (uniform = "
               f"{math.log(cfg.depth):.3f} nats)")
         print("| mixer | " + " | ".join(f"step {r + 1}" for r in range(cfg.depth)) + " | entropy |")
         print("|---" * (cfg.depth + 2) + "|")
         for i, (w, e) in enumerate(zip(result["step_weights"], result["entropy"])):
-            print(f"| {i} | " + " | ".join(f"{v:.3f}" for v in w) + f" | {e:.3f} |")
+            print(f"| {i} | " + " | ".join(f"{v:.3f}" for v in w) + f" | {abs(e):.3f} |")
 
     if args.steps == "all":
         print("\nAnytime inference: the first k recursion steps of the same model")

@@ -54,6 +54,7 @@ class SRViTConfig:
     depth: int = 1              # R recursion steps; R = 1 is a plain DeiT
     mixer: str = "soft"         # how the R step outputs are combined: soft | mean | last
     share: str = "block"        # what is re-applied: each block R times, or the whole stack
+    router_init: str = "uniform"  # a fresh soft mixer: "uniform" (= mean) or "last" (0.9 on step R)
     drop_path_rate: float = 0.0
     grad_checkpointing: bool = False
 
@@ -65,6 +66,8 @@ class SRViTConfig:
             raise ValueError(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
         if self.share not in SHARES:
             raise ValueError(f"share must be one of {SHARES}, got {self.share!r}")
+        if self.router_init not in ("uniform", "last"):
+            raise ValueError(f"router_init must be 'uniform' or 'last', got {self.router_init!r}")
         if self.img_size % self.patch_size != 0:
             raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}: "
                              f"choose a patch size that divides the image (e.g. 4 or 8 for 32 px, 16 for 224 px)")
@@ -171,10 +174,12 @@ class SoftMixer(nn.Module):
     g = Linear(D, D) -> GELU -> Linear(D, 1) is one router shared by all steps: it scores
     what a token looks like after a step, not which step it is; the step bias b carries the
     step's identity. The router's last layer and b start at zero, so a fresh model mixes
-    the steps uniformly (it starts as the "mean" mixer) and learns to prefer steps."""
+    the steps uniformly (it starts as the "mean" mixer) and learns to prefer steps.
+    init="last" instead starts b so that the last step gets weight 0.9 (near plain recursion)."""
 
-    def __init__(self, dim, depth):
+    def __init__(self, dim, depth, init="uniform"):
         super().__init__()
+        self.init = init
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.router = Mlp(dim, dim, out_dim=1)             # g: fc1 (D -> D), GELU, fc2 (D -> 1)
         self.step_bias = nn.Parameter(torch.zeros(depth))  # b, one per recursion step
@@ -184,6 +189,10 @@ class SoftMixer(nn.Module):
         nn.init.zeros_(self.router.fc2.weight)
         nn.init.zeros_(self.router.fc2.bias)
         nn.init.zeros_(self.step_bias)
+        R = len(self.step_bias)
+        if self.init == "last" and R > 1:   # softmax weight 0.9 on step R, 0.1 / (R-1) on each other
+            with torch.no_grad():
+                self.step_bias[-1] = math.log(9 * (R - 1))
 
     def forward(self, hs):
         k = len(hs)
@@ -213,8 +222,8 @@ class LastMixer(nn.Module):
         return hs[-1], weights
 
 
-def build_mixer(kind, dim, depth):
-    return {"soft": lambda: SoftMixer(dim, depth), "mean": MeanMixer, "last": LastMixer}[kind]()
+def build_mixer(kind, dim, depth, router_init="uniform"):
+    return {"soft": lambda: SoftMixer(dim, depth, router_init), "mean": MeanMixer, "last": LastMixer}[kind]()
 
 
 # ----------------------------------------------------------------------------------------
@@ -236,7 +245,7 @@ class SRViT(nn.Module):
         # One mixer per recursion: L of them when each block recurses, one when the stack does.
         # With R = 1 there is nothing to mix, no mixer is built, and the model IS a DeiT.
         n_mixers = 0 if R == 1 else (L if cfg.share == "block" else 1)
-        self.mixers = nn.ModuleList(build_mixer(cfg.mixer, D, R) for _ in range(n_mixers))
+        self.mixers = nn.ModuleList(build_mixer(cfg.mixer, D, R, cfg.router_init) for _ in range(n_mixers))
         self.norm = nn.LayerNorm(D, eps=1e-6)
         self.head = nn.Linear(D, cfg.num_classes)
 

@@ -151,6 +151,15 @@ def test_fresh_soft_mixer_is_the_mean_and_weights_sum_to_one():
         torch.testing.assert_close(w, torch.full_like(w, 1 / 3))
 
 
+def test_router_init_last_starts_near_plain_recursion():
+    model = tiny(depth=4, router_init="last")
+    _, mix = model(images(), return_mix=True)
+    torch.testing.assert_close(mix[0], torch.tensor([0.1 / 3] * 3 + [0.9]).expand(2, 17, 4))
+    assert srvit.count_params(model) == srvit.count_params(tiny(depth=4))
+    with pytest.raises(ValueError, match="router_init"):
+        tiny(depth=4, router_init="first")
+
+
 def test_soft_mixer_learns_token_dependent_weights():
     model = tiny(depth=3)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

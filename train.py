@@ -64,6 +64,7 @@ def get_args(argv=None):
     a("--depth", type=int, default=2, help="recursion steps R")
     a("--mixer", default="soft", choices=srvit.MIXERS)
     a("--share", default="block", choices=srvit.SHARES)
+    a("--router-init", default="uniform", choices=["uniform", "last"], help="fresh soft mixer: uniform, or 0.9 on the last step")
     a("--epochs", type=int, default=None)
     a("--batch-size", type=int, default=None, help="global batch, over all ranks and accumulation steps")
     a("--micro-batch", type=int, default=None, help="per-device batch; accumulate gradients up to --batch-size")
@@ -224,7 +225,9 @@ def load_for_resume(path, model):
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}); delete it or pass --resume no") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "optimizer" not in ckpt:
         raise UserError(f"{path} is not a train.py checkpoint; use --init-from for pretrained weights")
-    want, have = model_signature(model.config), {k: ckpt["config"].get(k) for k in model_signature(model.config)}
+    defaults = asdict(srvit.SRViTConfig())      # for fields that older checkpoints do not name
+    want = model_signature(model.config)
+    have = {k: ckpt["config"].get(k, defaults[k]) for k in want}
     if want != have:
         diff = ", ".join(f"{k}: checkpoint {have[k]!r} vs now {want[k]!r}" for k in want if want[k] != have[k])
         raise UserError(f"{path} is from another model ({diff}); use another --out-dir or --resume no")
@@ -326,7 +329,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)         # identical initial weights on every rank
     overrides = {k: getattr(args, k) for k in ("embed_dim", "num_layers", "num_heads") if getattr(args, k) is not None}
     try:
-        model = srvit.srvit(args.model, depth=args.depth, mixer=args.mixer, share=args.share, num_classes=num_classes,
+        model = srvit.srvit(args.model, depth=args.depth, mixer=args.mixer, share=args.share, router_init=args.router_init,
+                            num_classes=num_classes,
                             img_size=args.img_size, patch_size=args.patch_size, drop_path_rate=args.drop_path,
                             grad_checkpointing=args.grad_ckpt, **overrides)
     except ValueError as e:

@@ -42,9 +42,12 @@ chain_d() {  # two shared blocks, so that re-applying the stack differs from re-
   run L2-R4-soft-block-s0 --depth 4 --mixer soft --share block --num-layers 2 --seed 0
   run L2-R4-soft-stack-s0 --depth 4 --mixer soft --share stack --num-layers 2 --seed 0
 }
+chain_e() {  # the router initialised near plain recursion (0.9 on the last step) instead of uniform
+  run R4-soft-lastinit-s0 --depth 4 --mixer soft --router-init last --seed 0
+}
 case $PART in
   main) chain_a & chain_b & wait ;;
-  extra) chain_c & chain_d & wait ;;
+  extra) chain_c & chain_d & chain_e & wait ;;
   *) echo "usage: bash results/cifar10/sweep.sh main|extra [path/to/cifar10]"; exit 2 ;;
 esac
 echo "sweep done"

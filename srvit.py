@@ -9,10 +9,10 @@ README.md ("Our reading of the method").
 
     python srvit.py                   # parameters and forward GMACs of each preset, R = 1..4
 
-    from srvit import srvit_small
-    model = srvit_small(depth=4)      # 12 shared blocks, each applied 4 times, SoftMoR mixers
-    logits, mix = model(images, return_mix=True)   # mix[l]: (B, T, R) weights of mixer l
-    logits_2 = model(images, steps=2)              # anytime inference: the first 2 steps only
+    >>> from srvit import srvit_small
+    >>> model = srvit_small(depth=4)    # 12 shared blocks, each applied 4 times, SoftMoR mixers
+    >>> logits, mix = model(images, return_mix=True)   # mix[l]: (B, T, R) weights of mixer l
+    >>> logits_2 = model(images, steps=2)              # anytime inference: the first 2 steps only
 
 What is re-applied, for L = 2 blocks f1, f2 and R = 3 steps (effective depth L*R = 6 either way):
 

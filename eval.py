@@ -222,7 +222,8 @@ def draw_lines(panel, series, title, xlabel, ylabel, xticks):
     draw = ImageDraw.Draw(panel)
     draw.font = font()
     W, H = panel.size
-    left, right, top, bottom = 58, 150, 30, 42
+    right = 40 + 7 * max(len(label) for label, *_ in series)   # room for the legend
+    left, top, bottom = 58, 30, 42
     ys = [y for _, pts, _, _ in series for _, y in pts]
     lo, hi = min(ys), max(ys)
     span = max(hi - lo, 1.0)
@@ -259,6 +260,14 @@ def draw_lines(panel, series, title, xlabel, ylabel, xticks):
 MIXER_COLOURS = {"soft": (214, 39, 40), "last": (31, 119, 180), "mean": (44, 160, 44)}
 
 
+def run_settings(run):
+    """The settings that can differ between runs of one sweep, besides depth, mixer, share, seed."""
+    c, a = run["config"], run["args"]
+    return {"L": c["num_layers"], "D": c["embed_dim"], "patch": c["patch_size"], "data": a["data"],
+            "epochs": a["epochs"], "lr": a["lr"], "batch": a["batch_size"], "drop_path": a["drop_path"],
+            "router_init": c.get("router_init", "uniform")}
+
+
 def read_run(folder):
     path = os.path.join(folder, "metrics.jsonl")
     if not os.path.isfile(path):
@@ -273,7 +282,20 @@ def read_run(folder):
     return {"run": os.path.basename(os.path.normpath(folder)), "depth": c["depth"],
             "mixer": c["mixer"] if c["depth"] > 1 else "-", "share": c["share"] if c["depth"] > 1 else "-",
             "seed": run["args"]["seed"], "params": run["params"], "gmacs": run["gmacs"], "epochs": last["epoch"],
+            "finished": last["epoch"] >= run["args"]["epochs"], "settings": run_settings(run),
             "best_top1": max(e["top1"] for e in epochs), "final_top1": last["top1"], "wall_s": last["elapsed"]}
+
+
+def label_variants(rows):
+    """Name each run's variant by the settings where it differs from most runs ('' = the main sweep)."""
+    for key in rows[0]["settings"]:
+        values = [str(r["settings"][key]) for r in rows]
+        common = max(set(values), key=values.count)
+        for r, v in zip(rows, values):
+            if v != common:
+                r.setdefault("diff", []).append(f"{key}={v}")
+    for r in rows:
+        r["variant"] = " ".join(r.pop("diff", []))
 
 
 def curve(args):
@@ -281,20 +303,24 @@ def curve(args):
     rows = [r for r in map(read_run, folders) if r]
     if not rows:
         raise UserError(f"no finished runs (metrics.jsonl with an epoch) in {' '.join(args.curve)}")
-    rows.sort(key=lambda r: (r["depth"] > 1, r["mixer"], r["share"], r["depth"], r["seed"]))
-    print("| run | R | mixer | share | seed | params | GMACs | epochs | best top-1 | final top-1 | wall time |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    label_variants(rows)
+    rows.sort(key=lambda r: (r["variant"], r["depth"] > 1, r["mixer"], r["share"], r["depth"], r["seed"]))
+    print("| run | R | mixer | share | differs from the main sweep | seed | params | GMACs | epochs | best top-1 | final top-1 | wall time |")
+    print("|---" * 12 + "|")
     for r in rows:
-        print(f"| {r['run']} | {r['depth']} | {r['mixer']} | {r['share']} | {r['seed']} | {r['params']:,} | "
-              f"{r['gmacs']:.3g} | {r['epochs']} | {r['best_top1']:.2f} | {r['final_top1']:.2f} | {train.fmt_time(r['wall_s'])} |")
+        epochs = f"{r['epochs']}" if r["finished"] else f"{r['epochs']} of {r['settings']['epochs']} (unfinished)"
+        print(f"| {r['run']} | {r['depth']} | {r['mixer']} | {r['share']} | {r['variant'] or '-'} | {r['seed']} | "
+              f"{r['params']:,} | {r['gmacs']:.3g} | {epochs} | {r['best_top1']:.2f} | {r['final_top1']:.2f} | "
+              f"{train.fmt_time(r['wall_s'])} |")
     groups = {}
     for r in rows:
-        groups.setdefault((r["depth"], r["mixer"], r["share"]), []).append(r["final_top1"])
-    print("\nFinal top-1 by configuration (mean over seeds; range where there are several)")
-    print("| R | mixer | share | seeds | final top-1 |\n|---|---|---|---|---|")
-    for (depth, mixer, share), accs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        if r["finished"]:
+            groups.setdefault((r["variant"], r["depth"], r["mixer"], r["share"]), []).append(r["final_top1"])
+    print("\nFinal top-1 of finished runs by configuration (mean over seeds; range where there are several)")
+    print("| R | mixer | share | differs from the main sweep | seeds | final top-1 |\n|---|---|---|---|---|---|")
+    for (variant, depth, mixer, share), accs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3], kv[0][1])):
         spread = f" ({min(accs):.2f}-{max(accs):.2f})" if len(accs) > 1 else ""
-        print(f"| {depth} | {mixer} | {share} | {len(accs)} | {statistics.mean(accs):.2f}{spread} |")
+        print(f"| {depth} | {mixer} | {share} | {variant or '-'} | {len(accs)} | {statistics.mean(accs):.2f}{spread} |")
     if args.plot:
         plot_curve(groups, args.plot, paper=args.paper)
         print(f"\nwrote {args.plot}")
@@ -304,20 +330,25 @@ def curve(args):
 
 
 def plot_curve(groups, path, paper=False):
+    """Left: our runs, one line per mixer from the shared R=1 point (other variants as points,
+    in a lighter shade). Right, when asked: the paper's two public ImageNet points."""
     from PIL import Image
-    base = groups.get((1, "-", "-"))
     series = []
-    for mixer, col in MIXER_COLOURS.items():
-        for share in ("block", "stack"):
-            pts = [(d, statistics.mean(a)) for (d, m, s), a in groups.items() if m == mixer and s == share]
-            if pts:
+    for variant in sorted({v for v, _, _, _ in groups}):
+        base = groups.get((variant, 1, "-", "-"))
+        for mixer, col in MIXER_COLOURS.items():
+            for share in ("block", "stack"):
+                pts = [(d, statistics.mean(a)) for (v, d, m, s), a in groups.items() if (v, m, s) == (variant, mixer, share)]
+                if not pts:
+                    continue
                 pts += [(1, statistics.mean(base))] if base else []
-                series.append((f"{mixer}" + (" (stack)" if share == "stack" else ""), pts,
-                               col if share == "block" else tuple(c // 2 for c in col), True))
-    if not series and base:
-        series = [("R=1", [(1, statistics.mean(base))], (0, 0, 0), False)]
-    depths = sorted({d for d, _, _ in groups})
-    panels = [Image.new("RGB", (620, 380), "white")]
+                shade = col if not variant and share == "block" else tuple((c + 255) // 2 for c in col)
+                label = mixer + (" stack" if share == "stack" else "") + (f" ({variant})" if variant else "")
+                series.append((label, pts, shade, not variant))
+        if base and not any(label.endswith(f"({variant})") for label, *_ in series if variant):
+            series.append((f"R=1 ({variant})" if variant else "R=1", [(1, statistics.mean(base))], (0, 0, 0), False))
+    depths = sorted({d for _, d, _, _ in groups})
+    panels = [Image.new("RGB", (760, 380), "white")]
     draw_lines(panels[0], series, "Our runs: final top-1 (mean over seeds)", "recursion depth R", "top-1 %",
                list(range(1, max(depths) + 1)))
     if paper:

@@ -518,9 +518,9 @@ def test_curve_table_and_plot(trained_runs, tmp_path, capsys):
                             "--plot", str(tmp_path / "curve.png"), "--paper"])
     assert [(r["depth"], r["mixer"]) for r in rows] == [(1, "-"), (3, "soft")]
     out = capsys.readouterr().out
-    assert "| R3 | 3 | soft | block | 0 |" in out and "| R1 | 1 | - | - | 0 |" in out
+    assert "| R3 | 3 | soft | block | - | 0 |" in out and "| R1 | 1 | - | - | - | 0 |" in out
     with Image.open(tmp_path / "curve.png") as im:
-        assert im.size == (620 + 520, 380)
+        assert im.size == (760 + 520, 380)
 
 
 def test_bench_numbers_are_finite_and_consistent(tmp_path):

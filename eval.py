@@ -335,7 +335,7 @@ def plot_curve(groups, path, paper=False):
     from PIL import Image
     series = []
     for variant in sorted({v for v, _, _, _ in groups}):
-        base = groups.get((variant, 1, "-", "-"))
+        base, n_series = groups.get((variant, 1, "-", "-")), len(series)
         for mixer, col in MIXER_COLOURS.items():
             for share in ("block", "stack"):
                 pts = [(d, statistics.mean(a)) for (v, d, m, s), a in groups.items() if (v, m, s) == (variant, mixer, share)]
@@ -345,8 +345,9 @@ def plot_curve(groups, path, paper=False):
                 shade = col if not variant and share == "block" else tuple((c + 255) // 2 for c in col)
                 label = mixer + (" stack" if share == "stack" else "") + (f" ({variant})" if variant else "")
                 series.append((label, pts, shade, not variant))
-        if base and not any(label.endswith(f"({variant})") for label, *_ in series if variant):
-            series.append((f"R=1 ({variant})" if variant else "R=1", [(1, statistics.mean(base))], (0, 0, 0), False))
+        if base and len(series) == n_series:     # an R=1 run with no deeper run beside it
+            series.append((f"R=1 ({variant})" if variant else "R=1", [(1, statistics.mean(base))],
+                           (150, 150, 150) if variant else (0, 0, 0), False))
     depths = sorted({d for _, d, _, _ in groups})
     panels = [Image.new("RGB", (760, 380), "white")]
     draw_lines(panels[0], series, "Our runs: final top-1 (mean over seeds)", "recursion depth R", "top-1 %",

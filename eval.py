@@ -18,14 +18,13 @@ import os
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
 import srvit
 import train
-from train import UserError
+from train import UserError, amp_context
 
 # The paper's ImageNet-1K numbers (abstract of arXiv 2607.00774): SR-ViT-S top-1 at R = 1 and 4,
 # and DeiT-B for reference. Nothing else of the paper's curve is public.
@@ -128,17 +127,11 @@ def evaluate_checkpoint(args):
             result["anytime"].append(row)
             print(f"| {k} | {row['top1']:.2f} | {row['top5']:.2f} | {row['gmacs']:.3g} |")
     if args.maps:
-        draw_maps(model, val, args.maps, targs, device, n=args.maps_images, mixer=args.maps_mixer)
+        draw_maps(model, val, args.maps, device, n=args.maps_images, mixer=args.maps_mixer)
         print(f"\nwrote {args.maps}")
     if args.json:
         write_json(args.json, result)
     return result
-
-
-def amp_context(device, amp):
-    if amp in (None, "none"):
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def write_json(path, obj):
@@ -163,7 +156,7 @@ def colour(v):
 
 
 @torch.no_grad()
-def draw_maps(model, dataset, path, targs, device, n=4, mixer=-1, cell=112):
+def draw_maps(model, dataset, path, device, n=4, mixer=-1, cell=112):
     """One row per image: the image, then one heat map per recursion step of the weight that
     mixer gives that step at each patch (0 dark, 1 yellow; the class token's weight above it).
     The images are spread evenly over the split, so a class-sorted folder shows several classes."""
@@ -428,7 +421,7 @@ def bench_model(cfg, batch, device, amp, compile_, iters):
 def bench(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}[amp]
+    dtype = train.AMP_DTYPES[amp]
     batch = args.batch_size or (256 if device.type == "cuda" else 32)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -461,7 +454,7 @@ def bench(args):
                 rounds[name].append(bench_model(c, batch, device, amp, args.compile, args.iters))
         m = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in rounds.items()}
         row = {"depth": depth, **m["srvit"]}
-        row["mfu"] = 3 * 2 * row["gmacs"] * 1e9 * row["train_img_s"] / ceiling
+        row["mfu"] = train.mfu(row["gmacs"], row["train_img_s"], ceiling)
         if "unshared" in m:
             u = m["unshared"]
             row.update(unshared_params=u["params"], unshared_gmacs=u["gmacs"], unshared_train_img_s=u["train_img_s"],

@@ -467,7 +467,6 @@ if __name__ == "__main__":
     for name in PRESETS:
         for R in (1, 2, 3, 4):
             with torch.device("meta"):   # shapes only: no memory, no arithmetic
-                model = srvit(name, depth=R)
+                model, plain = srvit(name, depth=R), srvit(name, depth=1)
             n = count_params(model)
-            base = n if R == 1 else base
-            print(f"{name:<8}{R:>3}{n:>14,}{n - base:>+14,}{forward_gmacs(model):>9.2f}")
+            print(f"{name:<8}{R:>3}{n:>14,}{n - count_params(plain):>+14,}{forward_gmacs(model):>9.2f}")

@@ -43,6 +43,19 @@ MEAN_STD = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
             "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}
+
+
+def amp_context(device, amp):
+    """Autocast to the --amp dtype, or nothing for full precision."""
+    return nullcontext() if amp in (None, "none") else torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+def mfu(gmacs, images_per_s, peak_flops):
+    """Model FLOPs utilisation: training costs ~3 forward passes (forward + backward), 2 FLOPs per MAC."""
+    return 3 * 2 * gmacs * 1e9 * images_per_s / peak_flops
+
+
 class UserError(Exception):
     """Bad input: printed as one line with what to do, exit code 2, no traceback."""
 
@@ -299,8 +312,7 @@ def main(argv=None):
         device = torch.device(args.device or ("cuda" if cuda else "cpu"))
     if args.amp is None:
         args.amp = "none" if device.type == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}[args.amp]
-    autocast = torch.autocast(device.type, dtype=dtype) if args.amp != "none" else nullcontext()
+    autocast = amp_context(device, args.amp)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -429,13 +441,12 @@ def main(argv=None):
                                     f"The last good checkpoint is kept in {args.out_dir}. Try a lower --lr, or --amp bf16/none")
                 if master:
                     dt = time.time() - t_log
-                    done = epoch - start_epoch + (step + 1) / steps_per_epoch
                     ips = interval * args.batch_size / dt if (step + 1) % interval == 0 else float("nan")
                     eta = (time.time() - t0) / ((step + 1) / steps_per_epoch) * (args.epochs - epoch - (step + 1) / steps_per_epoch)
-                    mfu = f" | MFU {3 * 2 * gmacs * 1e9 * ips / peak / world:.1%}" if peak and ips == ips else ""
+                    util = f" | MFU {mfu(gmacs, ips / world, peak):.1%}" if peak and ips == ips else ""
                     log(f"epoch {epoch + 1}/{args.epochs} | step {step + 1}/{steps_per_epoch} | "
                         f"loss {(loss_sum.item() - log_sum) / (step + 1 - log_step):.4f} | "
-                        f"lr {optimizer.param_groups[0]['lr']:.2e} | {ips:,.0f} img/s{mfu} | eta {fmt_time(eta)}")
+                        f"lr {optimizer.param_groups[0]['lr']:.2e} | {ips:,.0f} img/s{util} | eta {fmt_time(eta)}")
                 t_log, log_sum, log_step = time.time(), loss_sum.item(), step + 1
         if ddp:
             dist.all_reduce(loss_sum)

@@ -51,7 +51,33 @@ def load_checkpoint(path):
         model.load_state_dict(srvit.clean_state_dict(ckpt["model"]))
     except (TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"{path} does not hold an SR-ViT of the configuration it names: {str(e).splitlines()[0]}") from None
+    model.classes = ckpt.get("dataset", {}).get("classes")     # class names, where the checkpoint has them
     return model.eval(), ckpt
+
+
+def load_model(path):
+    """A train.py checkpoint -> the model, in eval mode; `model.classes` holds the class names."""
+    return load_checkpoint(path)[0]
+
+
+def preprocess(model, image):
+    """A PIL image -> the (1, 3, S, S) tensor the model takes: training's evaluation transform."""
+    size = model.config.img_size
+    return train.transforms(argparse.Namespace(img_size=size), train=False)(image.convert("RGB"))[None]
+
+
+@torch.no_grad()
+def classify(model, image, k=5):
+    """The k most likely classes of a PIL image: [(name, probability), ...], most likely first.
+
+        model = load_model("runs/cifar10-D192-L6-H3-R2-soft-block-s0/best.pt")
+        classify(model, Image.open("cat.png"))        # [('cat', 0.71), ('dog', 0.12), ...]
+    """
+    device = next(model.parameters()).device
+    probs = model.eval()(preprocess(model, image).to(device)).softmax(-1)[0]     # (classes,)
+    top = probs.topk(min(k, len(probs)))
+    names = getattr(model, "classes", None) or [str(i) for i in range(len(probs))]
+    return [(names[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]
 
 
 @torch.no_grad()
@@ -95,9 +121,14 @@ def evaluate_checkpoint(args):
             setattr(targs, key, getattr(args, key))
     if targs.data == "fake":
         targs.num_classes = cfg.num_classes
-    val, n_cls = train.build_dataset(targs, "val")
-    if n_cls != cfg.num_classes:
-        raise UserError(f"the checkpoint classifies {cfg.num_classes} classes, the data at {targs.data_path} has {n_cls}")
+    val, classes = train.build_dataset(targs, "val", train.transforms(targs, train=False))
+    if len(classes) != cfg.num_classes:
+        raise UserError(f"the checkpoint classifies {cfg.num_classes} classes, the data at {targs.data_path} has {len(classes)}")
+    if args.steps not in (None, "all") and not (args.steps.isdigit() and 1 <= int(args.steps) <= cfg.depth):
+        raise UserError(f"--steps takes 'all' or a number of steps in 1..{cfg.depth} (this model's depth), got {args.steps!r}")
+    if args.maps and cfg.depth > 1 and not -len(model.mixers) <= args.maps_mixer < len(model.mixers):
+        raise UserError(f"--maps-mixer {args.maps_mixer}: this model has {len(model.mixers)} mixers, "
+                        f"numbered 0..{len(model.mixers) - 1} (or -1 for the last)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     autocast = amp_context(device, args.amp)
@@ -106,7 +137,9 @@ def evaluate_checkpoint(args):
     print(f"{args.checkpoint}: SR-ViT D={cfg.embed_dim} L={cfg.num_layers} R={cfg.depth} mixer={cfg.mixer} "
           f"share={cfg.share}, trained {ckpt.get('epoch', '?')} epochs | {len(val):,} images of {targs.data} on {device}")
     params = srvit.count_params(model)
-    result = {"checkpoint": args.checkpoint, "params": params, "gmacs": srvit.forward_gmacs(model), **run_split(model, loader, device, autocast)}
+    steps = int(args.steps) if args.steps not in (None, "all") else None
+    result = {"checkpoint": args.checkpoint, "params": params, "gmacs": srvit.forward_gmacs(model, steps=steps),
+              "steps": steps or cfg.depth, **run_split(model, loader, device, autocast, steps=steps)}
     print(f"top-1 {result['top1']:.2f} | top-5 {result['top5']:.2f} | loss {result['loss']:.4f} | "
           f"{result['images_per_s']:,.0f} images/s (with data loading) | {params:,} params | {result['gmacs']:.3g} GMACs/image")
     if "step_weights" in result:
@@ -127,7 +160,8 @@ def evaluate_checkpoint(args):
             result["anytime"].append(row)
             print(f"| {k} | {row['top1']:.2f} | {row['top5']:.2f} | {row['gmacs']:.3g} |")
     if args.maps:
-        draw_maps(model, val, args.maps, device, n=args.maps_images, mixer=args.maps_mixer)
+        picks = sorted({i * len(val) // args.maps_images for i in range(args.maps_images)})   # spread over the split
+        draw_maps(model, torch.stack([val[i][0] for i in picks]), mixer=args.maps_mixer).save(args.maps)
         print(f"\nwrote {args.maps}")
     if args.json:
         write_json(args.json, result)
@@ -156,17 +190,16 @@ def colour(v):
 
 
 @torch.no_grad()
-def draw_maps(model, dataset, path, device, n=4, mixer=-1, cell=112):
-    """One row per image: the image, then one heat map per recursion step of the weight that
-    mixer gives that step at each patch (0 dark, 1 yellow; the class token's weight above it).
-    The images are spread evenly over the split, so a class-sorted folder shows several classes."""
+def draw_maps(model, images, mixer=-1, cell=112):
+    """A picture (PIL image): one row per image, the image, then one heat map per recursion
+    step of the weight that mixer gives that step at each patch (0 dark, 1 yellow; the class
+    token's weight above it). `images`: (n, 3, S, S), normalised as the model's input."""
     from PIL import Image, ImageDraw
     cfg = model.config
     if cfg.depth == 1:
         raise UserError("a depth-1 model has no mixer: nothing to draw")
-    picks = sorted({i * len(dataset) // n for i in range(n)})
-    xs = torch.stack([dataset[i][0] for i in picks]).to(device)
-    _, mix = model(xs, return_mix=True)
+    xs = images.to(next(model.parameters()).device)
+    _, mix = model.eval()(xs, return_mix=True)
     weights = mix[mixer].float().cpu()                                 # (n, T, R)
     grid = cfg.img_size // cfg.patch_size
     mean, std = train.MEAN_STD["cifar" if cfg.img_size <= 64 else "imagenet"]
@@ -197,8 +230,7 @@ def draw_maps(model, dataset, path, device, n=4, mixer=-1, cell=112):
     draw.text((pad, y0), "0", fill="black")
     draw.text((pad + 36 + bar_w, y0), "1", fill="black")
     draw.text((pad + 30, y0 + 13), f"weight a (uniform = 1/{R} = {1 / R:.2f})", fill="black")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    canvas.save(path)
+    return canvas
 
 
 def font(size=13):
@@ -322,7 +354,7 @@ def curve(args):
     return rows
 
 
-def plot_curve(groups, path, paper=False):
+def plot_curve(groups, path=None, paper=False):
     """Left: our runs, one line per mixer from the shared R=1 point (other variants as points,
     in a lighter shade). Right, when asked: the paper's two public ImageNet points."""
     from PIL import Image
@@ -356,8 +388,10 @@ def plot_curve(groups, path, paper=False):
     for p in panels:
         canvas.paste(p, (x, 0))
         x += p.width
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    canvas.save(path)
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        canvas.save(path)
+    return canvas
 
 
 # ----------------------------------------------------------------------------------------
@@ -380,18 +414,30 @@ def timed(fn, device, iters):
 
 
 def matmul_ceiling(device, dtype):
-    """FLOP/s of a large square matmul on this device and dtype: the MFU denominator."""
+    """FLOP/s of a large square matmul on this device and dtype: what is achievable here,
+    printed beside MFU (which is always of the datasheet peak, train.peak_flops)."""
     n = 8192 if device.type == "cuda" else 1024
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     return 2 * n ** 3 / min(timed(lambda: a @ b, device, 10) for _ in range(3))
 
 
-def bench_model(cfg, batch, device, amp, compile_, iters):
+def bench_model(cfg, batch, device, amp, compile_, iters, backend="inductor"):
     torch.manual_seed(0)
     model = srvit.SRViT(cfg).to(device)
     gmacs = srvit.forward_gmacs(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    fwd = torch.compile(model) if compile_ else model
+    graphs = []
+    if compile_:
+        # Each model compiles afresh: with one cache for all, Dynamo reaches its recompile limit
+        # after a few models and runs the rest eagerly, against compiled baselines.
+        torch._dynamo.reset()
+
+        def counting(gm, example_inputs):          # counts the graphs actually handed to the compiler
+            graphs.append(gm)
+            return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+        fwd = torch.compile(model, backend=counting)
+    else:
+        fwd = model
     x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
     y = torch.randint(0, cfg.num_classes, (batch,), device=device)
     autocast = amp_context(device, amp)
@@ -415,7 +461,23 @@ def bench_model(cfg, batch, device, amp, compile_, iters):
     model.eval()
     t_infer = timed(infer_step, device, iters)
     return {"params": srvit.count_params(model), "gmacs": gmacs, "train_img_s": batch / t_train,
-            "infer_img_s": batch / t_infer, "peak_mem_gib": peak}
+            "infer_img_s": batch / t_infer, "peak_mem_gib": peak, "compiled_graphs": len(graphs),
+            "saved_mib": saved_activation_mib(model, x[:2]) * batch / 2}
+
+
+def saved_activation_mib(model, x):
+    """MiB that one training forward pass keeps for the backward pass, each storage counted once
+    (torch.autograd.graph.saved_tensors_hooks sees every tensor autograd saves). Exact, and the
+    same on every device for the same dtype: the CPU measures what --grad-ckpt saves on a GPU."""
+    seen = {}
+
+    def pack(t):
+        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum()
+    return sum(seen.values()) / 2 ** 20
 
 
 def bench(args):
@@ -425,10 +487,11 @@ def bench(args):
     batch = args.batch_size or (256 if device.type == "cuda" else 32)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    ceiling = matmul_ceiling(device, dtype)
+    ceiling, peak = matmul_ceiling(device, dtype), train.peak_flops(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"bench on {name}, {amp}, batch {batch}, compile={args.compile}, grad-ckpt={args.grad_ckpt}; "
-          f"matmul ceiling {ceiling / 1e12:.3g} TFLOP/s")
+    print(f"bench on {name}, {amp}, batch {batch}, compile={args.compile}, grad-ckpt={args.grad_ckpt}; MFU is of the "
+          f"datasheet dense bf16 peak ({f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown for this device'}); "
+          f"achievable: a large {amp} matmul runs at {ceiling / 1e12:.3g} TFLOP/s here")
     overrides = {k: getattr(args, k) for k in ("embed_dim", "num_layers", "num_heads", "img_size", "patch_size", "num_classes")
                  if getattr(args, k) is not None}
     results = []
@@ -451,10 +514,11 @@ def bench(args):
         rounds = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, c in variants.items():
-                rounds[name].append(bench_model(c, batch, device, amp, args.compile, args.iters))
+                rounds[name].append(bench_model(c, batch, device, amp, args.compile, args.iters, args.compile_backend))
         m = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in rounds.items()}
-        row = {"depth": depth, **m["srvit"]}
-        row["mfu"] = train.mfu(row["gmacs"], row["train_img_s"], ceiling)
+        row = {"depth": depth, **m["srvit"], "compiled_graphs_min": min(r["compiled_graphs"] for rs in rounds.values() for r in rs)}
+        row["mfu"] = train.mfu(row["gmacs"], row["train_img_s"], peak) if peak else None
+        row["of_achievable"] = train.mfu(row["gmacs"], row["train_img_s"], ceiling)
         if "unshared" in m:
             u = m["unshared"]
             row.update(unshared_params=u["params"], unshared_gmacs=u["gmacs"], unshared_train_img_s=u["train_img_s"],
@@ -464,21 +528,27 @@ def bench(args):
                        sharing_ratio=m["no_mixer"]["train_img_s"] / m["unshared"]["train_img_s"],
                        mixer_time_share=1 - row["train_img_s"] / m["no_mixer"]["train_img_s"])
         results.append(row)
-    print("\n| R | params | GMACs | mixer GMACs | train img/s | infer img/s | peak mem GiB | MFU "
-          "| train vs unshared ViT (L x R blocks) | sharing alone (mixer 'last') vs unshared | mixers' share of train time |")
-    print("|---" * 11 + "|")
+    print_bench(results)
+    if args.json:
+        write_json(args.json, {"device": name, "amp": amp, "batch": batch, "compile": args.compile, "grad_ckpt": args.grad_ckpt,
+                               "peak_flops": peak, "matmul_ceiling_flops": ceiling, "results": results})
+    return results
+
+
+def print_bench(results):
+    print("\n| R | params | GMACs | mixer GMACs | train img/s | infer img/s | peak mem GiB | saved activations MiB | MFU "
+          "| of achievable | train vs unshared ViT (L x R blocks) | sharing alone (mixer 'last') vs unshared | mixers' share of train time |")
+    print("|---" * 13 + "|")
     for r in results:
         mem = "-" if math.isnan(r["peak_mem_gib"]) else f"{r['peak_mem_gib']:.2f}"
         ratio = (f"{r['train_ratio']:.3f} (unshared: {r['unshared_params']:,} params, {r['unshared_train_img_s']:,.1f} img/s)"
                  if "train_ratio" in r else "-")
         sharing = f"{r['sharing_ratio']:.3f}" if "sharing_ratio" in r else "-"
         mixer_t = f"{r['mixer_time_share']:.1%}" if "mixer_time_share" in r else "-"
-        print(f"| {r['depth']} | {r['params']:,} | {r['gmacs']:.3g} | {r.get('mixer_gmacs', 0):.3g} | "
-              f"{r['train_img_s']:,.1f} | {r['infer_img_s']:,.1f} | {mem} | {r['mfu']:.1%} | {ratio} | {sharing} | {mixer_t} |")
-    if args.json:
-        write_json(args.json, {"device": name, "amp": amp, "batch": batch, "compile": args.compile,
-                               "grad_ckpt": args.grad_ckpt, "matmul_ceiling_flops": ceiling, "results": results})
-    return results
+        util = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+        print(f"| {r['depth']} | {r['params']:,} | {r['gmacs']:.3g} | {r.get('mixer_gmacs', 0):.3g} | {r['train_img_s']:,.1f} | "
+              f"{r['infer_img_s']:,.1f} | {mem} | {r['saved_mib']:.1f} | {util} | {r['of_achievable']:.1%} | {ratio} | "
+              f"{sharing} | {mixer_t} |")
 
 
 # ----------------------------------------------------------------------------------------
@@ -492,7 +562,7 @@ def get_args(argv=None):
     a("--data", default=None, choices=["imagenet", "cifar10", "cifar100", "folder", "fake"])
     a("--data-path", default=None)
     a("--val-subset", type=int, default=None)
-    a("--steps", default=None, help="'all': the anytime table for k = 1..R")
+    a("--steps", default=None, help="'all': the anytime table for k = 1..R; a number k: evaluate the first k steps only")
     a("--maps", default=None, help="PNG file for the SoftMoR weight maps")
     a("--maps-images", type=int, default=4)
     a("--maps-mixer", type=int, default=-1, help="which mixer to draw (block sharing has one per block)")
@@ -508,6 +578,7 @@ def get_args(argv=None):
     a("--batch-size", type=int, default=None)
     a("--amp", default=None, choices=["bf16", "fp16", "none"])
     a("--compile", action="store_true")
+    a("--compile-backend", default="inductor", help="torch.compile backend for --bench (tests use 'eager')")
     a("--grad-ckpt", action="store_true")
     a("--iters", type=int, default=10, help="timed iterations per measurement")
     a("--rounds", type=int, default=3, help="alternating measurement rounds (median kept)")
@@ -515,9 +586,12 @@ def get_args(argv=None):
     a("--workers", type=int, default=2)
     args = p.parse_args(argv)
     if sum(map(bool, (args.checkpoint, args.bench, args.curve))) != 1:
-        p.error("give exactly one of --checkpoint, --bench, --curve")
-    if args.steps not in (None, "all"):
-        p.error("--steps takes 'all'")
+        raise UserError("give exactly one of --checkpoint, --bench, --curve (python eval.py -h lists the options)")
+    for name in ("maps_images", "batch_size", "iters", "rounds"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
     return args
 
 

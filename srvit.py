@@ -13,6 +13,7 @@ README.md ("Our reading of the method").
     >>> model = srvit_small(depth=4)    # 12 shared blocks, each applied 4 times, SoftMoR mixers
     >>> logits, mix = model(images, return_mix=True)   # mix[l]: (B, T, R) weights of mixer l
     >>> logits_2 = model(images, steps=2)              # anytime inference: the first 2 steps only
+    >>> t = model.trace(images)    # t["steps"][l]: h_1..h_R of block l; t["mix"], t["anytime"]
 
 What is re-applied, for L = 2 blocks f1, f2 and R = 3 steps (effective depth L*R = 6 either way):
 
@@ -183,9 +184,10 @@ class SoftMixer(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.router = Mlp(dim, dim, out_dim=1)             # g: fc1 (D -> D), GELU, fc2 (D -> 1)
         self.step_bias = nn.Parameter(torch.zeros(depth))  # b, one per recursion step
+        self.reset_parameters()                            # a mixer built on its own starts uniform too
 
     def reset_parameters(self):
-        # Called after the model-wide init, which would otherwise overwrite these zeros.
+        # Also called by SRViT after its model-wide init, which would overwrite these zeros.
         nn.init.zeros_(self.router.fc2.weight)
         nn.init.zeros_(self.router.fc2.bias)
         nn.init.zeros_(self.step_bias)
@@ -194,11 +196,22 @@ class SoftMixer(nn.Module):
             with torch.no_grad():
                 self.step_bias[-1] = math.log(9 * (R - 1))
 
+    def score(self, h):
+        """s_{r,t} without the step bias, for one step's tokens (B, T, D) -> (B, T). The router's
+        last layer runs in fp32 even under autocast: rounded to bf16, scores of 4 to 8 carry
+        errors of ~0.03, which the softmax turns into ~3% errors in the weight ratios."""
+        hidden = self.router.act(self.router.fc1(self.norm(h)))         # (B, T, D), autocast dtype
+        fc2 = self.router.fc2
+        if torch.amp.is_autocast_available(h.device.type):     # (not on the meta device)
+            with torch.autocast(h.device.type, enabled=False):
+                return F.linear(hidden.float(), fc2.weight.float(), fc2.bias.float()).squeeze(-1)
+        return F.linear(hidden.float(), fc2.weight.float(), fc2.bias.float()).squeeze(-1)
+
     def forward(self, hs):
         k = len(hs)
-        scores = torch.stack([self.router(self.norm(h)).squeeze(-1) for h in hs], dim=-1)  # (B, T, k)
-        scores = scores + self.step_bias[:k]
-        weights = scores.float().softmax(dim=-1)                # (B, T, k), sums to 1 over steps
+        scores = torch.stack([self.score(h) for h in hs], dim=-1)     # (B, T, k), fp32
+        scores = scores + self.step_bias[:k].float()
+        weights = scores.softmax(dim=-1)                        # (B, T, k), sums to 1 over steps
         a = weights.to(hs[0].dtype)
         out = sum(a[..., r, None] * h for r, h in enumerate(hs))   # (B, T, D)
         return out, weights
@@ -280,15 +293,24 @@ class SRViT(nn.Module):
             return checkpoint(block, h, drop_prob, use_reentrant=False)
         return block(h, drop_prob)
 
-    def _mix(self, i, hs, mix):
+    def _mix(self, i, hs, mix, step_outputs=None):
+        if step_outputs is not None:             # kept for trace(): the steps before mixing
+            step_outputs.append(list(hs))
         if not self.mixers:                      # R = 1: the one step is the output
             return hs[-1]
-        out, weights = self.mixers[i](hs)   # k x (B, T, D) -> (B, T, D)
+        mixer = self.mixers[i]
+        if self.config.grad_checkpointing and torch.is_grad_enabled() and isinstance(mixer, SoftMixer):
+            # The router's LayerNorm, fc1 and GELU outputs for every step would otherwise be kept
+            # for the backward pass: more than the block inputs that checkpointing keeps.
+            out, weights = checkpoint(lambda *steps: mixer(list(steps)), *hs, use_reentrant=False)
+        else:
+            out, weights = mixer(hs)        # k x (B, T, D) -> (B, T, D), (B, T, k)
         mix.append(weights)                 # (B, T, k)
         return out
 
-    def forward_features(self, x, steps=None, return_mix=False):
-        """Images (B, C, H, W) -> tokens (B, T, D) after the recursive encoder and final norm."""
+    def forward_features(self, x, steps=None, return_mix=False, step_outputs=None):
+        """Images (B, C, H, W) -> tokens (B, T, D) after the recursive encoder and final norm.
+        A list passed as step_outputs receives, per recursion, the step outputs [h_1..h_k]."""
         cfg = self.config
         R, L = cfg.depth, cfg.num_layers
         k = R if steps is None else steps
@@ -307,7 +329,7 @@ class SRViT(nn.Module):
                 for r in range(k):
                     h = self._apply_block(block, h, dpr[l * R + r])
                     hs.append(h)
-                x = self._mix(l, hs, mix)
+                x = self._mix(l, hs, mix, step_outputs)
         else:
             # F = f_L o ... o f_1;  h_1 = F(x), h_r = F(h_{r-1}), x <- mix(h_1..h_k)
             hs, h = [], x
@@ -315,7 +337,7 @@ class SRViT(nn.Module):
                 for l, block in enumerate(self.blocks):
                     h = self._apply_block(block, h, dpr[r * L + l])
                 hs.append(h)
-            x = self._mix(0, hs, mix)
+            x = self._mix(0, hs, mix, step_outputs)
 
         x = self.norm(x)
         return (x, mix) if return_mix else x
@@ -326,6 +348,21 @@ class SRViT(nn.Module):
         x, mix = self.forward_features(x, steps=steps, return_mix=True)
         logits = self.head(x[:, 0])               # class token -> (B, classes)
         return (logits, mix) if return_mix else logits
+
+    @torch.no_grad()
+    def trace(self, x):
+        """Everything one forward pass computes, for teaching and analysis (eval mode is up to
+        the caller). Returns a dict:
+          "steps":   per recursion (L of them with block sharing, 1 with stack sharing), the
+                     step outputs [h_1, ..., h_R], each (B, T, D);
+          "mix":     per mixer, the weights a, (B, T, R) (empty when R = 1);
+          "logits":  (B, classes);
+          "anytime": [logits after k = 1..R steps], each (B, classes) (the last is "logits")."""
+        step_outputs = []
+        feats, mix = self.forward_features(x, return_mix=True, step_outputs=step_outputs)
+        logits = self.head(feats[:, 0])
+        anytime = [self(x, steps=k) for k in range(1, self.config.depth)] + [logits]
+        return {"steps": step_outputs, "mix": mix, "logits": logits, "anytime": anytime}
 
     def no_weight_decay(self):
         """Names of parameters that DeiT trains without weight decay (besides biases and norms)."""
@@ -371,8 +408,8 @@ def clean_state_dict(state):
         raise ValueError(f"expected a state dict (name -> tensor), got {type(state).__name__}")
     out = {}
     for name, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            name = name.replace(prefix, "")
+        while name.startswith(("module.", "_orig_mod.")):     # prefixes only: "module." inside a name stays
+            name = name.split(".", 1)[1]
         out[name] = value
     return out
 

@@ -234,13 +234,14 @@ def image_folder(root, transform):
 
 
 def build_dataset(args, split, transform):
-    """The 'train' or 'val' split named by --data / --data-path, and its number of classes."""
+    """The 'train' or 'val' split named by --data / --data-path, and its class names."""
     import torchvision.datasets as tvd
     root, train = args.data_path or "./data", split == "train"
     if args.data == "fake":
         n_cls = args.num_classes or 1000
         size = (args.subset or 10_000) if train else (args.val_subset or 1_000)
-        return tvd.FakeData(size, (3, args.img_size, args.img_size), n_cls, transform, random_offset=0 if train else 10**7), n_cls
+        data = tvd.FakeData(size, (3, args.img_size, args.img_size), n_cls, transform, random_offset=0 if train else 10**7)
+        return data, [f"class {i}" for i in range(n_cls)]
     has_folder = os.path.isdir(os.path.join(root, "train"))
     if args.data in ("cifar10", "cifar100") and not has_folder:
         cls = tvd.CIFAR10 if args.data == "cifar10" else tvd.CIFAR100
@@ -256,12 +257,12 @@ def build_dataset(args, split, transform):
         if not has_folder or val_dir is None:
             raise UserError(f"{root} must hold train/ and val/ (or test/), each with one folder per class")
         data = image_folder(os.path.join(root, "train") if train else val_dir, transform)
-    n_cls = len(data.classes)
+    classes = list(data.classes)
     keep = args.subset if train else args.val_subset
     if keep:   # the same subset on every rank and in every run
         g = torch.Generator().manual_seed(1234 if train else 4321)
         data = torch.utils.data.Subset(data, torch.randperm(len(data), generator=g)[:keep].tolist())
-    return data, n_cls
+    return data, classes
 
 
 def seed_for(*keys):
@@ -401,15 +402,16 @@ def use_memory(args):
 
 
 def build_loaders(args, env):
-    """This rank's training and validation loaders, and the number of classes. Validation is
+    """This rank's training and validation loaders, the class names and the number of training images. Validation is
     split over ranks (each image counted once); training follows the seeded sampler."""
     from torchvision.transforms import v2
     memory = use_memory(args)
     decode = v2.Compose([v2.Resize(args.img_size), v2.CenterCrop(args.img_size), v2.PILToTensor()])
-    (train_set, n_cls), (val_set, n_val) = (build_dataset(args, split, decode if memory else transforms(args, split == "train"))
-                                            for split in ("train", "val"))
-    if n_cls != n_val:
-        raise UserError(f"train and validation splits in {args.data_path} have {n_cls} and {n_val} classes")
+    (train_set, classes), (val_set, val_classes) = (build_dataset(args, split, decode if memory else transforms(args, split == "train"))
+                                                    for split in ("train", "val"))
+    if classes != val_classes:
+        raise UserError(f"train and validation splits in {args.data_path} have different classes "
+                        f"({len(classes)} and {len(val_classes)})")
     if len(train_set) < args.batch_size:
         raise UserError(f"only {len(train_set)} training images for a batch of {args.batch_size}; lower --batch-size")
     val_set = torch.utils.data.Subset(val_set, range(env.rank, len(val_set), env.world))
@@ -423,11 +425,11 @@ def build_loaders(args, env):
                              crop_padding=args.crop_padding, hflip=args.hflip, seed=args.seed)
         val = MemoryLoader(*decode_all(val_set, workers), eval_batch, mean, std, env.device)
         env.log(f"decoded {len(train_set):,} + {len(val_set):,} images into memory on {env.device} in {time.time() - t0:.0f} s")
-        return train, val, n_cls, len(train_set)
+        return train, val, classes, len(train_set)
     kw = dict(num_workers=workers, pin_memory=env.device.type == "cuda", persistent_workers=workers > 0)
     train = PILLoader(train_set, env.micro, sampler, **kw)
     val = torch.utils.data.DataLoader(val_set, eval_batch, **kw)
-    return train, val, n_cls, len(train_set)
+    return train, val, classes, len(train_set)
 
 
 def decode_all(dataset, workers):
@@ -622,12 +624,6 @@ def restore(args, out, model, optimizer, scaler, n_train):
         best = torch.load(out.best, map_location="cpu", weights_only=True, mmap=True)
         state["best_top1"] = max(state["best_top1"], best.get("metrics", {}).get("top1", 0.0))
     return state
-
-
-def checkpoint(raw_model, optimizer, scaler, state, args, n_train):
-    return {"model": raw_model.state_dict(), "config": asdict(raw_model.config), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), **state, "metrics": state["records"][-1] if state["records"] else None,
-            "args": vars(args), "dataset": {"train_images": n_train}}
 
 
 # ----------------------------------------------------------------------------------------
@@ -871,8 +867,8 @@ def build_model(args, num_classes):
 
 def setup(args, env):
     """Data, model, optimizer, out-dir and the progress to start from, on this rank."""
-    train_loader, val_loader, num_classes, n_train = build_loaders(args, env)
-    model = build_model(args, num_classes)
+    train_loader, val_loader, classes, n_train = build_loaders(args, env)
+    model = build_model(args, len(classes))
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999),
                                   fused=env.device.type == "cuda")
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.amp == "fp16")
@@ -886,7 +882,8 @@ def setup(args, env):
     steps_per_epoch = len(train_loader) // env.accum
     if steps_per_epoch == 0:
         raise UserError(f"an epoch has fewer than one step of {args.batch_size} images; lower --batch-size", shared=True)
-    return train_loader, val_loader, num_classes, n_train, model.to(env.device), optimizer, scaler, out, state
+    data = SimpleNamespace(train=train_loader, val=val_loader, classes=classes, n_train=n_train)
+    return data, model.to(env.device), optimizer, scaler, out, state
 
 
 def main(argv=None):
@@ -894,24 +891,29 @@ def main(argv=None):
     env = init_distributed(args)
     out = None
     try:
-        train_loader, val_loader, num_classes, n_train, raw_model, optimizer, scaler, out, state = on_all_ranks(env, setup, args, env)
+        data, raw_model, optimizer, scaler, out, state = on_all_ranks(env, setup, args, env)
         model = eval_model = torch.compile(raw_model) if args.compile else raw_model   # checkpoints hold raw_model
         if env.ddp:       # (evaluation without DDP: ranks hold different numbers of val batches)
             model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-        ctx = SimpleNamespace(args=args, env=env, out=out, num_classes=num_classes, autocast=amp_context(env.device, args.amp),
-                              mixing=args.mixup > 0 or args.cutmix > 0, steps_per_epoch=len(train_loader) // env.accum,
+        steps = len(data.train) // env.accum
+        ctx = SimpleNamespace(args=args, env=env, out=out, data=data, num_classes=len(data.classes),
+                              autocast=amp_context(env.device, args.amp), mixing=args.mixup > 0 or args.cutmix > 0,
+                              steps_per_epoch=steps, total_steps=args.epochs * steps, warmup_steps=int(args.warmup_epochs * steps),
+                              log_interval=args.log_interval or max(1, steps // 10),
                               gmacs=srvit.forward_gmacs(raw_model), peak=peak_flops(env.device))
-        ctx.total_steps, ctx.warmup_steps = args.epochs * ctx.steps_per_epoch, int(args.warmup_epochs * ctx.steps_per_epoch)
-        ctx.log_interval = args.log_interval or max(1, ctx.steps_per_epoch // 10)
-        ctx.save_last = lambda: env.master and out.save(checkpoint(raw_model, optimizer, scaler, state, args, n_train), out.last)
+        ctx.checkpoint = lambda: {"model": raw_model.state_dict(), "config": asdict(raw_model.config),
+                                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), **state,
+                                  "metrics": (state["records"] or [None])[-1], "args": vars(args),
+                                  "dataset": {"train_images": data.n_train, "classes": data.classes}}
+        ctx.save_last = lambda: env.master and out.save(ctx.checkpoint(), out.last)
         if env.master:
             out.repair_metrics(state["records"])
-            out.append_metrics({"type": "run", "args": vars(args), "config": asdict(raw_model.config), "params": srvit.count_params(raw_model),
-                                "gmacs": ctx.gmacs, "world_size": env.world, "device": str(env.device),
-                                "start_epoch": state["epoch"], "start_step": state["step"]})
-        describe(args, env, raw_model, ctx, n_train, out, state)
+            out.append_metrics({"type": "run", "args": vars(args), "config": asdict(raw_model.config),
+                                "params": srvit.count_params(raw_model), "gmacs": ctx.gmacs, "world_size": env.world,
+                                "device": str(env.device), "start_epoch": state["epoch"], "start_step": state["step"]})
+        describe(ctx, raw_model, state)
         with StopRequest() as ctx.stop:
-            fit(model, eval_model, raw_model, train_loader, val_loader, optimizer, scaler, state, ctx, n_train)
+            fit(model, eval_model, optimizer, scaler, state, ctx)
         env.log(f"done: best top-1 {state['best_top1']:.2f}, {fmt_time(state['elapsed'])} training time, checkpoints in {args.out_dir}")
         if env.ddp:
             dist.barrier()               # no rank tears down while another still talks to it
@@ -922,15 +924,16 @@ def main(argv=None):
             out.release()
 
 
-def fit(model, eval_model, raw_model, train_loader, val_loader, optimizer, scaler, state, ctx, n_train):
+def fit(model, eval_model, optimizer, scaler, state, ctx):
+    """Epochs of train -> evaluate -> save, from where `state` says the run is."""
     args, env, out = ctx.args, ctx.env, ctx.out
     for epoch in range(state["epoch"], args.epochs):
         t0 = time.time()
-        stopped = train_one_epoch(model, train_loader, optimizer, scaler, epoch, state, ctx)
+        stopped = train_one_epoch(model, ctx.data.train, optimizer, scaler, epoch, state, ctx)
         state["elapsed"] += time.time() - t0
         if stopped:
             raise stop_message(ctx, f"at epoch {epoch + 1}, step {state['step']}/{ctx.steps_per_epoch}")
-        metrics = evaluate(eval_model, val_loader, env.device, ctx.autocast)
+        metrics = evaluate(eval_model, ctx.data.val, env.device, ctx.autocast)
         is_best = metrics["top1"] > state["best_top1"]
         state["best_top1"] = max(state["best_top1"], metrics["top1"])
         record = {"type": "epoch", "epoch": epoch + 1, "train_loss": state["loss_sum"] / ctx.steps_per_epoch, **metrics,
@@ -941,7 +944,7 @@ def fit(model, eval_model, raw_model, train_loader, val_loader, optimizer, scale
                 f"top-5 {metrics['top5']:.2f} loss {metrics['val_loss']:.4f} | best {state['best_top1']:.2f} | "
                 f"{fmt_time(record['epoch_time'])}")
         if env.master:
-            out.end_epoch(checkpoint(raw_model, optimizer, scaler, state, args, n_train), is_best)
+            out.end_epoch(ctx.checkpoint(), is_best)
         if ctx.stop.requested(env) and epoch + 1 < args.epochs:
             raise stop_message(ctx, f"after epoch {epoch + 1}")
 
@@ -952,15 +955,15 @@ def stop_message(ctx, where):
                    130 if ctx.stop.signum == signal.SIGINT else 143)
 
 
-def describe(args, env, model, ctx, n_train, out, state):
-    c = model.config
+def describe(ctx, model, state):
+    args, env, c = ctx.args, ctx.env, model.config
     if state["epoch"] or state["step"]:
         steps = f" and {state['step']} steps" if state["step"] else ""
-        env.log(f"resumed from {out.last if args.resume == 'auto' else args.resume}: {state['epoch']} epochs{steps} done, "
+        env.log(f"resumed from {ctx.out.last if args.resume == 'auto' else args.resume}: {state['epoch']} epochs{steps} done, "
                 f"best top-1 {state['best_top1']:.2f}")
     env.log(f"SR-ViT D={c.embed_dim} L={c.num_layers} heads={c.num_heads} patch={c.patch_size} R={c.depth} mixer={c.mixer} "
-            f"share={c.share}: {srvit.count_params(model):,} params, {ctx.gmacs:.3g} GMACs/image | {n_train:,} train images, "
-            f"{ctx.num_classes} classes, {'in memory' if use_memory(args) else 'PIL loader'} | batch {args.batch_size} = "
+            f"share={c.share}: {srvit.count_params(model):,} params, {ctx.gmacs:.3g} GMACs/image | {ctx.data.n_train:,} train "
+            f"images, {ctx.num_classes} classes, {'in memory' if use_memory(args) else 'PIL loader'} | batch {args.batch_size} = "
             f"{env.world} x {env.micro} x {env.accum} accum | {env.device} {args.amp} | {args.out_dir}")
     if state["epoch"] >= args.epochs:
         env.log(f"all {args.epochs} epochs are done already; nothing to train")

@@ -5,6 +5,7 @@ Evaluate, benchmark and look inside SR-ViT; turn training runs into the depth cu
     python eval.py --checkpoint runs/x/best.pt --steps all --maps mix.png   # anytime table, SoftMoR maps
     python eval.py --bench --model small --depth 1 2 3 4 --amp bf16 --compile --batch-size 256
     python eval.py --curve runs/*/ --plot curve.png --paper       # Markdown table + PNG of top-1 vs depth
+    python eval.py --bench-loader --data-path ~/data/cifar10 --depth 1 4   # in-memory vs PIL loader
 
 The checkpoint remembers its data set and image size; --data / --data-path override them.
 Pictures are drawn with Pillow (it comes with torchvision), so matplotlib is not needed.
@@ -551,6 +552,57 @@ def print_bench(results):
               f"{sharing} | {mixer_t} |")
 
 
+def bench_loader(args):
+    """Whole training steps (fetch and augment a batch, forward, backward, AdamW) fed by the
+    in-memory loader and by the PIL loader, alternated over rounds; medians. With --workers 0
+    everything runs in this one process, so the ratio is the saving in CPU time per image; with
+    workers the PIL path moves its decoding to other cores (on a GPU machine, the usual bound)."""
+    from types import SimpleNamespace
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    flags = ["--data", args.data or "cifar10", "--subset", str(args.bench_images), "--val-subset", "10",
+             "--workers", str(args.workers), "--batch-size", str(args.batch_size or 128), "--mixer", args.mixer]
+    flags += [a for k in ("data_path", "embed_dim", "num_layers", "num_heads", "patch_size")
+              if getattr(args, k) is not None for a in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+    print(f"bench-loader on {device}, {torch.get_num_threads()} threads, --workers {args.workers}: "
+          f"{args.iters} steps per measurement, {args.rounds} rounds, medians")
+    results = []
+    for depth in args.depth:
+        setups = {}
+        for loader in ("memory", "pil"):
+            targs = train.get_args(flags + ["--loader", loader, "--depth", str(depth)])
+            env = SimpleNamespace(rank=0, world=1, micro=targs.batch_size, device=device, log=lambda *a, **k: None)
+            batches, _, classes, _ = train.build_loaders(targs, env)
+            model = train.build_model(targs, len(classes)).to(device)
+            opt = torch.optim.AdamW(train.param_groups(model, 0.05), lr=1e-3)
+            setups[loader] = (batches, model, opt, targs)
+        times = {loader: [] for loader in setups}
+        for r in range(args.rounds):
+            for loader, (batches, model, opt, targs) in setups.items():
+                batches.set_epoch(r)
+                it = iter(batches)
+                t0 = time.perf_counter()
+                for _ in range(args.iters):
+                    x, y = next(it)
+                    loss = F.cross_entropy(model(x.to(device)), y.to(device), label_smoothing=0.1)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                sync(device)
+                times[loader].append((time.perf_counter() - t0) / (args.iters * targs.batch_size))
+                del it
+        ms = {loader: 1e3 * statistics.median(t) for loader, t in times.items()}
+        results.append({"depth": depth, "memory_ms_per_image": ms["memory"], "pil_ms_per_image": ms["pil"],
+                        "speedup": ms["pil"] / ms["memory"]})
+    print("\n| R | ms per image, in-memory loader | ms per image, PIL loader | speed-up of whole training steps |")
+    print("|---|---|---|---|")
+    for r in results:
+        print(f"| {r['depth']} | {r['memory_ms_per_image']:.3f} | {r['pil_ms_per_image']:.3f} | {r['speedup']:.2f}x |")
+    if args.json:
+        write_json(args.json, {"device": str(device), "threads": torch.get_num_threads(), "workers": args.workers,
+                               "results": results})
+    return results
+
+
 # ----------------------------------------------------------------------------------------
 
 def get_args(argv=None):
@@ -558,6 +610,8 @@ def get_args(argv=None):
     a = p.add_argument
     a("--checkpoint", help="train.py checkpoint to evaluate")
     a("--bench", action="store_true", help="benchmark speed, memory and MFU")
+    a("--bench-loader", action="store_true", help="training steps fed by the in-memory vs the PIL loader")
+    a("--bench-images", type=int, default=5120, help="--bench-loader: training images to load")
     a("--curve", nargs="+", help="run folders (with metrics.jsonl) for the depth-curve table")
     a("--data", default=None, choices=["imagenet", "cifar10", "cifar100", "folder", "fake"])
     a("--data-path", default=None)
@@ -585,8 +639,8 @@ def get_args(argv=None):
     a("--device", default=None)
     a("--workers", type=int, default=2)
     args = p.parse_args(argv)
-    if sum(map(bool, (args.checkpoint, args.bench, args.curve))) != 1:
-        raise UserError("give exactly one of --checkpoint, --bench, --curve (python eval.py -h lists the options)")
+    if sum(map(bool, (args.checkpoint, args.bench, args.bench_loader, args.curve))) != 1:
+        raise UserError("give exactly one of --checkpoint, --bench, --bench-loader, --curve (python eval.py -h lists the options)")
     for name in ("maps_images", "batch_size", "iters", "rounds"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -601,6 +655,8 @@ def main(argv=None):
         return curve(args)
     if args.bench:
         return bench(args)
+    if args.bench_loader:
+        return bench_loader(args)
     return evaluate_checkpoint(args)
 
 

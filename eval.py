@@ -552,6 +552,33 @@ def print_bench(results):
               f"{sharing} | {mixer_t} |")
 
 
+def activations(args):
+    """What --grad-ckpt saves: MiB kept for the backward pass per training image, counted exactly
+    (saved_activation_mib) for each depth and mixer, without and with checkpointing. Counted in
+    fp32 on the CPU; under bf16 autocast most saved tensors are half that size."""
+    overrides = {k: getattr(args, k) for k in ("embed_dim", "num_layers", "num_heads", "img_size", "patch_size", "num_classes")
+                 if getattr(args, k) is not None}
+    batch = args.batch_size or 1
+    x = torch.randn(batch, 3, *(2 * [overrides.get("img_size", 224)]))
+    rows = []
+    for depth in args.depth:
+        row = {"depth": depth}
+        for ckpt in (False, True):
+            torch.manual_seed(0)
+            model = srvit.srvit(args.model, depth=depth, mixer=args.mixer, share=args.share, grad_checkpointing=ckpt, **overrides)
+            row["ckpt" if ckpt else "plain"] = saved_activation_mib(model, x) / batch
+        rows.append(row)
+    base = rows[0]["plain"]
+    print(f"saved activations per training image (MiB, fp32), {args.model} {overrides or ''} mixer={args.mixer}")
+    print("| R | without --grad-ckpt | with --grad-ckpt | saved by checkpointing | with --grad-ckpt vs R=1 without |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['depth']} | {r['plain']:.1f} | {r['ckpt']:.1f} | {1 - r['ckpt'] / r['plain']:.0%} | {r['ckpt'] / base:.2f}x |")
+    if args.json:
+        write_json(args.json, rows)
+    return rows
+
+
 def bench_loader(args):
     """Whole training steps (fetch and augment a batch, forward, backward, AdamW) fed by the
     in-memory loader and by the PIL loader, alternated over rounds; medians. With --workers 0
@@ -611,6 +638,7 @@ def get_args(argv=None):
     a("--checkpoint", help="train.py checkpoint to evaluate")
     a("--bench", action="store_true", help="benchmark speed, memory and MFU")
     a("--bench-loader", action="store_true", help="training steps fed by the in-memory vs the PIL loader")
+    a("--activations", action="store_true", help="MiB saved for backward per image, without and with --grad-ckpt")
     a("--bench-images", type=int, default=5120, help="--bench-loader: training images to load")
     a("--curve", nargs="+", help="run folders (with metrics.jsonl) for the depth-curve table")
     a("--data", default=None, choices=["imagenet", "cifar10", "cifar100", "folder", "fake"])
@@ -639,8 +667,9 @@ def get_args(argv=None):
     a("--device", default=None)
     a("--workers", type=int, default=2)
     args = p.parse_args(argv)
-    if sum(map(bool, (args.checkpoint, args.bench, args.bench_loader, args.curve))) != 1:
-        raise UserError("give exactly one of --checkpoint, --bench, --bench-loader, --curve (python eval.py -h lists the options)")
+    if sum(map(bool, (args.checkpoint, args.bench, args.bench_loader, args.activations, args.curve))) != 1:
+        raise UserError("give exactly one of --checkpoint, --bench, --bench-loader, --activations, --curve "
+                        "(python eval.py -h lists the options)")
     for name in ("maps_images", "batch_size", "iters", "rounds"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -657,6 +686,8 @@ def main(argv=None):
         return bench(args)
     if args.bench_loader:
         return bench_loader(args)
+    if args.activations:
+        return activations(args)
     return evaluate_checkpoint(args)
 
 

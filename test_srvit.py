@@ -829,8 +829,13 @@ def test_torchrun_with_accumulation_equals_one_process_and_exits_0(tmp_path):
         assert res.returncode == 0, res.stderr[-3000:]
         assert res.stdout.count("val top-1") == 1 and "2 x 4 x 2 accum" in res.stdout     # only rank 0 logs
         ddp = weights(os.path.join(out, "last.pt"))
-        for k in single:
-            torch.testing.assert_close(ddp[k], single[k], atol=1e-6, rtol=1e-5, msg=k)
+        # AdamW's first step moves each weight by lr x g / (|g| + eps): +-lr wherever the gradient
+        # is real. Where it is only rounding noise (the key biases' gradient is zero in exact
+        # arithmetic), a different summation order flips it: a few elements differ by up to 0.5%
+        # of a step, every other one agrees to 1e-6.
+        diff = torch.cat([(ddp[k] - single[k]).abs().flatten() for k in single])
+        assert diff.max() < 5e-3 * 1e-2 and (diff > 1e-6).float().mean() < 1e-3, diff.max()
+        assert read_metrics(out)[1]["train_loss"] == pytest.approx(read_metrics(str(tmp_path / "single"))[1]["train_loss"])
         assert read_metrics(out)[1]["val_images"] == 7             # 7 images over 2 ranks, each counted once
     moved = max((single[k] - start[k]).abs().max().item() for k in single)
     assert moved > 1e-3                          # a real step (lr 1e-2), far above the tolerance

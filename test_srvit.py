@@ -1041,3 +1041,28 @@ def test_classroom_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     guess = ns["guess"]
     assert len(guess) == 3 and all(name in ns["CLASSES"] for name, _ in guess)
     assert guess[0][1] >= guess[-1][1] and sum(p for _, p in guess) <= 1 + 1e-6
+
+
+def readme_snippets(section):
+    """The ```python blocks of one README section."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return [block.split("```", 1)[0] for block in body.split("```python\n")[1:]]
+
+
+def test_readme_notebook_snippets_run_as_written(trained_runs, tmp_path, monkeypatch):
+    from PIL import Image
+    model_snippet, classify_snippet = readme_snippets("In a notebook")
+    ns = {}
+    exec(model_snippet, ns)                            # exactly as written
+    assert ns["logits"].shape == (2, 1000) and len(ns["mix"]) == 12 and ns["mix"][0].shape == (2, 197, 4)
+    assert len(ns["trace"]["steps"]) == 12 and len(ns["trace"]["anytime"]) == 4
+    # The classify snippet names a run of `python train.py` and the user's picture: give it both.
+    run = tmp_path / "runs" / "cifar10-D192-L6-H3-R2-soft-block-s0"
+    run.mkdir(parents=True)
+    (run / "best.pt").write_bytes((trained_runs / "R3" / "best.pt").read_bytes())
+    Image.new("RGB", (40, 40), (120, 80, 40)).save(tmp_path / "my_cat.jpg")
+    monkeypatch.chdir(tmp_path)
+    ns = {}
+    exec(classify_snippet, ns)
+    assert isinstance(ns["model"], SRViT)

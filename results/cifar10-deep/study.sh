@@ -48,13 +48,19 @@ chain_b() {
   run R1-s2 --depth 1 --seed 2
   run ViT24-s0 --depth 1 --num-layers 24 --seed 0     # the unshared ViT of the same block FLOPs
 }
-collect() {   # logs and metrics (not checkpoints) into the repository
+collect() {   # logs and metrics (not checkpoints) into the repository; the soft mixers' weights; the table
   for d in "$STUDY"/runs/*/; do
     name=$(basename "$d")
     mkdir -p "$OUT/$name"
     cp "$d/metrics.jsonl" "$OUT/$name/" 2>/dev/null
     cp "$STUDY/runs/$name.log" "$OUT/$name.log" 2>/dev/null
+    if [[ $name == R4-soft* ]] && [ -f "$d/last.pt" ] && [ ! -f "$OUT/$name-eval.json" ] && \
+       python -c "import torch,sys; c=torch.load(sys.argv[1],weights_only=True); sys.exit(c['epoch']<c['args']['epochs'])" "$d/last.pt"; then
+      OMP_NUM_THREADS=1 python "$ROOT/eval.py" --checkpoint "$d/last.pt" --data-path "$DATA" --workers 0 \
+        --json "$OUT/$name-eval.json" > "$OUT/$name-eval.md"
+    fi
   done
+  python "$ROOT/eval.py" --curve "$OUT"/*/ --plot "$ROOT/assets/curve-deep.png" --json "$OUT/curve.json" > "$OUT/curve.md"
 }
 case $PART in
   round1) chain_a & chain_b & wait ;;

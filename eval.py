@@ -122,15 +122,17 @@ def evaluate_checkpoint(args):
             setattr(targs, key, getattr(args, key))
     if targs.data == "fake":
         targs.num_classes = cfg.num_classes
+    if args.steps not in (None, "all") and not (args.steps.isdigit() and 1 <= int(args.steps) <= cfg.depth):
+        raise UserError(f"--steps takes 'all' or a number of steps in 1..{cfg.depth} (this model's depth), got {args.steps!r}")
+    if args.maps and cfg.depth == 1:
+        raise UserError("--maps: a depth-1 model has no mixer, so there are no weights to draw")
+    if args.maps and not -len(model.mixers) <= args.maps_mixer < len(model.mixers):
+        raise UserError(f"--maps-mixer {args.maps_mixer}: this model has {len(model.mixers)} mixers, "
+                        f"numbered 0..{len(model.mixers) - 1} (or -1 for the last)")
     val, classes = train.build_dataset(targs, "val", train.transforms(targs, train=False))
     if len(classes) != cfg.num_classes:
         raise UserError(f"the checkpoint classifies {cfg.num_classes} classes, the data at {targs.data_path} has {len(classes)}")
-    if args.steps not in (None, "all") and not (args.steps.isdigit() and 1 <= int(args.steps) <= cfg.depth):
-        raise UserError(f"--steps takes 'all' or a number of steps in 1..{cfg.depth} (this model's depth), got {args.steps!r}")
-    if args.maps and cfg.depth > 1 and not -len(model.mixers) <= args.maps_mixer < len(model.mixers):
-        raise UserError(f"--maps-mixer {args.maps_mixer}: this model has {len(model.mixers)} mixers, "
-                        f"numbered 0..{len(model.mixers) - 1} (or -1 for the last)")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device or train.check_device(None))
     model.to(device)
     autocast = amp_context(device, args.amp)
     loader = torch.utils.data.DataLoader(val, args.batch_size or 256, num_workers=args.workers)
@@ -467,13 +469,17 @@ def bench_model(cfg, batch, device, amp, compile_, iters, backend="inductor"):
 
 
 def saved_activation_mib(model, x):
-    """MiB that one training forward pass keeps for the backward pass, each storage counted once
-    (torch.autograd.graph.saved_tensors_hooks sees every tensor autograd saves). Exact, and the
-    same on every device for the same dtype: the CPU measures what --grad-ckpt saves on a GPU."""
+    """MiB of activations that one training forward pass keeps for the backward pass, each storage
+    counted once (torch.autograd.graph.saved_tensors_hooks sees every tensor autograd saves; the
+    weights, which some ops save too, are left out). Exact, and the same on every device for the
+    same dtype: the CPU measures what --grad-ckpt saves on a GPU."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}   # kept anyway: not activations
     seen = {}
 
     def pack(t):
-        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            seen.setdefault(ptr, t.untyped_storage().nbytes())
         return t
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -482,7 +488,7 @@ def saved_activation_mib(model, x):
 
 
 def bench(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device or train.check_device(None))
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     dtype = train.AMP_DTYPES[amp]
     batch = args.batch_size or (256 if device.type == "cuda" else 32)
@@ -537,7 +543,7 @@ def bench(args):
 
 
 def print_bench(results):
-    print("\n| R | params | GMACs | mixer GMACs | train img/s | infer img/s | peak mem GiB | saved activations MiB | MFU "
+    print("\n| R | params | GMACs | mixer GMACs | train img/s | infer img/s | peak mem GiB | saved activations MiB (fp32) | MFU "
           "| of achievable | train vs unshared ViT (L x R blocks) | sharing alone (mixer 'last') vs unshared | mixers' share of train time |")
     print("|---" * 13 + "|")
     for r in results:
@@ -585,7 +591,7 @@ def bench_loader(args):
     everything runs in this one process, so the ratio is the saving in CPU time per image; with
     workers the PIL path moves its decoding to other cores (on a GPU machine, the usual bound)."""
     from types import SimpleNamespace
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device or train.check_device(None))
     flags = ["--data", args.data or "cifar10", "--subset", str(args.bench_images), "--val-subset", "10",
              "--workers", str(args.workers), "--batch-size", str(args.batch_size or 128), "--mixer", args.mixer]
     flags += [a for k in ("data_path", "embed_dim", "num_layers", "num_heads", "patch_size")
@@ -670,7 +676,10 @@ def get_args(argv=None):
     if sum(map(bool, (args.checkpoint, args.bench, args.bench_loader, args.activations, args.curve))) != 1:
         raise UserError("give exactly one of --checkpoint, --bench, --bench-loader, --activations, --curve "
                         "(python eval.py -h lists the options)")
-    for name in ("maps_images", "batch_size", "iters", "rounds"):
+    train.check_device(args.device)
+    if min(args.depth) < 1:
+        raise UserError(f"--depth takes recursion depths >= 1, got {args.depth}")
+    for name in ("maps_images", "batch_size", "iters", "rounds", "val_subset", "bench_images"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.workers < 0:

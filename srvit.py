@@ -31,6 +31,7 @@ Shapes: B images, C channels, D width, p patch size, N = (H/p)(W/p) patches, T =
 
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -202,10 +203,10 @@ class SoftMixer(nn.Module):
         errors of ~0.03, which the softmax turns into ~3% errors in the weight ratios."""
         hidden = self.router.act(self.router.fc1(self.norm(h)))         # (B, T, D), autocast dtype
         fc2 = self.router.fc2
-        if torch.amp.is_autocast_available(h.device.type):     # (not on the meta device)
-            with torch.autocast(h.device.type, enabled=False):
-                return F.linear(hidden.float(), fc2.weight.float(), fc2.bias.float()).squeeze(-1)
-        return F.linear(hidden.float(), fc2.weight.float(), fc2.bias.float()).squeeze(-1)
+        no_autocast = (torch.autocast(h.device.type, enabled=False) if torch.amp.is_autocast_available(h.device.type)
+                       else nullcontext())                       # (the meta device has no autocast)
+        with no_autocast:
+            return F.linear(hidden.float(), fc2.weight.float(), fc2.bias.float()).squeeze(-1)
 
     def forward(self, hs):
         k = len(hs)

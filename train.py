@@ -540,24 +540,22 @@ class OutDir:
         self.save(ckpt, self.last)
         self.append_metrics(ckpt["records"][-1])
 
-    def repair_metrics(self, records):
-        """After a resume: metrics.jsonl holds each finished epoch exactly once. Rows the kill kept
-        out are put back from the checkpoint; rows of epochs past it (a resume from an older
-        checkpoint) and a half-written last line are dropped."""
+    def repair_metrics(self, done, records):
+        """After a resume with `done` epochs: metrics.jsonl holds each finished epoch exactly once.
+        Rows a kill kept out are put back from the checkpoint's records; rows of epochs past it (a
+        resume from an older checkpoint), repeats and a half-written last line are dropped."""
         lines = open(self.metrics).read().splitlines(keepends=True) if os.path.exists(self.metrics) else []
-        if lines and not lines[-1].endswith("\n"):
-            lines.pop()
-        done = len(records)
+        torn = bool(lines) and not lines[-1].endswith("\n")
         keep, seen = [], set()
-        for line in lines:
+        for line in lines[:-1] if torn else lines:
             row = json.loads(line)
             if row.get("type") == "epoch":
                 if row["epoch"] > done or row["epoch"] in seen:
                     continue
                 seen.add(row["epoch"])
             keep.append(line)
-        keep += [json.dumps(r) + "\n" for r in records if r["epoch"] not in seen]
-        if keep != lines or (lines and not lines[-1].endswith("\n")):
+        keep += [json.dumps(r) + "\n" for r in records if r["epoch"] <= done and r["epoch"] not in seen]
+        if keep != lines:
             with open(self.metrics + ".tmp", "w") as f:
                 f.writelines(keep)
             os.replace(self.metrics + ".tmp", self.metrics)
@@ -641,6 +639,7 @@ class StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        self.previous = {}
 
     def handle(self, signum, frame):
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
@@ -650,14 +649,14 @@ class StopRequest:
         # raise their deaths wherever this process is, the checkpoint write included; without it,
         # the loader reports them at its next batch, where train_one_epoch expects them.
         if hasattr(signal, "SIGCHLD"):
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            self.previous.setdefault(signal.SIGCHLD, signal.signal(signal.SIGCHLD, signal.SIG_DFL))
 
     def requested(self, env):
         """Whether any rank got a signal: every rank must stop after the same step."""
         if not env.ddp:
             return self.signum != 0
-        flag = torch.tensor(self.signum, device=env.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor(self.signum)              # on the CPU, over gloo: no GPU sync per step
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=env.cpu_group)
         self.signum = self.signum or int(flag.item())
         return self.signum != 0
 
@@ -670,7 +669,7 @@ def lr_at(step, steps_per_epoch, args):
     cosine down to min_lr over all --epochs (timm counts the warm-up epochs in the cosine). One
     detail is DeiT's own: its loop steps the scheduler after each epoch, so its epoch e runs at
     the scheduler's value for e - 1; we follow that, which keeps the two within 2% at every
-    epoch's first step (tested against DeiT's numbers)."""
+    epoch's first step after warm-up (tested against DeiT's numbers from epoch 6 on)."""
     epoch = step / steps_per_epoch                         # fractional epoch
     if epoch < args.warmup_epochs:
         return 1e-6 + (args.lr - 1e-6) * epoch / args.warmup_epochs
@@ -722,7 +721,7 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch, state, ctx):
                 # The signal went to the whole process group (as Slurm sends it) and took the
                 # loader workers with it: this step cannot finish, so save the one before it.
                 optimizer.zero_grad(set_to_none=True)
-                state["loss_sum"] = loss_sum.item()
+                state["loss_sum"], state["elapsed"] = loss_sum.item(), ctx.clock()
                 ctx.save_last()
                 return True
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
@@ -752,7 +751,11 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch, state, ctx):
         stop = ctx.stop.requested(env)
         if stop or (args.save_every and (gstep + 1) % args.save_every == 0 and state["step"] < ctx.steps_per_epoch):
             check_finite(bad_step, epoch, ctx)                           # never save a NaN model
-            state["loss_sum"] = loss_sum.item()
+            partial = loss_sum.clone()
+            if env.ddp:                  # every rank resumes from the mean of the ranks' partial sums
+                dist.all_reduce(partial)
+                partial /= env.world
+            state["loss_sum"], state["elapsed"] = partial.item(), ctx.clock()
             ctx.save_last()
             if stop:
                 return True
@@ -809,8 +812,8 @@ def evaluate(model, loader, device, autocast, steps=None):
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, matched against the
 # device name, most specific first: an "H100 PCIe" is not an H100 SXM. The one MFU denominator
 # here and in eval.py, whatever --amp is.
-PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
-             ("L40S", 362e12), ("RTX 4090", 165e12), ("L4", 121e12)]
+PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12), ("H200", 989e12),
+             ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("RTX 4090", 165e12), ("L4", 121e12)]
 
 
 def peak_flops(device):
@@ -838,7 +841,7 @@ def init_distributed(args):
     micro = args.micro_batch or args.batch_size // world
     if (args.batch_size // world) % micro:
         raise UserError(f"--micro-batch {micro} does not divide the per-process batch {args.batch_size // world}", shared=True)
-    cuda = torch.cuda.is_available() and args.device != "cpu"
+    cuda = check_device(args.device) == "cuda"
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
         device = torch.device(f"cuda:{local}" if cuda else "cpu")
@@ -850,8 +853,21 @@ def init_distributed(args):
         args.amp = "none" if device.type == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return SimpleNamespace(rank=rank, world=world, ddp=world > 1, master=rank == 0, device=device, micro=micro,
+    cpu_group = dist.new_group(backend="gloo") if world > 1 and cuda else None    # small CPU-side flags
+    return SimpleNamespace(rank=rank, world=world, ddp=world > 1, master=rank == 0, device=device, micro=micro, cpu_group=cpu_group,
                            accum=args.batch_size // world // micro, log=print if rank == 0 else (lambda *a, **k: None))
+
+
+def check_device(name):
+    """'cuda' or 'cpu': what --device asks for (default: cuda where there is one)."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = name.split(":")[0]
+    if kind not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: use cpu, cuda or cuda:N", shared=True)
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this machine has no CUDA GPU that PyTorch can use; use --device cpu", shared=True)
+    return kind
 
 
 def on_all_ranks(env, fn, *a):
@@ -888,22 +904,25 @@ def build_model(args, num_classes):
 def setup(args, env):
     """Data, model, optimizer, out-dir and the progress to start from, on this rank."""
     train_loader, val_loader, classes, n_train = build_loaders(args, env)
-    model = build_model(args, len(classes))
+    if len(train_loader) // env.accum == 0:
+        raise UserError(f"an epoch has fewer than one step of {args.batch_size} images; lower --batch-size", shared=True)
+    model = build_model(args, len(classes)).to(env.device)    # on the device first: the optimizer state follows it
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999),
                                   fused=env.device.type == "cuda")
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.amp == "fp16")
     out = OutDir(args.out_dir, env.master).open()
-    state = restore(args, out, model, optimizer, scaler, n_train)
-    if state["epoch"] == 0 and state["step"] == 0 and args.init_from:
-        try:
-            srvit.load_pretrained(model, args.init_from, verbose=env.master)
-        except ValueError as e:
-            raise UserError(f"--init-from {args.init_from}: {e}", shared=True) from None
-    steps_per_epoch = len(train_loader) // env.accum
-    if steps_per_epoch == 0:
-        raise UserError(f"an epoch has fewer than one step of {args.batch_size} images; lower --batch-size", shared=True)
+    try:
+        state = restore(args, out, model, optimizer, scaler, n_train)
+        if state["epoch"] == 0 and state["step"] == 0 and args.init_from:
+            try:
+                srvit.load_pretrained(model, args.init_from, verbose=env.master)
+            except ValueError as e:
+                raise UserError(f"--init-from {args.init_from}: {e}", shared=True) from None
+    except BaseException:
+        out.release()               # now, not when the traceback's frames are collected
+        raise
     data = SimpleNamespace(train=train_loader, val=val_loader, classes=classes, n_train=n_train)
-    return data, model.to(env.device), optimizer, scaler, out, state
+    return data, model, optimizer, scaler, out, state
 
 
 def main(argv=None):
@@ -912,9 +931,12 @@ def main(argv=None):
     out = None
     try:
         data, raw_model, optimizer, scaler, out, state = on_all_ranks(env, setup, args, env)
-        model = eval_model = torch.compile(raw_model) if args.compile else raw_model   # checkpoints hold raw_model
-        if env.ddp:       # (evaluation without DDP: ranks hold different numbers of val batches)
-            model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        # Checkpoints hold raw_model. Compile DDP(model), not the other way round: Dynamo then splits
+        # the graph at DDP's buckets, so gradient all-reduce overlaps the backward pass. Evaluation
+        # skips DDP (ranks hold different numbers of val batches).
+        model = DDP(raw_model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.ddp else raw_model
+        model = torch.compile(model) if args.compile else model
+        eval_model = (torch.compile(raw_model) if env.ddp else model) if args.compile else raw_model
         steps = len(data.train) // env.accum
         ctx = SimpleNamespace(args=args, env=env, out=out, data=data, num_classes=len(data.classes),
                               autocast=amp_context(env.device, args.amp), mixing=args.mixup > 0 or args.cutmix > 0,
@@ -927,7 +949,7 @@ def main(argv=None):
                                   "dataset": {"train_images": data.n_train, "classes": data.classes}}
         ctx.save_last = lambda: env.master and out.save(ctx.checkpoint(), out.last)
         if env.master:
-            out.repair_metrics(state["records"])
+            out.repair_metrics(state["epoch"], state["records"])
             out.append_metrics({"type": "run", "args": vars(args), "config": asdict(raw_model.config),
                                 "params": srvit.count_params(raw_model), "gmacs": ctx.gmacs, "world_size": env.world,
                                 "device": str(env.device), "start_epoch": state["epoch"], "start_step": state["step"]})
@@ -950,17 +972,18 @@ def fit(model, eval_model, optimizer, scaler, state, ctx):
     """Epochs of train -> evaluate -> save, from where `state` says the run is."""
     args, env, out = ctx.args, ctx.env, ctx.out
     for epoch in range(state["epoch"], args.epochs):
-        t0 = time.time()
+        t0, elapsed0, start_step = time.time(), state["elapsed"], state["step"]
+        ctx.clock = lambda: elapsed0 + time.time() - t0              # training time, this epoch's included
         stopped = train_one_epoch(model, ctx.data.train, optimizer, scaler, epoch, state, ctx)
-        state["elapsed"] += time.time() - t0
         if stopped:
             raise stop_message(ctx, f"at epoch {epoch + 1}, step {state['step']}/{ctx.steps_per_epoch}")
+        state["elapsed"] = ctx.clock()
         metrics = evaluate(eval_model, ctx.data.val, env.device, ctx.autocast)
         is_best = metrics["top1"] > state["best_top1"]
         state["best_top1"] = max(state["best_top1"], metrics["top1"])
         record = {"type": "epoch", "epoch": epoch + 1, "train_loss": state["loss_sum"] / ctx.steps_per_epoch, **metrics,
                   "best_top1": state["best_top1"], "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.time() - t0,
-                  "elapsed": state["elapsed"], "images_per_s": ctx.steps_per_epoch * args.batch_size / (time.time() - t0)}
+                  "elapsed": state["elapsed"], "images_per_s": (ctx.steps_per_epoch - start_step) * args.batch_size / (time.time() - t0)}
         state.update(epoch=epoch + 1, step=0, loss_sum=0.0, records=state["records"] + [record])
         env.log(f"epoch {epoch + 1}/{args.epochs} | train loss {record['train_loss']:.4f} | val top-1 {metrics['top1']:.2f} "
                 f"top-5 {metrics['top5']:.2f} loss {metrics['val_loss']:.4f} | best {state['best_top1']:.2f} | "
@@ -972,6 +995,8 @@ def fit(model, eval_model, optimizer, scaler, state, ctx):
 
 
 def stop_message(ctx, where):
+    if ctx.env.ddp:
+        dist.barrier()               # no rank exits (and gets torchrun's SIGKILL) while rank 0 still saves
     name = signal.Signals(ctx.stop.signum).name
     return Stopped(f"stopped by {name} {where}; saved {ctx.out.last}. Re-run the same command to resume",
                    130 if ctx.stop.signum == signal.SIGINT else 143)

@@ -6,8 +6,8 @@
 # drop path, the in-memory loader. One CPU thread per run, two chains at once.
 #
 #   bash results/cifar10-deep/study.sh round1 [path/to/cifar10]   # mixers x seeds, R=1, unshared ViT
-#   bash results/cifar10-deep/study.sh round2 [path/to/cifar10]   # follow-ups (see README)
-#   bash results/cifar10-deep/study.sh collect                     # copy logs + metrics into the repo
+#   bash results/cifar10-deep/study.sh collect [path/to/cifar10]  # logs, metrics, soft weights, table
+# (A second round, chosen from what round 1 shows, is added here when round 1 is done.)
 #
 # Checkpoints live in $STUDY (default ~/srvit-study), outside the repository, so a study spread
 # over several sessions resumes each run where it stopped (re-run the same part). The runs use

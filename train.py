@@ -930,6 +930,8 @@ def main(argv=None):
     env = init_distributed(args)
     out = None
     try:
+        if env.ddp and args.data.startswith("cifar"):    # one download, not one per rank into the same folder
+            on_all_ranks(env, lambda: env.master and build_dataset(args, "train", None))
         data, raw_model, optimizer, scaler, out, state = on_all_ranks(env, setup, args, env)
         # Checkpoints hold raw_model. Compile DDP(model), not the other way round: Dynamo then splits
         # the graph at DDP's buckets, so gradient all-reduce overlaps the backward pass. Evaluation

@@ -459,6 +459,26 @@ def test_train_on_fake_data_writes_metrics_and_checkpoints(tmp_path):
     assert_same_weights(ckpt["model"], model.state_dict())
 
 
+def test_train_one_epoch_runs_on_its_own():
+    # The loop is testable without main(): a model, a loader, an optimizer and the run's settings.
+    # A loader that yields a fixed batch, and an optimizer with lr 0 except through lr_at.
+    args = train.get_args(FAST + ["--data", "fake", "--depth", "2", "--epochs", "1", "--warmup-epochs", "0"])
+    env = SimpleNamespace(rank=0, world=1, ddp=False, master=True, device=torch.device("cpu"), accum=2, micro=4, log=print)
+    model = tiny(depth=2)
+    x, y = images(4), torch.arange(4)
+    batches = type("Fixed", (), {"set_epoch": lambda self, e, start_batch=0: None,
+                                 "__iter__": lambda self: iter([(x, y)] * 6)})()
+    ctx = SimpleNamespace(args=args, env=env, num_classes=10, autocast=train.nullcontext(), mixing=False,
+                          steps_per_epoch=3, log_interval=100, gmacs=0.0, peak=None, clock=lambda: 0.0,
+                          stop=SimpleNamespace(signum=0, requested=lambda env: False), out=None)
+    state = {"epoch": 0, "step": 0, "loss_sum": 0.0, "best_top1": 0.0, "elapsed": 0.0, "records": []}
+    opt = torch.optim.AdamW(train.param_groups(model, 0.05), lr=1e-3)
+    before = F.cross_entropy(model.eval()(x), y, label_smoothing=0.1).item()
+    assert train.train_one_epoch(model, batches, opt, torch.amp.GradScaler("cpu", enabled=False), 0, state, ctx) is False
+    assert state["step"] == 3 and F.cross_entropy(model.eval()(x), y, label_smoothing=0.1).item() < before
+    assert 0.8 * before < state["loss_sum"] / 3 < before + 0.05     # per step the mean over its 2 micro-batches
+
+
 def test_memory_loader_matches_the_pil_path_without_augmentation(tmp_path):
     # Same images, same order, same normalisation: the fast path changes speed, not data.
     root = make_image_folder(tmp_path / "data", n=8)

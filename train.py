@@ -638,7 +638,8 @@ class StopRequest:
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            if sig != getattr(signal, "SIGCHLD", None):     # (stopping: dead workers must stay quiet)
+                signal.signal(sig, handler)
         self.previous = {}
 
     def handle(self, signum, frame):
@@ -862,11 +863,13 @@ def check_device(name):
     """'cuda' or 'cpu': what --device asks for (default: cuda where there is one)."""
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    kind = name.split(":")[0]
-    if kind not in ("cpu", "cuda"):
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
         raise UserError(f"--device {name}: use cpu, cuda or cuda:N", shared=True)
     if kind == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: this machine has no CUDA GPU that PyTorch can use; use --device cpu", shared=True)
+    if index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPUs (cuda:0..)", shared=True)
     return kind
 
 
@@ -880,7 +883,7 @@ def on_all_ranks(env, fn, *a):
         error = str(e)
     if env.ddp:
         errors = [None] * env.world
-        dist.all_gather_object(errors, error)
+        dist.all_gather_object(errors, error, group=env.cpu_group)     # gloo: a 30-minute timeout
         failed = next(((r, e) for r, e in enumerate(errors) if e), None)
         if failed:
             where = f" (rank {failed[0]})" if failed[0] != env.rank or env.rank else ""

@@ -821,7 +821,8 @@ def test_full_disk_leaves_the_previous_checkpoint_and_no_tmp(tmp_path, monkeypat
     (["--epochs", "0"], "--epochs must be > 0"), (["--hflip", "1.5"], "--hflip must be in [0, 1]"),
     (["--depth", "0"], "--depth must be > 0"), (["--patch-size", "5"], "not divisible by patch_size 5"),
     (["--randaug", "31"], "--randaug must be in 0..10"), (["--loader", "memory", "--randaug", "9"], "--loader memory"),
-])
+    (["--device", "gpu"], "use cpu, cuda or cuda:N"), (["--device", "cuda:abc"], "use cpu, cuda or cuda:N"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA GPU")]))
 def test_bad_flags_give_one_clear_message(tmp_path, flags, message):
     user_error(FAKE + flags + ["--out-dir", str(tmp_path / "run")], message)
 

@@ -164,7 +164,7 @@ def evaluate_checkpoint(args):
             print(f"| {k} | {row['top1']:.2f} | {row['top5']:.2f} | {row['gmacs']:.3g} |")
     if args.maps:
         picks = sorted({i * len(val) // args.maps_images for i in range(args.maps_images)})   # spread over the split
-        draw_maps(model, torch.stack([val[i][0] for i in picks]), mixer=args.maps_mixer).save(args.maps)
+        draw_maps(model, torch.stack([val[i][0] for i in picks]), mixer=args.maps_mixer, relative=args.maps_relative).save(args.maps)
         print(f"\nwrote {args.maps}")
     if args.json:
         write_json(args.json, result)
@@ -193,10 +193,12 @@ def colour(v):
 
 
 @torch.no_grad()
-def draw_maps(model, images, mixer=-1, cell=112):
+def draw_maps(model, images, mixer=-1, cell=112, relative=False):
     """A picture (PIL image): one row per image, the image, then one heat map per recursion
     step of the weight that mixer gives that step at each patch (0 dark, 1 yellow; the class
-    token's weight above it). `images`: (n, 3, S, S), normalised as the model's input."""
+    token's weight above it). `images`: (n, 3, S, S), normalised as the model's input.
+    relative=True stretches the colours from the smallest to the largest weight shown: after a
+    short training the weights stay near 1/R, and on the 0..1 scale the maps look flat."""
     from PIL import Image, ImageDraw
     cfg = model.config
     if cfg.depth == 1:
@@ -204,6 +206,7 @@ def draw_maps(model, images, mixer=-1, cell=112):
     xs = images.to(next(model.parameters()).device)
     _, mix = model.eval()(xs, return_mix=True)
     weights = mix[mixer].float().cpu()                                 # (n, T, R)
+    lo, hi = (weights.min().item(), max(weights.max().item(), weights.min().item() + 1e-6)) if relative else (0.0, 1.0)
     grid = cfg.img_size // cfg.patch_size
     mean, std = train.MEAN_STD["cifar" if cfg.img_size <= 64 else "imagenet"]
     pad, top, label_h, R = 6, 22, 15, cfg.depth
@@ -222,7 +225,7 @@ def draw_maps(model, images, mixer=-1, cell=112):
         for r in range(R):
             w = weights[row, 1:, r].reshape(grid, grid)                # patch tokens, (grid, grid)
             heat = Image.new("RGB", (grid, grid))
-            heat.putdata([colour(v) for v in w.flatten().tolist()])
+            heat.putdata([colour((v - lo) / (hi - lo)) for v in w.flatten().tolist()])
             x0 = pad + (r + 1) * (cell + pad)
             canvas.paste(heat.resize((cell, cell), Image.NEAREST), (x0, y0))
             draw.text((x0, y0 - label_h), f"step {r + 1} · cls {weights[row, 0, r]:.2f}", fill="black")
@@ -230,8 +233,8 @@ def draw_maps(model, images, mixer=-1, cell=112):
     y0, bar_w = H - 30, W - 2 * pad - 60
     for i in range(bar_w):
         draw.line([(pad + 30 + i, y0), (pad + 30 + i, y0 + 10)], fill=colour(i / (bar_w - 1)))
-    draw.text((pad, y0), "0", fill="black")
-    draw.text((pad + 36 + bar_w, y0), "1", fill="black")
+    draw.text((pad, y0), f"{lo:.2g}", fill="black")
+    draw.text((pad + 36 + bar_w, y0), f"{hi:.2g}", fill="black")
     draw.text((pad + 30, y0 + 13), f"weight a (uniform = 1/{R} = {1 / R:.2f})", fill="black")
     return canvas
 
@@ -654,6 +657,7 @@ def get_args(argv=None):
     a("--maps", default=None, help="PNG file for the SoftMoR weight maps")
     a("--maps-images", type=int, default=4)
     a("--maps-mixer", type=int, default=-1, help="which mixer to draw (block sharing has one per block)")
+    a("--maps-relative", action="store_true", help="colours from the smallest to the largest weight shown, not 0..1")
     a("--plot", default=None, help="PNG file for the depth curve")
     a("--paper", action="store_true", help="add the paper's ImageNet points as a second panel")
     a("--json", default=None, help="also write the numbers to this JSON file")

@@ -940,6 +940,12 @@ def test_eval_checkpoint_anytime_table_and_maps(trained_runs, tmp_path):
     with Image.open(tmp_path / "maps.png") as im:      # 4 rows of (label, image + 3 steps at 112 px)
         assert im.size == (6 + 4 * 118, 22 + 4 * (15 + 118) + 40)
         assert len(set(im.convert('RGB').tobytes())) > 10
+    model = srvit_eval.load_model(ckpt)
+    x = torch.randn(2, 3, 32, 32)
+    flat, stretched = (srvit_eval.draw_maps(model, x, relative=r).convert("RGB") for r in (False, True))
+    heat = (6 + 118, 22 + 15, 6 + 118 + 112, 22 + 15 + 112)      # step 1's map of the first image
+    colours = lambda im: len(set(im.crop(heat).tobytes()[i:i + 3] for i in range(0, 112 * 112 * 3, 3)))
+    assert colours(stretched) > colours(flat)          # weights near 1/3 spread over the whole ramp
     assert json.load(open(tmp_path / "eval.json"))["anytime"][0]["steps"] == 1
 
 
@@ -1077,7 +1083,7 @@ def test_classroom_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     model = ns["model"]
     assert isinstance(model, srvit.SRViT) and model.config.depth == budget["depth"] and not model.training
     assert os.path.isfile(tmp_path / "runs" / "main" / "best.pt")
-    for name in ("maps", "curve", "gallery"):
+    for name in ("maps", "maps_relative", "curve", "gallery"):
         assert isinstance(ns[name], Image.Image) and min(ns[name].size) > 0, name
     table = ns["anytime_table"]
     assert [row["steps"] for row in table] == list(range(1, budget["depth"] + 1))

@@ -766,7 +766,7 @@ def test_kill_9_then_resume_repeats_the_uninterrupted_run_and_no_lock_is_left(tm
 def test_resume_refuses_other_data_or_recipe_and_never_overwrites(tmp_path):
     out = str(tmp_path / "run")
     train.main(FAKE + ["--depth", "1", "--epochs", "1", "--out-dir", out])
-    user_error(FAKE + ["--depth", "2", "--epochs", "1", "--out-dir", out], "from another model", "depth: checkpoint 1 vs now 2")
+    user_error(FAKE + ["--depth", "2", "--epochs", "1", "--out-dir", out], "another model", "depth: 1 then, 2 now")
     user_error(FAKE + ["--depth", "1", "--epochs", "1", "--subset", "128", "--out-dir", out],
                "another data", "train_images: 256 then, 128 now")
     user_error(FAKE + ["--depth", "1", "--epochs", "1", "--lr", "0.01", "--seed", "3", "--out-dir", out],

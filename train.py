@@ -575,23 +575,18 @@ def load_checkpoint(path, model):
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}); delete it or pass another --out-dir") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "optimizer" not in ckpt:
         raise UserError(f"{path} is not a train.py checkpoint; use --init-from for pretrained weights")
-    defaults = asdict(srvit.SRViTConfig())      # for fields that older checkpoints do not name
-    want = model_signature(model.config)
-    have = {k: ckpt["config"].get(k, defaults[k]) for k in want}
-    if want != have:
-        diff = ", ".join(f"{k}: checkpoint {have[k]!r} vs now {want[k]!r}" for k in want if want[k] != have[k])
-        raise UserError(f"{path} is from another model ({diff}); use another --out-dir")
     return ckpt
 
 
-def model_signature(cfg):
-    return {k: v for k, v in asdict(cfg).items() if k not in ("drop_path_rate", "grad_checkpointing")}
-
-
-def check_same_run(path, saved, now):
-    """Refuse to resume under other data or another recipe, naming each value that changed."""
-    for keys, what in ((SAME_DATA, "data"), (SAME_RECIPE, "recipe")):
-        diff = [f"{k}: {saved[k]!r} then, {now[k]!r} now" for k in keys if k in saved and saved[k] != now.get(k)]
+def check_same_run(path, ckpt, model, args, n_train):
+    """Refuse to resume another model, other data or another recipe, naming each value that changed
+    (keys an older checkpoint does not hold are not compared)."""
+    model_keys = [k for k in asdict(model.config) if k not in ("drop_path_rate", "grad_checkpointing")]
+    saved = {**asdict(srvit.SRViTConfig()), **ckpt["config"]}, {**ckpt.get("args", {}), **ckpt.get("dataset", {})}
+    now = asdict(model.config), {**vars(args), "train_images": n_train}
+    for keys, have, want, what in ((model_keys, saved[0], now[0], "model"), (SAME_DATA, saved[1], now[1], "data"),
+                                   (SAME_RECIPE, saved[1], now[1], "recipe")):
+        diff = [f"{k}: {have[k]!r} then, {want[k]!r} now" for k in keys if k in have and have[k] != want.get(k)]
         if diff:
             raise UserError(f"{path} was trained with another {what} ({'; '.join(diff)}). Resume with the same "
                             f"command, or start afresh in another --out-dir", shared=True)
@@ -611,7 +606,7 @@ def restore(args, out, model, optimizer, scaler, n_train):
             raise UserError(f"--resume {path}: file not found", shared=True)
         return state
     ckpt = load_checkpoint(path, model)
-    check_same_run(path, {**ckpt.get("args", {}), **ckpt.get("dataset", {})}, {**vars(args), "train_images": n_train})
+    check_same_run(path, ckpt, model, args, n_train)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])

@@ -371,23 +371,12 @@ def pad_crop_flip(x, pad, hflip, g):
     return x
 
 
-class PILLoader:
-    """The PIL path (ImageNet): loader workers decode and augment each image. Same interface as
-    MemoryLoader: len() is the number of batches in a whole epoch, set_epoch(epoch, start_batch)."""
-
-    def __init__(self, dataset, batch_size, sampler, **loader_kw):
-        self.sampler, self.batch_size = sampler, batch_size
-        self.loader = torch.utils.data.DataLoader(SeededAugment(dataset), batch_size, sampler=sampler, drop_last=True,
-                                                  worker_init_fn=ignore_signals, **loader_kw)
-
-    def __len__(self):
-        return self.sampler.per_rank // self.batch_size
+class PILLoader(torch.utils.data.DataLoader):
+    """The PIL path (ImageNet): loader workers decode and augment each image. Like MemoryLoader,
+    set_epoch(epoch, start_batch) picks the epoch and where a resumed run starts in it."""
 
     def set_epoch(self, epoch, start_batch=0):
         self.sampler.set_epoch(epoch, start_batch * self.batch_size)
-
-    def __iter__(self):
-        return iter(self.loader)
 
 
 def ignore_signals(worker_id):
@@ -426,7 +415,7 @@ def build_loaders(args, env):
         env.log(f"decoded {len(train_set):,} + {len(val_set):,} images into memory on {env.device} in {time.time() - t0:.0f} s")
         return train, val, classes, len(train_set)
     kw = dict(num_workers=workers, pin_memory=env.device.type == "cuda", persistent_workers=workers > 0)
-    train = PILLoader(train_set, env.micro, sampler, **kw)
+    train = PILLoader(SeededAugment(train_set), env.micro, sampler=sampler, drop_last=True, worker_init_fn=ignore_signals, **kw)
     val = torch.utils.data.DataLoader(val_set, eval_batch, **kw)
     return train, val, classes, len(train_set)
 

@@ -502,8 +502,7 @@ def bench(args):
     print(f"bench on {name}, {amp}, batch {batch}, compile={args.compile}, grad-ckpt={args.grad_ckpt}; MFU is of the "
           f"datasheet dense bf16 peak ({f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown for this device'}); "
           f"achievable: a large {amp} matmul runs at {ceiling / 1e12:.3g} TFLOP/s here")
-    overrides = {k: getattr(args, k) for k in ("embed_dim", "num_layers", "num_heads", "img_size", "patch_size", "num_classes")
-                 if getattr(args, k) is not None}
+    overrides = model_overrides(args)
     results = []
     for depth in args.depth:
         try:
@@ -561,12 +560,17 @@ def print_bench(results):
               f"{sharing} | {mixer_t} |")
 
 
+def model_overrides(args):
+    """The model flags given on the command line, as keywords for srvit.srvit()."""
+    return {k: getattr(args, k) for k in ("embed_dim", "num_layers", "num_heads", "img_size", "patch_size", "num_classes")
+            if getattr(args, k) is not None}
+
+
 def activations(args):
     """What --grad-ckpt saves: MiB kept for the backward pass per training image, counted exactly
     (saved_activation_mib) for each depth and mixer, without and with checkpointing. Counted in
     fp32 on the CPU; under bf16 autocast most saved tensors are half that size."""
-    overrides = {k: getattr(args, k) for k in ("embed_dim", "num_layers", "num_heads", "img_size", "patch_size", "num_classes")
-                 if getattr(args, k) is not None}
+    overrides = model_overrides(args)
     batch = args.batch_size or 1
     x = torch.randn(batch, 3, *(2 * [overrides.get("img_size", 224)]))
     rows = []

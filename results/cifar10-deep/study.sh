@@ -33,8 +33,9 @@ run() {  # run NAME FLAGS...
   OMP_NUM_THREADS=1 python "$STUDY/code/train.py" $COMMON "$@" --data-path "$DATA" --out-dir "$STUDY/runs/$name" \
     >> "$STUDY/runs/$name.log" 2>&1
 }
-done_run() {   # done_run NAME: its metrics hold the last epoch's row
-  grep -q "\"epoch\": $EPOCHS," "$STUDY/runs/$1/metrics.jsonl" 2>/dev/null
+done_run() {   # done_run NAME FLAGS: its metrics hold the last epoch's row (--epochs in FLAGS wins)
+  local epochs=$EPOCHS; [[ $2 =~ --epochs\ ([0-9]+) ]] && epochs=${BASH_REMATCH[1]}
+  grep -q "\"epoch\": $epochs," "$STUDY/runs/$1/metrics.jsonl" 2>/dev/null
 }
 worker() {   # take the first run of plan.txt that is neither done nor taken by the other worker; repeat
   local name flags
@@ -42,7 +43,7 @@ worker() {   # take the first run of plan.txt that is neither done nor taken by 
     name=""
     while read -r n f; do
       [[ -z $n || $n == \#* ]] && continue
-      done_run "$n" && continue
+      done_run "$n" "$f" && continue
       mkdir "$STUDY/claims/$n" 2>/dev/null || continue   # mkdir is atomic: one worker gets each run
       name=$n; flags=$f; break
     done < "$OUT/plan.txt"

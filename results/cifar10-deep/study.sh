@@ -6,7 +6,7 @@
 # drop path, the in-memory loader. One CPU thread per run, two runs at once.
 #
 #   bash results/cifar10-deep/study.sh run [path/to/cifar10]      # every run of plan.txt not yet done
-#   bash results/cifar10-deep/study.sh collect [path/to/cifar10]  # logs, metrics, soft weights, table
+#   bash results/cifar10-deep/study.sh collect [path/to/cifar10]  # logs, metrics, soft weights, summary.md
 # Two workers (one CPU thread each) take the runs of plan.txt in order; a run counts as done when its
 # metrics.jsonl holds the last epoch, so re-running `run` resumes the unfinished ones.
 #
@@ -19,6 +19,7 @@ STUDY=${STUDY:-$HOME/srvit-study}
 PART=${1:-run}
 DATA=${2:-$ROOT/../shared/data/cifar10}
 OUT=$ROOT/results/cifar10-deep
+L2_OUT=$ROOT/results/cifar10-L2
 mkdir -p "$STUDY/runs"
 if [ ! -f "$STUDY/code/train.py" ]; then
   mkdir -p "$STUDY/code" && cp "$ROOT/train.py" "$ROOT/srvit.py" "$STUDY/code/"
@@ -29,7 +30,8 @@ COMMON="--data cifar10 --embed-dim 64 --num-layers 6 --num-heads 4 --patch-size 
   --epochs $EPOCHS --workers 0 --log-interval 100"
 run() {  # run NAME FLAGS...
   local name=$1; shift
-  echo "python train.py $COMMON $* --data-path <cifar10> --out-dir <dir>/$name    # code: commit $(cat "$STUDY/code/COMMIT")" > "$OUT/$name.cmd"
+  local dest=$OUT; [[ $name == L2-* ]] && dest=$L2_OUT; mkdir -p "$dest"
+  echo "python train.py $COMMON $* --data-path <cifar10> --out-dir <dir>/$name    # code: commit $(cat "$STUDY/code/COMMIT")" > "$dest/$name.cmd"
   OMP_NUM_THREADS=1 python "$STUDY/code/train.py" $COMMON "$@" --data-path "$DATA" --out-dir "$STUDY/runs/$name" \
     >> "$STUDY/runs/$name.log" 2>&1
 }
@@ -52,19 +54,25 @@ worker() {   # take the first run of plan.txt that is neither done nor taken by 
     run "$name" $flags
   done
 }
-collect() {   # logs and metrics (not checkpoints) into the repository; the soft mixers' weights; the table
+collect() {   # logs and metrics (not checkpoints) into the repository; the soft mixers' weights; the tables
+  local name dest
   for d in "$STUDY"/runs/*/; do
     name=$(basename "$d")
-    mkdir -p "$OUT/$name"
-    cp "$d/metrics.jsonl" "$OUT/$name/" 2>/dev/null
-    cp "$STUDY/runs/$name.log" "$OUT/$name.log" 2>/dev/null
-    if [[ $name == R4-soft* ]] && [ -f "$d/last.pt" ] && [ ! -f "$OUT/$name-eval.json" ] && \
+    dest=$OUT; [[ $name == L2-* ]] && dest=$L2_OUT    # the shallow sweep's block-vs-stack runs
+    mkdir -p "$dest/$name"
+    cp "$d/metrics.jsonl" "$dest/$name/" 2>/dev/null
+    cp "$STUDY/runs/$name.log" "$dest/$name.log" 2>/dev/null
+    if [[ $name == R4-soft* ]] && [ -f "$d/last.pt" ] && [ ! -f "$dest/$name-eval.json" ] && \
        python -c "import torch,sys; c=torch.load(sys.argv[1],weights_only=True); sys.exit(c['epoch']<c['args']['epochs'])" "$d/last.pt"; then
       OMP_NUM_THREADS=1 python "$ROOT/eval.py" --checkpoint "$d/last.pt" --data-path "$DATA" --workers 0 \
-        --json "$OUT/$name-eval.json" > "$OUT/$name-eval.md"
+        --json "$dest/$name-eval.json" > "$dest/$name-eval.md"
     fi
   done
   python "$ROOT/eval.py" --curve "$OUT"/*/ --plot "$ROOT/assets/curve-deep.png" --json "$OUT/curve.json" > "$OUT/curve.md"
+  python "$OUT/summarize.py" > "$OUT/summary.md"
+  if [ -d "$L2_OUT" ]; then
+    python "$ROOT/eval.py" --curve "$L2_OUT"/*/ --json "$L2_OUT/curve.json" > "$L2_OUT/curve.md"
+  fi
 }
 case $PART in
   run) exec 9> "$STUDY/study.lock"

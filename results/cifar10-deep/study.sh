@@ -70,6 +70,7 @@ collect() {   # logs and metrics (not checkpoints) into the repository; the soft
   done
   python "$ROOT/eval.py" --curve "$OUT"/*/ --plot "$ROOT/assets/curve-deep.png" --json "$OUT/curve.json" > "$OUT/curve.md"
   python "$OUT/summarize.py" > "$OUT/summary.md"
+  python "$OUT/summarize.py" --plot "$ROOT/assets/epochs-deep.png"
   if [ -d "$L2_OUT" ]; then
     python "$ROOT/eval.py" --curve "$L2_OUT"/*/ --json "$L2_OUT/curve.json" > "$L2_OUT/curve.md"
   fi

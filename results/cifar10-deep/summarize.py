@@ -1,12 +1,14 @@
 """The deep-regime study's reading, from the files `study.sh collect` leaves here.
 
     python results/cifar10-deep/summarize.py > results/cifar10-deep/summary.md
+    python results/cifar10-deep/summarize.py --plot assets/epochs-deep.png   # top-1 per epoch
 
 For each configuration (a run's name without its `-s<seed>`): finished seeds, final top-1 (mean and
 range), final training loss. Then the comparisons the study is for, paired by seed: the difference
 on each seed both runs finished, and whether one side wins on every seed by more than the seed spread
 (the largest range over seeds of either configuration). Then the soft routers' learned weights.
-Standard library only: it reads metrics.jsonl and the `*-eval.json` files of eval.py.
+The tables need the standard library only (metrics.jsonl and eval.py's `*-eval.json` files);
+--plot draws with eval.py's line charts (Pillow).
 """
 import json
 import math
@@ -36,14 +38,16 @@ def last_row(run_dir):
 
 
 def load_runs(folder):
-    """{config: {seed: {"top1", "train_loss", "weights", "entropy"}}} over the finished runs."""
+    """{config: {seed: {"top1", "train_loss", "per_epoch", "weights", "entropy"}}} over the finished runs."""
     runs = {}
     for run_dir in sorted(p for p in folder.iterdir() if (p / "metrics.jsonl").exists()):
         config, _, seed = run_dir.name.rpartition("-s")
         row = last_row(run_dir)
         if not row or row["epoch"] < EPOCHS:
             continue
-        run = {"top1": row["top1"], "train_loss": row["train_loss"]}
+        per_epoch = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        run = {"top1": row["top1"], "train_loss": row["train_loss"],
+               "per_epoch": {r["epoch"]: r["top1"] for r in per_epoch if r.get("type") == "epoch"}}
         eval_json = folder / f"{run_dir.name}-eval.json"
         if eval_json.exists():
             ev = json.loads(eval_json.read_text())
@@ -116,8 +120,38 @@ def weights_table(runs):
             print(f"| {block + 1} | " + " | ".join(f"{w:.3f}" for w in mean_w) + f" | {entropy:.3f} | {heaviest} |")
 
 
-def main(folder=HERE):
-    runs = load_runs(Path(folder))
+COLOURS = {"R1": (0, 0, 0), "R4-last": (31, 119, 180), "R4-mean": (44, 160, 44), "R4-soft": (214, 39, 40),
+           "R4-softlast": (240, 150, 150), "ViT24": (150, 150, 150)}
+
+
+def plot_epochs(runs, path):
+    """Left: top-1 after each epoch (mean over seeds). Right: the same minus R=1's, from epoch 2."""
+    from PIL import Image
+    sys.path.insert(0, str(HERE.parents[1]))
+    from eval import draw_lines
+    epochs = range(1, EPOCHS + 1)
+    mean_curve = {c: {e: statistics.mean(r["per_epoch"][e] for r in seeds.values()) for e in epochs}
+                  for c, seeds in runs.items()}
+    label = lambda c: f"{c} ({len(runs[c])} seed{'s' * (len(runs[c]) > 1)})"
+    left = [(label(c), list(curve.items()), COLOURS.get(c, (120, 120, 120)), True) for c, curve in mean_curve.items()]
+    panels = [Image.new("RGB", (620, 380), "white"), Image.new("RGB", (620, 380), "white")]
+    draw_lines(panels[0], left, "Top-1 after each epoch (mean over seeds)", "epoch", "top-1 %", list(epochs))
+    if "R1" in mean_curve:
+        base = mean_curve["R1"]
+        right = [(label(c), [(e, curve[e] - base[e]) for e in epochs if e >= 2], COLOURS.get(c, (120, 120, 120)), True)
+                 for c, curve in mean_curve.items() if c != "R1"]
+        draw_lines(panels[1], right, "Top-1 minus R=1's, same epoch", "epoch", "points", list(epochs)[1:])
+    canvas = Image.new("RGB", (1240, 380), "white")
+    canvas.paste(panels[0], (0, 0))
+    canvas.paste(panels[1], (620, 0))
+    canvas.save(path)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def main(argv):
+    runs = load_runs(HERE)
+    if argv[:1] == ["--plot"]:
+        return plot_epochs(runs, argv[1])
     print(f"Finished runs ({EPOCHS} epochs) by configuration\n")
     config_table(runs)
     print("\nPaired by seed (A - B in top-1 points, on the seeds both finished)\n")
@@ -126,4 +160,4 @@ def main(folder=HERE):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main(sys.argv[1:])

@@ -22,12 +22,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import srvit  # noqa: E402
 
 # The study's models (study.sh and plan.txt): 6 shared blocks (24 unshared for the ViT), width 64.
+# R4-softlast is R4-soft with another initial router: the same operators.
 MODELS = {
     "R1": dict(depth=1),
     "R4-last": dict(depth=4, mixer="last"),
     "R4-mean": dict(depth=4, mixer="mean"),
     "R4-soft": dict(depth=4, mixer="soft"),
     "ViT24": dict(depth=1, num_layers=24),
+    # the block-vs-stack runs at the shallow sweep's settings: 2 blocks of width 128
+    "L2-R1": dict(depth=1, num_layers=2, embed_dim=128),
+    "L2-R4-soft-block": dict(depth=4, num_layers=2, embed_dim=128, mixer="soft", share="block"),
+    "L2-R4-soft-stack": dict(depth=4, num_layers=2, embed_dim=128, mixer="soft", share="stack"),
 }
 
 

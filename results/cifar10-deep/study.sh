@@ -45,13 +45,15 @@ worker() {   # take the first run of plan.txt that is neither done nor taken by 
     name=""
     while read -r n f; do
       [[ -z $n || $n == \#* ]] && continue
+      f=${f%%#*}                                          # a comment after the flags
       done_run "$n" "$f" && continue
       mkdir "$STUDY/claims/$n" 2>/dev/null || continue   # mkdir is atomic: one worker gets each run
       name=$n; flags=$f; break
     done < "$OUT/plan.txt"
     [ -z "$name" ] && return
     echo "$(date +%H:%M) worker $1: $name"
-    run "$name" $flags
+    run "$name" $flags || { local rc=$?
+      echo "$(date +%H:%M) worker $1: $name FAILED (exit $rc), see $STUDY/runs/$name.log; skipped until the next \`run\`"; }
   done
 }
 collect() {   # logs and metrics (not checkpoints) into the repository; the soft mixers' weights; the tables
@@ -62,17 +64,17 @@ collect() {   # logs and metrics (not checkpoints) into the repository; the soft
     mkdir -p "$dest/$name"
     cp "$d/metrics.jsonl" "$dest/$name/" 2>/dev/null
     cp "$STUDY/runs/$name.log" "$dest/$name.log" 2>/dev/null
-    if [[ $name == R4-soft* ]] && [ -f "$d/last.pt" ] && [ ! -f "$dest/$name-eval.json" ] && \
+    if [[ $name == *R4-soft* ]] && [ -f "$d/last.pt" ] && [ ! -f "$dest/$name-eval.json" ] && \
        python -c "import torch,sys; c=torch.load(sys.argv[1],weights_only=True); sys.exit(c['epoch']<c['args']['epochs'])" "$d/last.pt"; then
       OMP_NUM_THREADS=1 python "$ROOT/eval.py" --checkpoint "$d/last.pt" --data-path "$DATA" --workers 0 \
         --json "$dest/$name-eval.json" > "$dest/$name-eval.md"
     fi
   done
-  python "$ROOT/eval.py" --curve "$OUT"/*/ --plot "$ROOT/assets/curve-deep.png" --json "$OUT/curve.json" > "$OUT/curve.md"
+  python "$ROOT/eval.py" --curve "$OUT"/*/ --plot "$ROOT/assets/curve-deep.png" --json "$OUT/curve.json" | grep -v '^wrote ' > "$OUT/curve.md"
   python "$OUT/summarize.py" > "$OUT/summary.md"
   python "$OUT/summarize.py" --plot "$ROOT/assets/epochs-deep.png"
   if [ -d "$L2_OUT" ]; then
-    python "$ROOT/eval.py" --curve "$L2_OUT"/*/ --json "$L2_OUT/curve.json" > "$L2_OUT/curve.md"
+    python "$ROOT/eval.py" --curve "$L2_OUT"/*/ --json "$L2_OUT/curve.json" | grep -v '^wrote ' > "$L2_OUT/curve.md"
   fi
 }
 case $PART in

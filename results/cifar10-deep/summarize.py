@@ -4,9 +4,9 @@
     python results/cifar10-deep/summarize.py --plot assets/epochs-deep.png   # top-1 per epoch
 
 For each configuration (a run's name without its `-s<seed>`): finished seeds, final top-1 (mean and
-range), final training loss. Then the comparisons the study is for, paired by seed: the difference
-on each seed both runs finished, and whether one side wins on every seed by more than the seed spread
-(the largest range over seeds of either configuration). Then the soft routers' learned weights.
+range over seeds), final training loss. Then the comparisons the study is for, paired by seed: A - B
+on each seed both finished, their mean, and a 95% t-interval of that mean (from the spread of the
+paired differences; it needs two seeds and is wide with few). Then the soft routers' learned weights.
 The tables need the standard library only (metrics.jsonl and eval.py's `*-eval.json` files);
 --plot draws with eval.py's line charts (Pillow).
 """
@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-EPOCHS = 15            # the study's budget (study.sh); a run with fewer epochs is unfinished
 # (A, B): "A against B". Each line is a question of the study (README "Results: the deep regime").
 COMPARISONS = [
     ("R4-soft", "R4-last", "does SoftMoR beat plain recursion?"),
@@ -29,25 +28,34 @@ COMPARISONS = [
     ("R4-softlast", "R4-soft", "round 2: does starting at `last` beat starting uniform?"),
     ("ViT24", "R4-last", "the unshared 24-block ViT against plain recursion"),
 ]
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57}   # two-sided 95% Student t, by degrees of freedom
 
 
-def last_row(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("type") == "epoch"]
-    return rows[-1] if rows else None
+def read_rows(path):
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:     # a line torn by a copy made mid-write: the run is unfinished anyway
+            pass
+    return rows
 
 
 def load_runs(folder):
-    """{config: {seed: {"top1", "train_loss", "per_epoch", "weights", "entropy"}}} over the finished runs."""
+    """{config: {seed: {"top1", "train_loss", "per_epoch", "weights", "entropy"}}} over the finished runs:
+    those whose metrics hold the last epoch of the budget in their own `run` row."""
     runs = {}
     for run_dir in sorted(p for p in folder.iterdir() if (p / "metrics.jsonl").exists()):
         config, _, seed = run_dir.name.rpartition("-s")
-        row = last_row(run_dir)
-        if not row or row["epoch"] < EPOCHS:
+        if not (config and seed.isdigit()):
             continue
-        per_epoch = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        run = {"top1": row["top1"], "train_loss": row["train_loss"],
-               "per_epoch": {r["epoch"]: r["top1"] for r in per_epoch if r.get("type") == "epoch"}}
+        rows = read_rows(run_dir / "metrics.jsonl")
+        budget = next((r["args"]["epochs"] for r in rows if r.get("type") == "run"), None)
+        epochs = [r for r in rows if r.get("type") == "epoch"]
+        if not epochs or epochs[-1]["epoch"] != budget:
+            continue
+        run = {"top1": epochs[-1]["top1"], "train_loss": epochs[-1]["train_loss"],
+               "per_epoch": {r["epoch"]: r["top1"] for r in epochs}}
         eval_json = folder / f"{run_dir.name}-eval.json"
         if eval_json.exists():
             ev = json.loads(eval_json.read_text())
@@ -56,15 +64,10 @@ def load_runs(folder):
     return runs
 
 
-def spread(seeds):
-    values = [r["top1"] for r in seeds.values()]
-    return max(values) - min(values)
-
-
 def fmt_range(values):
     if len(values) == 1:
         return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+    return f"{statistics.mean(values):.2f} ({min(values):.2f} to {max(values):.2f})"
 
 
 def config_table(runs):
@@ -76,30 +79,42 @@ def config_table(runs):
         print(f"| {config} | {', '.join(map(str, sorted(seeds)))} | {fmt_range(top1)} | {loss:.3f} |")
 
 
-def verdict(diffs, tolerance):
+def paired(runs, a, b):
+    """(seeds both finished, A - B on each)."""
+    seeds = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
+    return seeds, [runs[a][s]["top1"] - runs[b][s]["top1"] for s in seeds]
+
+
+def interval(diffs):
+    """95% t-interval of the mean paired difference, or None with fewer than two seeds."""
     if len(diffs) < 2:
+        return None
+    half = T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return statistics.mean(diffs) - half, statistics.mean(diffs) + half
+
+
+def reading(diffs, ci):
+    if ci is None:
         return "one seed: not settled"
-    if all(d > tolerance for d in diffs):
-        return "A wins on every seed by more than the spread"
-    if all(d < -tolerance for d in diffs):
-        return "B wins on every seed by more than the spread"
-    return "within the seed spread"
+    if ci[0] > 0:
+        return "A ahead (interval above 0)"
+    if ci[1] < 0:
+        return "B ahead (interval below 0)"
+    side = "A" if all(d > 0 for d in diffs) else "B" if all(d < 0 for d in diffs) else None
+    return f"not separated ({side} ahead on every seed, interval spans 0)" if side else "not separated"
 
 
 def comparison_table(runs):
-    print("| A | B | question | seeds | A - B per seed (points) | mean | seed spread | reading |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| A | B | question | A - B per seed (points) | mean | 95% interval | reading |")
+    print("|---|---|---|---|---|---|---|")
     for a, b, question in COMPARISONS:
-        if a not in runs or b not in runs:
-            continue
-        seeds = sorted(set(runs[a]) & set(runs[b]))
+        seeds, diffs = paired(runs, a, b)
         if not seeds:
             continue
-        diffs = [runs[a][s]["top1"] - runs[b][s]["top1"] for s in seeds]
-        tolerance = max(spread(runs[a]), spread(runs[b]))
+        ci = interval(diffs)
         per_seed = ", ".join(f"s{s}: {d:+.2f}" for s, d in zip(seeds, diffs))
-        print(f"| {a} | {b} | {question} | {len(seeds)} | {per_seed} | {statistics.mean(diffs):+.2f} | "
-              f"{tolerance:.2f} | {verdict(diffs, tolerance)} |")
+        shown = f"{ci[0]:+.2f} to {ci[1]:+.2f}" if ci else "-"
+        print(f"| {a} | {b} | {question} | {per_seed} | {statistics.mean(diffs):+.2f} | {shown} | {reading(diffs, ci)} |")
 
 
 def weights_table(runs):
@@ -125,22 +140,27 @@ COLOURS = {"R1": (0, 0, 0), "R4-last": (31, 119, 180), "R4-mean": (44, 160, 44),
 
 
 def plot_epochs(runs, path):
-    """Left: top-1 after each epoch (mean over seeds). Right: the same minus R=1's, from epoch 2."""
+    """Left: top-1 after each epoch (mean over seeds). Right: minus R=1's on the same seed and epoch,
+    averaged over the seeds both finished."""
     from PIL import Image
     sys.path.insert(0, str(HERE.parents[1]))
     from eval import draw_lines
-    epochs = range(1, EPOCHS + 1)
-    mean_curve = {c: {e: statistics.mean(r["per_epoch"][e] for r in seeds.values()) for e in epochs}
-                  for c, seeds in runs.items()}
-    label = lambda c: f"{c} ({len(runs[c])} seed{'s' * (len(runs[c]) > 1)})"
-    left = [(label(c), list(curve.items()), COLOURS.get(c, (120, 120, 120)), True) for c, curve in mean_curve.items()]
+    epochs = range(1, 1 + min(len(r["per_epoch"]) for seeds in runs.values() for r in seeds.values()))
+    colour = lambda c: COLOURS.get(c, (120, 120, 120))
+    label = lambda c, n: f"{c} ({n} seed{'s' * (n > 1)})"
+    left = [(label(c, len(seeds)), [(e, statistics.mean(r["per_epoch"][e] for r in seeds.values())) for e in epochs],
+             colour(c), True) for c, seeds in runs.items()]
+    right = []
+    for c, seeds in runs.items():
+        shared = sorted(set(seeds) & set(runs.get("R1", {}))) if c != "R1" else []
+        if shared:
+            gap = [(e, statistics.mean(seeds[s]["per_epoch"][e] - runs["R1"][s]["per_epoch"][e] for s in shared))
+                   for e in epochs if e >= 2]
+            right.append((label(c, len(shared)), gap, colour(c), True))
     panels = [Image.new("RGB", (620, 380), "white"), Image.new("RGB", (620, 380), "white")]
     draw_lines(panels[0], left, "Top-1 after each epoch (mean over seeds)", "epoch", "top-1 %", list(epochs))
-    if "R1" in mean_curve:
-        base = mean_curve["R1"]
-        right = [(label(c), [(e, curve[e] - base[e]) for e in epochs if e >= 2], COLOURS.get(c, (120, 120, 120)), True)
-                 for c, curve in mean_curve.items() if c != "R1"]
-        draw_lines(panels[1], right, "Top-1 minus R=1's, same epoch", "epoch", "points", list(epochs)[1:])
+    if right:
+        draw_lines(panels[1], right, "Top-1 minus R=1's, same seed and epoch", "epoch", "points", list(epochs)[1:])
     canvas = Image.new("RGB", (1240, 380), "white")
     canvas.paste(panels[0], (0, 0))
     canvas.paste(panels[1], (620, 0))
@@ -152,7 +172,7 @@ def main(argv):
     runs = load_runs(HERE)
     if argv[:1] == ["--plot"]:
         return plot_epochs(runs, argv[1])
-    print(f"Finished runs ({EPOCHS} epochs) by configuration\n")
+    print("Finished runs by configuration\n")
     config_table(runs)
     print("\nPaired by seed (A - B in top-1 points, on the seeds both finished)\n")
     comparison_table(runs)

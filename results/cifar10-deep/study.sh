@@ -66,8 +66,8 @@ collect() {   # logs and metrics (not checkpoints) into the repository; the soft
     cp "$STUDY/runs/$name.log" "$dest/$name.log" 2>/dev/null
     if [[ $name == *R4-soft* ]] && [ -f "$d/last.pt" ] && [ ! -f "$dest/$name-eval.json" ] && \
        python -c "import torch,sys; c=torch.load(sys.argv[1],weights_only=True); sys.exit(c['epoch']<c['args']['epochs'])" "$d/last.pt"; then
-      OMP_NUM_THREADS=1 python "$ROOT/eval.py" --checkpoint "$d/last.pt" --data-path "$DATA" --workers 0 \
-        --json "$dest/$name-eval.json" > "$dest/$name-eval.md"
+      OMP_NUM_THREADS=1 python "$ROOT/eval.py" --checkpoint "$d/last.pt" --data-path "$DATA" --workers 0 --steps all \
+        --json "$dest/$name-eval.json" | grep -v '^wrote ' > "$dest/$name-eval.md"
     fi
   done
   python "$ROOT/eval.py" --curve "$OUT"/*/ --plot "$ROOT/assets/curve-deep.png" --json "$OUT/curve.json" | grep -v '^wrote ' > "$OUT/curve.md"

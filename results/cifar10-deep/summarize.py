@@ -59,7 +59,7 @@ def load_runs(folder):
         eval_json = folder / f"{run_dir.name}-eval.json"
         if eval_json.exists():
             ev = json.loads(eval_json.read_text())
-            run.update(weights=ev.get("step_weights"), entropy=ev.get("entropy"))
+            run.update(weights=ev.get("step_weights"), entropy=ev.get("entropy"), anytime=ev.get("anytime"))
         runs.setdefault(config, {})[int(seed)] = run
     return runs
 
@@ -135,6 +135,22 @@ def weights_table(runs):
             print(f"| {block + 1} | " + " | ".join(f"{w:.3f}" for w in mean_w) + f" | {entropy:.3f} | {heaviest} |")
 
 
+def anytime_table(runs):
+    """Top-1 of the same trained model stopped after its first k recursion steps (eval.py --steps all)."""
+    rows = {c: [r["anytime"] for r in seeds.values() if r.get("anytime")] for c, seeds in runs.items()}
+    rows = {c: a for c, a in rows.items() if a}
+    if not rows:
+        return
+    steps = len(next(iter(rows.values()))[0])
+    print("\nAnytime: top-1 of the trained model run for its first k steps only (mean over seeds; the "
+          "soft mixer then mixes the k steps it has)\n")
+    print("| configuration | seeds | " + " | ".join(f"k={k + 1}" for k in range(steps)) + " |")
+    print("|---" * (steps + 2) + "|")
+    for c, per_seed in rows.items():
+        top1 = [statistics.mean(a[k]["top1"] for a in per_seed) for k in range(steps)]
+        print(f"| {c} | {len(per_seed)} | " + " | ".join(f"{t:.2f}" for t in top1) + " |")
+
+
 COLOURS = {"R1": (0, 0, 0), "R4-last": (31, 119, 180), "R4-mean": (44, 160, 44), "R4-soft": (214, 39, 40),
            "R4-softlast": (240, 150, 150), "ViT24": (150, 150, 150)}
 
@@ -177,6 +193,7 @@ def main(argv):
     print("\nPaired by seed (A - B in top-1 points, on the seeds both finished)\n")
     comparison_table(runs)
     weights_table(runs)
+    anytime_table(runs)
 
 
 if __name__ == "__main__":

@@ -248,14 +248,15 @@ def font(size=13):
 
 
 def draw_lines(panel, series, title, xlabel, ylabel, xticks):
-    """A line chart into a Pillow image: series = [(label, [(x, y), ...], colour, joined)]."""
+    """A line chart into a Pillow image: series = [(label, [(x, y), ...], colour, joined)]. A point
+    may be (x, y, low, high): a whisker from low to high (the range over seeds) is drawn through it."""
     from PIL import ImageDraw
     draw = ImageDraw.Draw(panel)
     draw.font = font()
     W, H = panel.size
     right = 40 + 7 * max(len(label) for label, *_ in series)   # room for the legend
     left, top, bottom = 58, 30, 42
-    ys = [y for _, pts, _, _ in series for _, y in pts]
+    ys = [y for _, pts, _, _ in series for _, *y_range in pts for y in y_range]
     lo, hi = min(ys), max(ys)
     span = max(hi - lo, 1.0)
     lo, hi = lo - 0.15 * span, hi + 0.15 * span
@@ -278,9 +279,14 @@ def draw_lines(panel, series, title, xlabel, ylabel, xticks):
     for i, (label, pts, col, joined) in enumerate(series):
         pts = sorted(pts)
         if joined and len(pts) > 1:
-            draw.line([(X(x), Y(y)) for x, y in pts], fill=col, width=2)
-        for x, y in pts:
+            draw.line([(X(x), Y(y)) for x, y, *_ in pts], fill=col, width=2)
+        for x, y, *y_range in pts:
             draw.ellipse([X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4], fill=col)
+            if y_range:          # the seeds' range, capped, a few pixels aside per series so bars do not overlap
+                bar_x, low, high = X(x) + 7 * (i - (len(series) - 1) / 2), Y(y_range[0]), Y(y_range[1])
+                draw.line([(bar_x, low), (bar_x, high)], fill=col, width=2)
+                for end in (low, high):
+                    draw.line([(bar_x - 3, end), (bar_x + 3, end)], fill=col, width=2)
         draw.line([(W - right + 10, top + 10 + 16 * i), (W - right + 30, top + 10 + 16 * i)], fill=col, width=3)
         draw.text((W - right + 34, top + 4 + 16 * i), label, fill="black")
 
@@ -362,26 +368,28 @@ def curve(args):
 
 def plot_curve(groups, path=None, paper=False):
     """Left: our runs, one line per mixer from the shared R=1 point (other variants as points,
-    in a lighter shade). Right, when asked: the paper's two public ImageNet points."""
+    in a lighter shade), with the range over seeds as a bar. Right, when asked: the paper's two
+    public ImageNet points."""
     from PIL import Image
+    point = lambda x, accs: (x, statistics.mean(accs)) + ((min(accs), max(accs)) if len(accs) > 1 else ())
     series = []
     for variant in sorted({v for v, _, _, _ in groups}):
-        base, n_series = groups.get((variant, 1, "-", "-")), len(series)
+        base = groups.get((variant, 1, "-", "-"))
         for mixer, col in MIXER_COLOURS.items():
             for share in ("block", "stack"):
-                pts = [(d, statistics.mean(a)) for (v, d, m, s), a in groups.items() if (v, m, s) == (variant, mixer, share)]
+                pts = [point(d, a) for (v, d, m, s), a in groups.items() if (v, m, s) == (variant, mixer, share)]
                 if not pts:
                     continue
                 pts += [(1, statistics.mean(base))] if base else []
                 shade = col if not variant and share == "block" else tuple((c + 255) // 2 for c in col)
                 label = mixer + (" stack" if share == "stack" else "") + (f" ({variant})" if variant else "")
                 series.append((label, pts, shade, not variant))
-        if base and len(series) == n_series:     # an R=1 run with no deeper run beside it
-            series.append((f"R=1 ({variant})" if variant else "R=1", [(1, statistics.mean(base))],
+        if base:                                  # R=1 once, with its own range over seeds
+            series.append((f"R=1 ({variant})" if variant else "R=1", [point(1, base)],
                            (150, 150, 150) if variant else (0, 0, 0), False))
     depths = sorted({d for _, d, _, _ in groups})
     panels = [Image.new("RGB", (760, 380), "white")]
-    draw_lines(panels[0], series, "Our runs: final top-1 (mean over seeds)", "recursion depth R", "top-1 %",
+    draw_lines(panels[0], series, "Our runs: final top-1 (mean over seeds; bars: range)", "recursion depth R", "top-1 %",
                list(range(1, max(depths) + 1)))
     if paper:
         panels.append(Image.new("RGB", (520, 380), "white"))

@@ -1008,6 +1008,21 @@ def test_curve_table_and_plot(trained_runs, tmp_path, capsys):
         assert im.size == (760 + 520, 380)
 
 
+def test_curve_plot_draws_the_range_over_seeds():
+    # Two seeds of soft at R=4 that differ by 4 points: the plot must show a bar from 57 to 61, so
+    # that a gap smaller than the seeds' spread does not read as a trend. Count the rows of pixels
+    # in the soft colour at the R=4 end of the panel: a bar spans many rows, a dot only ~9.
+    import numpy as np
+    soft = srvit_eval.MIXER_COLOURS["soft"]
+    def soft_rows(groups):
+        im = np.asarray(srvit_eval.plot_curve(groups))
+        near_r4 = im[:, 600:720]                            # R=4 sits at the right end of the 760 px panel
+        return int((near_r4 == soft).all(-1).any(-1).sum())
+    one_seed = {("", 1, "-", "-"): [55.0], ("", 4, "soft", "block"): [59.0]}
+    two_seeds = {("", 1, "-", "-"): [55.0], ("", 4, "soft", "block"): [57.0, 61.0]}
+    assert soft_rows(two_seeds) > soft_rows(one_seed) + 40
+
+
 BENCH = ["--bench", "--img-size", "32", "--patch-size", "8", "--embed-dim", "32", "--num-layers", "2", "--num-heads", "2",
          "--num-classes", "10", "--batch-size", "8", "--iters", "2", "--rounds", "1"]
 

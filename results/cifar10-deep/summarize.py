@@ -27,6 +27,7 @@ COMPARISONS = [
     ("R4-softlast", "R4-last", "round 2: does the router started at `last` beat plain recursion?"),
     ("R4-softlast", "R4-soft", "round 2: does starting at `last` beat starting uniform?"),
     ("ViT24", "R4-last", "the unshared 24-block ViT against plain recursion"),
+    ("ViT24", "R1", "do 24 blocks of their own beat 6 blocks applied once, at this budget?"),
 ]
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57}   # two-sided 95% Student t, by degrees of freedom
 

@@ -1,0 +1,1 @@
+python train.py --data cifar10 --embed-dim 64 --num-layers 6 --num-heads 4 --patch-size 8 --batch-size 128 --lr 1e-3   --epochs 15 --workers 0 --log-interval 100 --embed-dim 128 --num-layers 2 --epochs 8 --depth 1 --seed 0 --data-path <cifar10> --out-dir <dir>/L2-R1-s0    # code: commit bb2b989055f423ba015695da223cb53a47758141

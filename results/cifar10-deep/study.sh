@@ -28,9 +28,12 @@ fi
 EPOCHS=15
 COMMON="--data cifar10 --embed-dim 64 --num-layers 6 --num-heads 4 --patch-size 8 --batch-size 128 --lr 1e-3 \
   --epochs $EPOCHS --workers 0 --log-interval 100"
+dest_of() {   # dest_of NAME: where a run's log and metrics go in the repository
+  if [[ $1 == L2-* ]]; then echo "$L2_OUT"; else echo "$OUT"; fi   # the shallow sweep's block-vs-stack runs
+}
 run() {  # run NAME FLAGS...
   local name=$1; shift
-  local dest=$OUT; [[ $name == L2-* ]] && dest=$L2_OUT; mkdir -p "$dest"
+  local dest; dest=$(dest_of "$name"); mkdir -p "$dest"
   echo "python train.py $COMMON $* --data-path <cifar10> --out-dir <dir>/$name    # code: commit $(cat "$STUDY/code/COMMIT")" > "$dest/$name.cmd"
   OMP_NUM_THREADS=1 python "$STUDY/code/train.py" $COMMON "$@" --data-path "$DATA" --out-dir "$STUDY/runs/$name" \
     >> "$STUDY/runs/$name.log" 2>&1
@@ -60,7 +63,7 @@ collect() {   # logs and metrics (not checkpoints) into the repository; the soft
   local name dest
   for d in "$STUDY"/runs/*/; do
     name=$(basename "$d")
-    dest=$OUT; [[ $name == L2-* ]] && dest=$L2_OUT    # the shallow sweep's block-vs-stack runs
+    dest=$(dest_of "$name")
     mkdir -p "$dest/$name"
     cp "$d/metrics.jsonl" "$dest/$name/" 2>/dev/null
     cp "$STUDY/runs/$name.log" "$dest/$name.log" 2>/dev/null

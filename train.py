@@ -1,18 +1,22 @@
 """
 Train SR-ViT: one process (CPU or one GPU), or DDP under torchrun. Only rank 0 logs and saves.
 
-    python train.py                                          # classroom run: CIFAR-10 (downloaded), 32 px, R=2
-    python train.py --data-path ~/data/cifar10 --depth 4     # a local copy: train/<class>/, test/<class>/
-    torchrun --nproc_per_node=8 train.py --data imagenet --data-path /data/imagenet --depth 4
-    python train.py --data imagenet --data-path /data/imagenet --depth 4 \\
-        --micro-batch 64 --grad-ckpt --amp bf16 --save-every 2000   # one 24 GB GPU, same global batch
+    torchrun --nproc_per_node=8 train.py --depth 4            # the paper's setting: SR-ViT-S, R=4, DeiT's
+                                                               # ImageNet recipe, from ./data/imagenet
+    torchrun --nproc_per_node=8 train.py --data-path /data/imagenet --depth 4
+    python train.py --data cifar10 --depth 2                   # classroom run: CIFAR-10 (downloaded), 32 px
+    python train.py --data-path ~/data/cifar10 --depth 4       # a folder: train/<class>/, test/<class>/
+    python train.py --data-path /data/imagenet --depth 4 \\
+        --micro-batch 64 --grad-ckpt --save-every 2000         # one 24 GB GPU, same global batch
 
-The defaults are DeiT's ImageNet recipe at 224 px, and a short recipe for small images (see
-RECIPES and README.md). Re-running the same command resumes from <out-dir>/last.pt; SIGTERM or
-Ctrl-C saves a checkpoint mid-epoch first.
+The recipe follows the data (--recipe overrides): DeiT's at 224 px for ImageNet and folders of
+larger images, a short one for CIFAR and folders of images of <= 64 px; `--help` lists both.
+Re-running the same command resumes from <out-dir>/last.pt; SIGTERM or Ctrl-C saves mid-epoch.
 
-The file reads top to bottom: arguments, data, MixUp/CutMix, the out-dir (checkpoints, metrics,
-lock), signals, the training step and epoch, then `main`, which only wires these together.
+The file reads top to bottom: recipes and arguments, data, MixUp/CutMix, model and optimizer,
+the training step and epoch, evaluation, then `main` with the epoch loop. Below it, the
+plumbing a first reading can skip: the out-dir (checkpoints, metrics, lock), resuming,
+stopping on a signal, distributed set-up and the one-line errors.
 """
 
 import argparse
@@ -25,8 +29,7 @@ import socket
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
-from types import SimpleNamespace
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -40,24 +43,35 @@ try:
 except ImportError:
     fcntl = None
 
-# Defaults that depend on the image size: DeiT's recipe for ImageNet-sized images, a short one
-# for images of 64 px or less (random crop with 4 px padding + flip, no MixUp/CutMix/RandAugment,
-# so a small model learns in a few epochs). An explicit flag always wins.
+# ----------------------------------------------------------------------------------------
+# Recipes and arguments
+
+# DeiT's ImageNet recipe, and a short one for images of <= 64 px (random crop with 4 px of reflect
+# padding + flip, no MixUp/CutMix/RandAugment, a fan-in scaled init: a small model learns in a few
+# epochs; results/cifar10-recipe measures each choice). An explicit flag always wins.
 RECIPES = {
-    "deit": dict(patch_size=16, epochs=300, batch_size=1024, warmup_epochs=5, min_lr=1e-5, weight_decay=0.05,
-                 drop_path=0.1, mixup=0.8, cutmix=1.0, smoothing=0.1, randaug=9, erasing=0.25, repeated_aug=3,
-                 hflip=0.5, crop_padding=0),
-    "small-images": dict(patch_size=4, epochs=30, batch_size=128, lr=1e-3, warmup_epochs=1, min_lr=1e-5,
+    "deit": dict(img_size=224, patch_size=16, epochs=300, batch_size=1024, warmup_epochs=5, min_lr=1e-5,
+                 weight_decay=0.05, drop_path=0.1, mixup=0.8, cutmix=1.0, smoothing=0.1, randaug=9, erasing=0.25,
+                 repeated_aug=3, hflip=0.5, crop_padding=0, pad_mode="zeros", init="timm", schedule="deit"),
+    "small-images": dict(img_size=32, patch_size=4, epochs=30, batch_size=128, lr=1e-3, warmup_epochs=1, min_lr=1e-5,
                          weight_decay=0.05, drop_path=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1, randaug=0,
-                         erasing=0.0, repeated_aug=1, hflip=0.5, crop_padding=4),
+                         erasing=0.0, repeated_aug=1, hflip=0.5, crop_padding=4, pad_mode="reflect", init="torch",
+                         schedule="cosine"),
 }
-# The model when no --model is given: DeiT-S for ImageNet-sized images; for small images a
-# classroom model (D=192, 6 blocks, 3 heads). The presets have 12 blocks.
+# The model when no --model is given: DeiT-S for the DeiT recipe; for small images a classroom
+# model (D=192, 6 blocks, 3 heads). The presets have 12 blocks.
 DEFAULT_MODEL = {"deit": dict(srvit.PRESETS["small"], num_layers=12),
                  "small-images": dict(embed_dim=192, num_layers=6, num_heads=3)}
 MEAN_STD = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
             "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}
+# Ranges the numbers must lie in, kept next to their flags below (check=...).
+POSITIVE, NON_NEGATIVE = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
+FRACTION, PROBABILITY = (lambda v: 0 <= v < 1, "in [0, 1)"), (lambda v: 0 <= v <= 1, "in [0, 1]")
+CHECKS = {}
+# What may differ between a run and its resume; every other argument must be the same.
+MAY_CHANGE = {"workers", "device", "compile", "grad_ckpt", "micro_batch", "log_interval", "save_every", "resume",
+              "out_dir", "data_path", "init_from"}
 
 
 class UserError(Exception):
@@ -77,78 +91,124 @@ class Stopped(Exception):
         self.code = code
 
 
-# ----------------------------------------------------------------------------------------
-# Arguments
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--data", default="cifar10", choices=["imagenet", "cifar10", "cifar100", "folder", "fake"])
-    a("--data-path", default=None, help="ImageFolder root with train/ and val/ (or test/); default ./data")
-    a("--subset", type=int, default=None, help="use only this many training images (quick runs)")
-    a("--val-subset", type=int, default=None, help="use only this many validation images")
-    a("--num-classes", type=int, default=None, help="for --data fake (default 1000)")
+
+    def a(name, check=None, **kw):
+        key = name[2:].replace("-", "_")
+        if key in RECIPES["deit"] or key == "lr":      # say what each recipe puts there
+            d, s = RECIPES["deit"].get(key, "5e-4 x batch / 512"), RECIPES["small-images"].get(key)
+            kw["help"] = f"{kw.get('help', '')} [deit: {d}; small-images: {s}]".lstrip()
+        if check:
+            CHECKS[key] = check
+        p.add_argument(name, **kw)
+    a("--data", default=None, choices=["imagenet", "cifar10", "cifar100", "folder", "fake"],
+      help="default: folder when --data-path is given, else imagenet (from ./data/imagenet)")
+    a("--data-path", default=None, help="folder with train/ and val/ (or test/), one folder per class inside")
+    a("--recipe", default="auto", choices=["auto", *RECIPES], help="auto: deit for images > 64 px, else small-images")
+    a("--subset", type=int, check=POSITIVE, help="use only this many training images (quick runs)")
+    a("--val-subset", type=int, check=POSITIVE, help="use only this many validation images")
+    a("--num-classes", type=int, check=POSITIVE, help="for --data fake (default 1000)")
     a("--loader", default="auto", choices=["auto", "memory", "pil"],
       help="memory: small images decoded once and augmented on the device (auto for <= 64 px); pil: per-image workers")
     a("--model", default=None, choices=list(srvit.PRESETS), help="a DeiT preset (12 blocks); other flags override it")
-    a("--embed-dim", type=int, default=None)
-    a("--num-layers", type=int, default=None)
-    a("--num-heads", type=int, default=None)
-    a("--img-size", type=int, default=None, help="default 32 for CIFAR, 224 otherwise")
-    a("--patch-size", type=int, default=None)
-    a("--depth", type=int, default=2, help="recursion steps R")
+    a("--embed-dim", type=int, check=POSITIVE, help="[deit: 384 (DeiT-S); small-images: 192]")
+    a("--num-layers", type=int, check=POSITIVE, help="[deit: 12; small-images: 6]")
+    a("--num-heads", type=int, check=POSITIVE, help="[deit: 6; small-images: 3]")
+    a("--img-size", type=int, check=POSITIVE, help="small-images from a folder: its images' size")
+    a("--patch-size", type=int, check=POSITIVE)
+    a("--depth", type=int, default=2, check=POSITIVE, help="recursion steps R")
     a("--mixer", default="soft", choices=srvit.MIXERS)
     a("--share", default="block", choices=srvit.SHARES)
     a("--router-init", default="uniform", choices=["uniform", "last"], help="fresh soft mixer: uniform, or 0.9 on the last step")
-    a("--epochs", type=int, default=None)
-    a("--batch-size", type=int, default=None, help="global batch, over all ranks and accumulation steps")
-    a("--micro-batch", type=int, default=None, help="per-device batch; accumulate gradients up to --batch-size")
-    a("--lr", type=float, default=None, help="peak lr; default 5e-4 x batch-size / 512")
-    a("--min-lr", type=float, default=None)
-    a("--warmup-epochs", type=float, default=None)
-    a("--weight-decay", type=float, default=None)
-    a("--drop-path", type=float, default=None)
-    a("--mixup", type=float, default=None, help="MixUp alpha (0: off)")
-    a("--cutmix", type=float, default=None, help="CutMix alpha (0: off)")
-    a("--smoothing", type=float, default=None)
-    a("--clip-grad", type=float, default=None, help="clip the gradient norm (DeiT: off)")
-    a("--randaug", type=int, default=None, help="RandAugment magnitude 0..10 (timm's scale), 2 ops (0: off)")
-    a("--erasing", type=float, default=None, help="random erasing probability")
-    a("--hflip", type=float, default=None, help="horizontal flip probability (0 for digits, text, signs)")
-    a("--crop-padding", type=int, default=None, help="small images: pixels of padding for the random crop (0: no crop)")
-    a("--repeated-aug", type=int, default=None, help="DeiT's repeated augmentation: copies of each image")
+    a("--init", choices=srvit.INITS, help="weights: timm (DeiT's std 0.02) or torch (fan-in scaled)")
+    a("--epochs", type=int, check=POSITIVE)
+    a("--batch-size", type=int, check=POSITIVE, help="global batch, over all ranks and accumulation steps")
+    a("--micro-batch", type=int, check=POSITIVE, help="per-device batch; accumulate gradients up to --batch-size")
+    a("--lr", type=float, check=POSITIVE, help="peak lr")
+    a("--min-lr", type=float, check=NON_NEGATIVE)
+    a("--warmup-epochs", type=float, check=NON_NEGATIVE)
+    a("--schedule", choices=["deit", "cosine"], help="deit: DeiT's per-epoch scheduler (one epoch late); cosine: "
+                                                     "reaches --min-lr at the last step")
+    a("--weight-decay", type=float, check=NON_NEGATIVE)
+    a("--drop-path", type=float, check=FRACTION)
+    a("--mixup", type=float, check=NON_NEGATIVE, help="MixUp alpha (0: off)")
+    a("--cutmix", type=float, check=NON_NEGATIVE, help="CutMix alpha (0: off)")
+    a("--smoothing", type=float, check=FRACTION)
+    a("--clip-grad", type=float, check=POSITIVE, help="clip the gradient norm (DeiT: off)")
+    a("--randaug", type=int, check=(lambda v: 0 <= v <= 10, "in 0..10 (timm's magnitude scale; DeiT uses 9)"),
+      help="RandAugment magnitude 0..10, 2 ops (0: off)")
+    a("--erasing", type=float, check=PROBABILITY, help="random erasing probability")
+    a("--hflip", type=float, check=PROBABILITY, help="horizontal flip probability (0 for digits, text, signs)")
+    a("--crop-padding", type=int, check=NON_NEGATIVE, help="small images: pixels of padding for the random crop (0: no crop)")
+    a("--pad-mode", choices=["zeros", "reflect"], help="how --crop-padding pads")
+    a("--repeated-aug", type=int, check=POSITIVE, help="DeiT's repeated augmentation: copies of each image")
     a("--amp", default=None, choices=["bf16", "fp16", "none"], help="default: bf16 on GPUs that have it, else fp16; none on CPU")
-    a("--compile", action="store_true")
+    a("--compile", action="store_true", help="torch.compile each block (compiles once, whatever the depth)")
     a("--grad-ckpt", action="store_true", help="activation checkpointing of every block application and mixer")
     a("--init-from", default=None, help="DeiT/timm/SR-ViT checkpoint to warm-start the blocks from")
     a("--out-dir", default=None, help="default runs/<data>-<model>-R<depth>-<mixer>-<share>-s<seed>")
     a("--resume", default="auto", help="checkpoint to resume from; 'auto': <out-dir>/last.pt if it exists; 'no'")
-    a("--save-every", type=int, default=None, help="also save last.pt every N optimizer steps (long epochs)")
+    a("--save-every", type=int, check=POSITIVE, help="also save last.pt every N optimizer steps (long epochs)")
     a("--seed", type=int, default=0)
-    a("--workers", type=int, default=None, help="data-loading processes per rank")
-    a("--log-interval", type=int, default=None, help="steps between progress lines (default: 10 per epoch)")
+    a("--workers", type=int, check=NON_NEGATIVE, help="data-loading processes per rank (default: this node's cores / its ranks, <= 8)")
+    a("--log-interval", type=int, check=POSITIVE, help="steps between progress lines (default: 10 per epoch)")
     a("--device", default=None, help="default: cuda if available, else cpu")
     args = p.parse_args(argv)
 
-    if args.img_size is None:
-        args.img_size = 32 if args.data.startswith("cifar") else 224
-    args.recipe = "small-images" if args.img_size <= 64 else "deit"
+    args.data = args.data or ("folder" if args.data_path else "imagenet")
+    args.recipe = choose_recipe(args)
+    if args.img_size is None and args.recipe == "small-images" and args.data in ("folder", "imagenet"):
+        args.img_size = min(image_size(train_dir(args)))       # the folder's own size: no resizing
     for key, value in {**RECIPES[args.recipe], **model_dims(args)}.items():
-        if getattr(args, key) is None:
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if args.lr is None:
-        args.lr = 5e-4 * args.batch_size / 512
+    args.lr = args.lr or 5e-4 * args.batch_size / 512
     check_args(args)
     if args.out_dir is None:
         args.out_dir = os.path.join("runs", f"{args.data}-{model_name(args)}-R{args.depth}-{args.mixer}-{args.share}-s{args.seed}")
     return args
 
 
+def choose_recipe(args):
+    """--recipe, else --img-size (<= 64 px: small-images), else the data: CIFAR is small, ImageNet
+    and fake data are not, and a folder tells by the size of its first training image."""
+    if args.recipe != "auto":
+        return args.recipe
+    if args.img_size is not None:
+        return "small-images" if args.img_size <= 64 else "deit"
+    if args.data in ("cifar10", "cifar100"):
+        return "small-images"
+    if args.data in ("fake", "imagenet"):
+        return "deit"
+    return "small-images" if max(image_size(train_dir(args))) <= 64 else "deit"
+
+
+def train_dir(args):
+    root = args.data_path or os.path.join("data", "imagenet")
+    if not os.path.isdir(os.path.join(root, "train")):
+        hint = "pass --data-path with the ImageNet folder, or --data cifar10 for a small run" if not args.data_path else \
+               "expected train/ and val/ (or test/) inside, one folder per class"
+        raise UserError(f"no training images: {os.path.join(root, 'train')} not found; {hint}", shared=True)
+    return os.path.join(root, "train")
+
+
+def image_size(folder):
+    """(width, height) of the first image in a class-per-folder tree."""
+    from PIL import Image
+    for cls in sorted(os.listdir(folder)):
+        for name in sorted(os.listdir(os.path.join(folder, cls)) if os.path.isdir(os.path.join(folder, cls)) else []):
+            try:
+                with Image.open(os.path.join(folder, cls, name)) as im:
+                    return im.size
+            except OSError:
+                continue
+    raise UserError(f"no images in {folder}: expected {folder}/<class>/<image>.jpg", shared=True)
+
+
 def model_dims(args):
     """Width, blocks and heads of --model's preset, or of the recipe's default model."""
-    if args.model is None:
-        return DEFAULT_MODEL[args.recipe]
-    return dict(srvit.PRESETS[args.model], num_layers=12)
+    return DEFAULT_MODEL[args.recipe] if args.model is None else dict(srvit.PRESETS[args.model], num_layers=12)
 
 
 def model_name(args):
@@ -158,22 +218,11 @@ def model_name(args):
     return preset or f"D{args.embed_dim}-L{args.num_layers}-H{args.num_heads}"
 
 
-# Every number a user can get wrong, with the range it must lie in: one table, one message each.
-CHECKS = [(("lr", "batch_size", "epochs", "embed_dim", "num_layers", "num_heads", "img_size", "patch_size", "depth",
-            "repeated_aug", "micro_batch", "subset", "val_subset", "num_classes", "log_interval", "save_every",
-            "clip_grad"), lambda v: v > 0, "> 0"),
-          (("min_lr", "warmup_epochs", "weight_decay", "mixup", "cutmix", "workers", "crop_padding"), lambda v: v >= 0, ">= 0"),
-          (("smoothing", "drop_path"), lambda v: 0 <= v < 1, "in [0, 1)"),
-          (("erasing", "hflip"), lambda v: 0 <= v <= 1, "in [0, 1]"),
-          (("randaug",), lambda v: 0 <= v <= 10, "in 0..10 (timm's magnitude scale; DeiT uses 9)")]
-
-
 def check_args(args):
-    for names, ok, rule in CHECKS:
-        for name in names:
-            value = getattr(args, name)
-            if value is not None and not ok(value):
-                raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}", shared=True)
+    for name, (ok, rule) in CHECKS.items():
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}", shared=True)
     if args.loader == "memory" and (args.img_size > 64 or args.randaug or args.erasing):
         raise UserError("--loader memory is for images of <= 64 px with crop and flip only; drop --randaug/--erasing "
                         "or use --loader pil", shared=True)
@@ -201,7 +250,8 @@ def transforms(args, train):
         fit = [v2.Resize(args.img_size), v2.CenterCrop(args.img_size)]
         if not train:
             return v2.Compose(fit + to_tensor)
-        crop = [v2.RandomCrop(args.img_size, padding=args.crop_padding)] if args.crop_padding else []
+        mode = "constant" if args.pad_mode == "zeros" else args.pad_mode
+        crop = [v2.RandomCrop(args.img_size, padding=args.crop_padding, padding_mode=mode)] if args.crop_padding else []
         return v2.Compose(fit + crop + [v2.RandomHorizontalFlip(args.hflip)] + to_tensor)
     bicubic = v2.InterpolationMode.BICUBIC
     if not train:             # resize to 256/224 of the crop, centre crop
@@ -219,46 +269,41 @@ def randaugment_op(magnitude, mean):
     each op applies with probability 0.5; geometric ops fill with the mean colour. What still
     differs (the op list, posterize, the magnitude noise) is listed in README.md."""
     from torchvision.transforms import v2
-    fill = [round(255 * m) for m in mean]
     op = v2.RandAugment(num_ops=1, magnitude=magnitude, num_magnitude_bins=11,
-                        interpolation=v2.InterpolationMode.BICUBIC, fill=fill)
+                        interpolation=v2.InterpolationMode.BICUBIC, fill=[round(255 * m) for m in mean])
     return v2.RandomApply([op], p=0.5)
-
-
-def image_folder(root, transform):
-    from torchvision.datasets import ImageFolder
-    try:
-        return ImageFolder(root, transform=transform, loader=read_image)
-    except (FileNotFoundError, OSError) as e:
-        raise UserError(f"no images in {root}: {e}. Expected {root}/<class>/<image>.jpg") from None
 
 
 def build_dataset(args, split, transform):
     """The 'train' or 'val' split named by --data / --data-path, and its class names."""
     import torchvision.datasets as tvd
-    root, train = args.data_path or "./data", split == "train"
+    train = split == "train"
     if args.data == "fake":
         n_cls = args.num_classes or 1000
         size = (args.subset or 10_000) if train else (args.val_subset or 1_000)
         data = tvd.FakeData(size, (3, args.img_size, args.img_size), n_cls, transform, random_offset=0 if train else 10**7)
         return data, [f"class {i}" for i in range(n_cls)]
-    has_folder = os.path.isdir(os.path.join(root, "train"))
-    if args.data in ("cifar10", "cifar100") and not has_folder:
-        cls = tvd.CIFAR10 if args.data == "cifar10" else tvd.CIFAR100
+    if args.data_path and not os.path.isdir(args.data_path):     # a typo: say so, create nothing
+        raise UserError(f"--data-path {args.data_path} does not exist; point it at a folder with train/ and val/ (or test/)")
+    root = args.data_path or "data"
+    if args.data in ("cifar10", "cifar100") and not os.path.isdir(os.path.join(root, "train")):
         try:
-            data = cls(root, train, transform, download=True)
+            data = (tvd.CIFAR10 if args.data == "cifar10" else tvd.CIFAR100)(root, train, transform, download=True)
         except Exception as e:
             raise UserError(f"could not find or download {args.data} into {root} ({type(e).__name__}). Offline? "
                             f"Point --data-path at a folder with train/<class>/ and test/<class>/ images") from None
     else:
-        if not os.path.isdir(root):
-            raise UserError(f"data folder not found: {root}. Pass --data-path with train/ and val/ (or test/) inside")
-        val_dir = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
-        if not has_folder or val_dir is None:
-            raise UserError(f"{root} must hold train/ and val/ (or test/), each with one folder per class")
-        data = image_folder(os.path.join(root, "train") if train else val_dir, transform)
-    classes = list(data.classes)
-    keep = args.subset if train else args.val_subset
+        root = os.path.dirname(train_dir(args))
+        split_dir = next((os.path.join(root, d) for d in (["train"] if train else ["val", "test"])
+                          if os.path.isdir(os.path.join(root, d))), None)
+        if split_dir is None:
+            raise UserError(f"{root} has train/ but no val/ or test/ folder for validation")
+        from torchvision.datasets import ImageFolder
+        try:
+            data = ImageFolder(split_dir, transform=transform, loader=read_image)
+        except (FileNotFoundError, OSError) as e:
+            raise UserError(f"no images in {split_dir}: {e}. Expected {split_dir}/<class>/<image>.jpg") from None
+    classes, keep = list(data.classes), args.subset if train else args.val_subset
     if keep:   # the same subset on every rank and in every run
         g = torch.Generator().manual_seed(1234 if train else 4321)
         data = torch.utils.data.Subset(data, torch.randperm(len(data), generator=g)[:keep].tolist())
@@ -269,8 +314,15 @@ def seed_for(*keys):
     """A 63-bit seed for one random stream, e.g. seed_for("aug", seed, epoch, rank, batch).
     Hashing the whole key keeps streams apart: an arithmetic mix such as seed*10000 + epoch*100
     + rank makes seed s at epoch 100 replay seed s+1 at epoch 0."""
-    digest = hashlib.sha256(repr(keys).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
+
+
+def seed_device(seed, device):
+    """Seed the CPU generator and this device's, only: torch.manual_seed seeds every visible GPU
+    (and other accelerators, through a slow lazy path), per step and per sample."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index or 0].manual_seed(seed)
 
 
 class RepeatedAugSampler(torch.utils.data.Sampler):
@@ -314,7 +366,7 @@ class SeededAugment(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, seed = key
         with torch.random.fork_rng(devices=[]):    # leave the caller's stream untouched
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             return self.data[index]
 
 
@@ -326,10 +378,10 @@ class MemoryLoader:
     function of (seed, epoch, rank, b), so a resumed run draws the same batches."""
 
     def __init__(self, images, labels, batch_size, mean, std, device, sampler=None, train=False,
-                 crop_padding=0, hflip=0.0, seed=0):
+                 crop_padding=0, hflip=0.0, seed=0, pad_mode="zeros"):
         self.images, self.labels = images.to(device), labels.to(device)        # (N, 3, S, S) uint8, (N,)
         self.batch_size, self.sampler, self.train, self.device = batch_size, sampler, train, device
-        self.pad, self.hflip, self.seed = crop_padding, hflip, seed
+        self.pad, self.hflip, self.seed, self.pad_mode = crop_padding, hflip, seed, pad_mode
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
         self.start = 0
@@ -350,16 +402,20 @@ class MemoryLoader:
             if self.train:
                 g = torch.Generator(self.device).manual_seed(
                     seed_for("aug", self.seed, self.sampler.epoch, self.sampler.rank, b))
-                x = pad_crop_flip(x, self.pad, self.hflip, g)
+                x = pad_crop_flip(x, self.pad, self.hflip, g, self.pad_mode)
             yield (x.float() - self.mean) / self.std, self.labels[idx]           # (B, 3, S, S) float
 
 
-def pad_crop_flip(x, pad, hflip, g):
-    """torchvision's RandomCrop(S, padding=pad) and RandomHorizontalFlip(hflip), for a whole
-    batch (B, C, S, S) at once: every image gets its own offset and its own coin."""
+def pad_crop_flip(x, pad, hflip, g, mode="zeros"):
+    """torchvision's RandomCrop(S, padding=pad, padding_mode=mode) and RandomHorizontalFlip(hflip),
+    for a whole batch (B, C, S, S) at once: every image gets its own offset and its own coin."""
     B, C, S, _ = x.shape
     if pad:
-        x = F.pad(x, (pad, pad, pad, pad))                                      # (B, C, S+2p, S+2p), zeros
+        if mode == "reflect":   # as F.pad's reflect (the edge pixel is not repeated), for any dtype
+            i = (S - 1) - ((S - 1) - torch.arange(-pad, S + pad, device=x.device).abs()).abs()   # (S+2p,)
+            x = x[:, :, i][:, :, :, i]                                          # (B, C, S+2p, S+2p)
+        else:
+            x = F.pad(x, (pad, pad, pad, pad))                                  # (B, C, S+2p, S+2p), zeros
         offset = torch.randint(0, 2 * pad + 1, (2, B, 1), generator=g, device=x.device)
         rows = offset[0] + torch.arange(S, device=x.device)                      # (B, S)
         cols = offset[1] + torch.arange(S, device=x.device)                      # (B, S)
@@ -389,6 +445,12 @@ def use_memory(args):
     return args.loader == "memory" or (args.loader == "auto" and args.img_size <= 64 and not args.randaug and not args.erasing)
 
 
+def default_workers(env):
+    """This node's cores (those this process may run on) shared by this node's ranks, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", env.world))))
+
+
 def build_loaders(args, env):
     """This rank's training and validation loaders, the class names and the number of training images. Validation is
     split over ranks (each image counted once); training follows the seeded sampler."""
@@ -404,26 +466,23 @@ def build_loaders(args, env):
         raise UserError(f"only {len(train_set)} training images for a batch of {args.batch_size}; lower --batch-size")
     val_set = torch.utils.data.Subset(val_set, range(env.rank, len(val_set), env.world))
     sampler = RepeatedAugSampler(len(train_set), env.rank, env.world, args.repeated_aug, args.seed)
-    workers = args.workers if args.workers is not None else min(8, (os.cpu_count() or 2) // env.world)
+    workers = args.workers if args.workers is not None else default_workers(env)
     eval_batch = max(env.micro, 256 if memory else 64)
     if memory:
-        t0 = time.time()
-        mean, std = MEAN_STD["cifar"]
+        t0, (mean, std) = time.time(), MEAN_STD["cifar"]
         train = MemoryLoader(*decode_all(train_set, workers), env.micro, mean, std, env.device, sampler, train=True,
-                             crop_padding=args.crop_padding, hflip=args.hflip, seed=args.seed)
+                             crop_padding=args.crop_padding, hflip=args.hflip, seed=args.seed, pad_mode=args.pad_mode)
         val = MemoryLoader(*decode_all(val_set, workers), eval_batch, mean, std, env.device)
         env.log(f"decoded {len(train_set):,} + {len(val_set):,} images into memory on {env.device} in {time.time() - t0:.0f} s")
         return train, val, classes, len(train_set)
     kw = dict(num_workers=workers, pin_memory=env.device.type == "cuda", persistent_workers=workers > 0)
     train = PILLoader(SeededAugment(train_set), env.micro, sampler=sampler, drop_last=True, worker_init_fn=ignore_signals, **kw)
-    val = torch.utils.data.DataLoader(val_set, eval_batch, **kw)
-    return train, val, classes, len(train_set)
+    return train, torch.utils.data.DataLoader(val_set, eval_batch, **kw), classes, len(train_set)
 
 
 def decode_all(dataset, workers):
     """Every image of a (resize + crop + PILToTensor) dataset: (N, 3, S, S) uint8 and (N,) labels."""
-    loader = torch.utils.data.DataLoader(dataset, 500, num_workers=workers)
-    xs, ys = zip(*loader)
+    xs, ys = zip(*torch.utils.data.DataLoader(dataset, 500, num_workers=workers))
     return torch.cat(xs), torch.as_tensor(torch.cat(ys))
 
 
@@ -454,7 +513,373 @@ def mix_batch(x, y, args, num_classes):
 
 
 # ----------------------------------------------------------------------------------------
-# The out-dir: checkpoints, metrics.jsonl and the lock, in one place.
+# Model, optimizer, schedule
+
+def build_model(args, num_classes):
+    torch.manual_seed(args.seed)         # identical initial weights on every rank
+    try:
+        return srvit.SRViT(srvit.SRViTConfig(
+            img_size=args.img_size, patch_size=args.patch_size, num_classes=num_classes, embed_dim=args.embed_dim,
+            num_layers=args.num_layers, num_heads=args.num_heads, depth=args.depth, mixer=args.mixer, share=args.share,
+            router_init=args.router_init, init=args.init, drop_path_rate=args.drop_path, grad_checkpointing=args.grad_ckpt))
+    except ValueError as e:
+        raise UserError(f"cannot build the model: {e}", shared=True) from None
+
+
+def param_groups(model, weight_decay):
+    """timm's rule, as DeiT uses it: no weight decay on biases and norms (every tensor of <= 1
+    dimension), nor on the class token, position embedding and step biases."""
+    skip = model.no_weight_decay()
+    decay, no_decay = [], []
+    for name, prm in model.named_parameters():
+        (no_decay if prm.ndim <= 1 or name in skip else decay).append(prm)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step, steps_per_epoch, args):
+    """Linear warm-up from 1e-6 over --warmup-epochs, then a cosine down to min_lr, per optimizer step.
+    --schedule deit is DeiT's: timm counts the warm-up epochs in the cosine, and DeiT's loop steps
+    the scheduler after each epoch, so its epoch e runs at the scheduler's value for e - 1 (within
+    2% of DeiT's numbers at every epoch's first step after warm-up; tested). Over 300 epochs that
+    is harmless; over 5 it leaves the last epoch at 10x the floor, so --schedule cosine (the small
+    images' recipe) runs the cosine over the epochs after warm-up and ends at min_lr."""
+    epoch = step / steps_per_epoch                         # fractional epoch
+    if epoch < args.warmup_epochs:
+        return 1e-6 + (args.lr - 1e-6) * epoch / args.warmup_epochs
+    if args.schedule == "deit":
+        t = max(epoch - 1, 0) / args.epochs
+    else:
+        t = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-9)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def amp_context(device, amp):
+    """Autocast to the --amp dtype, or nothing for full precision."""
+    return nullcontext() if amp in (None, "none") else torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+def compile_blocks(model):
+    """torch.compile each block's attention and MLP, not the whole model: the whole model unrolls
+    L x R block applications into one graph (minutes to compile at R=2 on a CPU) and recompiles
+    for each drop-path rate, a Python float per application. The sub-modules take tensors only,
+    and modules of one shape share one compiled graph, so R=4 compiles in about the time of R=1."""
+    for block in model.blocks:
+        block.attn.compile()
+        block.mlp.compile()
+
+
+# ----------------------------------------------------------------------------------------
+# Training: the progress of a run, one optimizer step, one epoch
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint, and what a resume starts from."""
+    epoch: int = 0           # epochs finished
+    step: int = 0            # optimizer steps finished in the current epoch
+    loss_sum: float = 0.0    # sum of the current epoch's step losses (mean over ranks when saved)
+    best_top1: float = 0.0
+    elapsed: float = 0.0     # training seconds, evaluation excluded
+    records: list = field(default_factory=list)   # one row per finished epoch, as in metrics.jsonl
+
+
+@dataclass
+class Run:
+    """What the loop needs: fixed for the run, except `progress`."""
+    args: argparse.Namespace
+    env: "Env"
+    model: torch.nn.Module                 # what trains: DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_loader: object
+    steps_per_epoch: int
+    num_classes: int
+    raw_model: torch.nn.Module = None      # the bare SRViT: what is evaluated and saved
+    val_loader: object = None
+    classes: list = None
+    n_train: int = 0
+    out: "OutDir" = None
+    progress: Progress = field(default_factory=Progress)
+    stop: "StopRequest" = None
+    log_interval: int = 100
+    gmacs: float = 0.0
+    peak: float = None
+    t_epoch: float = 0.0                   # when this epoch started (for the training clock)
+
+    def __post_init__(self):
+        self.raw_model = self.raw_model or self.model
+        self.autocast = amp_context(self.env.device, self.args.amp)
+        self.mixing = self.args.mixup > 0 or self.args.cutmix > 0
+        self.stop = self.stop or StopRequest()
+        self.elapsed0 = self.progress.elapsed
+
+    def clock(self):
+        """Training seconds so far, this epoch's included."""
+        return self.elapsed0 + time.time() - self.t_epoch
+
+
+class LoaderGone(Exception):
+    """The signal that stops the run took the loader workers with it (Slurm signals the whole job)."""
+
+
+def train_step(run, batches, gstep):
+    """One optimizer step over env.accum micro-batches; returns the step's loss, a device scalar,
+    and the first non-finite step as bad (or -1)."""
+    args, env = run.args, run.env
+    step_loss, bad = torch.zeros((), device=env.device), torch.full((), -1, device=env.device, dtype=torch.long)
+    for micro_step in range(env.accum):
+        try:
+            x, y = next(batches)
+        except Exception:
+            if not run.stop.signum:
+                raise
+            raise LoaderGone() from None
+        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)   # (B, 3, S, S), (B,)
+        if run.mixing:
+            x, y = mix_batch(x, y, args, run.num_classes)               # y: (B, classes) soft targets
+        # DDP averages gradients over ranks on backward; skip that on all but the last micro-step
+        sync = micro_step == env.accum - 1 or not env.ddp
+        with (nullcontext() if sync else run.model.no_sync()), run.autocast:
+            loss = F.cross_entropy(run.model(x), y, label_smoothing=args.smoothing)
+        run.scaler.scale(loss / env.accum).backward()    # scale the loss to account for gradient accumulation
+        loss = loss.detach()
+        bad = torch.where((bad < 0) & ~torch.isfinite(loss), gstep + 1, bad)
+        step_loss += loss / env.accum
+    if args.clip_grad:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.clip_grad)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return step_loss, bad
+
+
+def train_one_epoch(run, epoch):
+    """Train epoch `epoch` from optimizer step run.progress.step on (0, or where a stopped run
+    saved). Returns True if a signal asked to stop before the epoch's end."""
+    args, env, prog = run.args, run.env, run.progress
+    run.model.train()
+    run.train_loader.set_epoch(epoch, start_batch=prog.step * env.accum)
+    batches = iter(run.train_loader)
+    loss_sum = torch.tensor(prog.loss_sum, device=env.device)       # sum of this epoch's step losses
+    bad_step = torch.full((), -1, device=env.device, dtype=torch.long)
+    log_from = (time.time(), prog.step, prog.loss_sum)
+    for step in range(prog.step, run.steps_per_epoch):
+        # Every random draw of this step (MixUp, drop path) follows from (seed, epoch, rank,
+        # step), and every augmentation from its sample's position: a run resumed at any step
+        # repeats the uninterrupted run.
+        seed_device(seed_for("step", args.seed, epoch, env.rank, step), env.device)
+        gstep = epoch * run.steps_per_epoch + step
+        for g in run.optimizer.param_groups:
+            g["lr"] = lr_at(gstep, run.steps_per_epoch, args)
+        try:
+            step_loss, bad = train_step(run, batches, gstep)
+        except LoaderGone:                 # this step cannot finish: save the one before it
+            run.optimizer.zero_grad(set_to_none=True)
+            prog.loss_sum, prog.elapsed = loss_sum.item(), run.clock()
+            save_last(run)
+            return True
+        loss_sum += step_loss
+        bad_step = torch.where(bad_step < 0, bad, bad_step)
+        prog.step = step + 1
+        if prog.step % run.log_interval == 0 or prog.step == run.steps_per_epoch:
+            check_finite(bad_step, epoch, run)
+            log_from = log_progress(run, epoch, loss_sum.item(), log_from)
+        stop = run.stop.requested(env, prog.step)
+        if stop or (args.save_every and (gstep + 1) % args.save_every == 0 and prog.step < run.steps_per_epoch):
+            check_finite(bad_step, epoch, run)                           # never save a NaN model
+            prog.loss_sum, prog.elapsed = mean_over_ranks(loss_sum.clone(), env).item(), run.clock()
+            save_last(run)
+            if stop:
+                return True
+    prog.loss_sum = mean_over_ranks(loss_sum, env).item()          # the epoch's loss, averaged over ranks
+    return False
+
+
+def mean_over_ranks(t, env):
+    if env.ddp:
+        dist.all_reduce(t)
+        t /= env.world
+    return t
+
+
+def check_finite(bad_step, epoch, run):
+    if run.env.ddp:
+        dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
+    if bad_step.item() >= 0:                            # checked before anything is saved
+        kept = (f"the last good checkpoint is kept in {run.out.last}" if run.out and os.path.exists(run.out.last)
+                else "no checkpoint had been written yet")
+        raise UserError(f"loss became NaN or infinite at step {bad_step.item()} (epoch {epoch + 1}); stopped, {kept}. "
+                        f"Try a lower --lr, or --amp bf16/none", shared=True)
+
+
+def log_progress(run, epoch, loss_sum, log_from):
+    """One progress line: loss since the last line, lr, speed, MFU on known GPUs, eta."""
+    args, env, step = run.args, run.env, run.progress.step
+    t_log, steps_done, loss_done = log_from
+    ips = (step - steps_done) * args.batch_size / max(time.time() - t_log, 1e-9)
+    left = (args.epochs - epoch) * run.steps_per_epoch - step
+    util = f" | MFU {mfu(run.gmacs, ips / env.world, run.peak):.1%}" if run.peak else ""
+    env.log(f"epoch {epoch + 1}/{args.epochs} | step {step}/{run.steps_per_epoch} | "
+            f"loss {(loss_sum - loss_done) / max(step - steps_done, 1):.4f} | lr {run.optimizer.param_groups[0]['lr']:.2e} | "
+            f"{ips:,.0f} img/s{util} | eta {fmt_time(left * args.batch_size / max(ips, 1e-9))} (+ evaluation)")
+    return time.time(), step, loss_sum
+
+
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, matched against the device
+# name, most specific first: an "H100 PCIe" is not an H100 SXM. The one MFU denominator, whatever --amp is.
+PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12), ("H200", 989e12),
+             ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("RTX 4090", 165e12), ("L4", 121e12)]
+
+
+def peak_flops(device):
+    """Datasheet dense bf16 peak of this GPU, in FLOP/s; None where unknown (CPU, other GPUs)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((peak for key, peak in PEAK_BF16 if key in name), None) if name else None
+
+
+def mfu(gmacs, images_per_s, peak_flops):
+    """Model FLOPs utilisation: training costs ~3 forward passes (forward + backward), 2 FLOPs per MAC."""
+    return 3 * 2 * gmacs * 1e9 * images_per_s / peak_flops
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation: top-1, top-5 and loss (shared with eval.py)
+
+def batch_metrics(logits, y):
+    """(correct@1, correct@5, summed loss, count) of one batch, float64: (B, classes), (B,) -> (4,)."""
+    logits = logits.float()
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices         # (B, 5)
+    return torch.stack([(top5[:, 0] == y).sum(), (top5 == y[:, None]).any(1).sum(),
+                        F.cross_entropy(logits, y, reduction="sum"), torch.tensor(len(y), device=y.device)]).double()
+
+
+def summarize_metrics(sums):
+    c1, c5, loss, n = sums.tolist()
+    return {"top1": 100 * c1 / max(n, 1), "top5": 100 * c5 / max(n, 1), "val_loss": loss / max(n, 1), "val_images": int(n)}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, autocast, steps=None):
+    """Top-1, top-5 and loss over the whole split, each sample counted once over all ranks."""
+    model.eval()
+    sums = torch.zeros(4, device=device, dtype=torch.float64)   # correct@1, correct@5, loss, count
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast:
+            sums += batch_metrics(model(x, steps=steps), y)
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    model.train()
+    return summarize_metrics(sums)
+
+
+# ----------------------------------------------------------------------------------------
+# main: set up, then epochs of train -> evaluate -> save
+
+def main(argv=None):
+    args = get_args(argv)
+    env = init_distributed(args)
+    run = None
+    try:
+        if env.ddp and args.data.startswith("cifar"):    # one download, not one per rank into the same folder
+            on_all_ranks(env, lambda: env.master and build_dataset(args, "train", None))
+        run = on_all_ranks(env, setup, args, env)
+        agree_on_progress(run)
+        describe(run)
+        prog = run.progress
+        with run.stop:
+            for epoch in range(prog.epoch, args.epochs):
+                run.t_epoch, run.elapsed0, start_step = time.time(), prog.elapsed, prog.step
+                if train_one_epoch(run, epoch):
+                    raise stop_message(run, f"at epoch {epoch + 1}, step {prog.step}/{run.steps_per_epoch}")
+                prog.elapsed = run.clock()
+                metrics = evaluate(run.raw_model, run.val_loader, env.device, run.autocast)
+                end_epoch(run, epoch, metrics, start_step)
+                if run.stop.requested(env) and epoch + 1 < args.epochs:
+                    raise stop_message(run, f"after epoch {epoch + 1}")
+        env.log(f"done: best top-1 {prog.best_top1:.2f}, {fmt_time(prog.elapsed)} training time, checkpoints in {args.out_dir}")
+        if env.ddp:
+            run.model = None             # DDP's reducer holds gloo/NCCL work objects: free them first
+            dist.barrier()               # no rank tears down while another still talks to it
+            dist.destroy_process_group()
+        run.raw_model.classes = run.classes
+        return run.raw_model
+    finally:
+        if run and run.out:
+            run.out.release()
+
+
+def setup(args, env):
+    """Data, model, optimizer, out-dir and the progress to start from, on this rank."""
+    train_loader, val_loader, classes, n_train = build_loaders(args, env)
+    steps = len(train_loader) // env.accum
+    if steps == 0:
+        raise UserError(f"an epoch has fewer than one step of {args.batch_size} images; lower --batch-size", shared=True)
+    model = build_model(args, len(classes)).to(env.device)    # on the device first: the optimizer state follows it
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999),
+                                  fused=env.device.type == "cuda")
+    scaler = torch.amp.GradScaler(env.device.type, enabled=args.amp == "fp16")
+    out = OutDir(args.out_dir, env.master).open()
+    try:
+        progress = restore(args, out, model, optimizer, scaler, n_train)
+        if progress.epoch == 0 and progress.step == 0 and args.init_from:
+            try:
+                srvit.load_pretrained(model, args.init_from, verbose=env.master)
+            except ValueError as e:
+                raise UserError(f"--init-from {args.init_from}: {e}", shared=True) from None
+    except BaseException:
+        out.release()               # now, not when the traceback's frames are collected
+        raise
+    if args.compile:
+        compile_blocks(model)
+    wrapped = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.ddp else model
+    run = Run(args, env, wrapped, optimizer, scaler, train_loader, steps, len(classes), raw_model=model,
+              val_loader=val_loader, classes=classes, n_train=n_train, out=out, progress=progress,
+              log_interval=args.log_interval or max(1, steps // 10), gmacs=srvit.forward_gmacs(model),
+              peak=peak_flops(env.device))
+    if env.master:
+        out.repair_metrics(progress.epoch, progress.records)
+        out.append_metrics({"type": "run", "args": vars(args), "config": asdict(model.config),
+                            "params": srvit.count_params(model), "gmacs": run.gmacs, "world_size": env.world,
+                            "device": str(env.device), "start_epoch": progress.epoch, "start_step": progress.step})
+    return run
+
+
+def end_epoch(run, epoch, metrics, start_step):
+    """The epoch's row: logged, then saved in the order a kill can be repaired from (OutDir)."""
+    args, prog, seconds = run.args, run.progress, time.time() - run.t_epoch
+    is_best = metrics["top1"] > prog.best_top1
+    prog.best_top1 = max(prog.best_top1, metrics["top1"])
+    record = {"type": "epoch", "epoch": epoch + 1, "train_loss": prog.loss_sum / run.steps_per_epoch, **metrics,
+              "best_top1": prog.best_top1, "lr": run.optimizer.param_groups[0]["lr"], "epoch_time": seconds,
+              "elapsed": prog.elapsed, "images_per_s": (run.steps_per_epoch - start_step) * args.batch_size / seconds}
+    prog.epoch, prog.step, prog.loss_sum, prog.records = epoch + 1, 0, 0.0, prog.records + [record]
+    run.env.log(f"epoch {epoch + 1}/{args.epochs} | train loss {record['train_loss']:.4f} | val top-1 {metrics['top1']:.2f} "
+                f"top-5 {metrics['top5']:.2f} loss {metrics['val_loss']:.4f} | best {prog.best_top1:.2f} | {fmt_time(seconds)}")
+    if run.env.master:
+        run.out.end_epoch(checkpoint(run), is_best)
+
+
+def describe(run):
+    """The start-up lines: where the run resumes, then what it trains, on what, with which recipe."""
+    args, env, c, prog = run.args, run.env, run.raw_model.config, run.progress
+    if prog.epoch or prog.step:
+        steps = f" and {prog.step} steps" if prog.step else ""
+        env.log(f"resumed from {run.out.last if args.resume == 'auto' else args.resume}: {prog.epoch} epochs{steps} done, "
+                f"best top-1 {prog.best_top1:.2f}")
+    where = f" from {args.data_path}" if args.data_path else ""
+    env.log(f"data {args.data}{where}: {run.n_train:,} train images, {run.num_classes} classes, {args.img_size} px | "
+            f"recipe {args.recipe}: {args.epochs} epochs, batch {args.batch_size} = {env.world} x {env.micro} x {env.accum} accum, "
+            f"lr {args.lr:.3g}, init {args.init} | {'in memory' if use_memory(args) else 'PIL loader'}")
+    env.log(f"SR-ViT D={c.embed_dim} L={c.num_layers} heads={c.num_heads} patch={c.patch_size} R={c.depth} mixer={c.mixer} "
+            f"share={c.share}: {srvit.count_params(run.raw_model):,} params, {run.gmacs:.3g} GMACs/image | "
+            f"{env.device} {args.amp} | {args.out_dir}")
+    if prog.epoch >= args.epochs:
+        env.log(f"all {args.epochs} epochs are done already; nothing to train")
+
+
+# ========================================================================================
+# Plumbing a first reading can skip: the out-dir, resuming, signals, distributed, errors.
 #
 # What each way of stopping costs (README "Checkpoints and stopping"):
 #   SIGTERM / Ctrl-C   nothing: the optimizer step in flight finishes, last.pt is saved mid-epoch.
@@ -550,31 +975,44 @@ class OutDir:
             os.replace(self.metrics + ".tmp", self.metrics)
 
 
-# What a checkpoint must share with the command that resumes it. The data must be the same; so
-# must the recipe, or the resumed run would follow a schedule and randomness no run ever had.
-SAME_DATA = ("data", "subset", "num_classes", "img_size", "train_images")
-SAME_RECIPE = ("lr", "min_lr", "warmup_epochs", "weight_decay", "batch_size", "epochs", "seed", "amp", "drop_path",
-               "mixup", "cutmix", "smoothing", "randaug", "erasing", "repeated_aug", "hflip", "crop_padding", "clip_grad")
+def checkpoint(run):
+    return {"model": run.raw_model.state_dict(), "config": asdict(run.raw_model.config), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(), **asdict(run.progress), "metrics": (run.progress.records or [None])[-1],
+            "args": vars(run.args), "dataset": {"train_images": run.n_train, "classes": run.classes}}
 
 
-def load_checkpoint(path, model):
+def save_last(run):
+    if run.env.master:
+        run.out.save(checkpoint(run), run.out.last)
+
+
+def read_checkpoint(path):
+    """A train.py checkpoint as a dict (the one reader, shared with eval.py): a one-line UserError
+    for a missing file, a file that is not whole, or one that train.py did not write."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}); delete it or pass another --out-dir") from None
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "optimizer" not in ckpt:
-        raise UserError(f"{path} is not a train.py checkpoint; use --init-from for pretrained weights")
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): not a complete PyTorch checkpoint; "
+                        f"delete it or pass another file") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise UserError(f"{path} is not a train.py checkpoint (no 'config'); for DeiT/timm weights use "
+                        f"train.py --init-from, or srvit.load_pretrained in Python")
     return ckpt
 
 
 def check_same_run(path, ckpt, model, args, n_train):
-    """Refuse to resume another model, other data or another recipe, naming each value that changed
-    (keys an older checkpoint does not hold are not compared)."""
+    """Refuse to resume another model, other data or another recipe, naming each value that changed:
+    every argument but MAY_CHANGE is compared (keys an older checkpoint does not hold are not)."""
+    saved_cfg = {**asdict(srvit.SRViTConfig()), **ckpt["config"]}
+    saved = {**ckpt.get("args", {}), **ckpt.get("dataset", {})}
+    now = {**vars(args), "train_images": n_train}
     model_keys = [k for k in asdict(model.config) if k not in ("drop_path_rate", "grad_checkpointing")]
-    saved = {**asdict(srvit.SRViTConfig()), **ckpt["config"]}, {**ckpt.get("args", {}), **ckpt.get("dataset", {})}
-    now = asdict(model.config), {**vars(args), "train_images": n_train}
-    for keys, have, want, what in ((model_keys, saved[0], now[0], "model"), (SAME_DATA, saved[1], now[1], "data"),
-                                   (SAME_RECIPE, saved[1], now[1], "recipe")):
+    data_keys = ("data", "subset", "val_subset", "num_classes", "img_size", "train_images")
+    recipe_keys = [k for k in now if k not in MAY_CHANGE and k not in data_keys]
+    for keys, have, want, what in ((model_keys, saved_cfg, asdict(model.config), "model"), (data_keys, saved, now, "data"),
+                                   (recipe_keys, saved, now, "recipe")):
         diff = [f"{k}: {have[k]!r} then, {want[k]!r} now" for k in keys if k in have and have[k] != want.get(k)]
         if diff:
             raise UserError(f"{path} was trained with another {what} ({'; '.join(diff)}). Resume with the same "
@@ -583,35 +1021,52 @@ def check_same_run(path, ckpt, model, args, n_train):
 
 def restore(args, out, model, optimizer, scaler, n_train):
     """The progress to start from: a fresh run, or what --resume points at (default last.pt)."""
-    state = {"epoch": 0, "step": 0, "loss_sum": 0.0, "best_top1": 0.0, "elapsed": 0.0, "records": []}
     path = out.last if args.resume in ("auto", "no") else args.resume
     if args.resume == "no":
         if os.path.exists(out.last):
             raise UserError(f"--resume no, but {out.path} holds a checkpoint; delete {out.last} or pass another --out-dir "
                             f"(nothing is overwritten)", shared=True)
-        return state
+        return Progress()
     if not os.path.isfile(path):
         if args.resume != "auto":
             raise UserError(f"--resume {path}: file not found", shared=True)
-        return state
-    ckpt = load_checkpoint(path, model)
+        return Progress()
+    ckpt = read_checkpoint(path)
+    if "optimizer" not in ckpt:
+        raise UserError(f"{path} holds weights only, no optimizer state to resume from; use --init-from", shared=True)
     check_same_run(path, ckpt, model, args, n_train)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
-    for key in state:
-        state[key] = ckpt.get(key, state[key])
+    progress = Progress(**{f.name: ckpt[f.name] for f in fields(Progress) if f.name in ckpt})
     if os.path.exists(out.best):   # a kill between best.pt and last.pt: best.pt is ahead of last.pt's record
         best = torch.load(out.best, map_location="cpu", weights_only=True, mmap=True)
-        state["best_top1"] = max(state["best_top1"], best.get("metrics", {}).get("top1", 0.0))
-    return state
+        progress.best_top1 = max(progress.best_top1, best.get("metrics", {}).get("top1", 0.0))
+    return progress
 
 
-# ----------------------------------------------------------------------------------------
-# Signals: SIGTERM (Slurm, Kubernetes, torchrun) and Ctrl-C ask the run to stop after the
-# optimizer step in flight; `main` then saves and exits with one line. A second Ctrl-C stops at once.
+def agree_on_progress(run):
+    """Every rank must start where rank 0 does. With node-local disks only the first node holds
+    last.pt: the other nodes would start afresh, their AdamW state and step apart from rank 0's, and
+    the run would drift, then hang when rank 0 finishes first. Refuse instead, on every rank."""
+    if not run.env.ddp:
+        return
+    mine = (run.progress.epoch, run.progress.step, socket.gethostname())
+    seen = [None] * run.env.world
+    dist.all_gather_object(seen, mine, group=run.env.cpu_group)
+    behind = [(r, s) for r, s in enumerate(seen) if s[:2] != seen[0][:2]]
+    if behind:
+        (r, (e, s, host)), (e0, s0, host0) = behind[0], seen[0]
+        raise UserError(f"the ranks do not agree where the run stands: rank 0 ({host0}) resumes at epoch {e0} step {s0}, "
+                        f"rank {r} ({host}) at epoch {e} step {s} from {run.args.out_dir}. Give every node the same "
+                        f"--out-dir on a shared disk, or copy rank 0's out-dir to every node", shared=True)
+
 
 class StopRequest:
+    """SIGTERM (Slurm, Kubernetes, torchrun) and Ctrl-C ask the run to stop after the optimizer
+    step in flight; main then saves and exits with one line. A second Ctrl-C stops at once."""
+    EVERY = 10                        # under DDP, steps between the ranks' checks (one all-reduce each)
+
     def __init__(self):
         self.signum, self.previous = 0, {}
 
@@ -636,186 +1091,42 @@ class StopRequest:
         if hasattr(signal, "SIGCHLD"):
             self.previous.setdefault(signal.SIGCHLD, signal.signal(signal.SIGCHLD, signal.SIG_DFL))
 
-    def requested(self, env):
-        """Whether any rank got a signal: every rank must stop after the same step."""
-        if not env.ddp:
-            return self.signum != 0
+    def requested(self, env, step=0):
+        """Whether any rank got a signal: every rank must stop after the same step, so under DDP
+        the ranks agree every EVERY steps (the same steps on every rank) and at each epoch's end."""
+        if not env.ddp or step % self.EVERY:
+            return self.signum != 0 and not env.ddp
         flag = torch.tensor(self.signum)              # on the CPU, over gloo: no GPU sync per step
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=env.cpu_group)
         self.signum = self.signum or int(flag.item())
         return self.signum != 0
 
 
-# ----------------------------------------------------------------------------------------
-# Training: schedule, optimizer groups, one epoch, evaluation
-
-def lr_at(step, steps_per_epoch, args):
-    """DeiT's schedule, per optimizer step: linear warm-up from 1e-6 over --warmup-epochs, then
-    cosine down to min_lr over all --epochs (timm counts the warm-up epochs in the cosine). One
-    detail is DeiT's own: its loop steps the scheduler after each epoch, so its epoch e runs at
-    the scheduler's value for e - 1; we follow that, which keeps the two within 2% at every
-    epoch's first step after warm-up (tested against DeiT's numbers from epoch 6 on)."""
-    epoch = step / steps_per_epoch                         # fractional epoch
-    if epoch < args.warmup_epochs:
-        return 1e-6 + (args.lr - 1e-6) * epoch / args.warmup_epochs
-    t = max(epoch - 1, 0) / args.epochs
-    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * t))
+def stop_message(run, where):
+    if run.env.ddp:
+        dist.barrier()               # no rank exits (and gets torchrun's SIGKILL) while rank 0 still saves
+    name = signal.Signals(run.stop.signum).name
+    return Stopped(f"stopped by {name} {where}; saved {run.out.last}. Re-run the same command to resume",
+                   130 if run.stop.signum == signal.SIGINT else 143)
 
 
-def param_groups(model, weight_decay):
-    """timm's rule, as DeiT uses it: no weight decay on biases and norms (every tensor of <= 1
-    dimension), nor on the class token, position embedding and step biases."""
-    skip = model.no_weight_decay()
-    decay, no_decay = [], []
-    for name, prm in model.named_parameters():
-        (no_decay if prm.ndim <= 1 or name in skip else decay).append(prm)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+@dataclass
+class Env:
+    """This process's place in the run: ranks, device and the batch split."""
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    micro: int = 1                   # images per forward pass on this rank
+    accum: int = 1                   # micro-batches per optimizer step
+    cpu_group: object = None         # gloo group for small CPU-side messages (stop flag, errors)
 
+    ddp = property(lambda self: self.world > 1)
+    master = property(lambda self: self.rank == 0)
 
-def amp_context(device, amp):
-    """Autocast to the --amp dtype, or nothing for full precision."""
-    return nullcontext() if amp in (None, "none") else torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+    def log(self, *a, **k):
+        if self.master:
+            print(*a, **k)
 
-
-def train_one_epoch(model, loader, optimizer, scaler, epoch, state, ctx):
-    """Train epoch `epoch` from optimizer step state["step"] on (0, or where a stopped run
-    saved). Returns True if a signal asked to stop before the epoch's end. `ctx` holds the run's
-    fixed settings (args, env, number of classes, steps per epoch, ...)."""
-    args, env, accum = ctx.args, ctx.env, ctx.env.accum
-    model.train()
-    loader.set_epoch(epoch, start_batch=state["step"] * accum)
-    batches = iter(loader)
-    loss_sum = torch.tensor(state["loss_sum"], device=env.device)     # sum of this epoch's step losses
-    bad_step = torch.full((), -1, device=env.device, dtype=torch.long)
-    t_log, log_from = time.time(), (state["step"], state["loss_sum"])
-    for step in range(state["step"], ctx.steps_per_epoch):
-        # Every random draw of this step (MixUp, drop path) follows from (seed, epoch, rank,
-        # step), and every augmentation from its sample's position: a run resumed at any step
-        # repeats the uninterrupted run.
-        torch.manual_seed(seed_for("step", args.seed, epoch, env.rank, step))
-        gstep = epoch * ctx.steps_per_epoch + step
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(gstep, ctx.steps_per_epoch, args)
-        step_loss = torch.zeros((), device=env.device)
-        for micro_step in range(accum):
-            try:
-                x, y = next(batches)
-            except Exception:
-                if not ctx.stop.signum:
-                    raise
-                # The signal went to the whole process group (as Slurm sends it) and took the
-                # loader workers with it: this step cannot finish, so save the one before it.
-                optimizer.zero_grad(set_to_none=True)
-                state["loss_sum"], state["elapsed"] = loss_sum.item(), ctx.clock()
-                ctx.save_last()
-                return True
-            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-            if ctx.mixing:
-                x, y = mix_batch(x, y, args, ctx.num_classes)          # y: (B, classes) soft targets
-            # DDP averages gradients over ranks on backward; skip that on all but the last micro-step
-            sync = micro_step == accum - 1 or not env.ddp
-            with (nullcontext() if sync else model.no_sync()), ctx.autocast:
-                loss = F.cross_entropy(model(x), y, label_smoothing=args.smoothing)
-            scaler.scale(loss / accum).backward()    # scale the loss to account for gradient accumulation
-            loss = loss.detach()
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), gstep + 1, bad_step)
-            step_loss += loss / accum
-        if args.clip_grad:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum += step_loss
-        state["step"] = step + 1
-
-        if state["step"] % ctx.log_interval == 0 or state["step"] == ctx.steps_per_epoch:
-            check_finite(bad_step, epoch, ctx)
-            log_progress(ctx, epoch, state["step"], loss_sum.item(), log_from, t_log, optimizer)
-            t_log, log_from = time.time(), (state["step"], loss_sum.item())
-        stop = ctx.stop.requested(env)
-        if stop or (args.save_every and (gstep + 1) % args.save_every == 0 and state["step"] < ctx.steps_per_epoch):
-            check_finite(bad_step, epoch, ctx)                           # never save a NaN model
-            partial = loss_sum.clone()
-            if env.ddp:                  # every rank resumes from the mean of the ranks' partial sums
-                dist.all_reduce(partial)
-                partial /= env.world
-            state["loss_sum"], state["elapsed"] = partial.item(), ctx.clock()
-            ctx.save_last()
-            if stop:
-                return True
-    if env.ddp:                         # the epoch's loss, averaged over ranks
-        dist.all_reduce(loss_sum)
-        loss_sum /= env.world
-    state["loss_sum"] = loss_sum.item()
-    return False
-
-
-def check_finite(bad_step, epoch, ctx):
-    if ctx.env.ddp:
-        dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
-    if bad_step.item() >= 0:                            # checked before anything is saved
-        kept = (f"the last good checkpoint is kept in {ctx.out.last}" if os.path.exists(ctx.out.last)
-                else "no checkpoint had been written yet")
-        raise UserError(f"loss became NaN or infinite at step {bad_step.item()} (epoch {epoch + 1}); stopped, {kept}. "
-                        f"Try a lower --lr, or --amp bf16/none", shared=True)
-
-
-def log_progress(ctx, epoch, step, loss_sum, log_from, t_log, optimizer):
-    args, env = ctx.args, ctx.env
-    if not env.master:
-        return
-    steps_done, loss_done = log_from
-    dt = time.time() - t_log
-    ips = (step - steps_done) * args.batch_size / max(dt, 1e-9)
-    left = (args.epochs - epoch) * ctx.steps_per_epoch - step
-    util = f" | MFU {mfu(ctx.gmacs, ips / env.world, ctx.peak):.1%}" if ctx.peak else ""
-    env.log(f"epoch {epoch + 1}/{args.epochs} | step {step}/{ctx.steps_per_epoch} | "
-            f"loss {(loss_sum - loss_done) / max(step - steps_done, 1):.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
-            f"{ips:,.0f} img/s{util} | eta {fmt_time(left * args.batch_size / max(ips, 1e-9))} (+ evaluation)")
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, autocast, steps=None):
-    """Top-1, top-5 and loss over the whole split, each sample counted once over all ranks."""
-    model.eval()
-    sums = torch.zeros(4, device=device, dtype=torch.float64)   # correct@1, correct@5, loss, count
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast:
-            logits = model(x, steps=steps).float()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices         # (B, 5)
-        sums += torch.stack([(top5[:, 0] == y).sum(), (top5 == y[:, None]).any(1).sum(),
-                             F.cross_entropy(logits, y, reduction="sum"), torch.tensor(len(y), device=device)]).double()
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    c1, c5, loss, n = sums.tolist()
-    model.train()
-    return {"top1": 100 * c1 / max(n, 1), "top5": 100 * c5 / max(n, 1), "val_loss": loss / max(n, 1), "val_images": int(n)}
-
-
-# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, matched against the
-# device name, most specific first: an "H100 PCIe" is not an H100 SXM. The one MFU denominator
-# here and in eval.py, whatever --amp is.
-PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12), ("H200", 989e12),
-             ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("RTX 4090", 165e12), ("L4", 121e12)]
-
-
-def peak_flops(device):
-    """Datasheet dense bf16 peak of this GPU, in FLOP/s; None where unknown (CPU, other GPUs)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16 if key in name), None)
-
-
-def mfu(gmacs, images_per_s, peak_flops):
-    """Model FLOPs utilisation: training costs ~3 forward passes (forward + backward), 2 FLOPs per MAC."""
-    return 3 * 2 * gmacs * 1e9 * images_per_s / peak_flops
-
-
-# ----------------------------------------------------------------------------------------
-# main: set up, then epochs of train -> evaluate -> save
 
 def init_distributed(args):
     """Rank, world size and device from torchrun's environment; one process without it."""
@@ -834,13 +1145,12 @@ def init_distributed(args):
             torch.cuda.set_device(device)
     else:
         device = torch.device(args.device or ("cuda" if cuda else "cpu"))
-    if args.amp is None:
-        args.amp = "none" if device.type == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if args.amp is None:   # native bf16 only (compute capability 8+): V100 and T4 emulate it, slowly
+        args.amp = "none" if device.type == "cpu" else ("bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    cpu_group = dist.new_group(backend="gloo") if world > 1 and cuda else None    # small CPU-side flags
-    return SimpleNamespace(rank=rank, world=world, ddp=world > 1, master=rank == 0, device=device, micro=micro, cpu_group=cpu_group,
-                           accum=args.batch_size // world // micro, log=print if rank == 0 else (lambda *a, **k: None))
+    cpu_group = dist.new_group(backend="gloo") if world > 1 and cuda else None
+    return Env(rank, world, device, micro, args.batch_size // world // micro, cpu_group)
 
 
 def check_device(name):
@@ -875,134 +1185,6 @@ def on_all_ranks(env, fn, *a):
     elif error:
         raise UserError(error, shared=True)
     return result
-
-
-def build_model(args, num_classes):
-    torch.manual_seed(args.seed)         # identical initial weights on every rank
-    try:
-        return srvit.SRViT(srvit.SRViTConfig(
-            img_size=args.img_size, patch_size=args.patch_size, num_classes=num_classes, embed_dim=args.embed_dim,
-            num_layers=args.num_layers, num_heads=args.num_heads, depth=args.depth, mixer=args.mixer, share=args.share,
-            router_init=args.router_init, drop_path_rate=args.drop_path, grad_checkpointing=args.grad_ckpt))
-    except ValueError as e:
-        raise UserError(f"cannot build the model: {e}", shared=True) from None
-
-
-def setup(args, env):
-    """Data, model, optimizer, out-dir and the progress to start from, on this rank."""
-    train_loader, val_loader, classes, n_train = build_loaders(args, env)
-    if len(train_loader) // env.accum == 0:
-        raise UserError(f"an epoch has fewer than one step of {args.batch_size} images; lower --batch-size", shared=True)
-    model = build_model(args, len(classes)).to(env.device)    # on the device first: the optimizer state follows it
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999),
-                                  fused=env.device.type == "cuda")
-    scaler = torch.amp.GradScaler(env.device.type, enabled=args.amp == "fp16")
-    out = OutDir(args.out_dir, env.master).open()
-    try:
-        state = restore(args, out, model, optimizer, scaler, n_train)
-        if state["epoch"] == 0 and state["step"] == 0 and args.init_from:
-            try:
-                srvit.load_pretrained(model, args.init_from, verbose=env.master)
-            except ValueError as e:
-                raise UserError(f"--init-from {args.init_from}: {e}", shared=True) from None
-    except BaseException:
-        out.release()               # now, not when the traceback's frames are collected
-        raise
-    data = SimpleNamespace(train=train_loader, val=val_loader, classes=classes, n_train=n_train)
-    return data, model, optimizer, scaler, out, state
-
-
-def main(argv=None):
-    args = get_args(argv)
-    env = init_distributed(args)
-    out = None
-    try:
-        if env.ddp and args.data.startswith("cifar"):    # one download, not one per rank into the same folder
-            on_all_ranks(env, lambda: env.master and build_dataset(args, "train", None))
-        data, raw_model, optimizer, scaler, out, state = on_all_ranks(env, setup, args, env)
-        # Checkpoints hold raw_model. Compile DDP(model), not the other way round: Dynamo then splits
-        # the graph at DDP's buckets, so gradient all-reduce overlaps the backward pass. Evaluation
-        # skips DDP (ranks hold different numbers of val batches).
-        model = DDP(raw_model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.ddp else raw_model
-        model = torch.compile(model) if args.compile else model
-        eval_model = (torch.compile(raw_model) if env.ddp else model) if args.compile else raw_model
-        steps = len(data.train) // env.accum
-        ctx = SimpleNamespace(args=args, env=env, out=out, data=data, num_classes=len(data.classes),
-                              autocast=amp_context(env.device, args.amp), mixing=args.mixup > 0 or args.cutmix > 0,
-                              steps_per_epoch=steps,
-                              log_interval=args.log_interval or max(1, steps // 10),
-                              gmacs=srvit.forward_gmacs(raw_model), peak=peak_flops(env.device))
-        ctx.checkpoint = lambda: {"model": raw_model.state_dict(), "config": asdict(raw_model.config),
-                                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), **state,
-                                  "metrics": (state["records"] or [None])[-1], "args": vars(args),
-                                  "dataset": {"train_images": data.n_train, "classes": data.classes}}
-        ctx.save_last = lambda: env.master and out.save(ctx.checkpoint(), out.last)
-        if env.master:
-            out.repair_metrics(state["epoch"], state["records"])
-            out.append_metrics({"type": "run", "args": vars(args), "config": asdict(raw_model.config),
-                                "params": srvit.count_params(raw_model), "gmacs": ctx.gmacs, "world_size": env.world,
-                                "device": str(env.device), "start_epoch": state["epoch"], "start_step": state["step"]})
-        describe(ctx, raw_model, state)
-        with StopRequest() as ctx.stop:
-            fit(model, eval_model, optimizer, scaler, state, ctx)
-        env.log(f"done: best top-1 {state['best_top1']:.2f}, {fmt_time(state['elapsed'])} training time, checkpoints in {args.out_dir}")
-        if env.ddp:
-            del model                    # DDP's reducer holds gloo/NCCL work objects: free them first
-            dist.barrier()               # no rank tears down while another still talks to it
-            dist.destroy_process_group()
-        raw_model.classes = data.classes
-        return raw_model
-    finally:
-        if out:
-            out.release()
-
-
-def fit(model, eval_model, optimizer, scaler, state, ctx):
-    """Epochs of train -> evaluate -> save, from where `state` says the run is."""
-    args, env, out = ctx.args, ctx.env, ctx.out
-    for epoch in range(state["epoch"], args.epochs):
-        t0, elapsed0, start_step = time.time(), state["elapsed"], state["step"]
-        ctx.clock = lambda: elapsed0 + time.time() - t0              # training time, this epoch's included
-        stopped = train_one_epoch(model, ctx.data.train, optimizer, scaler, epoch, state, ctx)
-        if stopped:
-            raise stop_message(ctx, f"at epoch {epoch + 1}, step {state['step']}/{ctx.steps_per_epoch}")
-        state["elapsed"] = ctx.clock()
-        metrics = evaluate(eval_model, ctx.data.val, env.device, ctx.autocast)
-        is_best = metrics["top1"] > state["best_top1"]
-        state["best_top1"] = max(state["best_top1"], metrics["top1"])
-        record = {"type": "epoch", "epoch": epoch + 1, "train_loss": state["loss_sum"] / ctx.steps_per_epoch, **metrics,
-                  "best_top1": state["best_top1"], "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.time() - t0,
-                  "elapsed": state["elapsed"], "images_per_s": (ctx.steps_per_epoch - start_step) * args.batch_size / (time.time() - t0)}
-        state.update(epoch=epoch + 1, step=0, loss_sum=0.0, records=state["records"] + [record])
-        env.log(f"epoch {epoch + 1}/{args.epochs} | train loss {record['train_loss']:.4f} | val top-1 {metrics['top1']:.2f} "
-                f"top-5 {metrics['top5']:.2f} loss {metrics['val_loss']:.4f} | best {state['best_top1']:.2f} | "
-                f"{fmt_time(record['epoch_time'])}")
-        if env.master:
-            out.end_epoch(ctx.checkpoint(), is_best)
-        if ctx.stop.requested(env) and epoch + 1 < args.epochs:
-            raise stop_message(ctx, f"after epoch {epoch + 1}")
-
-
-def stop_message(ctx, where):
-    if ctx.env.ddp:
-        dist.barrier()               # no rank exits (and gets torchrun's SIGKILL) while rank 0 still saves
-    name = signal.Signals(ctx.stop.signum).name
-    return Stopped(f"stopped by {name} {where}; saved {ctx.out.last}. Re-run the same command to resume",
-                   130 if ctx.stop.signum == signal.SIGINT else 143)
-
-
-def describe(ctx, model, state):
-    args, env, c = ctx.args, ctx.env, model.config
-    if state["epoch"] or state["step"]:
-        steps = f" and {state['step']} steps" if state["step"] else ""
-        env.log(f"resumed from {ctx.out.last if args.resume == 'auto' else args.resume}: {state['epoch']} epochs{steps} done, "
-                f"best top-1 {state['best_top1']:.2f}")
-    env.log(f"SR-ViT D={c.embed_dim} L={c.num_layers} heads={c.num_heads} patch={c.patch_size} R={c.depth} mixer={c.mixer} "
-            f"share={c.share}: {srvit.count_params(model):,} params, {ctx.gmacs:.3g} GMACs/image | {ctx.data.n_train:,} train "
-            f"images, {ctx.num_classes} classes, {'in memory' if use_memory(args) else 'PIL loader'} | batch {args.batch_size} = "
-            f"{env.world} x {env.micro} x {env.accum} accum | {env.device} {args.amp} | {args.out_dir}")
-    if state["epoch"] >= args.epochs:
-        env.log(f"all {args.epochs} epochs are done already; nothing to train")
 
 
 def fmt_time(s):

@@ -18,7 +18,8 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 STUDY=${STUDY:-$HOME/srvit-study}
 PART=${1:-run}
 DATA=${2:-$ROOT/../shared/data/cifar10}
-OUT=$ROOT/results/cifar10-deep
+OUT=${STUDY_OUT:-$ROOT/results/cifar10-deep}         # the study's folder: plan.txt, logs, metrics, tables
+TAG=${OUT##*/cifar10-}                                  # deep, deep2: the plots' names
 L2_OUT=$ROOT/results/cifar10-L2
 mkdir -p "$STUDY/runs"
 if [ ! -f "$STUDY/code/train.py" ]; then
@@ -73,9 +74,9 @@ collect() {   # logs and metrics (not checkpoints) into the repository; the soft
         --json "$dest/$name-eval.json" | grep -v '^wrote ' > "$dest/$name-eval.md"
     fi
   done
-  python "$ROOT/eval.py" --curve "$OUT"/*/ --plot "$ROOT/assets/curve-deep.png" --json "$OUT/curve.json" | grep -v '^wrote ' > "$OUT/curve.md"
-  python "$OUT/summarize.py" > "$OUT/summary.md"
-  python "$OUT/summarize.py" --plot "$ROOT/assets/epochs-deep.png"
+  python "$ROOT/eval.py" --curve "$OUT"/*/ --plot "$ROOT/assets/curve-$TAG.png" --json "$OUT/curve.json" | grep -v '^wrote ' > "$OUT/curve.md"
+  python "$ROOT/results/cifar10-deep/summarize.py" --runs "$OUT" > "$OUT/summary.md"
+  python "$ROOT/results/cifar10-deep/summarize.py" --runs "$OUT" --plot "$ROOT/assets/epochs-$TAG.png"
   if [ -d "$L2_OUT" ]; then
     python "$ROOT/eval.py" --curve "$L2_OUT"/*/ --json "$L2_OUT/curve.json" | grep -v '^wrote ' > "$L2_OUT/curve.md"
   fi

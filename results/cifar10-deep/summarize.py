@@ -2,6 +2,7 @@
 
     python results/cifar10-deep/summarize.py > results/cifar10-deep/summary.md
     python results/cifar10-deep/summarize.py --plot assets/epochs-deep.png   # top-1 per epoch
+    python results/cifar10-deep/summarize.py --runs results/cifar10-deep2     # the same study, new recipe
 
 For each configuration (a run's name without its `-s<seed>`): finished seeds, final top-1 (mean and
 range over seeds), final training loss. Then the comparisons the study is for, paired by seed: A - B
@@ -186,7 +187,10 @@ def plot_epochs(runs, path):
 
 
 def main(argv):
-    runs = load_runs(HERE)
+    folder = HERE
+    if argv[:1] == ["--runs"]:          # another study of the same plan (results/cifar10-deep2)
+        folder, argv = Path(argv[1]), argv[2:]
+    runs = load_runs(folder)
     if argv[:1] == ["--plot"]:
         return plot_epochs(runs, argv[1])
     print("Finished runs by configuration\n")

@@ -1,0 +1,1 @@
+python train.py --data cifar10 --embed-dim 64 --num-layers 6 --num-heads 4 --patch-size 8 --batch-size 128 --lr 1e-3   --epochs 15 --workers 0 --log-interval 100 --depth 4 --mixer soft --seed 0 --data-path <cifar10> --out-dir <dir>/R4-soft-s0    # code: commit b54b8b52a8a574d46af705f942b71424a03585a7

@@ -1,0 +1,345 @@
+"""
+Benchmarks of SR-ViT, beside their outputs: speed, memory and MFU against an unshared ViT of the
+same FLOPs (--bench), what --grad-ckpt saves (--activations), and the in-memory against the PIL
+loader (--bench-loader). Run from anywhere; it imports srvit, train and eval from the repository.
+
+    python results/bench.py --bench --model small --depth 1 2 3 4 --amp bf16 --compile --batch-size 256
+    python results/bench.py --activations --model small --depth 1 2 3 4 --json results/activations-small.json
+    python results/bench.py --bench-loader --data-path ~/data/cifar10 --depth 1 4 --workers 0 --iters 20
+
+The CPU tables here (bench-cpu*.md, bench-loader-cpu.md, activations-small.md) and the commands
+that made them are in results/README.md; --json FILE writes the numbers beside the table.
+"""
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from types import SimpleNamespace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import srvit  # noqa: E402
+import train  # noqa: E402
+from eval import write_json  # noqa: E402
+from train import UserError, amp_context  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------
+# Timing
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, iters):
+    for _ in range(2):                         # warm-up: compilation, lazy init, allocator
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / iters
+
+
+def matmul_ceiling(device, dtype):
+    """FLOP/s of a large square matmul on this device and dtype: what is achievable here,
+    printed beside MFU (which is always of the datasheet peak, train.peak_flops)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / min(timed(lambda: a @ b, device, 10) for _ in range(3))
+
+
+def saved_activation_mib(model, x):
+    """MiB of activations that one training forward pass keeps for the backward pass, each storage
+    counted once (torch.autograd.graph.saved_tensors_hooks sees every tensor autograd saves; the
+    weights, which some ops save too, are left out). Exact, and the same on every device for the
+    same dtype: the CPU measures what --grad-ckpt saves on a GPU."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}   # kept anyway: not activations
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            seen.setdefault(ptr, t.untyped_storage().nbytes())
+        return t
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum()
+    return sum(seen.values()) / 2 ** 20
+
+
+# ----------------------------------------------------------------------------------------
+# --bench: speed against an unshared ViT of the same FLOPs, MFU against a measured ceiling
+
+def compiled(model, backend, graphs):
+    """torch.compile(model) with a fresh Dynamo cache; each graph handed to the compiler lands in `graphs`.
+    Each model compiles afresh: with one cache for all, Dynamo reaches its recompile limit after a
+    few models and runs the rest eagerly, against compiled baselines."""
+    torch._dynamo.reset()
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+    return torch.compile(model, backend=counting)
+
+
+def bench_model(cfg, batch, device, amp, compile_, iters, backend="inductor"):
+    torch.manual_seed(0)
+    model = srvit.SRViT(cfg).to(device)
+    gmacs = srvit.forward_gmacs(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    graphs = []
+    fwd = compiled(model, backend, graphs) if compile_ else model
+    x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
+    y = torch.randint(0, cfg.num_classes, (batch,), device=device)
+    autocast = amp_context(device, amp)
+
+    def train_step():
+        with autocast:
+            loss = F.cross_entropy(fwd(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def infer_step():
+        with torch.no_grad(), autocast:
+            fwd(x)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    t_train = timed(train_step, device, iters)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+    model.eval()
+    t_infer = timed(infer_step, device, iters)
+    return {"params": srvit.count_params(model), "gmacs": gmacs, "train_img_s": batch / t_train,
+            "infer_img_s": batch / t_infer, "peak_mem_gib": peak, "compiled_graphs": len(graphs),
+            "saved_mib": saved_activation_mib(model, x[:2]) * batch / 2}
+
+
+def bench_variants(cfg, depth):
+    """The models measured against each other: the unshared ViT of the same block FLOPs (L x R
+    distinct blocks), and for a soft mixer the same SR-ViT with "last" (no mixer arithmetic),
+    which separates what weight sharing costs from what the routers cost."""
+    variants = {"srvit": cfg}
+    if depth > 1:
+        variants["unshared"] = srvit.SRViTConfig(**{**cfg.__dict__, "depth": 1, "num_layers": cfg.num_layers * depth})
+        if cfg.mixer == "soft":
+            variants["no_mixer"] = srvit.SRViTConfig(**{**cfg.__dict__, "mixer": "last"})
+    return variants
+
+
+def bench_row(args, depth, batch, device, amp, peak, ceiling):
+    try:
+        cfg = srvit.srvit(args.model, depth=depth, mixer=args.mixer, share=args.share,
+                          grad_checkpointing=args.grad_ckpt, **model_overrides(args)).config
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    variants = bench_variants(cfg, depth)
+    # Alternate the models over rounds and keep each one's median: a shared, noisy machine
+    # then slows them alike, and the ratios stay honest.
+    rounds = {v: [] for v in variants}
+    for _ in range(args.rounds):
+        for v, c in variants.items():
+            rounds[v].append(bench_model(c, batch, device, amp, args.compile, args.iters, args.compile_backend))
+    m = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for v, rs in rounds.items()}
+    row = {"depth": depth, **m["srvit"], "compiled_graphs_min": min(r["compiled_graphs"] for rs in rounds.values() for r in rs)}
+    row["mfu"] = train.mfu(row["gmacs"], row["train_img_s"], peak) if peak else None
+    row["of_achievable"] = train.mfu(row["gmacs"], row["train_img_s"], ceiling)
+    if "unshared" in m:
+        u = m["unshared"]
+        row.update(unshared_params=u["params"], unshared_gmacs=u["gmacs"], unshared_train_img_s=u["train_img_s"],
+                   train_ratio=row["train_img_s"] / u["train_img_s"], mixer_gmacs=row["gmacs"] - u["gmacs"])
+    if "no_mixer" in m:
+        row.update(no_mixer_train_img_s=m["no_mixer"]["train_img_s"],
+                   sharing_ratio=m["no_mixer"]["train_img_s"] / m["unshared"]["train_img_s"],
+                   mixer_time_share=1 - row["train_img_s"] / m["no_mixer"]["train_img_s"])
+    return row
+
+
+def bench(args):
+    device = torch.device(args.device or train.check_device(None))
+    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    batch = args.batch_size or (256 if device.type == "cuda" else 32)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ceiling, peak = matmul_ceiling(device, train.AMP_DTYPES[amp]), train.peak_flops(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"bench on {name}, {amp}, batch {batch}, compile={args.compile}, grad-ckpt={args.grad_ckpt}; MFU is of the "
+          f"datasheet dense bf16 peak ({f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown for this device'}); "
+          f"achievable: a large {amp} matmul runs at {ceiling / 1e12:.3g} TFLOP/s here")
+    results = [bench_row(args, depth, batch, device, amp, peak, ceiling) for depth in args.depth]
+    print_bench(results)
+    if args.json:
+        write_json(args.json, {"device": name, "amp": amp, "batch": batch, "compile": args.compile, "grad_ckpt": args.grad_ckpt,
+                               "peak_flops": peak, "matmul_ceiling_flops": ceiling, "results": results})
+    return results
+
+
+def print_bench(results):
+    print("\n| R | params | GMACs | mixer GMACs | train img/s | infer img/s | peak mem GiB | saved activations MiB (fp32) | MFU "
+          "| of achievable | train vs unshared ViT (L x R blocks) | sharing alone (mixer 'last') vs unshared | mixers' share of train time |")
+    print("|---" * 13 + "|")
+    for r in results:
+        mem = "-" if math.isnan(r["peak_mem_gib"]) else f"{r['peak_mem_gib']:.2f}"
+        ratio = (f"{r['train_ratio']:.3f} (unshared: {r['unshared_params']:,} params, {r['unshared_train_img_s']:,.1f} img/s)"
+                 if "train_ratio" in r else "-")
+        sharing = f"{r['sharing_ratio']:.3f}" if "sharing_ratio" in r else "-"
+        mixer_t = f"{r['mixer_time_share']:.1%}" if "mixer_time_share" in r else "-"
+        util = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+        print(f"| {r['depth']} | {r['params']:,} | {r['gmacs']:.3g} | {r.get('mixer_gmacs', 0):.3g} | {r['train_img_s']:,.1f} | "
+              f"{r['infer_img_s']:,.1f} | {mem} | {r['saved_mib']:.1f} | {util} | {r['of_achievable']:.1%} | {ratio} | "
+              f"{sharing} | {mixer_t} |")
+
+
+def model_overrides(args):
+    """The model flags given on the command line, as keywords for srvit.srvit()."""
+    return {k: getattr(args, k) for k in ("embed_dim", "num_layers", "num_heads", "img_size", "patch_size", "num_classes")
+            if getattr(args, k) is not None}
+
+
+# ----------------------------------------------------------------------------------------
+# --activations: what --grad-ckpt saves
+
+def activations(args):
+    """MiB kept for the backward pass per training image, counted exactly (saved_activation_mib) for
+    each depth and mixer, without and with checkpointing. Counted in fp32 on the CPU; under bf16
+    autocast most saved tensors are half that size."""
+    overrides = model_overrides(args)
+    batch = args.batch_size or 1
+    x = torch.randn(batch, 3, *(2 * [overrides.get("img_size", 224)]))
+    rows = []
+    for depth in args.depth:
+        row = {"depth": depth}
+        for ckpt in (False, True):
+            torch.manual_seed(0)
+            model = srvit.srvit(args.model, depth=depth, mixer=args.mixer, share=args.share, grad_checkpointing=ckpt, **overrides)
+            row["ckpt" if ckpt else "plain"] = saved_activation_mib(model, x) / batch
+        rows.append(row)
+    base = rows[0]["plain"]
+    print(f"saved activations per training image (MiB, fp32), {args.model} {overrides or ''} mixer={args.mixer}")
+    print("| R | without --grad-ckpt | with --grad-ckpt | saved by checkpointing | with --grad-ckpt vs R=1 without |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['depth']} | {r['plain']:.1f} | {r['ckpt']:.1f} | {1 - r['ckpt'] / r['plain']:.0%} | {r['ckpt'] / base:.2f}x |")
+    if args.json:
+        write_json(args.json, rows)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------
+# --bench-loader: the in-memory against the PIL loader
+
+def loader_setups(args, depth, device):
+    """For each loader: train.py's batches, model and optimizer of the same run, as train.py builds them."""
+    flags = ["--data", args.data or "cifar10", "--subset", str(args.bench_images), "--val-subset", "10",
+             "--workers", str(args.workers), "--batch-size", str(args.batch_size or 128), "--mixer", args.mixer]
+    flags += [a for k in ("data_path", "embed_dim", "num_layers", "num_heads", "patch_size")
+              if getattr(args, k) is not None for a in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+    setups = {}
+    for loader in ("memory", "pil"):
+        targs = train.get_args(flags + ["--loader", loader, "--depth", str(depth)])
+        env = SimpleNamespace(rank=0, world=1, micro=targs.batch_size, device=device, log=lambda *a, **k: None)
+        batches, _, classes, _ = train.build_loaders(targs, env)
+        model = train.build_model(targs, len(classes)).to(device)
+        setups[loader] = (batches, model, torch.optim.AdamW(train.param_groups(model, 0.05), lr=1e-3), targs.batch_size)
+    return setups
+
+
+def bench_loader(args):
+    """Whole training steps (fetch and augment a batch, forward, backward, AdamW) fed by the
+    in-memory loader and by the PIL loader, alternated over rounds; medians. With --workers 0
+    everything runs in this one process, so the ratio is the saving in CPU time per image; with
+    workers the PIL path moves its decoding to other cores (on a GPU machine, the usual bound)."""
+    device = torch.device(args.device or train.check_device(None))
+    print(f"bench-loader on {device}, {torch.get_num_threads()} threads, --workers {args.workers}: "
+          f"{args.iters} steps per measurement, {args.rounds} rounds, medians")
+    results = []
+    for depth in args.depth:
+        setups = loader_setups(args, depth, device)
+        times = {loader: [] for loader in setups}
+        for r in range(args.rounds):
+            for loader, (batches, model, opt, batch) in setups.items():
+                batches.set_epoch(r)
+                it = iter(batches)
+                t0 = time.perf_counter()
+                for _ in range(args.iters):
+                    x, y = next(it)
+                    F.cross_entropy(model(x.to(device)), y.to(device), label_smoothing=0.1).backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                sync(device)
+                times[loader].append((time.perf_counter() - t0) / (args.iters * batch))
+                del it
+        ms = {loader: 1e3 * statistics.median(t) for loader, t in times.items()}
+        results.append({"depth": depth, "memory_ms_per_image": ms["memory"], "pil_ms_per_image": ms["pil"],
+                        "speedup": ms["pil"] / ms["memory"]})
+    print("\n| R | ms per image, in-memory loader | ms per image, PIL loader | speed-up of whole training steps |")
+    print("|---|---|---|---|")
+    for r in results:
+        print(f"| {r['depth']} | {r['memory_ms_per_image']:.3f} | {r['pil_ms_per_image']:.3f} | {r['speedup']:.2f}x |")
+    if args.json:
+        write_json(args.json, {"device": str(device), "threads": torch.get_num_threads(), "workers": args.workers,
+                               "results": results})
+    return results
+
+
+# ----------------------------------------------------------------------------------------
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--bench", action="store_true", help="benchmark speed, memory and MFU")
+    a("--activations", action="store_true", help="MiB saved for backward per image, without and with --grad-ckpt")
+    a("--bench-loader", action="store_true", help="training steps fed by the in-memory vs the PIL loader")
+    a("--bench-images", type=int, default=5120, help="--bench-loader: training images to load")
+    a("--data", default=None, choices=["imagenet", "cifar10", "cifar100", "folder", "fake"], help="--bench-loader's data")
+    a("--data-path", default=None)
+    a("--json", default=None, help="also write the numbers to this JSON file")
+    a("--model", default="small", choices=list(srvit.PRESETS))
+    a("--depth", type=int, nargs="+", default=[1, 2, 3, 4])
+    a("--mixer", default="soft", choices=srvit.MIXERS)
+    a("--share", default="block", choices=srvit.SHARES)
+    for flag in ("--embed-dim", "--num-layers", "--num-heads", "--img-size", "--patch-size", "--num-classes"):
+        a(flag, type=int, default=None)
+    a("--batch-size", type=int, default=None)
+    a("--amp", default=None, choices=["bf16", "fp16", "none"])
+    a("--compile", action="store_true")
+    a("--compile-backend", default="inductor", help="torch.compile backend for --bench (tests use 'eager')")
+    a("--grad-ckpt", action="store_true")
+    a("--iters", type=int, default=10, help="timed iterations per measurement")
+    a("--rounds", type=int, default=3, help="alternating measurement rounds (median kept)")
+    a("--device", default=None)
+    a("--workers", type=int, default=2)
+    args = p.parse_args(argv)
+    if sum((args.bench, args.bench_loader, args.activations)) != 1:
+        raise UserError("give exactly one of --bench, --bench-loader, --activations (python results/bench.py -h lists the options)")
+    train.check_device(args.device)
+    if min(args.depth) < 1:
+        raise UserError(f"--depth takes recursion depths >= 1, got {args.depth}")
+    for name, least in (("batch_size", 1), ("iters", 1), ("rounds", 1), ("bench_images", 1), ("workers", 0)):
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    return bench(args) if args.bench else bench_loader(args) if args.bench_loader else activations(args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {train.user_error_message(e)}", file=sys.stderr)
+        sys.exit(2)

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1002,6 +1003,42 @@ def test_torchrun_with_accumulation_equals_one_process_and_exits_0(tmp_path):
     assert moved > 1e-3                          # a real step (lr 1e-2), far above the tolerance
 
 
+def test_two_nodes_with_local_disks_refuse_a_restart_instead_of_hanging(tmp_path):
+    # Two "nodes" on this machine, each with its own working folder and a relative --out-dir: only
+    # rank 0 (node 0) writes last.pt. On the restart node 1 finds nothing; the ranks must refuse to
+    # start from different places (one line, exit 2 on both nodes), not drift apart and hang.
+    import socket as socket_
+    with socket_.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = FAKE + ["--subset", "32", "--val-subset", "8", "--batch-size", "16", "--depth", "1", "--epochs", "1",
+                    "--out-dir", "run"]
+
+    def launch(attempt):
+        procs = []
+        for node in (0, 1):
+            cwd = tmp_path / f"node{node}"
+            cwd.mkdir(exist_ok=True)
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+                   "--master_addr=127.0.0.1", f"--master_port={port + attempt}", os.path.join(HERE, "train.py"), *flags]
+            procs.append(subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          env={**os.environ, "OMP_NUM_THREADS": "1"}))
+        try:
+            return [(p.wait(timeout=240), p.stderr.read()) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+    assert [code for code, _ in launch(0)] == [0, 0]
+    assert os.path.isfile(tmp_path / "node0" / "run" / "last.pt") and not os.path.exists(tmp_path / "node1" / "run")
+    (code0, err0), (code1, err1) = launch(1)
+    # Each worker exits 2; torchrun itself then exits 1 and names the worker's exit code.
+    assert code0 != 0 and code1 != 0 and all(re.search(r"exitcode\s*:\s*2", e) for e in (err0, err1)), (err0, err1)
+    assert "the ranks do not agree where the run stands: rank 0" in err0 and "rank 1" in err0
+    for err in (err0, err1):       # the one traceback is torchrun's own report of the failed worker
+        assert err.count("Traceback") <= err.count("ChildFailedError"), err
+    assert "the ranks do not agree" not in err1                                       # said once, by rank 0
+
+
 def build_like(state):
     """The initial weights of the run that produced `state` (seed 0, same shapes)."""
     torch.manual_seed(0)
@@ -1223,6 +1260,92 @@ def test_classroom_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     guess = ns["guess"]
     assert len(guess) == 3 and all(name in ns["CLASSES"] for name, _ in guess)
     assert guess[0][1] >= guess[-1][1] and sum(p for _, p in guess) <= 1 + 1e-6
+
+
+# Each section of the notebook on its own: a teacher skips what the period has no time for. The
+# code cells before "## 1." are the setup (imports, budget, data, helpers); a code cell belongs to
+# the last numbered heading above it ("## 2.", "### 4.1", ...). The setup runs once; each section
+# then runs alone on a copy of the setup's namespace with an empty runs folder, so a section that
+# needs another section's variables or files fails here. The sections after training use the
+# shipped checkpoint (assets/classroom-R4.pt) when section 3 has not run.
+NOTEBOOK = os.path.join(HERE, "notebooks", "classroom.ipynb")
+SHIPPED = os.path.join(HERE, "assets", "classroom-R4.pt")
+TRAINING_SECTIONS = {"3", "4.6"}          # the only sections that train (in the quick budget: seconds)
+
+
+def notebook_sections(path=NOTEBOOK):
+    """(setup, sections): [(cell number, source)] before the first numbered heading, and per section."""
+    heading = re.compile(r"^#{2,3} (\d+(?:\.\d+)?)\.?\s", re.M)      # "## 1. ...", "### 4.1 ..."
+    with open(path) as f:
+        nb = json.load(f)
+    setup, sections, current = [], {}, None
+    for i, cell in enumerate(nb["cells"]):
+        source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+        if cell["cell_type"] == "markdown" and heading.findall(source):
+            current = heading.findall(source)[-1]         # "## 4. ...\n### 4.1 ..." in one cell: 4.1
+            sections.setdefault(current, [])
+        elif cell["cell_type"] == "code":
+            (setup if current is None else sections[current]).append((i, source))
+    return setup, {name: cells for name, cells in sections.items() if cells}
+
+
+NOTEBOOK_SETUP, NOTEBOOK_SECTIONS = notebook_sections()
+
+
+def run_cells(cells, ns, where):
+    for i, source in cells:
+        exec(compile(source, f"notebook cell {i} ({where})", "exec"), ns)   # a failing cell names itself
+
+
+@pytest.fixture(scope="module")
+def notebook_setup(tmp_path_factory):
+    data = os.environ.get("SRVIT_DATA") or CIFAR
+    if not os.path.isdir(os.path.join(data, "train")):
+        pytest.skip(f"no local CIFAR-10 folder (set SRVIT_DATA, or put train/ and test/ in {CIFAR}); "
+                    f"this test does not download data")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SRVIT_NOTEBOOK", "quick")
+    mp.setenv("SRVIT_RUNS", str(tmp_path_factory.mktemp("runs-setup")))
+    mp.chdir(os.path.dirname(NOTEBOOK))                   # where Jupyter starts the kernel
+    mp.setattr(sys, "path", list(sys.path))               # the setup inserts the repository
+    ns = {"__name__": "__main__", "display": lambda *a, **k: None}
+    try:
+        run_cells(NOTEBOOK_SETUP, ns, "setup")
+        yield ns
+    finally:
+        mp.undo()
+
+
+def run_section(name, setup_ns, runs):
+    setup_ns["RUNS"] = str(runs)      # the helpers were defined in the setup's namespace and read RUNS there
+    ns, cwd = dict(setup_ns), os.getcwd()
+    os.chdir(os.path.dirname(NOTEBOOK))
+    try:
+        run_cells(NOTEBOOK_SECTIONS[name], ns, f"section {name}")
+    finally:
+        os.chdir(cwd)
+    return ns
+
+
+def test_notebook_has_its_sections_and_a_small_shipped_checkpoint():
+    assert len(NOTEBOOK_SETUP) == 4, f"setup = imports, budget, data, helpers; found {len(NOTEBOOK_SETUP)} cells"
+    assert {"1", "2", "3", "4.1", "4.2", "4.3", "4.4", "4.5", "4.6", "4.7"} <= set(NOTEBOOK_SECTIONS)
+    assert os.path.getsize(SHIPPED) < 1_000_000
+    model = srvit_eval.load_model(SHIPPED)
+    assert model.config.depth == 4 and model.config.init == "torch" and len(model.classes) == 10
+
+
+@pytest.mark.parametrize("name", list(NOTEBOOK_SECTIONS))
+def test_notebook_section_runs_alone_after_the_setup(name, notebook_setup, tmp_path):
+    runs = tmp_path / "runs"
+    ns = run_section(name, notebook_setup, runs)
+    trained = sorted(os.listdir(runs)) if runs.is_dir() else []
+    assert bool(trained) == (name in TRAINING_SECTIONS), (name, trained)   # the others use the shipped model
+    if name == "3":   # re-running the training cell (as after an interrupt) reuses the run, never deletes it
+        assert isinstance(ns["model"], srvit.SRViT) and not ns["model"].training
+        mtime = os.path.getmtime(runs / "main" / "last.pt")
+        run_section(name, notebook_setup, runs)
+        assert os.path.getmtime(runs / "main" / "last.pt") == mtime
 
 
 def readme_snippets(section):

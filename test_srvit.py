@@ -1231,6 +1231,7 @@ def test_classroom_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
         assert not magic, f"code cell {i} uses Jupyter magics, which plain Python cannot run: {magic}"
 
     monkeypatch.setenv("SRVIT_NOTEBOOK", "quick")
+    monkeypatch.setenv("SRVIT_DATA", os.path.abspath(data))    # the notebook looks there, then in data/cifar10
     monkeypatch.setenv("SRVIT_RUNS", str(tmp_path / "runs"))   # checkpoints in the test's own folder
     monkeypatch.chdir(folder)                                   # where Jupyter starts the kernel
     monkeypatch.setattr(sys, "path", list(sys.path))            # the notebook inserts the repository
@@ -1305,6 +1306,7 @@ def notebook_setup(tmp_path_factory):
                     f"this test does not download data")
     mp = pytest.MonkeyPatch()
     mp.setenv("SRVIT_NOTEBOOK", "quick")
+    mp.setenv("SRVIT_DATA", os.path.abspath(data))
     mp.setenv("SRVIT_RUNS", str(tmp_path_factory.mktemp("runs-setup")))
     mp.chdir(os.path.dirname(NOTEBOOK))                   # where Jupyter starts the kernel
     mp.setattr(sys, "path", list(sys.path))               # the setup inserts the repository

@@ -34,7 +34,6 @@ RUNS=(   # name, then the flags
   "old-s1       $OLD --seed 1"
   "new-s1       --init torch --pad-mode reflect --schedule cosine --seed 1"
   "init+reflect-s1 --init torch --pad-mode reflect --schedule deit --seed 1"
-  "init-s1      --init torch --pad-mode zeros --schedule deit --seed 1"
 )
 run() {  # run NAME FLAGS...
   local name=$1; shift

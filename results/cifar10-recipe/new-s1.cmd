@@ -1,0 +1,1 @@
+python train.py --data cifar10 --embed-dim 64 --num-layers 6 --num-heads 4 --patch-size 8 --batch-size 128 --lr 1e-3   --depth 1 --epochs 5 --workers 0 --log-interval 100 --init torch --pad-mode reflect --schedule cosine --seed 1 --data-path <cifar10> --out-dir <dir>/new-s1

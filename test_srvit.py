@@ -924,7 +924,7 @@ def test_full_disk_leaves_the_previous_checkpoint_and_no_tmp(tmp_path, monkeypat
     (["--batch-size", "-32"], "--batch-size must be > 0"), (["--micro-batch", "-8"], "--micro-batch must be > 0"),
     (["--num-heads", "0"], "--num-heads must be > 0"), (["--patch-size", "0"], "--patch-size must be > 0"),
     (["--repeated-aug", "0"], "--repeated-aug must be > 0"), (["--workers", "-1"], "--workers must be >= 0"),
-    (["--epochs", "0"], "--epochs must be > 0"), (["--hflip", "1.5"], "--hflip must be in [0, 1]"),
+    (["--epochs", "0"], "--epochs must be > 0"), (["--lr", "0"], "--lr must be > 0"), (["--hflip", "1.5"], "--hflip must be in [0, 1]"),
     (["--depth", "0"], "--depth must be > 0"), (["--patch-size", "5"], "not divisible by patch_size 5"),
     (["--randaug", "31"], "--randaug must be in 0..10"), (["--loader", "memory", "--randaug", "9"], "--loader memory"),
     (["--device", "gpu"], "use cpu, cuda or cuda:N"), (["--device", "cuda:abc"], "use cpu, cuda or cuda:N"),

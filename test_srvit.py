@@ -1,5 +1,6 @@
 """Tests for SR-ViT: python -m pytest -q test_srvit.py  (a few minutes on a 2-core CPU)."""
 
+import itertools
 import json
 import math
 import os
@@ -530,7 +531,7 @@ def test_reflect_padding_crops_windows_of_the_mirrored_image():
 
 
 def test_bare_command_trains_the_papers_setting_or_names_the_missing_folder(tmp_path, monkeypatch):
-    # The card's `torchrun --nproc_per_node=8 train.py --depth 4`: SR-ViT-S at R=4, DeiT's recipe, ImageNet.
+    # The README's `torchrun --nproc_per_node=8 train.py --depth 4`: SR-ViT-S at R=4, DeiT's recipe, ImageNet.
     monkeypatch.chdir(tmp_path)
     message = user_error(["--depth", "4"], "data/imagenet/train not found", "--data-path", "--data cifar10")
     assert "\n" not in message and not os.path.exists(tmp_path / "data") and not os.path.exists(tmp_path / "runs")
@@ -602,11 +603,18 @@ def test_resume_compares_every_argument_but_the_ones_that_may_change(tmp_path):
                "another recipe", "pad_mode: 'reflect' then, 'zeros' now")
     user_error(FAKE + ["--depth", "1", "--epochs", "1", "--init", "timm", "--out-dir", out], "another model", "init: 'torch'")
     train.main(FAKE + ["--depth", "1", "--epochs", "1", "--log-interval", "2", "--save-every", "5", "--out-dir", out])
+    # A checkpoint from before --init/--pad-mode/--schedule holds none of them: it was timm, zeros, deit.
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    for key in ("init", "pad_mode", "schedule"):
+        ckpt["args"].pop(key), ckpt["config"].pop(key, None)
+    torch.save(ckpt, os.path.join(out, "last.pt"))
+    user_error(FAKE + ["--depth", "1", "--epochs", "1", "--init", "timm", "--out-dir", out],
+               "another recipe", "pad_mode: 'zeros' then, 'reflect' now", "schedule: 'deit' then, 'cosine' now")
     assert set(vars(train.get_args(FAKE))) - train.MAY_CHANGE >= {"pad_mode", "schedule", "init", "recipe", "loader"}
 
 
 def test_evaluation_shows_progress_on_long_splits(monkeypatch):
-    clock = iter(range(0, 1000, 6))                     # every call to time.time() is 6 s later
+    clock = itertools.count(0, 6)                       # every call to time.time() is 6 s later
     monkeypatch.setattr(train.time, "time", lambda: next(clock))
     batches = [(images(4), torch.arange(4)) for _ in range(5)]
     lines = []
@@ -997,6 +1005,12 @@ def test_torchrun_with_accumulation_equals_one_process_and_exits_0(tmp_path):
             return torch.cat([d[:32], d[64:]]) if k.endswith("qkv.bias") else d    # width 32: keys 32..63
         diff = torch.cat([moved_apart(k) for k in single])
         assert (diff > 1e-6).float().mean() < 1e-2, (diff > 1e-6).float().mean()
+        # The sign alone would pass a gradient summed over ranks or not divided by the accumulation
+        # steps; AdamW's first moment, 0.1 x the gradient, is linear in it: it must agree too.
+        moment = lambda path: torch.cat([s["exp_avg"].flatten() for s in
+                                         torch.load(path, weights_only=True)["optimizer"]["state"].values()])
+        m_ddp, m_one = moment(os.path.join(out, "last.pt")), moment(str(tmp_path / "single" / "last.pt"))
+        assert (m_ddp - m_one).abs().max() < 1e-4 * m_one.abs().max(), (m_ddp - m_one).abs().max()
         assert read_metrics(out)[1]["train_loss"] == pytest.approx(read_metrics(str(tmp_path / "single"))[1]["train_loss"])
         assert read_metrics(out)[1]["val_images"] == 7             # 7 images over 2 ranks, each counted once
     moved = max((single[k] - start[k]).abs().max().item() for k in single)

@@ -158,11 +158,14 @@ def get_args(argv=None):
 
     args.data = args.data or ("folder" if args.data_path else "imagenet")
     args.recipe = choose_recipe(args)
-    if args.img_size is None and args.recipe == "small-images" and args.data in ("folder", "imagenet"):
-        args.img_size = min(image_size(train_dir(args)))       # the folder's own size: no resizing
+    own_size = args.img_size is None and args.recipe == "small-images" and args.data in ("folder", "imagenet")
+    if own_size:                                             # the folder's own size (at most 64 px): no resizing
+        args.img_size = min(*image_size(train_dir(args)), 64)
     for key, value in {**RECIPES[args.recipe], **model_dims(args)}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if own_size:                                             # ...rounded down to a multiple of the patch
+        args.img_size = max(args.patch_size, args.img_size // args.patch_size * args.patch_size)
     if args.lr is None:           # (not `or`: --lr 0 must reach the check below, not become the default)
         args.lr = 5e-4 * args.batch_size / 512
     check_args(args)
@@ -791,6 +794,7 @@ def main(argv=None):
             on_all_ranks(env, lambda: env.master and build_dataset(args, "train", None))
         run = on_all_ranks(env, setup, args, env)
         agree_on_progress(run)
+        start_metrics(run)
         describe(run)
         prog = run.progress
         with run.stop:
@@ -843,12 +847,17 @@ def setup(args, env):
               val_loader=val_loader, classes=classes, n_train=n_train, out=out, progress=progress,
               log_interval=args.log_interval or max(1, steps // 10), gmacs=srvit.forward_gmacs(model),
               peak=peak_flops(env.device))
-    if env.master:
-        out.repair_metrics(progress.epoch, progress.records)
-        out.append_metrics({"type": "run", "args": vars(args), "config": asdict(model.config),
-                            "params": srvit.count_params(model), "gmacs": run.gmacs, "world_size": env.world,
-                            "device": str(env.device), "start_epoch": progress.epoch, "start_step": progress.step})
     return run
+
+
+def start_metrics(run):
+    """Repair metrics.jsonl after a kill, then add this start's row (once the ranks agree)."""
+    if run.env.master:
+        prog, model = run.progress, run.raw_model
+        run.out.repair_metrics(prog.epoch, prog.records)
+        run.out.append_metrics({"type": "run", "args": vars(run.args), "config": asdict(model.config),
+                                "params": srvit.count_params(model), "gmacs": run.gmacs, "world_size": run.env.world,
+                                "device": str(run.env.device), "start_epoch": prog.epoch, "start_step": prog.step})
 
 
 def end_epoch(run, epoch, metrics, start_step):
@@ -1012,7 +1021,8 @@ def check_same_run(path, ckpt, model, args, n_train):
     """Refuse to resume another model, other data or another recipe, naming each value that changed:
     every argument but MAY_CHANGE is compared (keys an older checkpoint does not hold are not)."""
     saved_cfg = {**asdict(srvit.SRViTConfig()), **ckpt["config"]}
-    saved = {**ckpt.get("args", {}), **ckpt.get("dataset", {})}
+    implied = {"schedule": "deit", "pad_mode": "zeros", "init": "timm"}    # what code before these flags did
+    saved = {**implied, **ckpt.get("args", {}), **ckpt.get("dataset", {})}
     now = {**vars(args), "train_images": n_train}
     model_keys = [k for k in asdict(model.config) if k not in ("drop_path_rate", "grad_checkpointing")]
     data_keys = ("data", "subset", "val_subset", "num_classes", "img_size", "train_images")
@@ -1095,10 +1105,12 @@ class StopRequest:
         # raise their deaths wherever this process is, the checkpoint write included; without it,
         # the loader reports them at its next batch, where train_one_epoch expects them.
         if hasattr(signal, "SIGCHLD") and signal.SIGCHLD not in self.previous:
-            try:
-                self.previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            except RuntimeError:     # a worker's death was already pending: its handler ran first and raised
-                self.previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            for _ in range(64):      # one try per worker whose death is pending: its handler runs first
+                try:
+                    self.previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    break
+                except RuntimeError:  # "DataLoader worker ... is killed": the loader reports it at its next batch
+                    continue
 
     def requested(self, env, step=0):
         """Whether any rank got a signal: every rank must stop after the same step, so under DDP

@@ -24,8 +24,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import srvit
-from train import (MEAN_STD, UserError, amp_context, batch_metrics, build_dataset, check_device, fmt_time,
-                   read_checkpoint, summarize_metrics, transforms, user_error_message)
+from train import (MEAN_STD, UserError, amp_context, batch_metrics, build_dataset, check_device, cli, fmt_time,
+                   read_checkpoint, summarize_metrics, transforms)
 
 # The paper's ImageNet-1K top-1, all that its abstract (arXiv 2607.00774) gives: SR-ViT-S at R = 1, 4; DeiT-B.
 PAPER = {"srvit_s": {1: 79.83, 4: 82.48}, "deit_b": 81.8}
@@ -381,10 +381,14 @@ def get_args(argv=None):
     if bool(args.checkpoint) == bool(args.curve):
         raise UserError("give exactly one of --checkpoint, --curve (eval.py -h lists the options)")
     check_device(args.device)
-    for name, least in (("maps_images", 1), ("batch_size", 1), ("val_subset", 1), ("workers", 0)):
-        if getattr(args, name) is not None and getattr(args, name) < least:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
+    check_at_least(args, maps_images=1, batch_size=1, val_subset=1, workers=0)
     return args
+
+
+def check_at_least(args, **least):     # (shared with results/bench.py)
+    for name, low in least.items():
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
 
 
 def main(argv=None):
@@ -393,8 +397,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {user_error_message(e)}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli(main, interrupted="interrupted"))     # bad input: one line, exit 2

@@ -548,6 +548,8 @@ def test_the_recipe_follows_a_folders_image_size(tmp_path):
     assert (args.data, args.recipe, args.img_size, args.mixup, args.randaug) == ("folder", "deit", 224, 0.8, 9)
     args = train.get_args(["--data-path", small])                     # 28 px: small images, at their own size
     assert (args.recipe, args.img_size, args.patch_size, args.init) == ("small-images", 28, 4, "torch")
+    odd = make_image_folder(tmp_path / "odd", n=1, size=30)          # 30 px: the largest size patch 4 divides
+    assert train.get_args(["--data-path", odd]).img_size == 28
     assert train.get_args(["--data-path", big, "--img-size", "32"]).recipe == "small-images"
 
 
@@ -1051,6 +1053,8 @@ def test_two_nodes_with_local_disks_refuse_a_restart_instead_of_hanging(tmp_path
     for err in (err0, err1):       # the one traceback is torchrun's own report of the failed worker
         assert err.count("Traceback") <= err.count("ChildFailedError"), err
     assert "the ranks do not agree" not in err1                                       # said once, by rank 0
+    rows = read_metrics(str(tmp_path / "node0" / "run"))     # the refused start wrote no row
+    assert [r["type"] for r in rows].count("run") == 1
 
 
 def build_like(state):

@@ -1220,8 +1220,9 @@ def user_error_message(e):
     return last.split("UserError: ", 1)[-1]
 
 
-def cli(main_fn, argv=None):
-    """Run main_fn and turn the ways it can end into an exit code and at most one line per rank."""
+def cli(main_fn, argv=None, interrupted="interrupted; the last checkpoint is whole, re-run the same command to resume"):
+    """Run main_fn and turn the ways it can end into an exit code and at most one line per rank
+    (eval.py and results/bench.py use it too, with their own line for Ctrl-C)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
         main_fn(argv)
@@ -1237,7 +1238,7 @@ def cli(main_fn, argv=None):
         return e.code
     except KeyboardInterrupt:
         if rank == 0:
-            print("interrupted; the last checkpoint is whole, re-run the same command to resume", file=sys.stderr)
+            print(interrupted, file=sys.stderr)
         return 130
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import srvit  # noqa: E402
 import train  # noqa: E402
-from eval import write_json  # noqa: E402
+from eval import check_at_least, write_json  # noqa: E402
 from train import UserError, amp_context  # noqa: E402
 
 
@@ -326,9 +326,7 @@ def get_args(argv=None):
     train.check_device(args.device)
     if min(args.depth) < 1:
         raise UserError(f"--depth takes recursion depths >= 1, got {args.depth}")
-    for name, least in (("batch_size", 1), ("iters", 1), ("rounds", 1), ("bench_images", 1), ("workers", 0)):
-        if getattr(args, name) is not None and getattr(args, name) < least:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
+    check_at_least(args, batch_size=1, iters=1, rounds=1, bench_images=1, workers=0)
     return args
 
 
@@ -338,8 +336,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {train.user_error_message(e)}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(train.cli(main, interrupted="interrupted"))     # bad input: one line, exit 2

@@ -17,7 +17,7 @@ set -u
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 STUDY=${STUDY:-$HOME/srvit-study}
 PART=${1:-run}
-DATA=${2:-$ROOT/../shared/data/cifar10}
+DATA=${2:-$ROOT/data/cifar10}     # CIFAR-10 JPEGs: train/<class>/, test/<class>/
 OUT=${STUDY_OUT:-$ROOT/results/cifar10-deep}         # the study's folder: plan.txt, logs, metrics, tables
 TAG=${OUT##*/cifar10-}                                  # deep, deep2: the plots' names
 L2_OUT=$ROOT/results/cifar10-L2

@@ -14,7 +14,7 @@ set -u
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 RECIPE=${RECIPE:-$HOME/srvit-recipe}
 PART=${1:-run}
-DATA=${2:-$ROOT/../shared/data/cifar10}
+DATA=${2:-$ROOT/data/cifar10}     # CIFAR-10 JPEGs: train/<class>/, test/<class>/
 OUT=$ROOT/results/cifar10-recipe
 mkdir -p "$RECIPE/runs"
 if [ ! -f "$RECIPE/code/train.py" ]; then

@@ -1,1 +1,1 @@
-python train.py --data cifar10 --data-path ../shared/data/cifar10 --embed-dim 128 --num-layers 1 --num-heads 4 --patch-size 8   --batch-size 128 --lr 1e-3 --epochs 8 --workers 0 --log-interval 100 --depth 1 --num-layers 2 --seed 0 --out-dir results/cifar10/L2-R1-s0
+python train.py --data cifar10 --data-path <cifar10> --embed-dim 128 --num-layers 1 --num-heads 4 --patch-size 8   --batch-size 128 --lr 1e-3 --epochs 8 --workers 0 --log-interval 100 --depth 1 --num-layers 2 --seed 0 --out-dir results/cifar10/L2-R1-s0

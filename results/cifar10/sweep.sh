@@ -10,7 +10,7 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 CODE=${CODE:-$ROOT}     # where train.py is (a frozen copy, so editing the tree mid-sweep is safe)
 cd "$ROOT"
 PART=${1:-main}
-DATA=${2:-../shared/data/cifar10}
+DATA=${2:-$ROOT/data/cifar10}     # CIFAR-10 JPEGs: train/<class>/, test/<class>/
 OUT=results/cifar10
 COMMON="--data cifar10 --data-path $DATA --embed-dim 128 --num-layers 1 --num-heads 4 --patch-size 8 \
   --batch-size 128 --lr 1e-3 --epochs 8 --workers 0 --log-interval 100"

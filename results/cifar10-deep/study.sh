@@ -68,7 +68,7 @@ collect() {   # logs and metrics (not checkpoints) into the repository; the soft
     mkdir -p "$dest/$name"
     cp "$d/metrics.jsonl" "$dest/$name/" 2>/dev/null
     cp "$STUDY/runs/$name.log" "$dest/$name.log" 2>/dev/null
-    sed -i "s#$STUDY/runs#<dir>#g; s#$DATA#<cifar10>#g" "$dest/$name.log" "$dest/$name/metrics.jsonl" 2>/dev/null   # no machine paths
+    sed -i "s#$STUDY/runs#<dir>#g; s#$DATA#<cifar10>#g; s#\"data_path\": \"[^\"]*\"#\"data_path\": \"<cifar10>\"#g; s#data cifar10 from [^:]*:#data cifar10 from <cifar10>:#g" "$dest/$name.log" "$dest/$name/metrics.jsonl" 2>/dev/null   # no machine paths
     if [[ $name == *R4-soft* ]] && [ -f "$d/last.pt" ] && [ ! -f "$dest/$name-eval.json" ] && \
        python -c "import torch,sys; c=torch.load(sys.argv[1],weights_only=True); sys.exit(c['epoch']<c['args']['epochs'])" "$d/last.pt"; then
       OMP_NUM_THREADS=1 python "$ROOT/eval.py" --checkpoint "$d/last.pt" --data-path "$DATA" --workers 0 --steps all \

@@ -54,7 +54,7 @@ collect() {
   for d in "$RECIPE"/runs/*/; do
     name=$(basename "$d"); mkdir -p "$OUT/$name"
     cp "$d/metrics.jsonl" "$OUT/$name/" 2>/dev/null; cp "$RECIPE/runs/$name.log" "$OUT/$name.log" 2>/dev/null
-    sed -i "s#$RECIPE/runs#<dir>#g; s#$DATA#<cifar10>#g" "$OUT/$name.log" "$OUT/$name/metrics.jsonl" 2>/dev/null   # no machine paths
+    sed -i "s#$RECIPE/runs#<dir>#g; s#$DATA#<cifar10>#g; s#\"data_path\": \"[^\"]*\"#\"data_path\": \"<cifar10>\"#g; s#data cifar10 from [^:]*:#data cifar10 from <cifar10>:#g" "$OUT/$name.log" "$OUT/$name/metrics.jsonl" 2>/dev/null   # no machine paths
   done
   python "$OUT/table.py" > "$OUT/table.md"
 }

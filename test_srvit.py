@@ -11,6 +11,7 @@ import sys
 from dataclasses import asdict
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -505,6 +506,113 @@ def test_memory_loader_matches_the_pil_path_without_augmentation(tmp_path):
     assert torch.equal(batches["memory"][1], batches["pil"][1])
 
 
+# The device path (--loader device): DeiT's augmentation on whole batches on the device, from the
+# PIL path's own draws. Smooth test images (a bicubic blow-up of 6 x 8 random colours) stand for
+# photographs; on noise every interpolation difference would show at full contrast.
+
+def smooth_image(g, height, width, mode="RGB"):
+    from PIL import Image
+    colours = (torch.rand(6, 8, 3, generator=g) * 255).byte().numpy()
+    return Image.fromarray(colours).resize((width, height), Image.BICUBIC).convert(mode)
+
+
+def deit_augment(size=96):
+    args = train.get_args(["--data", "fake", "--recipe", "deit", "--img-size", str(size), "--patch-size", "16"])
+    return args, train.DeviceAugment(args, torch.device("cpu")), train.transforms(args, train=True)
+
+
+def encoded(image, fmt="JPEG"):
+    import io
+    buf = io.BytesIO()
+    image.save(buf, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def test_device_ops_match_pil_on_fixed_draws():
+    # Every RandAugment op at DeiT's magnitude (9 of 0..10), both signs: the tensor op the device
+    # path runs against the PIL op the PIL path runs. Tolerance in 0..255 levels: colour ops round
+    # differently (<= 0.5 on average); rotate and shear interpolate bilinearly on tensors where
+    # PIL is bicubic, and differ most at the fill's edge (<= 1.5 on average).
+    from torchvision.transforms import v2
+    _, aug, _ = deit_augment()
+    ra = next(t.transforms[0] for t in aug.steps if isinstance(t, v2.RandomApply))
+    image = smooth_image(torch.Generator().manual_seed(0), 96, 96)
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]                 # (1, 3, 96, 96) uint8
+    assert len(ra._AUGMENTATION_SPACE) == 14
+    for name, (magnitudes, signed) in ra._AUGMENTATION_SPACE.items():
+        m = magnitudes(11, 96, 96)
+        for sign in ((1, -1) if signed else (1,)):
+            magnitude = sign * float(m[9]) if m is not None else 0.0
+            want = torch.from_numpy(np.array(ra._apply_image_or_video_transform(
+                image, name, magnitude, interpolation=v2.InterpolationMode.BICUBIC, fill=ra._fill))).permute(2, 0, 1)
+            got = ra._apply_image_or_video_transform(x, name, magnitude, interpolation=v2.InterpolationMode.BILINEAR,
+                                                      fill=ra._fill)[0]
+            diff = (want.int() - got.int()).abs().float()
+            geometric = name in ("ShearX", "ShearY", "Rotate")
+            assert diff.mean() <= (1.5 if geometric else 0.5), (name, magnitude, diff.mean())
+            if name == "Brightness":
+                assert not torch.equal(got, x[0])        # the op did something
+
+
+def test_device_path_draws_and_augments_as_the_pil_path():
+    # The same per-sample seed gives the same crop, flip, ops and erasing on both paths: every
+    # sample within 2 levels on average (0..255), where another seed's draws differ by tens.
+    args, aug, pil = deit_augment()
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in train.MEAN_STD["imagenet"])
+    g, diffs = torch.Generator().manual_seed(1), []
+    for seed in range(24):
+        image = smooth_image(g, int(torch.randint(100, 200, (1,), generator=g)), int(torch.randint(100, 200, (1,), generator=g)))
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            want = pil(image)                                                     # (3, 96, 96) normalised
+        got, other = (aug(aug.decode([encoded(image, "PNG")], ["x"]), [aug.draw(s, image.height, image.width)])[0]
+                      for s in (seed, seed + 1000))
+        diffs.append((((want - got) * std * 255).abs().mean().item(), ((want - other) * std * 255).abs().mean().item()))
+    assert max(d for d, _ in diffs) <= 2.0, diffs
+    assert min(o for _, o in diffs) > 10, diffs
+    draws = [aug.draw(s, 150, 120) for s in range(200)]
+    assert 0.35 < sum(d[1] for d in draws) / 200 < 0.65                         # flips at p = 0.5
+    ops = [d[k] for d in draws for k in (2, 3)]
+    assert 0.4 < sum(op is None for op in ops) / 400 < 0.6                       # each op applies at p = 0.5
+    assert len({op[0] for op in ops if op}) >= 12 and 0.1 < sum(d[4] is not None for d in draws) / 200 < 0.4
+
+
+def test_device_path_decodes_greyscale_cmyk_and_png_as_pil_does():
+    _, aug, _ = deit_augment()
+    g = torch.Generator().manual_seed(2)
+    for mode, fmt in (("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "JPEG"), ("RGB", "PNG")):
+        data = encoded(smooth_image(g, 40, 50, mode), fmt)
+        from PIL import Image
+        import io
+        want = torch.from_numpy(np.array(Image.open(io.BytesIO(data.numpy().tobytes())).convert("RGB"))).permute(2, 0, 1)
+        (got,) = aug.decode([data], ["x"])
+        assert got.shape == (3, 40, 50) and (got.int() - want.int()).abs().max() <= 1, (mode, fmt)
+    with pytest.raises(train.UserError, match="cannot read image broken.jpg"):
+        aug.decode([torch.tensor([0xFF, 0xD8, 1, 2], dtype=torch.uint8)], ["broken.jpg"])
+
+
+def test_device_path_applies_each_sample_its_own_ops_and_a_resumed_epoch_repeats_its_batches(tmp_path):
+    # A batch in which samples drew different ops equals each sample augmented alone; and the
+    # loader started at batch 2 (a resume) yields the uninterrupted epoch's batches 2, 3.
+    root = make_image_folder(tmp_path / "data", n=16, size=100)
+    args = train.get_args(["--data-path", root, "--loader", "device", "--recipe", "deit", "--img-size", "96",
+                           "--patch-size", "16", "--batch-size", "8", "--workers", "0"])
+    env = SimpleNamespace(rank=0, world=1, micro=8, device=torch.device("cpu"), log=lambda *a: None)
+    loader, _, classes, n = train.build_loaders(args, env)
+    assert isinstance(loader, train.DeviceLoader) and classes == ["cat", "dog"] and n == 32 and len(loader) == 4
+    loader.set_epoch(1)
+    whole = list(loader)
+    loader.set_epoch(1, start_batch=2)
+    resumed = list(loader)
+    assert len(resumed) == 2 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(resumed, whole[2:]))
+    files, labels, draws, paths = train.as_lists([loader.loader.dataset[key] for key in list(loader.sampler)[:8]])
+    assert len({d[2] for d in draws} | {d[3] for d in draws}) > 2                  # the samples drew different ops
+    together = loader.augment(loader.augment.decode(files, paths), draws)
+    for b in range(8):
+        alone = loader.augment(loader.augment.decode(files[b:b + 1], paths[b:b + 1]), draws[b:b + 1])
+        torch.testing.assert_close(together[b:b + 1], alone, atol=1e-6, rtol=0)
+
+
 def test_crop_padding_and_hflip_switch_off_and_flip_exactly():
     x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
     g = lambda: torch.Generator().manual_seed(0)
@@ -937,6 +1045,7 @@ def test_full_disk_leaves_the_previous_checkpoint_and_no_tmp(tmp_path, monkeypat
     (["--epochs", "0"], "--epochs must be > 0"), (["--lr", "0"], "--lr must be > 0"), (["--hflip", "1.5"], "--hflip must be in [0, 1]"),
     (["--depth", "0"], "--depth must be > 0"), (["--patch-size", "5"], "not divisible by patch_size 5"),
     (["--randaug", "31"], "--randaug must be in 0..10"), (["--loader", "memory", "--randaug", "9"], "--loader memory"),
+    (["--loader", "device"], "--loader device is DeiT's recipe from image files"),
     (["--device", "gpu"], "use cpu, cuda or cuda:N"), (["--device", "cuda:abc"], "use cpu, cuda or cuda:N"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA GPU")]))
 def test_bad_flags_give_one_clear_message(tmp_path, flags, message):

@@ -109,8 +109,9 @@ def get_args(argv=None):
     a("--subset", type=int, check=POSITIVE, help="use only this many training images (quick runs)")
     a("--val-subset", type=int, check=POSITIVE, help="use only this many validation images")
     a("--num-classes", type=int, check=POSITIVE, help="for --data fake (default 1000)")
-    a("--loader", default="auto", choices=["auto", "memory", "pil"],
-      help="memory: small images decoded once and augmented on the device (auto for <= 64 px); pil: per-image workers")
+    a("--loader", default="auto", choices=["auto", "memory", "pil", "device"],
+      help="memory: small images decoded once, augmented on the device (auto for <= 64 px); pil: workers decode "
+           "and augment (auto on CPUs); device: workers read files, the device decodes and augments (auto on GPUs)")
     a("--model", default=None, choices=list(srvit.PRESETS), help="a DeiT preset (12 blocks); other flags override it")
     a("--embed-dim", type=int, check=POSITIVE, help="[deit: 384 (DeiT-S); small-images: 192]")
     a("--num-layers", type=int, check=POSITIVE, help="[deit: 12; small-images: 6]")
@@ -230,6 +231,9 @@ def check_args(args):
     if args.loader == "memory" and (args.img_size > 64 or args.randaug or args.erasing):
         raise UserError("--loader memory is for images of <= 64 px with crop and flip only; drop --randaug/--erasing "
                         "or use --loader pil", shared=True)
+    if args.loader == "device" and (args.img_size <= 64 or args.data not in ("folder", "imagenet")):
+        raise UserError("--loader device is DeiT's recipe from image files (> 64 px, --data folder or imagenet); "
+                        "use --loader memory for small images, pil for --data fake", shared=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -278,7 +282,7 @@ def randaugment_op(magnitude, mean):
     return v2.RandomApply([op], p=0.5)
 
 
-def build_dataset(args, split, transform):
+def build_dataset(args, split, transform, loader=None):
     """The 'train' or 'val' split named by --data / --data-path, and its class names."""
     import torchvision.datasets as tvd
     train = split == "train"
@@ -304,7 +308,7 @@ def build_dataset(args, split, transform):
             raise UserError(f"{root} has train/ but no val/ or test/ folder for validation")
         from torchvision.datasets import ImageFolder
         try:
-            data = ImageFolder(split_dir, transform=transform, loader=read_image)
+            data = ImageFolder(split_dir, transform=transform, loader=loader or read_image)
         except (FileNotFoundError, OSError) as e:
             raise UserError(f"no images in {split_dir}: {e}. Expected {split_dir}/<class>/<image>.jpg") from None
     classes, keep = list(data.classes), args.subset if train else args.val_subset
@@ -439,6 +443,149 @@ class PILLoader(torch.utils.data.DataLoader):
         self.sampler.set_epoch(epoch, start_batch * self.batch_size)
 
 
+# The device path (DeiT's recipe on GPUs): loader workers only read each file and draw its
+# sample's augmentation; decoding (nvJPEG on a GPU) and every augmentation run on whole uint8
+# batches on the training device. The draws are the PIL path's own: the same torchvision
+# transforms, the same calls on the same per-sample seed, so both paths sample the same crops,
+# flips, ops and erasing boxes, and a resumed run repeats them.
+
+def read_encoded(path):
+    """ImageFolder's loader for the device path: the file's bytes, (n,) uint8, and its path."""
+    from torchvision.io import read_file
+    return read_file(path), path
+
+
+class DeviceAugment:
+    """DeiT's training augmentation of the PIL path (`transforms(args, train=True)`), in two parts:
+    draw(seed, height, width) in a loader worker, and __call__ on the device for a whole batch."""
+
+    def __init__(self, args, device):
+        from torchvision.transforms import v2
+        self.v2, self.size, self.device = v2, args.img_size, device
+        self.steps = transforms(args, train=True).transforms     # the PIL path's transforms, in order
+        mean, std = MEAN_STD["imagenet"]
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+
+    def draw(self, seed, height, width):
+        """The draws the PIL path makes for this sample: [crop box, flip, op 1, op 2, erasing],
+        each op (name, magnitude) or None, erasing (i, j, h, w, noise) or None. The calls and their
+        order are those of torchvision's Compose: same seed, same numbers."""
+        v2, draws = self.v2, []
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            for t in self.steps:
+                if isinstance(t, v2.RandomResizedCrop):      # stand-ins with the image's shape, no memory
+                    box = t.make_params([torch.empty(3, 1, 1, dtype=torch.uint8).expand(3, height, width)])
+                    draws.append((box["top"], box["left"], box["height"], box["width"]))
+                elif isinstance(t, v2.RandomHorizontalFlip):
+                    draws.append(not torch.rand(1) >= t.p)
+                elif isinstance(t, v2.RandomApply):          # RandAugment, one op with probability 0.5
+                    draws.append(None if torch.rand(1) >= t.p else self.draw_op(t.transforms[0]))
+                elif isinstance(t, v2.RandomErasing):
+                    e = None if torch.rand(1) >= t.p else t.make_params([torch.empty(3, 1, 1).expand(3, self.size, self.size)])
+                    draws.append(None if e is None or e["v"] is None else (e["i"], e["j"], e["h"], e["w"], e["v"]))
+        return draws
+
+    def draw_op(self, ra):
+        """One op of v2.RandAugment.forward, on an image of the crop's size."""
+        name, (magnitudes_of, signed) = ra._get_random_item(ra._AUGMENTATION_SPACE)
+        magnitudes = magnitudes_of(ra.num_magnitude_bins, self.size, self.size)
+        if magnitudes is None:
+            return name, 0.0
+        magnitude = float(magnitudes[ra.magnitude])
+        return name, -magnitude if signed and torch.rand(()) <= 0.5 else magnitude
+
+    def decode(self, files, paths):
+        """(3, H, W) uint8 images on the device: batched nvJPEG on a GPU, libjpeg/libpng on a CPU;
+        greyscale and CMYK files become RGB, as PIL's convert("RGB") makes them."""
+        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+        if self.device.type == "cuda" and all(f[:2].tolist() == [0xFF, 0xD8] for f in files):
+            try:
+                return decode_jpeg(list(files), mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:          # a JPEG nvJPEG does not take (e.g. CMYK): this batch on the CPU
+                pass
+        images = []
+        for f, path in zip(files, paths):
+            try:
+                images.append(decode_image(f, mode=ImageReadMode.RGB).to(self.device, non_blocking=True))
+            except RuntimeError as e:
+                raise UserError(f"cannot read image {path} ({e}); delete or replace the file") from None
+        return images
+
+    def __call__(self, images, draws):
+        """images: B decoded (3, H, W) uint8; draws: B lists from draw(). Returns (B, 3, S, S) float."""
+        v2F, S = self.v2.functional, self.size
+        bicubic = self.v2.InterpolationMode.BICUBIC
+        x = torch.stack([v2F.resized_crop(im, *d[0], [S, S], interpolation=bicubic, antialias=True)
+                         for im, d in zip(images, draws)])                    # (B, 3, S, S) uint8
+        flip = torch.tensor([d[1] for d in draws], device=x.device)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        ra = next(t.transforms[0] for t in self.steps if isinstance(t, self.v2.RandomApply)) if len(draws[0]) > 3 else None
+        for k in range(2, len(draws[0]) - (1 if isinstance(self.steps[-1], self.v2.RandomErasing) else 0)):
+            groups = {}                                   # torchvision's ops take one draw per call:
+            for b, d in enumerate(draws):                 # apply each op to the samples that drew it
+                if d[k] is not None:
+                    groups.setdefault(d[k], []).append(b)
+            for (name, magnitude), idx in groups.items():
+                idx = torch.tensor(idx, device=x.device)  # tensors rotate/shear bilinearly (PIL: bicubic)
+                x[idx] = ra._apply_image_or_video_transform(x[idx], name, magnitude, fill=ra._fill,
+                                                            interpolation=self.v2.InterpolationMode.BILINEAR)
+        x = (x.float() / 255 - self.mean) / self.std                          # (B, 3, S, S) float
+        if isinstance(self.steps[-1], self.v2.RandomErasing):
+            for b, d in enumerate(draws):
+                if d[-1] is not None:
+                    i, j, h, w, noise = d[-1]
+                    x[b, :, i:i + h, j:j + w] = noise.to(x.device, non_blocking=True)
+        return x
+
+
+class SeededDraws(torch.utils.data.Dataset):
+    """The device path's worker side: item (index, seed) is (file bytes, label, draws, path)."""
+
+    def __init__(self, data, augment):
+        self.data, self.augment = data, augment
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, key):
+        import io
+        from PIL import Image
+        index, seed = key
+        (data, path), label = self.data[index]
+        try:
+            with Image.open(io.BytesIO(data.numpy().tobytes())) as im:   # reads the header only
+                width, height = im.size
+        except Exception as e:
+            raise UserError(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace the file") from None
+        return data, label, self.augment.draw(seed, height, width), path
+
+
+def as_lists(batch):
+    """Collate for the device path: files differ in length, so a batch stays four lists."""
+    return tuple(zip(*batch))
+
+
+class DeviceLoader:
+    """The device path's training loader: workers yield files and draws, the device decodes and augments."""
+
+    def __init__(self, loader, augment):
+        self.loader, self.augment = loader, augment
+        self.sampler, self.batch_size = loader.sampler, loader.batch_size
+
+    def __len__(self):
+        return len(self.loader)
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.sampler.set_epoch(epoch, start_batch * self.batch_size)
+
+    def __iter__(self):
+        for files, labels, draws, paths in self.loader:
+            x = self.augment(self.augment.decode(files, paths), draws)              # (B, 3, S, S)
+            yield x, torch.tensor(labels).to(x.device, non_blocking=True)
+
+
 def ignore_signals(worker_id):
     # Ctrl-C reaches every process of the terminal's group; it is for the main process, which
     # finishes its step first. (SIGTERM stays: the loader itself uses it to end its workers.)
@@ -447,6 +594,16 @@ def ignore_signals(worker_id):
 
 def use_memory(args):
     return args.loader == "memory" or (args.loader == "auto" and args.img_size <= 64 and not args.randaug and not args.erasing)
+
+
+def use_device(args, device):
+    """--loader device, or auto on a GPU for the DeiT recipe from image files (not --data fake)."""
+    return args.loader == "device" or (args.loader == "auto" and device.type == "cuda" and args.img_size > 64
+                                       and args.data in ("folder", "imagenet"))
+
+
+def loader_name(args, device):
+    return "in memory" if use_memory(args) else "device loader" if use_device(args, device) else "PIL loader"
 
 
 def default_workers(env):
@@ -459,10 +616,11 @@ def build_loaders(args, env):
     """This rank's training and validation loaders, the class names and the number of training images. Validation is
     split over ranks (each image counted once); training follows the seeded sampler."""
     from torchvision.transforms import v2
-    memory = use_memory(args)
+    memory, on_device = use_memory(args), use_device(args, env.device)
     decode = v2.Compose([v2.Resize(args.img_size), v2.CenterCrop(args.img_size), v2.PILToTensor()])
-    (train_set, classes), (val_set, val_classes) = (build_dataset(args, split, decode if memory else transforms(args, split == "train"))
-                                                    for split in ("train", "val"))
+    train_set, classes = (build_dataset(args, "train", None, loader=read_encoded) if on_device else
+                          build_dataset(args, "train", decode if memory else transforms(args, train=True)))
+    val_set, val_classes = build_dataset(args, "val", decode if memory else transforms(args, train=False))
     if classes != val_classes:
         raise UserError(f"train and validation splits in {args.data_path} have different classes "
                         f"({len(classes)} and {len(val_classes)})")
@@ -480,8 +638,14 @@ def build_loaders(args, env):
         env.log(f"decoded {len(train_set):,} + {len(val_set):,} images into memory on {env.device} in {time.time() - t0:.0f} s")
         return train, val, classes, len(train_set)
     kw = dict(num_workers=workers, pin_memory=env.device.type == "cuda", persistent_workers=workers > 0)
+    val = torch.utils.data.DataLoader(val_set, eval_batch, **kw)
+    if on_device:
+        augment = DeviceAugment(args, env.device)
+        train = torch.utils.data.DataLoader(SeededDraws(train_set, augment), env.micro, sampler=sampler, drop_last=True,
+                                            collate_fn=as_lists, worker_init_fn=ignore_signals, **kw)
+        return DeviceLoader(train, augment), val, classes, len(train_set)
     train = PILLoader(SeededAugment(train_set), env.micro, sampler=sampler, drop_last=True, worker_init_fn=ignore_signals, **kw)
-    return train, torch.utils.data.DataLoader(val_set, eval_batch, **kw), classes, len(train_set)
+    return train, val, classes, len(train_set)
 
 
 def decode_all(dataset, workers):
@@ -885,7 +1049,7 @@ def describe(run):
     where = f" from {args.data_path}" if args.data_path else ""
     env.log(f"data {args.data}{where}: {run.n_train:,} train images, {run.num_classes} classes, {args.img_size} px | "
             f"recipe {args.recipe}: {args.epochs} epochs, batch {args.batch_size} = {env.world} x {env.micro} x {env.accum} accum, "
-            f"lr {args.lr:.3g}, init {args.init} | {'in memory' if use_memory(args) else 'PIL loader'}")
+            f"lr {args.lr:.3g}, init {args.init} | {loader_name(args, run.env.device)}")
     env.log(f"SR-ViT D={c.embed_dim} L={c.num_layers} heads={c.num_heads} patch={c.patch_size} R={c.depth} mixer={c.mixer} "
             f"share={c.share}: {srvit.count_params(run.raw_model):,} params, {run.gmacs:.3g} GMACs/image | "
             f"{env.device} {args.amp} | {args.out_dir}")

@@ -490,6 +490,29 @@ def test_train_one_epoch_runs_on_its_own():
     assert 0.8 * before < state["loss_sum"] / 3 < before + 0.05     # per step the mean over its 2 micro-batches
 
 
+def test_a_slow_loader_is_named_once_as_the_bound():
+    import time
+    args = train.get_args(FAST + ["--data", "fake", "--depth", "1", "--epochs", "1"])
+    x, y = images(4), torch.arange(4)
+
+    def slow():                           # each batch takes 0.2 s to arrive; a tiny model's step, milliseconds
+        for _ in range(8):
+            time.sleep(0.2)
+            yield x, y
+    lines = []
+    for loader, told in ((slow, True), (lambda: iter([(x, y)] * 8), False)):
+        env = train.Env(device=torch.device("cpu"), micro=4)
+        env.log = lines.append
+        batches = type("Batches", (), {"set_epoch": lambda self, e, start_batch=0: None, "__iter__": lambda self: loader()})()
+        model = tiny(depth=1)
+        run = train.Run(args, env, model, torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cpu", enabled=False),
+                        batches, steps_per_epoch=8, num_classes=10, log_interval=2)
+        train.train_one_epoch(run, 0)
+        bound = [line for line in lines if line.startswith("the loader bounds this run")]
+        assert len(bound) == (1 if told else 0), lines
+        lines.clear()
+
+
 def test_memory_loader_matches_the_pil_path_without_augmentation(tmp_path):
     # Same images, same order, same normalisation: the fast path changes speed, not data.
     root = make_image_folder(tmp_path / "data", n=8)

@@ -772,6 +772,8 @@ class Run:
     gmacs: float = 0.0
     peak: float = None
     t_epoch: float = 0.0                   # when this epoch started (for the training clock)
+    data_wait: float = 0.0                 # seconds spent waiting for batches (the loader's share)
+    loader_told: bool = False              # the loader-bound line is printed once
 
     def __post_init__(self):
         self.raw_model = self.raw_model or self.model
@@ -795,8 +797,10 @@ def train_step(run, batches, gstep):
     args, env = run.args, run.env
     step_loss, bad = torch.zeros((), device=env.device), torch.full((), -1, device=env.device, dtype=torch.long)
     for micro_step in range(env.accum):
+        t_wait = time.perf_counter()
         try:
             x, y = next(batches)
+            run.data_wait += time.perf_counter() - t_wait
         except Exception:
             if not run.stop.signum:
                 raise
@@ -830,7 +834,7 @@ def train_one_epoch(run, epoch):
     batches = iter(run.train_loader)
     loss_sum = torch.tensor(prog.loss_sum, device=env.device)       # sum of this epoch's step losses
     bad_step = torch.full((), -1, device=env.device, dtype=torch.long)
-    log_from = (time.time(), prog.step, prog.loss_sum)
+    log_from = (time.time(), prog.step, prog.loss_sum, run.data_wait)
     for step in range(prog.step, run.steps_per_epoch):
         # Every random draw of this step (MixUp, drop path) follows from (seed, epoch, rank,
         # step), and every augmentation from its sample's position: a run resumed at any step
@@ -883,14 +887,21 @@ def check_finite(bad_step, epoch, run):
 def log_progress(run, epoch, loss_sum, log_from):
     """One progress line: loss since the last line, lr, speed, MFU on known GPUs, eta."""
     args, env, step = run.args, run.env, run.progress.step
-    t_log, steps_done, loss_done = log_from
+    t_log, steps_done, loss_done, wait_done = log_from
     ips = (step - steps_done) * args.batch_size / max(time.time() - t_log, 1e-9)
+    waited = (run.data_wait - wait_done) / max(time.time() - t_log, 1e-9)     # share of the time spent on data
+    if waited > 0.25 and not run.loader_told:
+        run.loader_told = True
+        hint = ("--loader device moves decoding and augmentation to the GPU" if env.device.type == "cuda" and args.loader != "device"
+                else "more --workers would help, if this node has the cores")
+        env.log(f"the loader bounds this run: {waited:.0%} of the time went to waiting for batches; the model alone "
+                f"would take about {ips / (1 - min(waited, 0.99)):,.0f} img/s against the {ips:,.0f} it gets ({hint})")
     left = (args.epochs - epoch) * run.steps_per_epoch - step
     util = f" | MFU {mfu(run.gmacs, ips / env.world, run.peak):.1%}" if run.peak else ""
     env.log(f"epoch {epoch + 1}/{args.epochs} | step {step}/{run.steps_per_epoch} | "
             f"loss {(loss_sum - loss_done) / max(step - steps_done, 1):.4f} | lr {run.optimizer.param_groups[0]['lr']:.2e} | "
             f"{ips:,.0f} img/s{util} | eta {fmt_time(left * args.batch_size / max(ips, 1e-9))} (+ evaluation)")
-    return time.time(), step, loss_sum
+    return time.time(), step, loss_sum, run.data_wait
 
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, matched against the device

@@ -1,11 +1,13 @@
 """
 Benchmarks of SR-ViT, beside their outputs: speed, memory and MFU against an unshared ViT of the
-same FLOPs (--bench), what --grad-ckpt saves (--activations), and the in-memory against the PIL
-loader (--bench-loader). Run from anywhere; it imports srvit, train and eval from the repository.
+same FLOPs (--bench), what --grad-ckpt saves (--activations), the in-memory against the PIL
+loader (--bench-loader), and the loader workers' CPU time per image (--loader-cpu). Run from
+anywhere; it imports srvit, train and eval from the repository.
 
     python results/bench.py --bench --model small --depth 1 2 3 4 --amp bf16 --compile --batch-size 256
     python results/bench.py --activations --model small --depth 1 2 3 4 --json results/activations-small.json
     python results/bench.py --bench-loader --data-path ~/data/cifar10 --depth 1 4 --workers 0 --iters 20
+    python results/bench.py --loader-cpu --bench-images 256 --json results/loader-cpu.json
 
 The CPU tables here (bench-cpu*.md, bench-loader-cpu.md, activations-small.md) and the commands
 that made them are in results/README.md; --json FILE writes the numbers beside the table.
@@ -294,6 +296,69 @@ def bench_loader(args):
 
 
 # ----------------------------------------------------------------------------------------
+# --loader-cpu: CPU time per image in the loader workers, DeiT's recipe, the PIL path and --loader device
+
+def imagenet_like_folder(root, n, g):
+    """n JPEGs of 500 x 375 (ImageNet's most common size) at about 100 KB each: smooth colours plus
+    grain, so that decoding and resampling cost what a photograph costs. Two classes, a val split."""
+    from PIL import Image
+    for split, count in (("train", n), ("val", 2)):
+        for c in range(2):
+            os.makedirs(os.path.join(root, split, f"c{c}"), exist_ok=True)
+            for i in range(count // 2):
+                smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 12, 16, generator=g) * 255, (375, 500), mode="bicubic")
+                pixels = (smooth[0] + 24 * torch.randn(3, 375, 500, generator=g)).clamp(0, 255).byte()
+                Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(os.path.join(root, split, f"c{c}", f"{i}.jpg"), quality=90)
+    return root
+
+
+def loader_cpu(args):
+    """What one loader worker does per training image, in CPU seconds of this process (time.process_time),
+    for DeiT's recipe at 224 px: the PIL path (read, decode, crop, flip, RandAugment, normalise, erase,
+    collate) and --loader device's worker side (read the file, draw the augmentation, collate). The
+    device side of --loader device (decode + augment a batch) is timed too: on a CPU it runs in the
+    training process; on a GPU it runs there. Rounds alternate the paths; medians."""
+    import tempfile
+    g = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.data_path or imagenet_like_folder(tmp, args.bench_images, g)
+        env = SimpleNamespace(rank=0, world=1, micro=args.batch_size or 64, device=torch.device("cpu"), log=lambda *a: None)
+        loaders = {}
+        for loader in ("pil", "device"):
+            targs = train.get_args(["--data-path", root, "--recipe", "deit", "--loader", loader, "--workers", "0",
+                                    "--batch-size", str(env.micro)])
+            loaders[loader] = train.build_loaders(targs, env)[0]
+        collate = {"pil": torch.utils.data.default_collate, "device": train.as_lists}
+        datasets = {"pil": loaders["pil"].dataset, "device": loaders["device"].loader.dataset}
+        keys = list(loaders["pil"].sampler)[:args.bench_images // env.micro * env.micro]
+        kb = statistics.mean(os.path.getsize(os.path.join(root, "train", c, f)) / 1e3
+                             for c in os.listdir(os.path.join(root, "train")) for f in os.listdir(os.path.join(root, "train", c)))
+        print(f"loader-cpu: {len(keys)} training images of {root if args.data_path else 'synthetic 500 x 375 JPEGs'} "
+              f"({kb:.0f} KB on average), batches of {env.micro}, {args.rounds} rounds, medians, one thread")
+        times = {"pil": [], "device": [], "device_side": []}
+        for _ in range(args.rounds):
+            for name, data in datasets.items():
+                t0 = time.process_time()
+                batches = [collate[name]([data[k] for k in keys[b:b + env.micro]]) for b in range(0, len(keys), env.micro)]
+                times[name].append((time.process_time() - t0) / len(keys))
+            t0 = time.process_time()
+            for data, _, draws, paths in batches:          # the device path's batches of this round
+                loaders["device"].augment(loaders["device"].augment.decode(data, paths), draws)
+            times["device_side"].append((time.process_time() - t0) / len(keys))
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    result = {"pil_worker_ms_per_image": ms["pil"], "device_worker_ms_per_image": ms["device"],
+              "device_side_cpu_ms_per_image": ms["device_side"], "worker_time_ratio": ms["device"] / ms["pil"],
+              "images": len(keys), "mean_kb": kb}
+    print("\n| CPU ms per training image | PIL path (--loader pil) | --loader device |")
+    print("|---|---|---|")
+    print(f"| in a loader worker | {ms['pil']:.2f} | {ms['device']:.2f} ({ms['device'] / ms['pil']:.0%} of the PIL path's) |")
+    print(f"| in the training process (on a GPU machine: on the GPU) | 0 | {ms['device_side']:.2f} (decode + augment) |")
+    if args.json:
+        write_json(args.json, {"device": "cpu", "threads": torch.get_num_threads(), **result})
+    return result
+
+
+# ----------------------------------------------------------------------------------------
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -301,7 +366,8 @@ def get_args(argv=None):
     a("--bench", action="store_true", help="benchmark speed, memory and MFU")
     a("--activations", action="store_true", help="MiB saved for backward per image, without and with --grad-ckpt")
     a("--bench-loader", action="store_true", help="training steps fed by the in-memory vs the PIL loader")
-    a("--bench-images", type=int, default=5120, help="--bench-loader: training images to load")
+    a("--loader-cpu", action="store_true", help="CPU time per image in the loader workers: PIL path vs --loader device")
+    a("--bench-images", type=int, default=5120, help="--bench-loader, --loader-cpu: training images to load")
     a("--data", default=None, choices=["imagenet", "cifar10", "cifar100", "folder", "fake"], help="--bench-loader's data")
     a("--data-path", default=None)
     a("--json", default=None, help="also write the numbers to this JSON file")
@@ -321,8 +387,8 @@ def get_args(argv=None):
     a("--device", default=None)
     a("--workers", type=int, default=2)
     args = p.parse_args(argv)
-    if sum((args.bench, args.bench_loader, args.activations)) != 1:
-        raise UserError("give exactly one of --bench, --bench-loader, --activations (python results/bench.py -h lists the options)")
+    if sum((args.bench, args.bench_loader, args.activations, args.loader_cpu)) != 1:
+        raise UserError("give exactly one of --bench, --bench-loader, --activations, --loader-cpu (python results/bench.py -h lists the options)")
     train.check_device(args.device)
     if min(args.depth) < 1:
         raise UserError(f"--depth takes recursion depths >= 1, got {args.depth}")
@@ -332,6 +398,8 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.loader_cpu:
+        return loader_cpu(args)
     return bench(args) if args.bench else bench_loader(args) if args.bench_loader else activations(args)
 
 

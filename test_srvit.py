@@ -1,5 +1,6 @@
 """Tests for SR-ViT: python -m pytest -q test_srvit.py  (a few minutes on a 2-core CPU)."""
 
+import copy
 import itertools
 import json
 import math
@@ -339,6 +340,26 @@ def test_torch_compile_matches_eager():
     x = images()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_compile_blocks_compiles_as_many_graphs_at_r4_as_at_r1():
+    # --compile compiles each block's attention and MLP: a block applied 4 times reuses its graphs,
+    # so R=4 hands the compiler what R=1 does (whole-model compile unrolls L x R applications).
+    # Training mode with drop path, forward and backward, then evaluation: no recompiles.
+    counts = {}
+    for depth in (1, 4):
+        torch._dynamo.reset()
+        graphs = []
+        model = tiny(depth=depth, drop_path_rate=0.1)
+        eager = copy.deepcopy(model).eval()
+        train.compile_blocks(model, backend=lambda gm, inputs: (graphs.append(gm), gm.forward)[1])
+        x = images()
+        model(x).sum().backward()
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(x), eager(x), atol=1e-5, rtol=1e-4)
+        counts[depth] = len(graphs)
+    torch._dynamo.reset()
+    assert counts[1] == counts[4] > 0, counts
 
 
 def test_forward_gmacs_grow_with_depth():

@@ -726,14 +726,14 @@ def amp_context(device, amp):
     return nullcontext() if amp in (None, "none") else torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
-def compile_blocks(model):
+def compile_blocks(model, backend="inductor"):
     """torch.compile each block's attention and MLP, not the whole model: the whole model unrolls
     L x R block applications into one graph (minutes to compile at R=2 on a CPU) and recompiles
     for each drop-path rate, a Python float per application. The sub-modules take tensors only,
     and modules of one shape share one compiled graph, so R=4 compiles in about the time of R=1."""
     for block in model.blocks:
-        block.attn.compile()
-        block.mlp.compile()
+        block.attn.compile(backend=backend)
+        block.mlp.compile(backend=backend)
 
 
 # ----------------------------------------------------------------------------------------

@@ -83,15 +83,16 @@ def saved_activation_mib(model, x):
 # --bench: speed against an unshared ViT of the same FLOPs, MFU against a measured ceiling
 
 def compiled(model, backend, graphs):
-    """torch.compile(model) with a fresh Dynamo cache; each graph handed to the compiler lands in `graphs`.
-    Each model compiles afresh: with one cache for all, Dynamo reaches its recompile limit after a
-    few models and runs the rest eagerly, against compiled baselines."""
+    """train.py's --compile (each block's attention and MLP, train.compile_blocks) with a fresh Dynamo
+    cache; each graph handed to the compiler lands in `graphs`. Each model compiles afresh: with one
+    cache for all, Dynamo reaches its recompile limit after a few models and runs the rest eagerly."""
     torch._dynamo.reset()
 
     def counting(gm, example_inputs):
         graphs.append(gm)
         return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
-    return torch.compile(model, backend=counting)
+    train.compile_blocks(model, backend=counting)
+    return model
 
 
 def bench_model(cfg, batch, device, amp, compile_, iters, backend="inductor"):
@@ -119,12 +120,17 @@ def bench_model(cfg, batch, device, amp, compile_, iters, backend="inductor"):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
+    t0 = time.perf_counter()
+    train_step()                               # the first step: compilation (with --compile) and lazy init
+    sync(device)
+    first_step_s = time.perf_counter() - t0
     t_train = timed(train_step, device, iters)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
     model.eval()
     t_infer = timed(infer_step, device, iters)
     return {"params": srvit.count_params(model), "gmacs": gmacs, "train_img_s": batch / t_train,
             "infer_img_s": batch / t_infer, "peak_mem_gib": peak, "compiled_graphs": len(graphs),
+            "first_step_s": first_step_s, "step_s": t_train,
             "saved_mib": saved_activation_mib(model, x[:2]) * batch / 2}
 
 
@@ -189,8 +195,9 @@ def bench(args):
 
 def print_bench(results):
     print("\n| R | params | GMACs | mixer GMACs | train img/s | infer img/s | peak mem GiB | saved activations MiB (fp32) | MFU "
-          "| of achievable | train vs unshared ViT (L x R blocks) | sharing alone (mixer 'last') vs unshared | mixers' share of train time |")
-    print("|---" * 13 + "|")
+          "| of achievable | train vs unshared ViT (L x R blocks) | sharing alone (mixer 'last') vs unshared | mixers' share of train time "
+          "| first step s (compiles with --compile) | compiled graphs |")
+    print("|---" * 15 + "|")
     for r in results:
         mem = "-" if math.isnan(r["peak_mem_gib"]) else f"{r['peak_mem_gib']:.2f}"
         ratio = (f"{r['train_ratio']:.3f} (unshared: {r['unshared_params']:,} params, {r['unshared_train_img_s']:,.1f} img/s)"
@@ -200,7 +207,7 @@ def print_bench(results):
         util = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
         print(f"| {r['depth']} | {r['params']:,} | {r['gmacs']:.3g} | {r.get('mixer_gmacs', 0):.3g} | {r['train_img_s']:,.1f} | "
               f"{r['infer_img_s']:,.1f} | {mem} | {r['saved_mib']:.1f} | {util} | {r['of_achievable']:.1%} | {ratio} | "
-              f"{sharing} | {mixer_t} |")
+              f"{sharing} | {mixer_t} | {r['first_step_s']:.1f} | {r['compiled_graphs_min']} |")
 
 
 def model_overrides(args):

@@ -1210,6 +1210,32 @@ def test_two_nodes_with_local_disks_refuse_a_restart_instead_of_hanging(tmp_path
     assert [r["type"] for r in rows].count("run") == 1
 
 
+def test_sigterm_to_a_ddp_job_stops_every_rank_at_the_same_agreed_step(tmp_path):
+    # Slurm's SIGTERM reaches every process of the job: torchrun, both ranks and their loader
+    # workers. The workers ignore it, so each rank trains on to the next step at which the ranks
+    # compare stop flags (every StopRequest.EVERY steps), and all stop there: one checkpoint at that
+    # step, every rank ending with the one line, nobody left waiting in a collective.
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(HERE, "train.py"),
+           *FAKE, "--subset", "4096", "--epochs", "50", "--loader", "pil", "--workers", "1", "--log-interval", "1",
+           "--out-dir", out]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    try:
+        for line in job.stdout:
+            if line.startswith("epoch 1/50 | step 3/"):
+                break
+        os.killpg(job.pid, signal.SIGTERM)
+        _, err = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert ckpt["epoch"] == 0 and ckpt["step"] % train.StopRequest.EVERY == 0 and ckpt["step"] > 0, (ckpt["step"], err[-2000:])
+    assert f"stopped by SIGTERM at epoch 1, step {ckpt['step']}/" in err and "died" not in err, err[-2000:]
+    # torchrun itself got the signal too: its one traceback is its own SignalException, none is ours.
+    assert job.returncode != 0 and err.count("Traceback") == err.count("SignalException: Process"), err[-2000:]
+
+
 def build_like(state):
     """The initial weights of the run that produced `state` (seed 0, same shapes)."""
     torch.manual_seed(0)

@@ -587,9 +587,11 @@ class DeviceLoader:
 
 
 def ignore_signals(worker_id):
-    # Ctrl-C reaches every process of the terminal's group; it is for the main process, which
-    # finishes its step first. (SIGTERM stays: the loader itself uses it to end its workers.)
+    # Ctrl-C reaches every process of the terminal's group, and Slurm's SIGTERM every process of
+    # the job: both are for the main process, which stops where all ranks agree and then ends its
+    # workers itself. (A worker whose main process is gone notices and exits within seconds.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def use_memory(args):
@@ -788,7 +790,8 @@ class Run:
 
 
 class LoaderGone(Exception):
-    """The signal that stops the run took the loader workers with it (Slurm signals the whole job)."""
+    """A loader worker died while a signal was asking the run to stop (workers ignore SIGTERM and
+    SIGINT, so something else killed it: the OOM killer, a SIGKILL)."""
 
 
 def train_step(run, batches, gstep):
@@ -846,6 +849,10 @@ def train_one_epoch(run, epoch):
         try:
             step_loss, bad = train_step(run, batches, gstep)
         except LoaderGone:                 # this step cannot finish: save the one before it
+            if env.ddp:                    # ...unless other ranks are past it: they cannot agree on a step
+                raise Stopped(f"stopped by {signal.Signals(run.stop.signum).name}; a loader worker of this rank died "
+                              f"with it, before the ranks agreed where to stop: nothing saved, the last checkpoint "
+                              f"is kept. Re-run the same command to resume", 143) from None
             run.optimizer.zero_grad(set_to_none=True)
             prog.loss_sum, prog.elapsed = loss_sum.item(), run.clock()
             save_last(run)
@@ -1280,12 +1287,7 @@ class StopRequest:
         # raise their deaths wherever this process is, the checkpoint write included; without it,
         # the loader reports them at its next batch, where train_one_epoch expects them.
         if hasattr(signal, "SIGCHLD") and signal.SIGCHLD not in self.previous:
-            for _ in range(64):      # one try per worker whose death is pending: its handler runs first
-                try:
-                    self.previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                    break
-                except RuntimeError:  # "DataLoader worker ... is killed": the loader reports it at its next batch
-                    continue
+            self.previous[signal.SIGCHLD] = quiet_worker_deaths()
 
     def requested(self, env, step=0):
         """Whether any rank got a signal: every rank must stop after the same step, so under DDP
@@ -1296,6 +1298,17 @@ class StopRequest:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=env.cpu_group)
         self.signum = self.signum or int(flag.item())
         return self.signum != 0
+
+
+def quiet_worker_deaths():
+    """Put back the default SIGCHLD handler, so that the loader's raises no worker's death from
+    wherever this process is; returns the loader's handler. One try per worker whose death is
+    pending: the loader's handler runs first and raises "DataLoader worker ... is killed"."""
+    for _ in range(64):
+        try:
+            return signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        except RuntimeError:
+            continue
 
 
 def stop_message(run, where):
@@ -1415,6 +1428,12 @@ def cli(main_fn, argv=None, interrupted="interrupted; the last checkpoint is who
         if rank == 0:
             print(interrupted, file=sys.stderr)
         return 130
+    finally:   # loader workers ignore SIGTERM (ignore_signals): the interpreter's exit could not end any left
+        import multiprocessing
+        if multiprocessing.active_children() and hasattr(signal, "SIGCHLD"):
+            quiet_worker_deaths()
+            for worker in multiprocessing.active_children():
+                worker.kill()
 
 
 if __name__ == "__main__":

@@ -362,6 +362,28 @@ def test_compile_blocks_compiles_as_many_graphs_at_r4_as_at_r1():
     assert counts[1] == counts[4] > 0, counts
 
 
+def test_ddp_with_compiled_blocks_and_grad_ckpt_trains_as_eager():
+    # train.py's order: compile the blocks, then wrap in DDP; --grad-ckpt checkpoints each block
+    # application around the compiled attention and MLP, so no checkpoint reaches Dynamo (where the
+    # DDP optimizer rejected it: "Found a higher order op"). One gloo process is DDP enough.
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch._dynamo.reset()
+        eager, model = tiny(depth=2, grad_checkpointing=True), tiny(depth=2, grad_checkpointing=True)
+        train.compile_blocks(model, backend="eager")
+        wrapped = DDP(model)
+        x, y = images(4), torch.arange(4)
+        for m in (eager, wrapped):
+            F.cross_entropy(m(x), y).backward()
+        for (name, p), q in zip(eager.named_parameters(), model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
+
+
 def test_forward_gmacs_grow_with_depth():
     with torch.device("meta"):
         g = [srvit.forward_gmacs(srvit_small(depth=r, mixer="mean")) for r in (1, 4)]

@@ -448,6 +448,10 @@ def test_cost_table_runs():
 
 import train  # noqa: E402
 
+# torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still work, and the
+# device loader uses them (results/loader-cpu.md).
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
 # A tiny model and FakeData: 256 images, 8 steps of 32 per epoch.
 FAST = ["--img-size", "32", "--patch-size", "8", "--embed-dim", "32", "--num-layers", "2", "--num-heads", "2",
         "--batch-size", "32", "--workers", "0", "--log-interval", "4"]
@@ -601,7 +605,7 @@ def test_device_ops_match_pil_on_fixed_draws():
     # PIL is bicubic, and differ most at the fill's edge (<= 1.5 on average).
     from torchvision.transforms import v2
     _, aug, _ = deit_augment()
-    ra = next(t.transforms[0] for t in aug.steps if isinstance(t, v2.RandomApply))
+    ra = aug.randaug[0]
     image = smooth_image(torch.Generator().manual_seed(0), 96, 96)
     x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]                 # (1, 3, 96, 96) uint8
     assert len(ra._AUGMENTATION_SPACE) == 14
@@ -641,6 +645,13 @@ def test_device_path_draws_and_augments_as_the_pil_path():
     ops = [d[k] for d in draws for k in (2, 3)]
     assert 0.4 < sum(op is None for op in ops) / 400 < 0.6                       # each op applies at p = 0.5
     assert len({op[0] for op in ops if op}) >= 12 and 0.1 < sum(d[4] is not None for d in draws) / 200 < 0.4
+
+
+def test_device_augment_pickles_for_spawned_workers():
+    import pickle
+    _, aug, _ = deit_augment()
+    again = pickle.loads(pickle.dumps(aug))
+    assert again.draw(7, 150, 120)[:4] == aug.draw(7, 150, 120)[:4]
 
 
 def test_device_path_decodes_greyscale_cmyk_and_png_as_pil_does():

@@ -457,21 +457,23 @@ def read_encoded(path):
 
 class DeviceAugment:
     """DeiT's training augmentation of the PIL path (`transforms(args, train=True)`), in two parts:
-    draw(seed, height, width) in a loader worker, and __call__ on the device for a whole batch."""
+    draw(seed, height, width) in a loader worker, and __call__ on the device for a whole batch.
+    It holds torchvision transforms and plain numbers only, so it pickles to spawned workers."""
 
     def __init__(self, args, device):
         from torchvision.transforms import v2
-        self.v2, self.size, self.device = v2, args.img_size, device
+        self.size, self.device = args.img_size, device
         self.steps = transforms(args, train=True).transforms     # the PIL path's transforms, in order
-        mean, std = MEAN_STD["imagenet"]
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.randaug = [t.transforms[0] for t in self.steps if isinstance(t, v2.RandomApply)]   # 2 ops, or none
+        self.erasing = isinstance(self.steps[-1], v2.RandomErasing)
+        self.mean, self.std = MEAN_STD["imagenet"]
 
     def draw(self, seed, height, width):
-        """The draws the PIL path makes for this sample: [crop box, flip, op 1, op 2, erasing],
-        each op (name, magnitude) or None, erasing (i, j, h, w, noise) or None. The calls and their
-        order are those of torchvision's Compose: same seed, same numbers."""
-        v2, draws = self.v2, []
+        """The draws the PIL path makes for this sample: [crop box, flip, *ops, erasing], each op
+        (name, magnitude) or None, erasing (i, j, h, w, noise) or None. The calls and their order
+        are those of torchvision's Compose: same seed, same numbers."""
+        from torchvision.transforms import v2
+        draws = []
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
             for t in self.steps:
@@ -488,7 +490,7 @@ class DeviceAugment:
         return draws
 
     def draw_op(self, ra):
-        """One op of v2.RandAugment.forward, on an image of the crop's size."""
+        """One op as v2.RandAugment.forward draws it, for an image of the crop's size."""
         name, (magnitudes_of, signed) = ra._get_random_item(ra._AUGMENTATION_SPACE)
         magnitudes = magnitudes_of(ra.num_magnitude_bins, self.size, self.size)
         if magnitudes is None:
@@ -515,28 +517,27 @@ class DeviceAugment:
 
     def __call__(self, images, draws):
         """images: B decoded (3, H, W) uint8; draws: B lists from draw(). Returns (B, 3, S, S) float."""
-        v2F, S = self.v2.functional, self.size
-        bicubic = self.v2.InterpolationMode.BICUBIC
-        x = torch.stack([v2F.resized_crop(im, *d[0], [S, S], interpolation=bicubic, antialias=True)
-                         for im, d in zip(images, draws)])                    # (B, 3, S, S) uint8
-        flip = torch.tensor([d[1] for d in draws], device=x.device)
+        from torchvision.transforms import v2
+        S, dev = self.size, self.device
+        x = torch.stack([v2.functional.resized_crop(im, *d[0], [S, S], interpolation=v2.InterpolationMode.BICUBIC,
+                                                    antialias=True) for im, d in zip(images, draws)])   # (B, 3, S, S) uint8
+        flip = torch.tensor([d[1] for d in draws], device=dev)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        ra = next(t.transforms[0] for t in self.steps if isinstance(t, self.v2.RandomApply)) if len(draws[0]) > 3 else None
-        for k in range(2, len(draws[0]) - (1 if isinstance(self.steps[-1], self.v2.RandomErasing) else 0)):
+        for k, ra in enumerate(self.randaug, start=2):
             groups = {}                                   # torchvision's ops take one draw per call:
             for b, d in enumerate(draws):                 # apply each op to the samples that drew it
                 if d[k] is not None:
                     groups.setdefault(d[k], []).append(b)
             for (name, magnitude), idx in groups.items():
-                idx = torch.tensor(idx, device=x.device)  # tensors rotate/shear bilinearly (PIL: bicubic)
+                idx = torch.tensor(idx, device=dev)       # tensors rotate/shear bilinearly (PIL: bicubic)
                 x[idx] = ra._apply_image_or_video_transform(x[idx], name, magnitude, fill=ra._fill,
-                                                            interpolation=self.v2.InterpolationMode.BILINEAR)
-        x = (x.float() / 255 - self.mean) / self.std                          # (B, 3, S, S) float
-        if isinstance(self.steps[-1], self.v2.RandomErasing):
-            for b, d in enumerate(draws):
-                if d[-1] is not None:
-                    i, j, h, w, noise = d[-1]
-                    x[b, :, i:i + h, j:j + w] = noise.to(x.device, non_blocking=True)
+                                                            interpolation=v2.InterpolationMode.BILINEAR)
+        mean, std = (torch.tensor(v, device=dev).view(1, 3, 1, 1) for v in (self.mean, self.std))
+        x = (x.float() / 255 - mean) / std                                    # (B, 3, S, S) float
+        for b, d in enumerate(draws if self.erasing else []):
+            if d[-1] is not None:
+                i, j, h, w, noise = d[-1]                                     # noise: (3, h, w)
+                x[b, :, i:i + h, j:j + w] = noise.to(dev, non_blocking=True)
         return x
 
 

@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import srvit
-from train import (MEAN_STD, UserError, amp_context, batch_metrics, build_dataset, check_device, cli, fmt_time,
+from train import (MEAN_STD, UserError, amp_context, batch_metrics, build_dataset, check_device, cli, first_line, fmt_time,
                    read_checkpoint, summarize_metrics, transforms)
 
 # The paper's ImageNet-1K top-1, all that its abstract (arXiv 2607.00774) gives: SR-ViT-S at R = 1, 4; DeiT-B.
@@ -41,7 +41,7 @@ def load_checkpoint(path):
         model = srvit.SRViT(srvit.SRViTConfig(**{**ckpt["config"], "grad_checkpointing": False}))
         model.load_state_dict(srvit.clean_state_dict(ckpt["model"]))
     except (TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path} does not hold an SR-ViT of the configuration it names: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{path} does not hold an SR-ViT of the configuration it names: {first_line(e)}") from None
     model.classes = ckpt.get("dataset", {}).get("classes")     # class names, where the checkpoint has them
     return model.eval(), ckpt
 

@@ -1114,6 +1114,13 @@ def test_full_disk_leaves_the_previous_checkpoint_and_no_tmp(tmp_path, monkeypat
     assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["step"] == 4     # the previous save, whole
 
 
+def test_a_write_error_without_a_message_still_gives_one_line(tmp_path, monkeypatch):
+    out = train.OutDir(str(tmp_path), master=True)
+    monkeypatch.setattr(torch, "save", lambda obj, f: (_ for _ in ()).throw(OSError()))
+    with pytest.raises(train.UserError, match=r"could not write .*last\.pt \(OSError\); is the disk full"):
+        out.save({"x": 1}, os.path.join(str(tmp_path), "last.pt"))
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--lr", "-0.001"], "--lr must be > 0"), (["--batch-size", "0"], "--batch-size must be > 0"),
     (["--batch-size", "-32"], "--batch-size must be > 0"), (["--micro-batch", "-8"], "--micro-batch must be > 0"),

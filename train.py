@@ -1138,7 +1138,7 @@ class OutDir:
         except (OSError, RuntimeError) as e:        # a full disk surfaces as either
             if os.path.exists(tmp):
                 os.remove(tmp)
-            raise UserError(f"could not write {path} ({str(e).splitlines()[0][:120]}); is the disk full? "
+            raise UserError(f"could not write {path} ({first_line(e)[:120]}); is the disk full? "
                             f"The previous checkpoint is kept; free space and re-run the same command") from None
 
     def append_metrics(self, row):
@@ -1400,6 +1400,11 @@ def on_all_ranks(env, fn, *a):
 def fmt_time(s):
     s = int(s) if s == s and s != float("inf") else 0
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def first_line(e):
+    """An exception's first line for a one-line message; its type where it has no message."""
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def user_error_message(e):

@@ -251,8 +251,9 @@ def activations(args):
 def loader_setups(args, depth, device):
     """For each loader: train.py's batches, model and optimizer of the same run, as train.py builds them."""
     flags = ["--data", args.data or "cifar10", "--subset", str(args.bench_images), "--val-subset", "10",
-             "--workers", str(args.workers), "--batch-size", str(args.batch_size or 128), "--mixer", args.mixer]
-    flags += [a for k in ("data_path", "embed_dim", "num_layers", "num_heads", "patch_size")
+             "--workers", str(args.workers), "--batch-size", str(args.batch_size or 128), "--mixer", args.mixer,
+             "--share", args.share]
+    flags += [a for k in ("data_path", "embed_dim", "num_layers", "num_heads", "patch_size", "img_size")
               if getattr(args, k) is not None for a in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
     setups = {}
     for loader in ("memory", "pil"):

@@ -624,6 +624,41 @@ def test_device_ops_match_pil_on_fixed_draws():
                 assert not torch.equal(got, x[0])        # the op did something
 
 
+@pytest.mark.parametrize("flags", [[], ["--randaug", "0"], ["--erasing", "0"], ["--hflip", "0"], ["--erasing", "1"]])
+def test_device_path_draws_exactly_what_the_pil_path_draws(flags):
+    # The PIL path's transforms, instrumented: each records the parameters it used when it ran.
+    from torchvision.transforms import v2
+    args = train.get_args(["--data", "fake", "--recipe", "deit", "--img-size", "96", "--patch-size", "16", *flags])
+    aug, pil = train.DeviceAugment(args, torch.device("cpu")), train.transforms(args, train=True)
+    seen = {}
+
+    def recording(key, fn, keep):
+        return lambda *a, **k: (seen.__setitem__(key, keep(a, k, out := fn(*a, **k))), out)[1]
+    for n, t in enumerate(pil.transforms):
+        if isinstance(t, v2.RandomResizedCrop):
+            t.make_params = recording("box", t.make_params, lambda a, k, p: (p["top"], p["left"], p["height"], p["width"]))
+        elif isinstance(t, v2.RandomHorizontalFlip):
+            t.transform = recording("flip", t.transform, lambda a, k, out: True)
+        elif isinstance(t, v2.RandomApply):
+            ra = t.transforms[0]
+            ra._apply_image_or_video_transform = recording(n, ra._apply_image_or_video_transform, lambda a, k, out: (a[1], a[2]))
+        elif isinstance(t, v2.RandomErasing):
+            t.make_params = recording("erase", t.make_params, lambda a, k, p: p["v"] is not None and (p["i"], p["j"], p["h"], p["w"], p["v"]))
+    slots = [n for n, t in enumerate(pil.transforms) if isinstance(t, v2.RandomApply)]
+    g = torch.Generator().manual_seed(3)
+    for seed in range(40):
+        image = smooth_image(g, int(torch.randint(60, 300, (1,), generator=g)), int(torch.randint(60, 300, (1,), generator=g)))
+        seen.clear()
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            pil(image)
+        box, flip, op1, op2, erase = aug.draw(seed, image.height, image.width)
+        assert box == seen["box"] and flip == seen.get("flip", False)
+        assert [op1, op2] == [seen.get(n) for n in slots] + [None] * (2 - len(slots))
+        want = seen.get("erase") or None
+        assert (erase is None) == (want is None) and (erase is None or (erase[:4] == want[:4] and torch.equal(erase[4], want[4])))
+
+
 def test_device_path_draws_and_augments_as_the_pil_path():
     # The same per-sample seed gives the same crop, flip, ops and erasing on both paths: every
     # sample within 2 levels on average (0..255), where another seed's draws differ by tens.
@@ -647,6 +682,16 @@ def test_device_path_draws_and_augments_as_the_pil_path():
     assert len({op[0] for op in ops if op}) >= 12 and 0.1 < sum(d[4] is not None for d in draws) / 200 < 0.4
 
 
+def test_loader_auto_is_the_device_path_on_gpus_for_image_files(tmp_path):
+    root = make_image_folder(tmp_path / "data", n=2, size=100)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    args = train.get_args(["--data-path", root])
+    assert args.recipe == "deit" and train.use_device(args, cuda) and not train.use_device(args, cpu)
+    assert train.loader_name(args, cuda) == "device loader" and train.loader_name(args, cpu) == "PIL loader"
+    assert not train.use_device(train.get_args(["--data", "fake"]), cuda)                   # no files to read
+    assert not train.use_device(train.get_args(["--data", "cifar10"]), cuda)                # small: in memory
+
+
 def test_device_augment_pickles_for_spawned_workers():
     import pickle
     _, aug, _ = deit_augment()
@@ -657,13 +702,20 @@ def test_device_augment_pickles_for_spawned_workers():
 def test_device_path_decodes_greyscale_cmyk_and_png_as_pil_does():
     _, aug, _ = deit_augment()
     g = torch.Generator().manual_seed(2)
+    import io
+    from PIL import Image
     for mode, fmt in (("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "JPEG"), ("RGB", "PNG")):
         data = encoded(smooth_image(g, 40, 50, mode), fmt)
-        from PIL import Image
-        import io
         want = torch.from_numpy(np.array(Image.open(io.BytesIO(data.numpy().tobytes())).convert("RGB"))).permute(2, 0, 1)
         (got,) = aug.decode([data], ["x"])
         assert got.shape == (3, 40, 50) and (got.int() - want.int()).abs().max() <= 1, (mode, fmt)
+    for fmt, mode in (("BMP", "RGB"), ("TIFF", "RGB"), ("PPM", "RGB"), ("PNG", "I;16")):   # what decode_image rejects
+        image = smooth_image(g, 30, 20)
+        image = image.convert("L").point(lambda v: v * 256).convert("I;16") if mode == "I;16" else image
+        data = encoded(image, fmt)
+        want = torch.from_numpy(np.array(Image.open(io.BytesIO(data.numpy().tobytes())).convert("RGB"))).permute(2, 0, 1)
+        (got,) = aug.decode([data], ["x"])
+        assert got.dtype == torch.uint8 and torch.equal(got, want), fmt
     with pytest.raises(train.UserError, match="cannot read image broken.jpg"):
         aug.decode([torch.tensor([0xFF, 0xD8, 1, 2], dtype=torch.uint8)], ["broken.jpg"])
 
@@ -682,11 +734,16 @@ def test_device_path_applies_each_sample_its_own_ops_and_a_resumed_epoch_repeats
     loader.set_epoch(1, start_batch=2)
     resumed = list(loader)
     assert len(resumed) == 2 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(resumed, whole[2:]))
-    files, labels, draws, paths = train.as_lists([loader.loader.dataset[key] for key in list(loader.sampler)[:8]])
-    assert len({d[2] for d in draws} | {d[3] for d in draws}) > 2                  # the samples drew different ops
-    together = loader.augment(loader.augment.decode(files, paths), draws)
+    args.workers = 2                                   # the same batches from loader worker processes
+    loader_w = train.build_loaders(args, env)[0]
+    loader_w.set_epoch(1)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(loader_w, whole))
+    items = [loader.loader.dataset[key] for key in list(loader.sampler)[:8]]
+    assert len({d[2] for _, _, d, _ in items} | {d[3] for _, _, d, _ in items}) > 2   # the samples drew different ops
+    together, labels = loader.on_device(train.collate_files(items))
+    assert labels.tolist() == [label for _, label, _, _ in items]
     for b in range(8):
-        alone = loader.augment(loader.augment.decode(files[b:b + 1], paths[b:b + 1]), draws[b:b + 1])
+        alone, _ = loader.on_device(train.collate_files(items[b:b + 1]))
         torch.testing.assert_close(together[b:b + 1], alone, atol=1e-6, rtol=0)
 
 
@@ -1168,6 +1225,13 @@ def test_every_rank_reports_its_own_failure(capsys):
     finally:
         os.environ.pop("RANK"), os.environ.pop("WORLD_SIZE")
     assert capsys.readouterr().err == ""
+    os.environ.update(RANK="3", WORLD_SIZE="4")
+    try:   # a stop only this rank knows the reason for (its loader worker died): it says so itself
+        assert train.cli(lambda argv: (_ for _ in ()).throw(train.Stopped("stopped by SIGTERM; a worker died", 143, shared=False))) == 143
+        assert train.cli(lambda argv: (_ for _ in ()).throw(train.Stopped("stopped by SIGTERM at step 10", 143))) == 143
+    finally:
+        os.environ.pop("RANK"), os.environ.pop("WORLD_SIZE")
+    assert capsys.readouterr().err == "(rank 3) stopped by SIGTERM; a worker died\n"
 
 
 def test_torchrun_with_accumulation_equals_one_process_and_exits_0(tmp_path):
@@ -1255,20 +1319,24 @@ def test_sigterm_to_a_ddp_job_stops_every_rank_at_the_same_agreed_step(tmp_path)
     # workers. The workers ignore it, so each rank trains on to the next step at which the ranks
     # compare stop flags (every StopRequest.EVERY steps), and all stop there: one checkpoint at that
     # step, every rank ending with the one line, nobody left waiting in a collective.
-    out = str(tmp_path / "run")
+    import time
+    out, log, err_file = str(tmp_path / "run"), tmp_path / "stdout", tmp_path / "stderr"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(HERE, "train.py"),
            *FAKE, "--subset", "4096", "--epochs", "50", "--loader", "pil", "--workers", "1", "--log-interval", "1",
            "--out-dir", out]
-    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
-                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-    try:
-        for line in job.stdout:
-            if line.startswith("epoch 1/50 | step 3/"):
-                break
-        os.killpg(job.pid, signal.SIGTERM)
-        _, err = job.communicate(timeout=120)
-    finally:
-        job.kill()
+    with open(log, "w") as stdout, open(err_file, "w") as stderr:      # files: no pipe fills up and blocks
+        job = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, cwd=HERE, start_new_session=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+        try:
+            deadline = time.time() + 180
+            while "epoch 1/50 | step 3/" not in log.read_text():
+                assert job.poll() is None and time.time() < deadline, err_file.read_text()[-2000:]
+                time.sleep(0.2)
+            os.killpg(job.pid, signal.SIGTERM)
+            job.wait(timeout=120)
+        finally:
+            job.kill()
+    err = err_file.read_text()
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     assert ckpt["epoch"] == 0 and ckpt["step"] % train.StopRequest.EVERY == 0 and ckpt["step"] > 0, (ckpt["step"], err[-2000:])
     assert f"stopped by SIGTERM at epoch 1, step {ckpt['step']}/" in err and "died" not in err, err[-2000:]

@@ -84,11 +84,11 @@ class UserError(Exception):
 
 
 class Stopped(Exception):
-    """The run stopped early on a signal, after saving: one line, and the exit code."""
+    """The run stopped early on a signal: one line, and the exit code. `shared` as for UserError."""
 
-    def __init__(self, message, code):
+    def __init__(self, message, code, shared=True):
         super().__init__(message)
-        self.code = code
+        self.code, self.shared = code, shared
 
 
 def get_args(argv=None):
@@ -238,6 +238,18 @@ def check_args(args):
 
 # ----------------------------------------------------------------------------------------
 # Data: datasets, the seeded sampler, the PIL path (ImageNet) and the in-memory path (small images)
+
+def numpy_rgb(data, path):
+    """Encoded bytes, (n,) uint8, as PIL decodes them for the PIL path: (H, W, 3) uint8 RGB."""
+    import io
+    import numpy as np
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+            return np.array(im.convert("RGB"))
+    except Exception as e:
+        raise UserError(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace the file") from None
+
 
 def read_image(path):
     from PIL import Image
@@ -467,11 +479,16 @@ class DeviceAugment:
         self.randaug = [t.transforms[0] for t in self.steps if isinstance(t, v2.RandomApply)]   # 2 ops, or none
         self.erasing = isinstance(self.steps[-1], v2.RandomErasing)
         self.mean, self.std = MEAN_STD["imagenet"]
+        self.device_mean_std = None                                # made on the device at the first batch
+
+    def to_device(self, t):
+        """A CPU tensor on the device without waiting for the GPU's queue (a pageable copy would)."""
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     def draw(self, seed, height, width):
-        """The draws the PIL path makes for this sample: [crop box, flip, *ops, erasing], each op
-        (name, magnitude) or None, erasing (i, j, h, w, noise) or None. The calls and their order
-        are those of torchvision's Compose: same seed, same numbers."""
+        """The draws the PIL path makes for this sample: [crop box, flip, op 1, op 2, erasing], each
+        op (name, magnitude) or None (not drawn, or RandAugment off), erasing (i, j, h, w, noise) or
+        None. The calls and their order are those of torchvision's Compose: same seed, same numbers."""
         from torchvision.transforms import v2
         draws = []
         with torch.random.fork_rng(devices=[]):
@@ -480,14 +497,16 @@ class DeviceAugment:
                 if isinstance(t, v2.RandomResizedCrop):      # stand-ins with the image's shape, no memory
                     box = t.make_params([torch.empty(3, 1, 1, dtype=torch.uint8).expand(3, height, width)])
                     draws.append((box["top"], box["left"], box["height"], box["width"]))
-                elif isinstance(t, v2.RandomHorizontalFlip):
+                elif isinstance(t, v2.RandomHorizontalFlip):  # (torchvision skips a transform on rand >= p)
                     draws.append(not torch.rand(1) >= t.p)
                 elif isinstance(t, v2.RandomApply):          # RandAugment, one op with probability 0.5
                     draws.append(None if torch.rand(1) >= t.p else self.draw_op(t.transforms[0]))
                 elif isinstance(t, v2.RandomErasing):
                     e = None if torch.rand(1) >= t.p else t.make_params([torch.empty(3, 1, 1).expand(3, self.size, self.size)])
                     draws.append(None if e is None or e["v"] is None else (e["i"], e["j"], e["h"], e["w"], e["v"]))
-        return draws
+        if not self.randaug:
+            draws[2:2] = [None, None]
+        return draws if self.erasing else draws + [None]
 
     def draw_op(self, ra):
         """One op as v2.RandAugment.forward draws it, for an image of the crop's size."""
@@ -510,9 +529,12 @@ class DeviceAugment:
         images = []
         for f, path in zip(files, paths):
             try:
-                images.append(decode_image(f, mode=ImageReadMode.RGB).to(self.device, non_blocking=True))
-            except RuntimeError as e:
-                raise UserError(f"cannot read image {path} ({e}); delete or replace the file") from None
+                image = decode_image(f, mode=ImageReadMode.RGB)
+            except RuntimeError:          # BMP, TIFF, PPM...: ImageFolder lists them, PIL reads them
+                image = None
+            if image is None or image.dtype != torch.uint8:           # (16-bit PNGs decode to uint16)
+                image = torch.from_numpy(numpy_rgb(f, path)).permute(2, 0, 1)
+            images.append(self.to_device(image))
         return images
 
     def __call__(self, images, draws):
@@ -521,23 +543,27 @@ class DeviceAugment:
         S, dev = self.size, self.device
         x = torch.stack([v2.functional.resized_crop(im, *d[0], [S, S], interpolation=v2.InterpolationMode.BICUBIC,
                                                     antialias=True) for im, d in zip(images, draws)])   # (B, 3, S, S) uint8
-        flip = torch.tensor([d[1] for d in draws], device=dev)
+        flip = self.to_device(torch.tensor([bool(d[1]) for d in draws]))
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
         for k, ra in enumerate(self.randaug, start=2):
             groups = {}                                   # torchvision's ops take one draw per call:
             for b, d in enumerate(draws):                 # apply each op to the samples that drew it
                 if d[k] is not None:
-                    groups.setdefault(d[k], []).append(b)
-            for (name, magnitude), idx in groups.items():
-                idx = torch.tensor(idx, device=dev)       # tensors rotate/shear bilinearly (PIL: bicubic)
+                    groups.setdefault(tuple(d[k]), []).append(b)
+            if not groups:
+                continue
+            members = self.to_device(torch.tensor([b for idx in groups.values() for b in idx]))   # one copy
+            for ((name, magnitude), idx) in zip(groups, members.split([len(i) for i in groups.values()])):
                 x[idx] = ra._apply_image_or_video_transform(x[idx], name, magnitude, fill=ra._fill,
                                                             interpolation=v2.InterpolationMode.BILINEAR)
-        mean, std = (torch.tensor(v, device=dev).view(1, 3, 1, 1) for v in (self.mean, self.std))
+        if self.device_mean_std is None:                  # (tensors rotate/shear bilinearly; PIL: bicubic)
+            self.device_mean_std = [self.to_device(torch.tensor(v).view(1, 3, 1, 1)) for v in (self.mean, self.std)]
+        mean, std = self.device_mean_std
         x = (x.float() / 255 - mean) / std                                    # (B, 3, S, S) float
-        for b, d in enumerate(draws if self.erasing else []):
-            if d[-1] is not None:
-                i, j, h, w, noise = d[-1]                                     # noise: (3, h, w)
-                x[b, :, i:i + h, j:j + w] = noise.to(dev, non_blocking=True)
+        for b, d in enumerate(draws):
+            if d[4] is not None:
+                i, j, h, w, noise = d[4]                                      # noise: (3, h, w)
+                x[b, :, i:i + h, j:j + w] = noise.to(dev)
         return x
 
 
@@ -563,9 +589,14 @@ class SeededDraws(torch.utils.data.Dataset):
         return data, label, self.augment.draw(seed, height, width), path
 
 
-def as_lists(batch):
-    """Collate for the device path: files differ in length, so a batch stays four lists."""
-    return tuple(zip(*batch))
+def collate_files(batch):
+    """Collate for the device path. Files and erasing noise differ in size, so each travels as one
+    flat tensor (one shared-memory segment per batch, not one per file) with the sizes to split it."""
+    files, labels, draws, paths = zip(*batch)
+    noise = [d[4][4].flatten() for d in draws if d[4] is not None]                    # (3 h w,) each
+    draws = [[*d[:4], d[4] and d[4][:4]] for d in draws]
+    return (torch.cat(files), [len(f) for f in files], torch.tensor(labels), draws,
+            torch.cat(noise) if noise else torch.zeros(0), list(paths))
 
 
 class DeviceLoader:
@@ -582,9 +613,18 @@ class DeviceLoader:
         self.sampler.set_epoch(epoch, start_batch * self.batch_size)
 
     def __iter__(self):
-        for files, labels, draws, paths in self.loader:
-            x = self.augment(self.augment.decode(files, paths), draws)              # (B, 3, S, S)
-            yield x, torch.tensor(labels).to(x.device, non_blocking=True)
+        for batch in self.loader:
+            yield self.on_device(batch)
+
+    def on_device(self, batch):
+        """A batch of collate_files, decoded and augmented: (B, 3, S, S) float and (B,) labels."""
+        aug, (files, sizes, labels, draws, noise, paths) = self.augment, batch
+        noise, offset = aug.to_device(noise), 0            # (n,) all erasing boxes' noise, one copy
+        for d in draws:                                    # each box's (3, h, w) view of it
+            if d[4] is not None:
+                i, j, h, w = d[4]
+                d[4], offset = (i, j, h, w, noise[offset:offset + 3 * h * w].view(3, h, w)), offset + 3 * h * w
+        return aug(aug.decode(torch.split(files, sizes), paths), draws), aug.to_device(labels)
 
 
 def ignore_signals(worker_id):
@@ -641,11 +681,12 @@ def build_loaders(args, env):
         env.log(f"decoded {len(train_set):,} + {len(val_set):,} images into memory on {env.device} in {time.time() - t0:.0f} s")
         return train, val, classes, len(train_set)
     kw = dict(num_workers=workers, pin_memory=env.device.type == "cuda", persistent_workers=workers > 0)
-    val = torch.utils.data.DataLoader(val_set, eval_batch, **kw)
+    val = torch.utils.data.DataLoader(val_set, eval_batch, worker_init_fn=ignore_signals, **kw)
     if on_device:
         augment = DeviceAugment(args, env.device)
         train = torch.utils.data.DataLoader(SeededDraws(train_set, augment), env.micro, sampler=sampler, drop_last=True,
-                                            collate_fn=as_lists, worker_init_fn=ignore_signals, **kw)
+                                            collate_fn=collate_files, worker_init_fn=ignore_signals,
+                                            **dict(kw, pin_memory=False))   # (DeviceLoader pins what it copies)
         return DeviceLoader(train, augment), val, classes, len(train_set)
     train = PILLoader(SeededAugment(train_set), env.micro, sampler=sampler, drop_last=True, worker_init_fn=ignore_signals, **kw)
     return train, val, classes, len(train_set)
@@ -777,6 +818,7 @@ class Run:
     t_epoch: float = 0.0                   # when this epoch started (for the training clock)
     data_wait: float = 0.0                 # seconds spent waiting for batches (the loader's share)
     loader_told: bool = False              # the loader-bound line is printed once
+    epoch_start: int = 0                   # the step this epoch's loop started from (0, or a resume's)
 
     def __post_init__(self):
         self.raw_model = self.raw_model or self.model
@@ -838,7 +880,7 @@ def train_one_epoch(run, epoch):
     batches = iter(run.train_loader)
     loss_sum = torch.tensor(prog.loss_sum, device=env.device)       # sum of this epoch's step losses
     bad_step = torch.full((), -1, device=env.device, dtype=torch.long)
-    log_from = (time.time(), prog.step, prog.loss_sum, run.data_wait)
+    log_from, run.epoch_start = (time.time(), prog.step, prog.loss_sum, run.data_wait), prog.step
     for step in range(prog.step, run.steps_per_epoch):
         # Every random draw of this step (MixUp, drop path) follows from (seed, epoch, rank,
         # step), and every augmentation from its sample's position: a run resumed at any step
@@ -853,7 +895,7 @@ def train_one_epoch(run, epoch):
             if env.ddp:                    # ...unless other ranks are past it: they cannot agree on a step
                 raise Stopped(f"stopped by {signal.Signals(run.stop.signum).name}; a loader worker of this rank died "
                               f"with it, before the ranks agreed where to stop: nothing saved, the last checkpoint "
-                              f"is kept. Re-run the same command to resume", 143) from None
+                              f"is kept. Re-run the same command to resume", 143, shared=False) from None
             run.optimizer.zero_grad(set_to_none=True)
             prog.loss_sum, prog.elapsed = loss_sum.item(), run.clock()
             save_last(run)
@@ -898,10 +940,12 @@ def log_progress(run, epoch, loss_sum, log_from):
     t_log, steps_done, loss_done, wait_done = log_from
     ips = (step - steps_done) * args.batch_size / max(time.time() - t_log, 1e-9)
     waited = (run.data_wait - wait_done) / max(time.time() - t_log, 1e-9)     # share of the time spent on data
-    if waited > 0.25 and not run.loader_told:
+    # (not on an epoch's first line: it includes the loader workers' start)
+    if waited > 0.25 and not run.loader_told and steps_done != run.epoch_start:
         run.loader_told = True
-        hint = ("--loader device moves decoding and augmentation to the GPU" if env.device.type == "cuda" and args.loader != "device"
-                else "more --workers would help, if this node has the cores")
+        pil = not use_memory(args) and not use_device(args, env.device)
+        hint = ("--loader device moves decoding and augmentation to the GPU" if env.device.type == "cuda" and pil and
+                args.data != "fake" else "more --workers would help, if this node has the cores")
         env.log(f"the loader bounds this run: {waited:.0%} of the time went to waiting for batches; the model alone "
                 f"would take about {ips / (1 - min(waited, 0.99)):,.0f} img/s against the {ips:,.0f} it gets ({hint})")
     left = (args.epochs - epoch) * run.steps_per_epoch - step
@@ -1427,8 +1471,8 @@ def cli(main_fn, argv=None, interrupted="interrupted; the last checkpoint is who
             print(f"error{where}: {user_error_message(e)}", file=sys.stderr)
         return 2
     except Stopped as e:
-        if rank == 0:
-            print(str(e), file=sys.stderr)
+        if not e.shared or rank == 0:
+            print(f"(rank {rank}) {e}" if not e.shared and world > 1 else str(e), file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
         if rank == 0:

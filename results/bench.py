@@ -336,7 +336,7 @@ def loader_cpu(args):
             targs = train.get_args(["--data-path", root, "--recipe", "deit", "--loader", loader, "--workers", "0",
                                     "--batch-size", str(env.micro)])
             loaders[loader] = train.build_loaders(targs, env)[0]
-        collate = {"pil": torch.utils.data.default_collate, "device": train.as_lists}
+        collate = {"pil": torch.utils.data.default_collate, "device": train.collate_files}
         datasets = {"pil": loaders["pil"].dataset, "device": loaders["device"].loader.dataset}
         keys = list(loaders["pil"].sampler)[:args.bench_images // env.micro * env.micro]
         kb = statistics.mean(os.path.getsize(os.path.join(root, "train", c, f)) / 1e3
@@ -350,8 +350,8 @@ def loader_cpu(args):
                 batches = [collate[name]([data[k] for k in keys[b:b + env.micro]]) for b in range(0, len(keys), env.micro)]
                 times[name].append((time.process_time() - t0) / len(keys))
             t0 = time.process_time()
-            for data, _, draws, paths in batches:          # the device path's batches of this round
-                loaders["device"].augment(loaders["device"].augment.decode(data, paths), draws)
+            for batch in batches:                           # the device path's batches of this round
+                loaders["device"].on_device(batch)
             times["device_side"].append((time.process_time() - t0) / len(keys))
     ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     result = {"pil_worker_ms_per_image": ms["pil"], "device_worker_ms_per_image": ms["device"],

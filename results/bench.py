@@ -10,7 +10,8 @@ anywhere; it imports srvit, train and eval from the repository.
     python results/bench.py --loader-cpu --bench-images 256 --json results/loader-cpu.json
 
 The CPU tables here (bench-cpu*.md, bench-loader-cpu.md, activations-small.md) and the commands
-that made them are in results/README.md; --json FILE writes the numbers beside the table.
+that made them are in results/README.md, loader-cpu.md and compile-cpu.md carry their own;
+--json FILE writes the numbers beside the table.
 """
 
 import argparse

@@ -11,7 +11,7 @@
 # metrics.jsonl holds the last epoch, so re-running `run` resumes the unfinished ones.
 #
 # Checkpoints live in $STUDY (default ~/srvit-study), outside the repository, so a study spread
-# over several sessions resumes each run where it stopped (re-run the same part). The runs use
+# over several invocations resumes each run where it stopped (re-run the same part). The runs use
 # a frozen copy of train.py and srvit.py ($STUDY/code), so editing the tree mid-study is safe.
 set -u
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)

@@ -73,6 +73,7 @@ collect() {   # logs and metrics (not checkpoints) into the repository; the soft
        python -c "import torch,sys; c=torch.load(sys.argv[1],weights_only=True); sys.exit(c['epoch']<c['args']['epochs'])" "$d/last.pt"; then
       OMP_NUM_THREADS=1 python "$ROOT/eval.py" --checkpoint "$d/last.pt" --data-path "$DATA" --workers 0 --steps all \
         --json "$dest/$name-eval.json" | grep -v '^wrote ' > "$dest/$name-eval.md"
+      sed -i "s#$STUDY/runs#<dir>#g; s#$DATA#<cifar10>#g" "$dest/$name-eval.json" "$dest/$name-eval.md"   # no machine paths
     fi
   done
   python "$ROOT/eval.py" --curve "$OUT"/*/ --plot "$ROOT/assets/curve-$TAG.png" --json "$OUT/curve.json" | grep -v '^wrote ' > "$OUT/curve.md"

@@ -239,6 +239,11 @@ def check_args(args):
 # ----------------------------------------------------------------------------------------
 # Data: datasets, the seeded sampler, the PIL path (ImageNet) and the in-memory path (small images)
 
+def unreadable(path, e):
+    """The one-line error for an image file that does not decode (every loader path says the same)."""
+    return UserError(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace the file")
+
+
 def numpy_rgb(data, path):
     """Encoded bytes, (n,) uint8, as PIL decodes them for the PIL path: (H, W, 3) uint8 RGB."""
     import io
@@ -248,7 +253,7 @@ def numpy_rgb(data, path):
         with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
             return np.array(im.convert("RGB"))
     except Exception as e:
-        raise UserError(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace the file") from None
+        raise unreadable(path, e) from None
 
 
 def read_image(path):
@@ -257,7 +262,7 @@ def read_image(path):
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
     except Exception as e:
-        raise UserError(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace the file") from None
+        raise unreadable(path, e) from None
 
 
 def transforms(args, train):
@@ -585,7 +590,7 @@ class SeededDraws(torch.utils.data.Dataset):
             with Image.open(io.BytesIO(data.numpy().tobytes())) as im:   # reads the header only
                 width, height = im.size
         except Exception as e:
-            raise UserError(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace the file") from None
+            raise unreadable(path, e) from None
         return data, label, self.augment.draw(seed, height, width), path
 
 

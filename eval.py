@@ -24,8 +24,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import srvit
-from train import (MEAN_STD, UserError, amp_context, batch_metrics, build_dataset, check_device, cli, first_line, fmt_time,
-                   read_checkpoint, summarize_metrics, transforms)
+from loaders import MEAN_STD, build_dataset, transforms
+from plumbing import UserError, check_device, cli, first_line, fmt_time, read_checkpoint
+from train import amp_context, batch_metrics, summarize_metrics
 
 # The paper's ImageNet-1K top-1, all that its abstract (arXiv 2607.00774) gives: SR-ViT-S at R = 1, 4; DeiT-B.
 PAPER = {"srvit_s": {1: 79.83, 4: 82.48}, "deit_b": 81.8}
@@ -36,7 +37,7 @@ PAPER = {"srvit_s": {1: 79.83, 4: 82.48}, "deit_b": 81.8}
 
 def load_checkpoint(path):
     """A train.py checkpoint -> (model in eval mode, checkpoint dict). One clear error otherwise."""
-    ckpt = read_checkpoint(path)            # missing, half-written or foreign files: train.py's one reader
+    ckpt = read_checkpoint(path)            # missing, half-written or foreign files: train.py's reader too
     try:
         model = srvit.SRViT(srvit.SRViTConfig(**{**ckpt["config"], "grad_checkpointing": False}))
         model.load_state_dict(srvit.clean_state_dict(ckpt["model"]))
@@ -85,9 +86,7 @@ def run_split(model, loader, device, autocast, steps=None, progress=None):
         if progress and b < len(loader) and b % max(1, len(loader) // 10) == 0:
             print(f"  {progress}: {b}/{len(loader)} batches, {sums[3].item() / (time.time() - t0):,.0f} images/s, "
                   f"eta {fmt_time((time.time() - t0) * (len(loader) / b - 1))}", file=sys.stderr)
-    m = summarize_metrics(sums)
-    if m["val_images"] == 0:
-        raise UserError("the validation split is empty")
+    m = summarize_metrics(sums)       # (an empty split cannot get here: build_dataset refuses it)
     out = {"top1": m["top1"], "top5": m["top5"], "loss": m["val_loss"], "images": m["val_images"],
            "images_per_s": m["val_images"] / (time.time() - t0)}
     if tokens:
@@ -100,7 +99,7 @@ def validation_data(args, model, ckpt):
     """The checkpoint's validation split, or the one --data/--data-path/--val-subset name (flags checked first)."""
     cfg = model.config
     given = {k: getattr(args, k) for k in ("data", "data_path", "val_subset") if getattr(args, k) is not None}
-    # train.build_dataset reads these as train.py does: --val-subset N is training's subset, the same N images
+    # loaders.build_dataset reads these as train.py does: --val-subset N is training's subset, the same N images
     targs = argparse.Namespace(**{**ckpt.get("args", {}), **given, "img_size": cfg.img_size, "num_classes": cfg.num_classes})
     if args.steps not in (None, "all") and not (args.steps.isdigit() and 1 <= int(args.steps) <= cfg.depth):
         raise UserError(f"--steps takes 'all' or a number of steps in 1..{cfg.depth} (this model's depth), got {args.steps!r}")

@@ -446,6 +446,8 @@ def test_cost_table_runs():
 # ----------------------------------------------------------------------------------------
 # train.py
 
+import loaders  # noqa: E402
+import plumbing  # noqa: E402
 import train  # noqa: E402
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still work, and the
@@ -495,9 +497,9 @@ def make_image_folder(root, splits=("train", "val"), classes=("cat", "dog"), n=1
 
 def user_error(argv, *fragments):
     """Run train.main in-process and return the UserError's message (the line the CLI prints)."""
-    with pytest.raises(train.UserError) as e:
+    with pytest.raises(plumbing.UserError) as e:
         train.main(argv)
-    message = train.user_error_message(e.value)
+    message = plumbing.user_error_message(e.value)
     for fragment in fragments:
         assert fragment in message, message
     return message
@@ -522,7 +524,7 @@ def test_train_one_epoch_runs_on_its_own():
     # The loop is testable without main(): a model, a loader, an optimizer and the run's settings.
     # A loader that yields a fixed batch, and an optimizer with lr 0 except through lr_at.
     args = train.get_args(FAST + ["--data", "fake", "--depth", "2", "--epochs", "1", "--warmup-epochs", "0"])
-    env = train.Env(device=torch.device("cpu"), accum=2, micro=4)
+    env = plumbing.Env(device=torch.device("cpu"), accum=2, micro=4)
     model = tiny(depth=2)
     x, y = images(4), torch.arange(4)
     batches = type("Fixed", (), {"set_epoch": lambda self, e, start_batch=0: None,
@@ -548,7 +550,7 @@ def test_a_slow_loader_is_named_once_as_the_bound():
             yield x, y
     lines = []
     for loader, told in ((slow, True), (lambda: iter([(x, y)] * 8), False)):
-        env = train.Env(device=torch.device("cpu"), micro=4)
+        env = plumbing.Env(device=torch.device("cpu"), micro=4)
         env.log = lines.append
         batches = type("Batches", (), {"set_epoch": lambda self, e, start_batch=0: None, "__iter__": lambda self: loader()})()
         model = tiny(depth=1)
@@ -568,7 +570,7 @@ def test_memory_loader_matches_the_pil_path_without_augmentation(tmp_path):
     batches = {}
     for loader in ("memory", "pil"):
         args.loader = loader
-        tr, _, classes, n = train.build_loaders(args, env)
+        tr, _, classes, n = loaders.build_loaders(args, env)
         tr.set_epoch(3)
         batches[loader] = next(iter(tr))
     assert classes == ["cat", "dog"] and n == 16
@@ -588,7 +590,7 @@ def smooth_image(g, height, width, mode="RGB"):
 
 def deit_augment(size=96):
     args = train.get_args(["--data", "fake", "--recipe", "deit", "--img-size", str(size), "--patch-size", "16"])
-    return args, train.DeviceAugment(args, torch.device("cpu")), train.transforms(args, train=True)
+    return args, loaders.DeviceAugment(args, torch.device("cpu")), loaders.transforms(args, train=True)
 
 
 def encoded(image, fmt="JPEG"):
@@ -629,7 +631,7 @@ def test_device_path_draws_exactly_what_the_pil_path_draws(flags):
     # The PIL path's transforms, instrumented: each records the parameters it used when it ran.
     from torchvision.transforms import v2
     args = train.get_args(["--data", "fake", "--recipe", "deit", "--img-size", "96", "--patch-size", "16", *flags])
-    aug, pil = train.DeviceAugment(args, torch.device("cpu")), train.transforms(args, train=True)
+    aug, pil = loaders.DeviceAugment(args, torch.device("cpu")), loaders.transforms(args, train=True)
     seen = {}
 
     def recording(key, fn, keep):
@@ -663,7 +665,7 @@ def test_device_path_draws_and_augments_as_the_pil_path():
     # The same per-sample seed gives the same crop, flip, ops and erasing on both paths: every
     # sample within 2 levels on average (0..255), where another seed's draws differ by tens.
     args, aug, pil = deit_augment()
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in train.MEAN_STD["imagenet"])
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in loaders.MEAN_STD["imagenet"])
     g, diffs = torch.Generator().manual_seed(1), []
     for seed in range(24):
         image = smooth_image(g, int(torch.randint(100, 200, (1,), generator=g)), int(torch.randint(100, 200, (1,), generator=g)))
@@ -686,10 +688,10 @@ def test_loader_auto_is_the_device_path_on_gpus_for_image_files(tmp_path):
     root = make_image_folder(tmp_path / "data", n=2, size=100)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     args = train.get_args(["--data-path", root])
-    assert args.recipe == "deit" and train.use_device(args, cuda) and not train.use_device(args, cpu)
-    assert train.loader_name(args, cuda) == "device loader" and train.loader_name(args, cpu) == "PIL loader"
-    assert not train.use_device(train.get_args(["--data", "fake"]), cuda)                   # no files to read
-    assert not train.use_device(train.get_args(["--data", "cifar10"]), cuda)                # small: in memory
+    assert args.recipe == "deit" and loaders.use_device(args, cuda) and not loaders.use_device(args, cpu)
+    assert loaders.loader_name(args, cuda) == "device loader" and loaders.loader_name(args, cpu) == "PIL loader"
+    assert not loaders.use_device(train.get_args(["--data", "fake"]), cuda)                   # no files to read
+    assert not loaders.use_device(train.get_args(["--data", "cifar10"]), cuda)                # small: in memory
 
 
 def test_device_augment_pickles_for_spawned_workers():
@@ -716,7 +718,7 @@ def test_device_path_decodes_greyscale_cmyk_and_png_as_pil_does():
         want = torch.from_numpy(np.array(Image.open(io.BytesIO(data.numpy().tobytes())).convert("RGB"))).permute(2, 0, 1)
         (got,) = aug.decode([data], ["x"])
         assert got.dtype == torch.uint8 and torch.equal(got, want), fmt
-    with pytest.raises(train.UserError, match="cannot read image broken.jpg"):
+    with pytest.raises(plumbing.UserError, match="cannot read image broken.jpg"):
         aug.decode([torch.tensor([0xFF, 0xD8, 1, 2], dtype=torch.uint8)], ["broken.jpg"])
 
 
@@ -727,49 +729,49 @@ def test_device_path_applies_each_sample_its_own_ops_and_a_resumed_epoch_repeats
     args = train.get_args(["--data-path", root, "--loader", "device", "--recipe", "deit", "--img-size", "96",
                            "--patch-size", "16", "--batch-size", "8", "--workers", "0"])
     env = SimpleNamespace(rank=0, world=1, micro=8, device=torch.device("cpu"), log=lambda *a: None)
-    loader, _, classes, n = train.build_loaders(args, env)
-    assert isinstance(loader, train.DeviceLoader) and classes == ["cat", "dog"] and n == 32 and len(loader) == 4
+    loader, _, classes, n = loaders.build_loaders(args, env)
+    assert isinstance(loader, loaders.DeviceLoader) and classes == ["cat", "dog"] and n == 32 and len(loader) == 4
     loader.set_epoch(1)
     whole = list(loader)
     loader.set_epoch(1, start_batch=2)
     resumed = list(loader)
     assert len(resumed) == 2 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(resumed, whole[2:]))
     args.workers = 2                                   # the same batches from loader worker processes
-    loader_w = train.build_loaders(args, env)[0]
+    loader_w = loaders.build_loaders(args, env)[0]
     loader_w.set_epoch(1)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(loader_w, whole))
     items = [loader.loader.dataset[key] for key in list(loader.sampler)[:8]]
     assert len({d[2] for _, _, d, _ in items} | {d[3] for _, _, d, _ in items}) > 2   # the samples drew different ops
-    together, labels = loader.on_device(train.collate_files(items))
+    together, labels = loader.on_device(loaders.collate_files(items))
     assert labels.tolist() == [label for _, label, _, _ in items]
     for b in range(8):
-        alone, _ = loader.on_device(train.collate_files(items[b:b + 1]))
+        alone, _ = loader.on_device(loaders.collate_files(items[b:b + 1]))
         torch.testing.assert_close(together[b:b + 1], alone, atol=1e-6, rtol=0)
 
 
 def test_crop_padding_and_hflip_switch_off_and_flip_exactly():
     x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
     g = lambda: torch.Generator().manual_seed(0)
-    assert torch.equal(train.pad_crop_flip(x, 0, 0.0, g()), x)
-    assert torch.equal(train.pad_crop_flip(x, 0, 1.0, g()), x.flip(3))
-    cropped = train.pad_crop_flip(x, 2, 0.0, g())
+    assert torch.equal(loaders.pad_crop_flip(x, 0, 0.0, g()), x)
+    assert torch.equal(loaders.pad_crop_flip(x, 0, 1.0, g()), x.flip(3))
+    cropped = loaders.pad_crop_flip(x, 2, 0.0, g())
     assert not torch.equal(cropped, x)
     for i in range(6):    # each image is a window of the zero-padded image
         padded = F.pad(x[i], (2, 2, 2, 2))
         assert any(torch.equal(cropped[i], padded[:, r:r + 8, c:c + 8]) for r in range(5) for c in range(5))
     args = train.get_args(FAST + ["--hflip", "0", "--crop-padding", "0"])
-    assert "RandomCrop" not in str(train.transforms(args, True)) and "p=0" in str(train.transforms(args, True))
+    assert "RandomCrop" not in str(loaders.transforms(args, True)) and "p=0" in str(loaders.transforms(args, True))
 
 
 def test_reflect_padding_crops_windows_of_the_mirrored_image():
     x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
-    cropped = train.pad_crop_flip(x, 4, 0.0, torch.Generator().manual_seed(0), "reflect")
+    cropped = loaders.pad_crop_flip(x, 4, 0.0, torch.Generator().manual_seed(0), "reflect")
     assert cropped.dtype == torch.uint8 and not torch.equal(cropped, x)
     for i in range(6):    # each image is a window of the reflect-padded image (edge pixel not repeated)
         padded = F.pad(x[i].float(), (4, 4, 4, 4), mode="reflect").byte()
         assert any(torch.equal(cropped[i], padded[:, r:r + 8, c:c + 8]) for r in range(9) for c in range(9))
     args = train.get_args(FAST)
-    assert args.pad_mode == "reflect" and "padding_mode=reflect" in str(train.transforms(args, True))
+    assert args.pad_mode == "reflect" and "padding_mode=reflect" in str(loaders.transforms(args, True))
 
 
 def test_bare_command_trains_the_papers_setting_or_names_the_missing_folder(tmp_path, monkeypatch):
@@ -880,8 +882,8 @@ def test_explicit_model_flag_wins_and_names_say_what_was_built():
 def test_random_streams_of_seeds_epochs_and_ranks_never_collide():
     # The old scheme seed*10000 + epoch*100 + rank made seed 0 at epoch 100 replay seed 1 at epoch 0.
     keys = [(s, e, r) for s in range(4) for e in range(300) for r in range(8)]
-    assert len({train.seed_for("step", s, e, r, 0) for s, e, r in keys}) == len(keys)
-    order = lambda seed, epoch: (s := train.RepeatedAugSampler(1000, 0, 1, 1, seed), s.set_epoch(epoch), s.indices())[-1]
+    assert len({loaders.seed_for("step", s, e, r, 0) for s, e, r in keys}) == len(keys)
+    order = lambda seed, epoch: (s := loaders.RepeatedAugSampler(1000, 0, 1, 1, seed), s.set_epoch(epoch), s.indices())[-1]
     assert not torch.equal(order(0, 100), order(1, 0)) and torch.equal(order(0, 100), order(0, 100))
 
 
@@ -894,11 +896,11 @@ def test_mixup_partner_is_another_image_at_every_world_size():
     for world in (1, 2, 4, 8):
         same = total = 0
         for rank in range(world):
-            sampler = train.RepeatedAugSampler(n, rank, world, 3, seed=0)
+            sampler = loaders.RepeatedAugSampler(n, rank, world, 3, seed=0)
             idx = sampler.indices()
             for b in range(len(idx) // micro):
                 ids = idx[b * micro:(b + 1) * micro]
-                _, target = train.mix_batch(torch.zeros(micro, 3, 8, 8), ids, args, n)
+                _, target = loaders.mix_batch(torch.zeros(micro, 3, 8, 8), ids, args, n)
                 two = target.topk(2).indices                     # (B, 2): the image and its partner
                 partner = torch.where(two[:, 0] == ids, two[:, 1], two[:, 0])
                 same += int(((target > 0).sum(1) == 1).sum())    # mixed with a copy of itself
@@ -909,11 +911,11 @@ def test_mixup_partner_is_another_image_at_every_world_size():
 def test_mixup_and_cutmix_follow_timm():
     torch.manual_seed(0)
     x, y = torch.rand(8, 3, 16, 16), torch.arange(8)
-    mixed, target = train.mix_batch(x, y, SimpleNamespace(mixup=0.8, cutmix=0.0), 8)
+    mixed, target = loaders.mix_batch(x, y, SimpleNamespace(mixup=0.8, cutmix=0.0), 8)
     lam = target[0, 0].item()
     torch.testing.assert_close(mixed, lam * x + (1 - lam) * x.flip(0))
     torch.testing.assert_close(target.sum(1), torch.ones(8))
-    mixed, target = train.mix_batch(x, y, SimpleNamespace(mixup=0.0, cutmix=1.0), 8)
+    mixed, target = loaders.mix_batch(x, y, SimpleNamespace(mixup=0.0, cutmix=1.0), 8)
     from_partner = (mixed != x).any(1).float().mean().item()    # share of pixels pasted from the partner
     assert target[0, 7].item() == pytest.approx(from_partner, abs=1e-6) and target[0, 0] + target[0, 7] == pytest.approx(1)
 
@@ -921,7 +923,7 @@ def test_mixup_and_cutmix_follow_timm():
 def test_randaugment_and_erasing_match_deits_strength():
     from torchvision.transforms import v2
     args = train.get_args(["--data", "imagenet"])
-    tf = train.transforms(args, train=True).transforms
+    tf = loaders.transforms(args, train=True).transforms
     ops = [t for t in tf if isinstance(t, v2.RandomApply)]
     assert len(ops) == 2 and all(o.p == 0.5 for o in ops)             # 2 ops, each applied with p = 0.5
     ra = ops[0].transforms[0]
@@ -992,7 +994,7 @@ def test_sigterm_mid_epoch_saves_and_resume_repeats_the_uninterrupted_run(tmp_pa
         return lr_at(*a)
     monkeypatch.setattr(train, "lr_at", signal_at_step_5)
     cut = str(tmp_path / "cut")
-    with pytest.raises(train.Stopped) as stop:
+    with pytest.raises(plumbing.Stopped) as stop:
         train.main(args + ["--out-dir", cut])
     assert stop.value.code == 143 and "stopped by SIGTERM at epoch 1, step 5/8" in str(stop.value)
     ckpt = torch.load(os.path.join(cut, "last.pt"), weights_only=True)
@@ -1005,8 +1007,8 @@ def test_sigterm_mid_epoch_saves_and_resume_repeats_the_uninterrupted_run(tmp_pa
 
 def test_save_every_writes_mid_epoch_checkpoints(tmp_path, monkeypatch):
     saved = []
-    save = train.OutDir.save
-    monkeypatch.setattr(train.OutDir, "save", lambda self, ckpt, path: (saved.append((ckpt["epoch"], ckpt["step"])), save(self, ckpt, path)))
+    save = plumbing.OutDir.save
+    monkeypatch.setattr(plumbing.OutDir, "save", lambda self, ckpt, path: (saved.append((ckpt["epoch"], ckpt["step"])), save(self, ckpt, path)))
     train.main(FAKE + ["--depth", "1", "--epochs", "1", "--save-every", "3", "--out-dir", str(tmp_path / "run")])
     assert saved[:2] == [(0, 3), (0, 6)] and saved[-1] == (1, 0)
 
@@ -1019,18 +1021,18 @@ def test_kill_between_checkpoint_and_metrics_row_loses_nothing(tmp_path, monkeyp
     args = FAKE + ["--depth", "1", "--epochs", "3"]
     train.main(args + ["--out-dir", str(tmp_path / "whole")])
     cut = str(tmp_path / "cut")
-    append = train.OutDir.append_metrics
+    append = plumbing.OutDir.append_metrics
 
     def crash_on_epoch_2(self, row):     # last.pt of epoch 2 is renamed into place; its row is not written
         if row.get("epoch") == 2:
             raise Crash
         append(self, row)
-    monkeypatch.setattr(train.OutDir, "append_metrics", crash_on_epoch_2)
+    monkeypatch.setattr(plumbing.OutDir, "append_metrics", crash_on_epoch_2)
     with pytest.raises(Crash):
         train.main(args + ["--out-dir", cut])
     with open(os.path.join(cut, "last.pt.tmp"), "wb") as f:       # and a leftover from a kill mid-write
         f.write(b"half")
-    monkeypatch.setattr(train.OutDir, "append_metrics", append)
+    monkeypatch.setattr(plumbing.OutDir, "append_metrics", append)
     train.main(args + ["--out-dir", cut])
     assert epoch_rows(cut) == epoch_rows(str(tmp_path / "whole"))    # every epoch exactly once
     assert not [f for f in os.listdir(cut) if f.endswith(".tmp")]
@@ -1043,19 +1045,19 @@ def test_kill_between_best_and_last_keeps_the_best_model(tmp_path, monkeypatch):
     scores = iter([10.0, 30.0, 15.0, 20.0])           # killed run: epochs 1, 2; resumed run: epochs 2, 3
     evaluate = train.evaluate
     monkeypatch.setattr(train, "evaluate", lambda *a, **k: {**evaluate(*a, **k), "top1": next(scores)})
-    out, save = str(tmp_path / "run"), train.OutDir.save
+    out, save = str(tmp_path / "run"), plumbing.OutDir.save
 
     def crash_after_best_of_epoch_2(self, ckpt, path):
         save(self, ckpt, path)
         if ckpt["epoch"] == 2 and path == self.best:
             raise Crash
-    monkeypatch.setattr(train.OutDir, "save", crash_after_best_of_epoch_2)
+    monkeypatch.setattr(plumbing.OutDir, "save", crash_after_best_of_epoch_2)
     args = FAKE + ["--depth", "1", "--epochs", "3", "--out-dir", out]
     with pytest.raises(Crash):
         train.main(args)
     assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["epoch"] == 1     # best.pt is ahead of it
     killed_best = torch.load(os.path.join(out, "best.pt"), weights_only=True)
-    monkeypatch.setattr(train.OutDir, "save", save)
+    monkeypatch.setattr(plumbing.OutDir, "save", save)
     train.main(args)
     best = torch.load(os.path.join(out, "best.pt"), weights_only=True)
     assert (best["epoch"], best["metrics"]["top1"]) == (2, 30.0)
@@ -1069,7 +1071,7 @@ def epochs_done(out):
 
 
 def test_metrics_repair_keeps_old_rows_and_drops_a_torn_line(tmp_path):
-    out = train.OutDir(str(tmp_path), master=True)
+    out = plumbing.OutDir(str(tmp_path), master=True)
     rows = [{"type": "run"}] + [{"type": "epoch", "epoch": e} for e in (1, 2, 2, 3)]
     with open(out.metrics, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -1172,9 +1174,9 @@ def test_full_disk_leaves_the_previous_checkpoint_and_no_tmp(tmp_path, monkeypat
 
 
 def test_a_write_error_without_a_message_still_gives_one_line(tmp_path, monkeypatch):
-    out = train.OutDir(str(tmp_path), master=True)
+    out = plumbing.OutDir(str(tmp_path), master=True)
     monkeypatch.setattr(torch, "save", lambda obj, f: (_ for _ in ()).throw(OSError()))
-    with pytest.raises(train.UserError, match=r"could not write .*last\.pt \(OSError\); is the disk full"):
+    with pytest.raises(plumbing.UserError, match=r"could not write .*last\.pt \(OSError\); is the disk full"):
         out.save({"x": 1}, os.path.join(str(tmp_path), "last.pt"))
 
 
@@ -1211,24 +1213,24 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
 
 
 def test_every_rank_reports_its_own_failure(capsys):
-    e = train.UserError("cannot read image x.jpg")
+    e = plumbing.UserError("cannot read image x.jpg")
     for rank, printed in (("0", True), ("3", True)):
         os.environ.update(RANK=rank, WORLD_SIZE="4")
         try:
-            code = train.cli(lambda argv: (_ for _ in ()).throw(e))
+            code = plumbing.cli(lambda argv: (_ for _ in ()).throw(e))
         finally:
             os.environ.pop("RANK"), os.environ.pop("WORLD_SIZE")
         assert code == 2 and f"error (rank {rank}): cannot read image x.jpg" in capsys.readouterr().err
     os.environ.update(RANK="3", WORLD_SIZE="4")
     try:   # an error every rank hits alike is printed once, by rank 0
-        assert train.cli(lambda argv: (_ for _ in ()).throw(train.UserError("bad flag", shared=True))) == 2
+        assert plumbing.cli(lambda argv: (_ for _ in ()).throw(plumbing.UserError("bad flag", shared=True))) == 2
     finally:
         os.environ.pop("RANK"), os.environ.pop("WORLD_SIZE")
     assert capsys.readouterr().err == ""
     os.environ.update(RANK="3", WORLD_SIZE="4")
     try:   # a stop only this rank knows the reason for (its loader worker died): it says so itself
-        assert train.cli(lambda argv: (_ for _ in ()).throw(train.Stopped("stopped by SIGTERM; a worker died", 143, shared=False))) == 143
-        assert train.cli(lambda argv: (_ for _ in ()).throw(train.Stopped("stopped by SIGTERM at step 10", 143))) == 143
+        assert plumbing.cli(lambda argv: (_ for _ in ()).throw(plumbing.Stopped("stopped by SIGTERM; a worker died", 143, shared=False))) == 143
+        assert plumbing.cli(lambda argv: (_ for _ in ()).throw(plumbing.Stopped("stopped by SIGTERM at step 10", 143))) == 143
     finally:
         os.environ.pop("RANK"), os.environ.pop("WORLD_SIZE")
     assert capsys.readouterr().err == "(rank 3) stopped by SIGTERM; a worker died\n"
@@ -1338,7 +1340,7 @@ def test_sigterm_to_a_ddp_job_stops_every_rank_at_the_same_agreed_step(tmp_path)
             job.kill()
     err = err_file.read_text()
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
-    assert ckpt["epoch"] == 0 and ckpt["step"] % train.StopRequest.EVERY == 0 and ckpt["step"] > 0, (ckpt["step"], err[-2000:])
+    assert ckpt["epoch"] == 0 and ckpt["step"] % plumbing.StopRequest.EVERY == 0 and ckpt["step"] > 0, (ckpt["step"], err[-2000:])
     assert f"stopped by SIGTERM at epoch 1, step {ckpt['step']}/" in err and "died" not in err, err[-2000:]
     # torchrun itself got the signal too: its one traceback is its own SignalException, none is ours.
     assert job.returncode != 0 and err.count("Traceback") == err.count("SignalException: Process"), err[-2000:]
@@ -1411,7 +1413,7 @@ def test_eval_refuses_foreign_and_broken_checkpoints(trained_runs, tmp_path):
     torch.save(ckpt, tmp_path / "other.pt")
     for name, message in [("timm_style.pth", "not a train.py checkpoint"), ("half.pt", "cannot read"),
                           ("other.pt", "does not hold an SR-ViT"), ("missing.pt", "checkpoint not found")]:
-        with pytest.raises(train.UserError, match=message):
+        with pytest.raises(plumbing.UserError, match=message):
             srvit_eval.main(["--checkpoint", str(tmp_path / name)])
 
 
@@ -1422,7 +1424,7 @@ def test_eval_refuses_foreign_and_broken_checkpoints(trained_runs, tmp_path):
     (["--batch-size", "0"], "--batch-size must be >= 1"),
 ])
 def test_eval_bad_flags_give_one_clear_message(trained_runs, tmp_path, flags, message):
-    with pytest.raises(train.UserError, match=message):
+    with pytest.raises(plumbing.UserError, match=message):
         srvit_eval.main(["--checkpoint", str(trained_runs / "R3" / "last.pt"), "--workers", "0"] + flags)
 
 
@@ -1665,6 +1667,16 @@ def test_notebook_section_runs_alone_after_the_setup(name, notebook_setup, tmp_p
         assert os.path.getmtime(runs / "main" / "last.pt") == mtime
 
 
+def test_the_files_a_reader_opens_first_stay_within_their_budgets():
+    """train.py reads in one sitting (the loop; loaders.py and plumbing.py hold the rest), and so do
+    eval.py and the README; srvit.py imports only torch and the standard library."""
+    budgets = {"train.py": 650, "eval.py": 400, "README.md": 300}
+    lines = {name: len(open(os.path.join(HERE, name)).read().splitlines()) for name in budgets}
+    assert all(lines[name] <= budget for name, budget in budgets.items()), lines
+    imports = set(re.findall(r"^\s*(?:import|from) (\w+)", open(os.path.join(HERE, "srvit.py")).read(), re.M))
+    assert imports <= {"torch", *sys.stdlib_module_names}, imports
+
+
 def readme_snippets(section):
     """The ```python blocks of one README section."""
     text = open(os.path.join(HERE, "README.md")).read()
@@ -1712,7 +1724,7 @@ def test_eval_val_subset_takes_trainings_subset_and_progress_stays_out_of_stdout
     assert res["images"] == 16
     # the same 16 images as train.py --val-subset 16 picks, scored as train.py scores them
     targs = SimpleNamespace(**{**torch.load(ckpt, weights_only=True)["args"], "val_subset": 16})
-    val, _ = train.build_dataset(targs, "val", train.transforms(targs, train=False))
+    val, _ = loaders.build_dataset(targs, "val", loaders.transforms(targs, train=False))
     want = train.evaluate(srvit_eval.load_model(ckpt), torch.utils.data.DataLoader(val, 8), torch.device("cpu"), nullcontext())
     assert (res["top1"], res["top5"]) == (want["top1"], want["top5"]) and res["loss"] == pytest.approx(want["val_loss"])
     out, err = capsys.readouterr()
@@ -1739,7 +1751,7 @@ def test_weight_maps_number_mixers_from_1_and_do_not_paint_uniform_weights_as_a_
     assert "mixer 2 of 2" in varied.info["title"]           # -1: the last
     assert "mixer 1 of 2" in srvit_eval.draw_maps(fresh, x, mixer=1).info["title"]   # block 1's mixer is mixer 1
     for bad in (0, 3, -3):
-        with pytest.raises(train.UserError, match=r"this model has 2 mixers, numbered 1\.\.2"):
+        with pytest.raises(plumbing.UserError, match=r"this model has 2 mixers, numbered 1\.\.2"):
             srvit_eval.draw_maps(fresh, x, mixer=bad)
 
 

@@ -28,10 +28,13 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import loaders  # noqa: E402
+import plumbing  # noqa: E402
 import srvit  # noqa: E402
 import train  # noqa: E402
 from eval import check_at_least, write_json  # noqa: E402
-from train import UserError, amp_context  # noqa: E402
+from plumbing import UserError  # noqa: E402
+from train import amp_context  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------
@@ -176,7 +179,7 @@ def bench_row(args, depth, batch, device, amp, peak, ceiling):
 
 
 def bench(args):
-    device = torch.device(args.device or train.check_device(None))
+    device = torch.device(args.device or plumbing.check_device(None))
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     batch = args.batch_size or (256 if device.type == "cuda" else 32)
     if device.type == "cuda":
@@ -260,7 +263,7 @@ def loader_setups(args, depth, device):
     for loader in ("memory", "pil"):
         targs = train.get_args(flags + ["--loader", loader, "--depth", str(depth)])
         env = SimpleNamespace(rank=0, world=1, micro=targs.batch_size, device=device, log=lambda *a, **k: None)
-        batches, _, classes, _ = train.build_loaders(targs, env)
+        batches, _, classes, _ = loaders.build_loaders(targs, env)
         model = train.build_model(targs, len(classes)).to(device)
         setups[loader] = (batches, model, torch.optim.AdamW(train.param_groups(model, 0.05), lr=1e-3), targs.batch_size)
     return setups
@@ -271,7 +274,7 @@ def bench_loader(args):
     in-memory loader and by the PIL loader, alternated over rounds; medians. With --workers 0
     everything runs in this one process, so the ratio is the saving in CPU time per image; with
     workers the PIL path moves its decoding to other cores (on a GPU machine, the usual bound)."""
-    device = torch.device(args.device or train.check_device(None))
+    device = torch.device(args.device or plumbing.check_device(None))
     print(f"bench-loader on {device}, {torch.get_num_threads()} threads, --workers {args.workers}: "
           f"{args.iters} steps per measurement, {args.rounds} rounds, medians")
     results = []
@@ -332,14 +335,14 @@ def loader_cpu(args):
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data_path or imagenet_like_folder(tmp, args.bench_images, g)
         env = SimpleNamespace(rank=0, world=1, micro=args.batch_size or 64, device=torch.device("cpu"), log=lambda *a: None)
-        loaders = {}
+        by_path = {}
         for loader in ("pil", "device"):
             targs = train.get_args(["--data-path", root, "--recipe", "deit", "--loader", loader, "--workers", "0",
                                     "--batch-size", str(env.micro)])
-            loaders[loader] = train.build_loaders(targs, env)[0]
-        collate = {"pil": torch.utils.data.default_collate, "device": train.collate_files}
-        datasets = {"pil": loaders["pil"].dataset, "device": loaders["device"].loader.dataset}
-        keys = list(loaders["pil"].sampler)[:args.bench_images // env.micro * env.micro]
+            by_path[loader] = loaders.build_loaders(targs, env)[0]
+        collate = {"pil": torch.utils.data.default_collate, "device": loaders.collate_files}
+        datasets = {"pil": by_path["pil"].dataset, "device": by_path["device"].loader.dataset}
+        keys = list(by_path["pil"].sampler)[:args.bench_images // env.micro * env.micro]
         kb = statistics.mean(os.path.getsize(os.path.join(root, "train", c, f)) / 1e3
                              for c in os.listdir(os.path.join(root, "train")) for f in os.listdir(os.path.join(root, "train", c)))
         print(f"loader-cpu: {len(keys)} training images of {root if args.data_path else 'synthetic 500 x 375 JPEGs'} "
@@ -352,7 +355,7 @@ def loader_cpu(args):
                 times[name].append((time.process_time() - t0) / len(keys))
             t0 = time.process_time()
             for batch in batches:                           # the device path's batches of this round
-                loaders["device"].on_device(batch)
+                by_path["device"].on_device(batch)
             times["device_side"].append((time.process_time() - t0) / len(keys))
     ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     result = {"pil_worker_ms_per_image": ms["pil"], "device_worker_ms_per_image": ms["device"],
@@ -398,7 +401,7 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if sum((args.bench, args.bench_loader, args.activations, args.loader_cpu)) != 1:
         raise UserError("give exactly one of --bench, --bench-loader, --activations, --loader-cpu (python results/bench.py -h lists the options)")
-    train.check_device(args.device)
+    plumbing.check_device(args.device)
     if min(args.depth) < 1:
         raise UserError(f"--depth takes recursion depths >= 1, got {args.depth}")
     check_at_least(args, batch_size=1, iters=1, rounds=1, bench_images=1, workers=0)
@@ -413,4 +416,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(train.cli(main, interrupted="interrupted"))     # bad input: one line, exit 2
+    sys.exit(plumbing.cli(main, interrupted="interrupted"))     # bad input: one line, exit 2

@@ -1,0 +1,409 @@
+"""
+The plumbing of train.py that a first reading can skip: one-line errors and exit codes, the
+distributed set-up, the out-dir (checkpoints, metrics.jsonl, the lock), resuming, and stopping on
+a signal. eval.py and results/bench.py use its error wrapper `cli` and checkpoint reader too.
+
+What it guarantees (each has its test in test_srvit.py): bad input is one line and exit code 2 on
+every rank; checkpoints are whole whatever kills the run; metrics.jsonl holds each finished epoch
+once; a resume refuses another model, data or recipe; SIGTERM and Ctrl-C save mid-epoch; two runs
+never share an out-dir; ranks that disagree where the run stands refuse instead of hanging.
+"""
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+import srvit
+
+try:
+    import fcntl                      # the out-dir lock; POSIX only (elsewhere runs are not locked)
+except ImportError:
+    fcntl = None
+
+
+# ----------------------------------------------------------------------------------------
+# Errors: one line per rank, and the exit code
+
+class UserError(Exception):
+    """Bad input: printed as one line with what to do, exit code 2, no traceback. `shared`: every
+    rank hits it alike, so rank 0 alone prints it; otherwise each failing rank says so."""
+
+    def __init__(self, message, shared=False):
+        super().__init__(message)
+        self.shared = shared
+
+
+class Stopped(Exception):
+    """The run stopped early on a signal: one line, and the exit code. `shared` as for UserError."""
+
+    def __init__(self, message, code, shared=True):
+        super().__init__(message)
+        self.code, self.shared = code, shared
+
+
+def cli(main_fn, argv=None, interrupted="interrupted; the last checkpoint is whole, re-run the same command to resume"):
+    """Run main_fn and turn the ways it can end into an exit code and at most one line per rank
+    (eval.py and results/bench.py use it too, with their own line for Ctrl-C)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        main_fn(argv)
+        return 0
+    except UserError as e:
+        if not e.shared or rank == 0:
+            where = f" (rank {rank})" if world > 1 and not e.shared else ""
+            print(f"error{where}: {user_error_message(e)}", file=sys.stderr)
+        return 2
+    except Stopped as e:
+        if not e.shared or rank == 0:
+            print(f"(rank {rank}) {e}" if not e.shared and world > 1 else str(e), file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(interrupted, file=sys.stderr)
+        return 130
+    finally:   # loader workers ignore SIGTERM (ignore_signals): the interpreter's exit could not end any left
+        import multiprocessing
+        if multiprocessing.active_children() and hasattr(signal, "SIGCHLD"):
+            quiet_worker_deaths()
+            for worker in multiprocessing.active_children():
+                worker.kill()
+
+
+def user_error_message(e):
+    # An error raised in a data-loading worker arrives wrapped in the worker's traceback text,
+    # ending in "UserError: <our message>"; the message is what the user needs.
+    last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    return last.split("UserError: ", 1)[-1]
+
+
+def first_line(e):
+    """An exception's first line for a one-line message; its type where it has no message."""
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def fmt_time(s):
+    s = int(s) if s == s and s != float("inf") else 0
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+# ----------------------------------------------------------------------------------------
+# Distributed: ranks, device and the batch split from torchrun's environment
+
+@dataclass
+class Env:
+    """This process's place in the run: ranks, device and the batch split."""
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    micro: int = 1                   # images per forward pass on this rank
+    accum: int = 1                   # micro-batches per optimizer step
+    cpu_group: object = None         # gloo group for small CPU-side messages (stop flag, errors)
+
+    ddp = property(lambda self: self.world > 1)
+    master = property(lambda self: self.rank == 0)
+
+    def log(self, *a, **k):
+        if self.master:
+            print(*a, **k)
+
+
+def init_distributed(args):
+    """Rank, world size and device from torchrun's environment; one process without it."""
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    # Batch bookkeeping: global batch = world x micro-batch x accumulation steps.
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes; choose a multiple of {world}", shared=True)
+    micro = args.micro_batch or args.batch_size // world
+    if (args.batch_size // world) % micro:
+        raise UserError(f"--micro-batch {micro} does not divide the per-process batch {args.batch_size // world}", shared=True)
+    cuda = check_device(args.device) == "cuda"
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+    else:
+        device = torch.device(args.device or ("cuda" if cuda else "cpu"))
+    if args.amp is None:   # native bf16 only (compute capability 8+): V100 and T4 emulate it, slowly
+        args.amp = "none" if device.type == "cpu" else ("bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    cpu_group = dist.new_group(backend="gloo") if world > 1 and cuda else None
+    return Env(rank, world, device, micro, args.batch_size // world // micro, cpu_group)
+
+
+def check_device(name):
+    """'cuda' or 'cpu': what --device asks for (default: cuda where there is one)."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise UserError(f"--device {name}: use cpu, cuda or cuda:N", shared=True)
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this machine has no CUDA GPU that PyTorch can use; use --device cpu", shared=True)
+    if index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPUs (cuda:0..)", shared=True)
+    return kind
+
+
+def on_all_ranks(env, fn, *a):
+    """Run fn on every rank; if it fails on any, every rank raises that rank's error (so no
+    rank waits forever for a collective that another rank never reaches)."""
+    result, error = None, None
+    try:
+        result = fn(*a)
+    except UserError as e:
+        error = str(e)
+    if env.ddp:
+        errors = [None] * env.world
+        dist.all_gather_object(errors, error, group=env.cpu_group)     # gloo: a 30-minute timeout
+        failed = next(((r, e) for r, e in enumerate(errors) if e), None)
+        if failed:
+            where = f" (rank {failed[0]})" if failed[0] != env.rank or env.rank else ""
+            raise UserError(failed[1] + where, shared=True)
+    elif error:
+        raise UserError(error, shared=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------------
+# The out-dir: checkpoints, metrics.jsonl and the lock
+#
+# What each way of stopping costs (README "Checkpoints and stopping"):
+#   SIGTERM / Ctrl-C   nothing: the optimizer step in flight finishes, last.pt is saved mid-epoch.
+#   kill -9, a crash   the steps since the last save (end of epoch, or --save-every).
+#   a second run       refused while the first holds the out-dir's lock.
+# Files are written to <name>.tmp and renamed, so last.pt and best.pt are always whole. At the end
+# of an epoch best.pt is written first, then last.pt, then the metrics row; last.pt carries every
+# epoch's row, so a resume puts back a row that a kill kept out of metrics.jsonl.
+
+class OutDir:
+    def __init__(self, path, master):
+        self.path, self.master, self.lock_file = path, master, None
+        self.last, self.best = os.path.join(path, "last.pt"), os.path.join(path, "best.pt")
+        self.metrics = os.path.join(path, "metrics.jsonl")
+
+    def open(self):
+        """Create the folder, take its lock, and delete the *.tmp files a killed run left."""
+        if not self.master:
+            return self
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create --out-dir {self.path} ({e.strerror}); choose another folder") from None
+        self.lock()
+        for name in os.listdir(self.path):
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(self.path, name))
+        return self
+
+    def lock(self):
+        # flock: the kernel drops the lock when the process dies, however it dies, so a killed run
+        # never leaves a stale lock behind. The file names the holder for the refusal message.
+        if fcntl is None:
+            return
+        self.lock_file = open(os.path.join(self.path, "train.lock"), "a+")
+        try:
+            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.lock_file.seek(0)
+            holder = self.lock_file.read().strip() or "another process"
+            raise UserError(f"{self.path} is in use by a running train.py ({holder}); wait for it, stop it, "
+                            f"or pass another --out-dir", shared=True) from None
+        self.lock_file.truncate(0)
+        self.lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.lock_file.flush()
+
+    def release(self):
+        if self.lock_file:
+            self.lock_file.close()          # closing drops the flock
+            self.lock_file = None
+
+    def save(self, ckpt, path):
+        """Write to path.tmp, then rename: a kill leaves the old file or the new one, never half."""
+        tmp = path + ".tmp"
+        try:
+            torch.save(ckpt, tmp)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:        # a full disk surfaces as either
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise UserError(f"could not write {path} ({first_line(e)[:120]}); is the disk full? "
+                            f"The previous checkpoint is kept; free space and re-run the same command") from None
+
+    def append_metrics(self, row):
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def end_epoch(self, ckpt, is_best):
+        """The end of an epoch, in the order that a kill at any point can be repaired from."""
+        if is_best:
+            self.save(ckpt, self.best)
+        self.save(ckpt, self.last)
+        self.append_metrics(ckpt["records"][-1])
+
+    def repair_metrics(self, done, records):
+        """After a resume with `done` epochs: metrics.jsonl holds each finished epoch exactly once.
+        Rows a kill kept out are put back from the checkpoint's records; rows of epochs past it (a
+        resume from an older checkpoint), repeats and a half-written last line are dropped."""
+        lines = open(self.metrics).read().splitlines(keepends=True) if os.path.exists(self.metrics) else []
+        torn = bool(lines) and not lines[-1].endswith("\n")
+        keep, seen = [], set()
+        for line in lines[:-1] if torn else lines:
+            row = json.loads(line)
+            if row.get("type") == "epoch":
+                if row["epoch"] > done or row["epoch"] in seen:
+                    continue
+                seen.add(row["epoch"])
+            keep.append(line)
+        keep += [json.dumps(r) + "\n" for r in records if r["epoch"] <= done and r["epoch"] not in seen]
+        if keep != lines:
+            with open(self.metrics + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(self.metrics + ".tmp", self.metrics)
+
+
+def read_checkpoint(path):
+    """A train.py checkpoint as a dict (the one reader, shared with eval.py): a one-line UserError
+    for a missing file, a file that is not whole, or one that train.py did not write."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): not a complete PyTorch checkpoint; "
+                        f"delete it or pass another file") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise UserError(f"{path} is not a train.py checkpoint (no 'config'); for DeiT/timm weights use "
+                        f"train.py --init-from, or srvit.load_pretrained in Python")
+    return ckpt
+
+
+def check_same_run(path, ckpt, model, args, n_train, may_change):
+    """Refuse to resume another model, other data or another recipe, naming each value that changed:
+    every argument but `may_change` (train.MAY_CHANGE) is compared (keys an older checkpoint does not hold are not)."""
+    saved_cfg = {**asdict(srvit.SRViTConfig()), **ckpt["config"]}
+    implied = {"schedule": "deit", "pad_mode": "zeros", "init": "timm"}    # what code before these flags did
+    saved = {**implied, **ckpt.get("args", {}), **ckpt.get("dataset", {})}
+    now = {**vars(args), "train_images": n_train}
+    model_keys = [k for k in asdict(model.config) if k not in ("drop_path_rate", "grad_checkpointing")]
+    data_keys = ("data", "subset", "val_subset", "num_classes", "img_size", "train_images")
+    recipe_keys = [k for k in now if k not in may_change and k not in data_keys]
+    for keys, have, want, what in ((model_keys, saved_cfg, asdict(model.config), "model"), (data_keys, saved, now, "data"),
+                                   (recipe_keys, saved, now, "recipe")):
+        diff = [f"{k}: {have[k]!r} then, {want[k]!r} now" for k in keys if k in have and have[k] != want.get(k)]
+        if diff:
+            raise UserError(f"{path} was trained with another {what} ({'; '.join(diff)}). Resume with the same "
+                            f"command, or start afresh in another --out-dir", shared=True)
+
+
+def restore(args, out, model, optimizer, scaler, n_train, may_change):
+    """Load what --resume points at (default last.pt, if there is one) into the model, optimizer and
+    scaler, and return the checkpoint, where the run's progress is saved; {} for a fresh run."""
+    path = out.last if args.resume in ("auto", "no") else args.resume
+    if args.resume == "no":
+        if os.path.exists(out.last):
+            raise UserError(f"--resume no, but {out.path} holds a checkpoint; delete {out.last} or pass another --out-dir "
+                            f"(nothing is overwritten)", shared=True)
+        return {}
+    if not os.path.isfile(path):
+        if args.resume != "auto":
+            raise UserError(f"--resume {path}: file not found", shared=True)
+        return {}
+    ckpt = read_checkpoint(path)
+    if "optimizer" not in ckpt:
+        raise UserError(f"{path} holds weights only, no optimizer state to resume from; use --init-from", shared=True)
+    check_same_run(path, ckpt, model, args, n_train, may_change)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    if os.path.exists(out.best):   # a kill between best.pt and last.pt: best.pt is ahead of last.pt's record
+        best = torch.load(out.best, map_location="cpu", weights_only=True, mmap=True)
+        ckpt["best_top1"] = max(ckpt.get("best_top1", 0.0), best.get("metrics", {}).get("top1", 0.0))
+    return ckpt
+
+
+def agree_on_progress(run):
+    """Every rank must start where rank 0 does. With node-local disks only the first node holds
+    last.pt: the other nodes would start afresh, their AdamW state and step apart from rank 0's, and
+    the run would drift, then hang when rank 0 finishes first. Refuse instead, on every rank."""
+    if not run.env.ddp:
+        return
+    mine = (run.progress.epoch, run.progress.step, socket.gethostname())
+    seen = [None] * run.env.world
+    dist.all_gather_object(seen, mine, group=run.env.cpu_group)
+    behind = [(r, s) for r, s in enumerate(seen) if s[:2] != seen[0][:2]]
+    if behind:
+        (r, (e, s, host)), (e0, s0, host0) = behind[0], seen[0]
+        raise UserError(f"the ranks do not agree where the run stands: rank 0 ({host0}) resumes at epoch {e0} step {s0}, "
+                        f"rank {r} ({host}) at epoch {e} step {s} from {run.args.out_dir}. Give every node the same "
+                        f"--out-dir on a shared disk, or copy rank 0's out-dir to every node", shared=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Stopping on a signal
+
+class StopRequest:
+    """SIGTERM (Slurm, Kubernetes, torchrun) and Ctrl-C ask the run to stop after the optimizer
+    step in flight; main then saves and exits with one line. A second Ctrl-C stops at once."""
+    EVERY = 10                        # under DDP, steps between the ranks' checks (one all-reduce each)
+
+    def __init__(self):
+        self.signum, self.previous = 0, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            if sig != getattr(signal, "SIGCHLD", None):     # (stopping: dead workers must stay quiet)
+                signal.signal(sig, handler)
+        self.previous = {}
+
+    def handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        # Slurm signals the whole job step, loader workers too. The loader's SIGCHLD handler would
+        # raise their deaths wherever this process is, the checkpoint write included; without it,
+        # the loader reports them at its next batch, where train_one_epoch expects them.
+        if hasattr(signal, "SIGCHLD") and signal.SIGCHLD not in self.previous:
+            self.previous[signal.SIGCHLD] = quiet_worker_deaths()
+
+    def requested(self, env, step=0):
+        """Whether any rank got a signal: every rank must stop after the same step, so under DDP
+        the ranks agree every EVERY steps (the same steps on every rank) and at each epoch's end."""
+        if not env.ddp or step % self.EVERY:
+            return self.signum != 0 and not env.ddp
+        flag = torch.tensor(self.signum)              # on the CPU, over gloo: no GPU sync per step
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=env.cpu_group)
+        self.signum = self.signum or int(flag.item())
+        return self.signum != 0
+
+
+def quiet_worker_deaths():
+    """Put back the default SIGCHLD handler, so that the loader's raises no worker's death from
+    wherever this process is; returns the loader's handler. One try per worker whose death is
+    pending: the loader's handler runs first and raises "DataLoader worker ... is killed"."""
+    for _ in range(64):
+        try:
+            return signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        except RuntimeError:
+            continue
+
+
+def stop_message(run, where):
+    if run.env.ddp:
+        dist.barrier()               # no rank exits (and gets torchrun's SIGKILL) while rank 0 still saves
+    name = signal.Signals(run.stop.signum).name
+    return Stopped(f"stopped by {name} {where}; saved {run.out.last}. Re-run the same command to resume",
+                   130 if run.stop.signum == signal.SIGINT else 143)

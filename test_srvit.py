@@ -849,6 +849,9 @@ def test_resume_compares_every_argument_but_the_ones_that_may_change(tmp_path):
                "another recipe", "pad_mode: 'reflect' then, 'zeros' now")
     user_error(FAKE + ["--depth", "1", "--epochs", "1", "--init", "timm", "--out-dir", out], "another model", "init: 'torch'")
     train.main(FAKE + ["--depth", "1", "--epochs", "1", "--log-interval", "2", "--save-every", "5", "--out-dir", out])
+    train.main(FAKE + ["--depth", "1", "--epochs", "1", "--model", "tiny", "--out-dir", out])   # the same dims: the same model
+    user_error(FAKE + ["--depth", "1", "--epochs", "1", "--model", "tiny", "--embed-dim", "48", "--out-dir", out],
+               "another model", "embed_dim: 32 then, 48 now")
     # A checkpoint from before --init/--pad-mode/--schedule holds none of them: it was timm, zeros, deit.
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     for key in ("init", "pad_mode", "schedule"):

@@ -63,9 +63,10 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float
 POSITIVE, NON_NEGATIVE = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
 FRACTION, PROBABILITY = (lambda v: 0 <= v < 1, "in [0, 1)"), (lambda v: 0 <= v <= 1, "in [0, 1]")
 CHECKS = {}
-# What may differ between a run and its resume; every other argument must be the same.
+# What may differ between a run and its resume; every other argument must be the same. (--model
+# may too: the model itself, its width, blocks and heads included, is compared from its config.)
 MAY_CHANGE = {"workers", "device", "compile", "grad_ckpt", "micro_batch", "log_interval", "save_every", "resume",
-              "out_dir", "data_path", "init_from"}
+              "out_dir", "data_path", "init_from", "model"}
 
 
 def get_args(argv=None):

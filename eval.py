@@ -37,7 +37,7 @@ PAPER = {"srvit_s": {1: 79.83, 4: 82.48}, "deit_b": 81.8}
 
 def load_checkpoint(path):
     """A train.py checkpoint -> (model in eval mode, checkpoint dict). One clear error otherwise."""
-    ckpt = read_checkpoint(path)            # missing, half-written or foreign files: train.py's reader too
+    ckpt = read_checkpoint(path)            # missing, half-written or foreign files: as a resume reads
     try:
         model = srvit.SRViT(srvit.SRViTConfig(**{**ckpt["config"], "grad_checkpointing": False}))
         model.load_state_dict(srvit.clean_state_dict(ckpt["model"]))

@@ -9,8 +9,9 @@ training loaders, and MixUp/CutMix.
     device   loader workers read files and draw each sample's augmentation; the device decodes
              (nvJPEG) and augments whole batches (DeviceLoader; DeiT's recipe on GPUs)
 
-Every random draw follows from (seed, epoch, rank, position), so a resumed run draws the same
-batches, and the pil and device paths draw the same crops, flips and ops for the same sample.
+Validation uses MemoryLoader for small images, else a plain DataLoader of PIL workers. Every
+random draw follows from (seed, epoch, rank, position), so a resumed run draws the same batches,
+and the pil and device paths draw the same crops, flips and ops for the same sample.
 """
 
 import hashlib

@@ -1,7 +1,8 @@
 """
 The plumbing of train.py that a first reading can skip: one-line errors and exit codes, the
 distributed set-up, the out-dir (checkpoints, metrics.jsonl, the lock), resuming, and stopping on
-a signal. eval.py and results/bench.py use its error wrapper `cli` and checkpoint reader too.
+a signal. eval.py and results/bench.py use its errors, `cli` and `check_device` too; eval.py also
+its checkpoint reader.
 
 What it guarantees (each has its test in test_srvit.py): bad input is one line and exit code 2 on
 every rank; checkpoints are whole whatever kills the run; metrics.jsonl holds each finished epoch
@@ -68,7 +69,7 @@ def cli(main_fn, argv=None, interrupted="interrupted; the last checkpoint is who
         if rank == 0:
             print(interrupted, file=sys.stderr)
         return 130
-    finally:   # loader workers ignore SIGTERM (ignore_signals): the interpreter's exit could not end any left
+    finally:   # loader workers ignore SIGTERM (loaders.ignore_signals): the interpreter's exit could not end any left
         import multiprocessing
         if multiprocessing.active_children() and hasattr(signal, "SIGCHLD"):
             quiet_worker_deaths()
@@ -270,6 +271,9 @@ class OutDir:
             os.replace(self.metrics + ".tmp", self.metrics)
 
 
+# ----------------------------------------------------------------------------------------
+# Resuming: read the checkpoint, compare it with this run, restore it, agree over the ranks
+
 def read_checkpoint(path):
     """A train.py checkpoint as a dict (the one reader, shared with eval.py): a one-line UserError
     for a missing file, a file that is not whole, or one that train.py did not write."""
@@ -306,7 +310,8 @@ def check_same_run(path, ckpt, model, args, n_train, may_change):
 
 def restore(args, out, model, optimizer, scaler, n_train, may_change):
     """Load what --resume points at (default last.pt, if there is one) into the model, optimizer and
-    scaler, and return the checkpoint, where the run's progress is saved; {} for a fresh run."""
+    scaler, and return the checkpoint (train.setup builds its Progress from it), its best_top1 raised
+    to best.pt's where a kill left best.pt ahead; {} for a fresh run."""
     path = out.last if args.resume in ("auto", "no") else args.resume
     if args.resume == "no":
         if os.path.exists(out.last):
@@ -375,7 +380,7 @@ class StopRequest:
         self.signum = signum
         # Slurm signals the whole job step, loader workers too. The loader's SIGCHLD handler would
         # raise their deaths wherever this process is, the checkpoint write included; without it,
-        # the loader reports them at its next batch, where train_one_epoch expects them.
+        # the loader reports them at its next batch, where train.train_one_epoch expects them.
         if hasattr(signal, "SIGCHLD") and signal.SIGCHLD not in self.previous:
             self.previous[signal.SIGCHLD] = quiet_worker_deaths()
 

@@ -444,7 +444,7 @@ def test_cost_table_runs():
 
 
 # ----------------------------------------------------------------------------------------
-# train.py
+# train.py, loaders.py, plumbing.py
 
 import loaders  # noqa: E402
 import plumbing  # noqa: E402

@@ -13,8 +13,9 @@ The recipe follows the data (--recipe overrides): DeiT's at 224 px for ImageNet 
 larger images, a short one for CIFAR and folders of images of <= 64 px; `--help` lists both.
 Re-running the same command resumes from <out-dir>/last.pt; SIGTERM or Ctrl-C saves mid-epoch.
 
-The file reads top to bottom: recipes and arguments, data, model and optimizer, the training
-step and epoch, evaluation, then `main` with the epoch loop. Two files hold what a first reading
+The file reads top to bottom: recipes and arguments, a note on the data, model and optimizer, the
+training step and epoch, evaluation, then `main` with the epoch loop and what it calls (set-up,
+the end of an epoch and its checkpoint, the start-up lines). Two files hold what a first reading
 can skip: loaders.py (datasets, the seeded sampler, the three loaders, MixUp/CutMix) and
 plumbing.py (one-line errors, distributed set-up, the out-dir and its checkpoints, resuming,
 stopping on a signal).
@@ -544,6 +545,7 @@ def setup(args, env):
     try:
         saved = restore(args, out, model, optimizer, scaler, n_train, MAY_CHANGE)
         progress = Progress(**{f.name: saved[f.name] for f in fields(Progress) if f.name in saved})
+        del saved                   # the weights and AdamW state: not held through compile and DDP
         if progress.epoch == 0 and progress.step == 0 and args.init_from:
             try:
                 srvit.load_pretrained(model, args.init_from, verbose=env.master)

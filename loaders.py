@@ -32,7 +32,15 @@ MEAN_STD = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 # ----------------------------------------------------------------------------------------
 # Datasets and the per-image transforms (the PIL path)
 
+def check_data_path(args):
+    """A mistyped --data-path is named as missing (and nothing is created or downloaded there)."""
+    if args.data_path and not os.path.isdir(args.data_path):
+        raise UserError(f"--data-path {args.data_path} does not exist; point it at a folder with train/ and val/ (or test/)",
+                        shared=True)
+
+
 def train_dir(args):
+    check_data_path(args)
     root = args.data_path or os.path.join("data", "imagenet")
     if not os.path.isdir(os.path.join(root, "train")):
         hint = "pass --data-path with the ImageNet folder, or --data cifar10 for a small run" if not args.data_path else \
@@ -63,8 +71,7 @@ def build_dataset(args, split, transform, loader=None):
         size = (args.subset or 10_000) if train else (args.val_subset or 1_000)
         data = tvd.FakeData(size, (3, args.img_size, args.img_size), n_cls, transform, random_offset=0 if train else 10**7)
         return data, [f"class {i}" for i in range(n_cls)]
-    if args.data_path and not os.path.isdir(args.data_path):     # a typo: say so, create nothing
-        raise UserError(f"--data-path {args.data_path} does not exist; point it at a folder with train/ and val/ (or test/)")
+    check_data_path(args)
     root = args.data_path or "data"
     if args.data in ("cifar10", "cifar100") and not os.path.isdir(os.path.join(root, "train")):
         try:

@@ -328,7 +328,8 @@ def restore(args, out, model, optimizer, scaler, n_train, may_change):
     check_same_run(path, ckpt, model, args, n_train, may_change)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["scaler"]:            # (empty from a run without fp16: a resume in fp16 starts a fresh scale)
+        scaler.load_state_dict(ckpt["scaler"])
     if os.path.exists(out.best):   # a kill between best.pt and last.pt: best.pt is ahead of last.pt's record
         best = torch.load(out.best, map_location="cpu", weights_only=True, mmap=True)
         ckpt["best_top1"] = max(ckpt.get("best_top1", 0.0), best.get("metrics", {}).get("top1", 0.0))

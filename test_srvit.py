@@ -800,6 +800,8 @@ def test_the_recipe_follows_a_folders_image_size(tmp_path):
 def test_a_mistyped_data_path_is_named_and_nothing_is_created(tmp_path):
     missing = tmp_path / "no-such-folder"
     user_error(["--data", "cifar10", "--data-path", str(missing)] + FAST[2:], "does not exist")
+    for size in ([], FAST[:2]):   # a folder: the recipe looks at its images, or --img-size chose it
+        user_error(["--data-path", str(missing)] + size, f"--data-path {missing} does not exist")
     assert not missing.exists()
 
 
@@ -808,7 +810,8 @@ def test_help_shows_each_recipes_defaults(capsys):
         train.get_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     for fragment in ("--epochs EPOCHS [deit: 300; small-images: 30]", "[deit: timm; small-images: torch]",
-                     "[deit: zeros; small-images: reflect]", "[deit: 5e-4 x batch / 512; small-images: 0.001]"):
+                     "[deit: zeros; small-images: reflect]", "[deit: 5e-4 x batch / 512; small-images: 0.001]",
+                     "recursion steps R (default: 2)", "(default: soft)", "--seed SEED (default: 0)"):
         assert fragment in text, fragment
 
 
@@ -850,6 +853,8 @@ def test_resume_compares_every_argument_but_the_ones_that_may_change(tmp_path):
     user_error(FAKE + ["--depth", "1", "--epochs", "1", "--init", "timm", "--out-dir", out], "another model", "init: 'torch'")
     train.main(FAKE + ["--depth", "1", "--epochs", "1", "--log-interval", "2", "--save-every", "5", "--out-dir", out])
     train.main(FAKE + ["--depth", "1", "--epochs", "1", "--model", "tiny", "--out-dir", out])   # the same dims: the same model
+    for amp in ("bf16", "fp16"):   # precision follows the device (fp16: a fresh loss scale)
+        train.main(FAKE + ["--depth", "1", "--epochs", "1", "--amp", amp, "--out-dir", out])
     user_error(FAKE + ["--depth", "1", "--epochs", "1", "--model", "tiny", "--embed-dim", "48", "--out-dir", out],
                "another model", "embed_dim: 32 then, 48 now")
     # A checkpoint from before --init/--pad-mode/--schedule holds none of them: it was timm, zeros, deit.
@@ -1134,7 +1139,7 @@ def test_resume_refuses_other_data_or_recipe_and_never_overwrites(tmp_path):
                "another data", "train_images: 256 then, 128 now")
     user_error(FAKE + ["--depth", "1", "--epochs", "1", "--lr", "0.01", "--seed", "3", "--out-dir", out],
                "another recipe", "lr: 0.001 then, 0.01 now", "seed: 0 then, 3 now")
-    user_error(FAKE + ["--depth", "1", "--epochs", "1", "--amp", "fp16", "--out-dir", out], "amp: 'none' then, 'fp16' now")
+    user_error(FAKE + ["--depth", "1", "--epochs", "1", "--smoothing", "0", "--out-dir", out], "smoothing: 0.1 then, 0.0 now")
     before = open(os.path.join(out, "last.pt"), "rb").read()
     user_error(FAKE + ["--depth", "1", "--epochs", "1", "--resume", "no", "--out-dir", out], "--resume no", "nothing is overwritten")
     assert open(os.path.join(out, "last.pt"), "rb").read() == before

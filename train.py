@@ -13,9 +13,9 @@ The recipe follows the data (--recipe overrides): DeiT's at 224 px for ImageNet 
 larger images, a short one for CIFAR and folders of images of <= 64 px; `--help` lists both.
 Re-running the same command resumes from <out-dir>/last.pt; SIGTERM or Ctrl-C saves mid-epoch.
 
-The file reads top to bottom: recipes and arguments, a note on the data, model and optimizer, the
-training step and epoch, evaluation, then `main` with the epoch loop and what it calls (set-up,
-the end of an epoch and its checkpoint, the start-up lines). Two files hold what a first reading
+The file reads top to bottom, each function after the ones it calls: recipes and arguments, a
+note on the data, model and optimizer, the training step and epoch, evaluation, and last `main`,
+the epoch loop, after its set-up and end-of-epoch steps. Two files hold what a first reading
 can skip: loaders.py (datasets, the seeded sampler, the three loaders, MixUp/CutMix) and
 plumbing.py (one-line errors, distributed set-up, the out-dir and its checkpoints, resuming,
 stopping on a signal).
@@ -65,9 +65,49 @@ POSITIVE, NON_NEGATIVE = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
 FRACTION, PROBABILITY = (lambda v: 0 <= v < 1, "in [0, 1)"), (lambda v: 0 <= v <= 1, "in [0, 1]")
 CHECKS = {}
 # What may differ between a run and its resume; every other argument must be the same. (--model
-# may too: the model itself, its width, blocks and heads included, is compared from its config.)
+# may: the model itself, width, blocks and heads included, is compared from its config; --amp may,
+# as it follows the device: a run started on a GPU in bf16 resumes on a CPU in float32.)
 MAY_CHANGE = {"workers", "device", "compile", "grad_ckpt", "micro_batch", "log_interval", "save_every", "resume",
-              "out_dir", "data_path", "init_from", "model"}
+              "out_dir", "data_path", "init_from", "model", "amp"}
+
+
+def choose_recipe(args):
+    """--recipe, else --img-size (<= 64 px: small-images), else the data: CIFAR is small, ImageNet
+    and fake data are not, and a folder tells by the size of its first training image."""
+    if args.recipe != "auto":
+        return args.recipe
+    if args.img_size is not None:
+        return "small-images" if args.img_size <= 64 else "deit"
+    if args.data in ("cifar10", "cifar100"):
+        return "small-images"
+    if args.data in ("fake", "imagenet"):
+        return "deit"
+    return "small-images" if max(image_size(train_dir(args))) <= 64 else "deit"
+
+
+def model_dims(args):
+    """Width, blocks and heads of --model's preset, or of the recipe's default model."""
+    return DEFAULT_MODEL[args.recipe] if args.model is None else dict(srvit.PRESETS[args.model], num_layers=12)
+
+
+def model_name(args):
+    """What was built: the preset's name when the model is one, else its width, blocks and heads."""
+    dims = {k: getattr(args, k) for k in ("embed_dim", "num_layers", "num_heads")}
+    preset = next((name for name, p in srvit.PRESETS.items() if dict(p, num_layers=12) == dims), None)
+    return preset or f"D{args.embed_dim}-L{args.num_layers}-H{args.num_heads}"
+
+
+def check_args(args):
+    for name, (ok, rule) in CHECKS.items():
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}", shared=True)
+    if args.loader == "memory" and (args.img_size > 64 or args.randaug or args.erasing):
+        raise UserError("--loader memory is for images of <= 64 px with crop and flip only; drop --randaug/--erasing "
+                        "or use --loader pil", shared=True)
+    if args.loader == "device" and (args.img_size <= 64 or args.data not in ("folder", "imagenet")):
+        raise UserError("--loader device is DeiT's recipe from image files (> 64 px, --data folder or imagenet); "
+                        "use --loader memory for small images, pil for --data fake", shared=True)
 
 
 def get_args(argv=None):
@@ -78,6 +118,8 @@ def get_args(argv=None):
         if key in RECIPES["deit"] or key == "lr":      # say what each recipe puts there
             d, s = RECIPES["deit"].get(key, "5e-4 x batch / 512"), RECIPES["small-images"].get(key)
             kw["help"] = f"{kw.get('help', '')} [deit: {d}; small-images: {s}]".lstrip()
+        elif kw.get("default") is not None and kw.get("action") != "store_true" and "default" not in kw.get("help", ""):
+            kw["help"] = f"{kw.get('help', '')} (default: {kw['default']})".lstrip()
         if check:
             CHECKS[key] = check
         p.add_argument(name, **kw)
@@ -154,45 +196,6 @@ def get_args(argv=None):
     return args
 
 
-def choose_recipe(args):
-    """--recipe, else --img-size (<= 64 px: small-images), else the data: CIFAR is small, ImageNet
-    and fake data are not, and a folder tells by the size of its first training image."""
-    if args.recipe != "auto":
-        return args.recipe
-    if args.img_size is not None:
-        return "small-images" if args.img_size <= 64 else "deit"
-    if args.data in ("cifar10", "cifar100"):
-        return "small-images"
-    if args.data in ("fake", "imagenet"):
-        return "deit"
-    return "small-images" if max(image_size(train_dir(args))) <= 64 else "deit"
-
-
-def model_dims(args):
-    """Width, blocks and heads of --model's preset, or of the recipe's default model."""
-    return DEFAULT_MODEL[args.recipe] if args.model is None else dict(srvit.PRESETS[args.model], num_layers=12)
-
-
-def model_name(args):
-    """What was built: the preset's name when the model is one, else its width, blocks and heads."""
-    dims = {k: getattr(args, k) for k in ("embed_dim", "num_layers", "num_heads")}
-    preset = next((name for name, p in srvit.PRESETS.items() if dict(p, num_layers=12) == dims), None)
-    return preset or f"D{args.embed_dim}-L{args.num_layers}-H{args.num_heads}"
-
-
-def check_args(args):
-    for name, (ok, rule) in CHECKS.items():
-        value = getattr(args, name)
-        if value is not None and not ok(value):
-            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}", shared=True)
-    if args.loader == "memory" and (args.img_size > 64 or args.randaug or args.erasing):
-        raise UserError("--loader memory is for images of <= 64 px with crop and flip only; drop --randaug/--erasing "
-                        "or use --loader pil", shared=True)
-    if args.loader == "device" and (args.img_size <= 64 or args.data not in ("folder", "imagenet")):
-        raise UserError("--loader device is DeiT's recipe from image files (> 64 px, --data folder or imagenet); "
-                        "use --loader memory for small images, pil for --data fake", shared=True)
-
-
 # ----------------------------------------------------------------------------------------
 # Data (loaders.py): build_loaders(args, env) gives this rank's training and validation loaders.
 # Small images are decoded once into memory on the device and cropped and flipped there; DeiT's
@@ -258,7 +261,7 @@ def compile_blocks(model, backend="inductor"):
 
 
 # ----------------------------------------------------------------------------------------
-# Training: the progress of a run, one optimizer step, one epoch
+# Training: the progress of a run, its checkpoint, the progress line, one optimizer step, one epoch
 
 @dataclass
 class Progress:
@@ -320,6 +323,73 @@ def seed_device(seed, device):
     torch.default_generator.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+
+
+def checkpoint(run):
+    return {"model": run.raw_model.state_dict(), "config": asdict(run.raw_model.config), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(), **asdict(run.progress), "metrics": (run.progress.records or [None])[-1],
+            "args": vars(run.args), "dataset": {"train_images": run.n_train, "classes": run.classes}}
+
+
+def save_last(run):
+    if run.env.master:
+        run.out.save(checkpoint(run), run.out.last)
+
+
+def mean_over_ranks(t, env):
+    if env.ddp:
+        dist.all_reduce(t)
+        t /= env.world
+    return t
+
+
+def check_finite(bad_step, epoch, run):
+    if run.env.ddp:
+        dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
+    if bad_step.item() >= 0:                            # checked before anything is saved
+        kept = (f"the last good checkpoint is kept in {run.out.last}" if run.out and os.path.exists(run.out.last)
+                else "no checkpoint had been written yet")
+        raise UserError(f"loss became NaN or infinite at step {bad_step.item()} (epoch {epoch + 1}); stopped, {kept}. "
+                        f"Try a lower --lr, or --amp bf16/none", shared=True)
+
+
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, matched against the device
+# name, most specific first: an "H100 PCIe" is not an H100 SXM. The one MFU denominator, whatever --amp is.
+PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12), ("H200", 989e12),
+             ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("RTX 4090", 165e12), ("L4", 121e12)]
+
+
+def peak_flops(device):
+    """Datasheet dense bf16 peak of this GPU, in FLOP/s; None where unknown (CPU, other GPUs)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((peak for key, peak in PEAK_BF16 if key in name), None) if name else None
+
+
+def mfu(gmacs, images_per_s, peak_flops):
+    """Model FLOPs utilisation: training costs ~3 forward passes (forward + backward), 2 FLOPs per MAC."""
+    return 3 * 2 * gmacs * 1e9 * images_per_s / peak_flops
+
+
+def log_progress(run, epoch, loss_sum, log_from):
+    """One progress line: loss since the last line, lr, speed, MFU on known GPUs, eta."""
+    args, env, step = run.args, run.env, run.progress.step
+    t_log, steps_done, loss_done, wait_done = log_from
+    ips = (step - steps_done) * args.batch_size / max(time.time() - t_log, 1e-9)
+    waited = (run.data_wait - wait_done) / max(time.time() - t_log, 1e-9)     # share of the time spent on data
+    # (not on an epoch's first line: it includes the loader workers' start)
+    if waited > 0.25 and not run.loader_told and steps_done != run.epoch_start:
+        run.loader_told = True
+        pil = not use_memory(args) and not use_device(args, env.device)
+        hint = ("--loader device moves decoding and augmentation to the GPU" if env.device.type == "cuda" and pil and
+                args.data != "fake" else "more --workers would help, if this node has the cores")
+        env.log(f"the loader bounds this run: {waited:.0%} of the time went to waiting for batches; the model alone "
+                f"would take about {ips / (1 - min(waited, 0.99)):,.0f} img/s against the {ips:,.0f} it gets ({hint})")
+    left = (args.epochs - epoch) * run.steps_per_epoch - step
+    util = f" | MFU {mfu(run.gmacs, ips / env.world, run.peak):.1%}" if run.peak else ""
+    env.log(f"epoch {epoch + 1}/{args.epochs} | step {step}/{run.steps_per_epoch} | "
+            f"loss {(loss_sum - loss_done) / max(step - steps_done, 1):.4f} | lr {run.optimizer.param_groups[0]['lr']:.2e} | "
+            f"{ips:,.0f} img/s{util} | eta {fmt_time(left * args.batch_size / max(ips, 1e-9))} (+ evaluation)")
+    return time.time(), step, loss_sum, run.data_wait
 
 
 def train_step(run, batches, gstep):
@@ -402,62 +472,6 @@ def train_one_epoch(run, epoch):
     return False
 
 
-def mean_over_ranks(t, env):
-    if env.ddp:
-        dist.all_reduce(t)
-        t /= env.world
-    return t
-
-
-def check_finite(bad_step, epoch, run):
-    if run.env.ddp:
-        dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
-    if bad_step.item() >= 0:                            # checked before anything is saved
-        kept = (f"the last good checkpoint is kept in {run.out.last}" if run.out and os.path.exists(run.out.last)
-                else "no checkpoint had been written yet")
-        raise UserError(f"loss became NaN or infinite at step {bad_step.item()} (epoch {epoch + 1}); stopped, {kept}. "
-                        f"Try a lower --lr, or --amp bf16/none", shared=True)
-
-
-def log_progress(run, epoch, loss_sum, log_from):
-    """One progress line: loss since the last line, lr, speed, MFU on known GPUs, eta."""
-    args, env, step = run.args, run.env, run.progress.step
-    t_log, steps_done, loss_done, wait_done = log_from
-    ips = (step - steps_done) * args.batch_size / max(time.time() - t_log, 1e-9)
-    waited = (run.data_wait - wait_done) / max(time.time() - t_log, 1e-9)     # share of the time spent on data
-    # (not on an epoch's first line: it includes the loader workers' start)
-    if waited > 0.25 and not run.loader_told and steps_done != run.epoch_start:
-        run.loader_told = True
-        pil = not use_memory(args) and not use_device(args, env.device)
-        hint = ("--loader device moves decoding and augmentation to the GPU" if env.device.type == "cuda" and pil and
-                args.data != "fake" else "more --workers would help, if this node has the cores")
-        env.log(f"the loader bounds this run: {waited:.0%} of the time went to waiting for batches; the model alone "
-                f"would take about {ips / (1 - min(waited, 0.99)):,.0f} img/s against the {ips:,.0f} it gets ({hint})")
-    left = (args.epochs - epoch) * run.steps_per_epoch - step
-    util = f" | MFU {mfu(run.gmacs, ips / env.world, run.peak):.1%}" if run.peak else ""
-    env.log(f"epoch {epoch + 1}/{args.epochs} | step {step}/{run.steps_per_epoch} | "
-            f"loss {(loss_sum - loss_done) / max(step - steps_done, 1):.4f} | lr {run.optimizer.param_groups[0]['lr']:.2e} | "
-            f"{ips:,.0f} img/s{util} | eta {fmt_time(left * args.batch_size / max(ips, 1e-9))} (+ evaluation)")
-    return time.time(), step, loss_sum, run.data_wait
-
-
-# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, matched against the device
-# name, most specific first: an "H100 PCIe" is not an H100 SXM. The one MFU denominator, whatever --amp is.
-PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12), ("H200", 989e12),
-             ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("RTX 4090", 165e12), ("L4", 121e12)]
-
-
-def peak_flops(device):
-    """Datasheet dense bf16 peak of this GPU, in FLOP/s; None where unknown (CPU, other GPUs)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((peak for key, peak in PEAK_BF16 if key in name), None) if name else None
-
-
-def mfu(gmacs, images_per_s, peak_flops):
-    """Model FLOPs utilisation: training costs ~3 forward passes (forward + backward), 2 FLOPs per MAC."""
-    return 3 * 2 * gmacs * 1e9 * images_per_s / peak_flops
-
-
 # ----------------------------------------------------------------------------------------
 # Evaluation: top-1, top-5 and loss (shared with eval.py)
 
@@ -496,40 +510,6 @@ def evaluate(model, loader, device, autocast, steps=None, log=None):
 
 # ----------------------------------------------------------------------------------------
 # main: set up, then epochs of train -> evaluate -> save
-
-def main(argv=None):
-    args = get_args(argv)
-    env = init_distributed(args)
-    run = None
-    try:
-        if env.ddp and args.data.startswith("cifar"):    # one download, not one per rank into the same folder
-            on_all_ranks(env, lambda: env.master and build_dataset(args, "train", None))
-        run = on_all_ranks(env, setup, args, env)
-        agree_on_progress(run)
-        start_metrics(run)
-        describe(run)
-        prog = run.progress
-        with run.stop:
-            for epoch in range(prog.epoch, args.epochs):
-                run.t_epoch, run.elapsed0, start_step = time.time(), prog.elapsed, prog.step
-                if train_one_epoch(run, epoch):
-                    raise stop_message(run, f"at epoch {epoch + 1}, step {prog.step}/{run.steps_per_epoch}")
-                prog.elapsed = run.clock()
-                metrics = evaluate(run.raw_model, run.val_loader, env.device, run.autocast, log=env.log)
-                end_epoch(run, epoch, metrics, start_step)
-                if run.stop.requested(env) and epoch + 1 < args.epochs:
-                    raise stop_message(run, f"after epoch {epoch + 1}")
-        env.log(f"done: best top-1 {prog.best_top1:.2f}, {fmt_time(prog.elapsed)} training time, checkpoints in {args.out_dir}")
-        if env.ddp:
-            run.model = None             # DDP's reducer holds gloo/NCCL work objects: free them first
-            dist.barrier()               # no rank tears down while another still talks to it
-            dist.destroy_process_group()
-        run.raw_model.classes = run.classes
-        return run.raw_model
-    finally:
-        if run and run.out:
-            run.out.release()
-
 
 def setup(args, env):
     """Data, model, optimizer, out-dir and the progress to start from, on this rank."""
@@ -574,32 +554,6 @@ def start_metrics(run):
                                 "device": str(run.env.device), "start_epoch": prog.epoch, "start_step": prog.step})
 
 
-def end_epoch(run, epoch, metrics, start_step):
-    """The epoch's row: logged, then saved in the order a kill can be repaired from (OutDir)."""
-    args, prog, seconds = run.args, run.progress, time.time() - run.t_epoch
-    is_best = metrics["top1"] > prog.best_top1
-    prog.best_top1 = max(prog.best_top1, metrics["top1"])
-    record = {"type": "epoch", "epoch": epoch + 1, "train_loss": prog.loss_sum / run.steps_per_epoch, **metrics,
-              "best_top1": prog.best_top1, "lr": run.optimizer.param_groups[0]["lr"], "epoch_time": seconds,
-              "elapsed": prog.elapsed, "images_per_s": (run.steps_per_epoch - start_step) * args.batch_size / seconds}
-    prog.epoch, prog.step, prog.loss_sum, prog.records = epoch + 1, 0, 0.0, prog.records + [record]
-    run.env.log(f"epoch {epoch + 1}/{args.epochs} | train loss {record['train_loss']:.4f} | val top-1 {metrics['top1']:.2f} "
-                f"top-5 {metrics['top5']:.2f} loss {metrics['val_loss']:.4f} | best {prog.best_top1:.2f} | {fmt_time(seconds)}")
-    if run.env.master:
-        run.out.end_epoch(checkpoint(run), is_best)
-
-
-def checkpoint(run):
-    return {"model": run.raw_model.state_dict(), "config": asdict(run.raw_model.config), "optimizer": run.optimizer.state_dict(),
-            "scaler": run.scaler.state_dict(), **asdict(run.progress), "metrics": (run.progress.records or [None])[-1],
-            "args": vars(run.args), "dataset": {"train_images": run.n_train, "classes": run.classes}}
-
-
-def save_last(run):
-    if run.env.master:
-        run.out.save(checkpoint(run), run.out.last)
-
-
 def describe(run):
     """The start-up lines: where the run resumes, then what it trains, on what, with which recipe."""
     args, env, c, prog = run.args, run.env, run.raw_model.config, run.progress
@@ -616,6 +570,55 @@ def describe(run):
             f"{env.device} {args.amp} | {args.out_dir}")
     if prog.epoch >= args.epochs:
         env.log(f"all {args.epochs} epochs are done already; nothing to train")
+
+
+def end_epoch(run, epoch, metrics, start_step):
+    """The epoch's row: logged, then saved in the order a kill can be repaired from (OutDir)."""
+    args, prog, seconds = run.args, run.progress, time.time() - run.t_epoch
+    is_best = metrics["top1"] > prog.best_top1
+    prog.best_top1 = max(prog.best_top1, metrics["top1"])
+    record = {"type": "epoch", "epoch": epoch + 1, "train_loss": prog.loss_sum / run.steps_per_epoch, **metrics,
+              "best_top1": prog.best_top1, "lr": run.optimizer.param_groups[0]["lr"], "epoch_time": seconds,
+              "elapsed": prog.elapsed, "images_per_s": (run.steps_per_epoch - start_step) * args.batch_size / seconds}
+    prog.epoch, prog.step, prog.loss_sum, prog.records = epoch + 1, 0, 0.0, prog.records + [record]
+    run.env.log(f"epoch {epoch + 1}/{args.epochs} | train loss {record['train_loss']:.4f} | val top-1 {metrics['top1']:.2f} "
+                f"top-5 {metrics['top5']:.2f} loss {metrics['val_loss']:.4f} | best {prog.best_top1:.2f} | {fmt_time(seconds)}")
+    if run.env.master:
+        run.out.end_epoch(checkpoint(run), is_best)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    env = init_distributed(args)
+    run = None
+    try:
+        if env.ddp and args.data.startswith("cifar"):    # one download, not one per rank into the same folder
+            on_all_ranks(env, lambda: env.master and build_dataset(args, "train", None))
+        run = on_all_ranks(env, setup, args, env)
+        agree_on_progress(run)
+        start_metrics(run)
+        describe(run)
+        prog = run.progress
+        with run.stop:
+            for epoch in range(prog.epoch, args.epochs):
+                run.t_epoch, run.elapsed0, start_step = time.time(), prog.elapsed, prog.step
+                if train_one_epoch(run, epoch):
+                    raise stop_message(run, f"at epoch {epoch + 1}, step {prog.step}/{run.steps_per_epoch}")
+                prog.elapsed = run.clock()
+                metrics = evaluate(run.raw_model, run.val_loader, env.device, run.autocast, log=env.log)
+                end_epoch(run, epoch, metrics, start_step)
+                if run.stop.requested(env) and epoch + 1 < args.epochs:
+                    raise stop_message(run, f"after epoch {epoch + 1}")
+        env.log(f"done: best top-1 {prog.best_top1:.2f}, {fmt_time(prog.elapsed)} training time, checkpoints in {args.out_dir}")
+        if env.ddp:
+            run.model = None             # DDP's reducer holds gloo/NCCL work objects: free them first
+            dist.barrier()               # no rank tears down while another still talks to it
+            dist.destroy_process_group()
+        run.raw_model.classes = run.classes
+        return run.raw_model
+    finally:
+        if run and run.out:
+            run.out.release()
 
 
 if __name__ == "__main__":

@@ -1514,6 +1514,17 @@ def test_loader_cpu_bench_times_the_workers_of_both_paths(tmp_path):
     assert json.load(open(tmp_path / "loader.json"))["worker_time_ratio"] == pytest.approx(r["worker_time_ratio"])
 
 
+def test_loader_bench_trains_the_model_it_is_given():
+    # --model reaches the models of both loaders; without it, train.py's default for the data.
+    flags = ["--bench-loader", "--data", "fake", "--img-size", "32", "--patch-size", "8", "--num-layers", "1",
+             "--depth", "1", "--bench-images", "8", "--batch-size", "4", "--workers", "0"]
+    bench = bench_script()
+    given = bench.loader_setups(bench.get_args(flags + ["--model", "small"]), 1, torch.device("cpu"))
+    default = bench.loader_setups(bench.get_args(flags), 1, torch.device("cpu"))
+    assert {k: s[1].config.embed_dim for k, s in given.items()} == {"memory": 384, "pil": 384}
+    assert {k: s[1].config.embed_dim for k, s in default.items()} == {"memory": 192, "pil": 192}   # small-images' D
+
+
 def test_compiled_bench_compiles_every_model_of_every_row():
     # 10 models (R=1; R=2..4 each with its unshared ViT and no-mixer twin): one Dynamo cache for
     # all of them reached the recompile limit at R=3, and the rest ran eagerly.

@@ -257,7 +257,7 @@ def loader_setups(args, depth, device):
     flags = ["--data", args.data or "cifar10", "--subset", str(args.bench_images), "--val-subset", "10",
              "--workers", str(args.workers), "--batch-size", str(args.batch_size or 128), "--mixer", args.mixer,
              "--share", args.share]
-    flags += [a for k in ("data_path", "embed_dim", "num_layers", "num_heads", "patch_size", "img_size")
+    flags += [a for k in ("model", "data_path", "embed_dim", "num_layers", "num_heads", "patch_size", "img_size")
               if getattr(args, k) is not None for a in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
     setups = {}
     for loader in ("memory", "pil"):
@@ -383,7 +383,8 @@ def get_args(argv=None):
     a("--data", default=None, choices=["imagenet", "cifar10", "cifar100", "folder", "fake"], help="--bench-loader's data")
     a("--data-path", default=None)
     a("--json", default=None, help="also write the numbers to this JSON file")
-    a("--model", default="small", choices=list(srvit.PRESETS))
+    a("--model", default=None, choices=list(srvit.PRESETS),
+      help="a DeiT preset (--bench, --activations: default small; --bench-loader: train.py's default for the data)")
     a("--depth", type=int, nargs="+", default=[1, 2, 3, 4])
     a("--mixer", default="soft", choices=srvit.MIXERS)
     a("--share", default="block", choices=srvit.SHARES)
@@ -405,6 +406,8 @@ def get_args(argv=None):
     if min(args.depth) < 1:
         raise UserError(f"--depth takes recursion depths >= 1, got {args.depth}")
     check_at_least(args, batch_size=1, iters=1, rounds=1, bench_images=1, workers=0)
+    if args.model is None and not args.bench_loader:
+        args.model = "small"
     return args
 
 

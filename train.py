@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import srvit
-from loaders import build_dataset, build_loaders, image_size, loader_name, mix_batch, seed_for, train_dir, use_device, use_memory
+from loaders import (build_dataset, build_loaders, image_size, loader_kind, loader_name, mix_batch, seed_for, train_dir,
+                     use_device, use_memory)
 from plumbing import (Env, OutDir, StopRequest, Stopped, UserError, agree_on_progress, cli, fmt_time, init_distributed,
                       on_all_ranks, restore, stop_message)
 
@@ -328,7 +329,8 @@ def seed_device(seed, device):
 def checkpoint(run):
     return {"model": run.raw_model.state_dict(), "config": asdict(run.raw_model.config), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), **asdict(run.progress), "metrics": (run.progress.records or [None])[-1],
-            "args": vars(run.args), "dataset": {"train_images": run.n_train, "classes": run.classes}}
+            "args": vars(run.args), "dataset": {"train_images": run.n_train, "classes": run.classes,
+                                                 "loader": loader_kind(run.args, run.env.device)}}
 
 
 def save_last(run):
@@ -523,7 +525,8 @@ def setup(args, env):
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.amp == "fp16")
     out = OutDir(args.out_dir, env.master).open()
     try:
-        saved = restore(args, out, model, optimizer, scaler, n_train, MAY_CHANGE)
+        found = {"train_images": n_train, "loader": loader_kind(args, env.device)}
+        saved = restore(args, out, model, optimizer, scaler, found, MAY_CHANGE)
         progress = Progress(**{f.name: saved[f.name] for f in fields(Progress) if f.name in saved})
         del saved                   # the weights and AdamW state: not held through compile and DDP
         if progress.epoch == 0 and progress.step == 0 and args.init_from:

@@ -225,13 +225,8 @@ def use_device(args, device):
                                        and args.data in ("folder", "imagenet"))
 
 
-def loader_kind(args, device):
-    """What --loader resolves to on this device: memory, device or pil (a resume compares this, not "auto")."""
-    return "memory" if use_memory(args) else "device" if use_device(args, device) else "pil"
-
-
 def loader_name(args, device):
-    return {"memory": "in memory", "device": "device loader", "pil": "PIL loader"}[loader_kind(args, device)]
+    return "in memory" if use_memory(args) else "device loader" if use_device(args, device) else "PIL loader"
 
 
 def default_workers(env):

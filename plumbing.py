@@ -290,16 +290,13 @@ def read_checkpoint(path):
     return ckpt
 
 
-def check_same_run(path, ckpt, model, args, data, may_change):
+def check_same_run(path, ckpt, model, args, n_train, may_change):
     """Refuse to resume another model, other data or another recipe, naming each value that changed:
-    every argument but `may_change` (train.MAY_CHANGE) is compared (keys an older checkpoint does not hold are not).
-    `data` holds what the run found: train_images, and the loader --loader resolved to (memory, device, pil)."""
+    every argument but `may_change` (train.MAY_CHANGE) is compared (keys an older checkpoint does not hold are not)."""
     saved_cfg = {**asdict(srvit.SRViTConfig()), **ckpt["config"]}
     implied = {"schedule": "deit", "pad_mode": "zeros", "init": "timm"}    # what code before these flags did
     saved = {**implied, **ckpt.get("args", {}), **ckpt.get("dataset", {})}
-    now = {**vars(args), **data}
-    if saved.get("loader") == "auto":     # an older checkpoint, which kept --loader only as given: not compared
-        saved["loader"] = now["loader"]
+    now = {**vars(args), "train_images": n_train}
     model_keys = [k for k in asdict(model.config) if k not in ("drop_path_rate", "grad_checkpointing")]
     data_keys = ("data", "subset", "val_subset", "num_classes", "img_size", "train_images")
     recipe_keys = [k for k in now if k not in may_change and k not in data_keys]
@@ -311,7 +308,7 @@ def check_same_run(path, ckpt, model, args, data, may_change):
                             f"command, or start afresh in another --out-dir", shared=True)
 
 
-def restore(args, out, model, optimizer, scaler, data, may_change):
+def restore(args, out, model, optimizer, scaler, n_train, may_change):
     """Load what --resume points at (default last.pt, if there is one) into the model, optimizer and
     scaler, and return the checkpoint (train.setup builds its Progress from it), its best_top1 raised
     to best.pt's where a kill left best.pt ahead; {} for a fresh run."""
@@ -328,7 +325,7 @@ def restore(args, out, model, optimizer, scaler, data, may_change):
     ckpt = read_checkpoint(path)
     if "optimizer" not in ckpt:
         raise UserError(f"{path} holds weights only, no optimizer state to resume from; use --init-from", shared=True)
-    check_same_run(path, ckpt, model, args, data, may_change)
+    check_same_run(path, ckpt, model, args, n_train, may_change)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt["scaler"]:            # (empty from a run without fp16: a resume in fp16 starts a fresh scale)

@@ -36,8 +36,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import srvit
-from loaders import (build_dataset, build_loaders, image_size, loader_kind, loader_name, mix_batch, seed_for, train_dir,
-                     use_device, use_memory)
+from loaders import build_dataset, build_loaders, image_size, loader_name, mix_batch, seed_for, train_dir, use_device, use_memory
 from plumbing import (Env, OutDir, StopRequest, Stopped, UserError, agree_on_progress, cli, fmt_time, init_distributed,
                       on_all_ranks, restore, stop_message)
 
@@ -67,9 +66,11 @@ FRACTION, PROBABILITY = (lambda v: 0 <= v < 1, "in [0, 1)"), (lambda v: 0 <= v <
 CHECKS = {}
 # What may differ between a run and its resume; every other argument must be the same. (--model
 # may: the model itself, width, blocks and heads included, is compared from its config; --amp may,
-# as it follows the device: a run started on a GPU in bf16 resumes on a CPU in float32.)
+# as it follows the device: a run started on a GPU in bf16 resumes on a CPU in float32; --loader may,
+# as each loader feeds the same images in the sampler's order with the same augmentations, drawn from
+# its own streams, and auto follows the device too: the device loader on a GPU, PIL on a CPU.)
 MAY_CHANGE = {"workers", "device", "compile", "grad_ckpt", "micro_batch", "log_interval", "save_every", "resume",
-              "out_dir", "data_path", "init_from", "model", "amp"}
+              "out_dir", "data_path", "init_from", "model", "amp", "loader"}
 
 
 def choose_recipe(args):
@@ -329,8 +330,7 @@ def seed_device(seed, device):
 def checkpoint(run):
     return {"model": run.raw_model.state_dict(), "config": asdict(run.raw_model.config), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), **asdict(run.progress), "metrics": (run.progress.records or [None])[-1],
-            "args": vars(run.args), "dataset": {"train_images": run.n_train, "classes": run.classes,
-                                                 "loader": loader_kind(run.args, run.env.device)}}
+            "args": vars(run.args), "dataset": {"train_images": run.n_train, "classes": run.classes}}
 
 
 def save_last(run):
@@ -525,8 +525,7 @@ def setup(args, env):
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.amp == "fp16")
     out = OutDir(args.out_dir, env.master).open()
     try:
-        found = {"train_images": n_train, "loader": loader_kind(args, env.device)}
-        saved = restore(args, out, model, optimizer, scaler, found, MAY_CHANGE)
+        saved = restore(args, out, model, optimizer, scaler, n_train, MAY_CHANGE)
         progress = Progress(**{f.name: saved[f.name] for f in fields(Progress) if f.name in saved})
         del saved                   # the weights and AdamW state: not held through compile and DDP
         if progress.epoch == 0 and progress.step == 0 and args.init_from:

@@ -384,7 +384,8 @@ def get_args(argv=None):
     a("--data-path", default=None)
     a("--json", default=None, help="also write the numbers to this JSON file")
     a("--model", default=None, choices=list(srvit.PRESETS),
-      help="a DeiT preset (--bench, --activations: default small; --bench-loader: train.py's default for the data)")
+      help="a DeiT preset (--bench, --activations: default small; --bench-loader: train.py's default for "
+                                                  "the data; --loader-cpu times loaders only)")
     a("--depth", type=int, nargs="+", default=[1, 2, 3, 4])
     a("--mixer", default="soft", choices=srvit.MIXERS)
     a("--share", default="block", choices=srvit.SHARES)

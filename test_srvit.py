@@ -911,8 +911,6 @@ def test_mixup_partner_is_another_image_at_every_world_size():
             for b in range(len(idx) // micro):
                 ids = idx[b * micro:(b + 1) * micro]
                 _, target = loaders.mix_batch(torch.zeros(micro, 3, 8, 8), ids, args, n)
-                two = target.topk(2).indices                     # (B, 2): the image and its partner
-                partner = torch.where(two[:, 0] == ids, two[:, 1], two[:, 0])
                 same += int(((target > 0).sum(1) == 1).sum())    # mixed with a copy of itself
                 total += micro
         assert same / total < 0.04, (world, same / total)

@@ -59,6 +59,7 @@ class SRViTConfig:
     share: str = "block"        # what is re-applied: each block R times, or the whole stack
     router_init: str = "uniform"  # a fresh soft mixer: "uniform" (= mean) or "last" (0.9 on step R)
     init: str = "timm"          # weights: "timm" (DeiT's, std 0.02) or "torch" (fan-in scaled; small widths)
+    step_scale: bool = False    # beyond our reading of the paper: a learned scale on each step's update
     drop_path_rate: float = 0.0
     grad_checkpointing: bool = False
 
@@ -264,6 +265,12 @@ class SRViT(nn.Module):
         # With R = 1 there is nothing to mix, no mixer is built, and the model IS a DeiT.
         n_mixers = 0 if R == 1 else (L if cfg.share == "block" else 1)
         self.mixers = nn.ModuleList(build_mixer(cfg.mixer, D, R, cfg.router_init) for _ in range(n_mixers))
+        # Off by default, and not part of our reading of the paper (README, "Beyond the paper"): one
+        # learned scale per channel for each of the L*R block applications, in the order they run,
+        # on the update the application makes: h <- h + g_i * (f(h) - h). It starts at 1, so a
+        # fresh model computes what it computes without it; training can then shrink or grow each
+        # step's update on its own, where the shared block alone must do the same thing every step.
+        self.step_scale = nn.Parameter(torch.ones(L * R, D)) if cfg.step_scale else None   # (L*R, D)
         self.norm = nn.LayerNorm(D, eps=1e-6)
         self.head = nn.Linear(D, cfg.num_classes)
 
@@ -297,13 +304,19 @@ class SRViT(nn.Module):
             if isinstance(m, SoftMixer):
                 m.reset_parameters()
 
-    def _apply_block(self, block, h, drop_prob):
+    def _apply_block(self, block, h, i):
+        """Block application i of the L*R (counted in the order they run) on tokens h (B, T, D)."""
+        drop_prob = self.drop_path_rates[i]
         if self.config.grad_checkpointing and torch.is_grad_enabled():
             # Recompute this application in the backward pass instead of storing its
             # activations. The RNG state is saved and restored, so drop-path draws the same
             # mask twice and neither the output nor the gradient changes.
-            return checkpoint(block, h, drop_prob, use_reentrant=False)
-        return block(h, drop_prob)
+            out = checkpoint(block, h, drop_prob, use_reentrant=False)
+        else:
+            out = block(h, drop_prob)
+        if self.step_scale is not None:           # h + g_i * (f(h) - h); g_i = 1 gives f(h)
+            out = h + self.step_scale[i] * (out - h)
+        return out
 
     def _mix(self, i, hs, mix, step_outputs=None):
         if step_outputs is not None:             # kept for trace(): the steps before mixing
@@ -333,13 +346,13 @@ class SRViT(nn.Module):
         cls = self.cls_token.expand(x.shape[0], -1, -1)           # (B, 1, D)
         x = torch.cat([cls, x], dim=1) + self.pos_embed           # (B, T, D)
 
-        mix, dpr = [], self.drop_path_rates
+        mix = []
         if cfg.share == "block":
             # h_1 = f_l(x), h_r = f_l(h_{r-1}), x <- mix_l(h_1..h_k), for l = 1..L
             for l, block in enumerate(self.blocks):
                 hs, h = [], x
                 for r in range(k):
-                    h = self._apply_block(block, h, dpr[l * R + r])
+                    h = self._apply_block(block, h, l * R + r)
                     hs.append(h)
                 x = self._mix(l, hs, mix, step_outputs)
         else:
@@ -347,7 +360,7 @@ class SRViT(nn.Module):
             hs, h = [], x
             for r in range(k):
                 for l, block in enumerate(self.blocks):
-                    h = self._apply_block(block, h, dpr[r * L + l])
+                    h = self._apply_block(block, h, r * L + l)
                 hs.append(h)
             x = self._mix(0, hs, mix, step_outputs)
 
@@ -377,8 +390,9 @@ class SRViT(nn.Module):
         return {"steps": step_outputs, "mix": mix, "logits": logits, "anytime": anytime}
 
     def no_weight_decay(self):
-        """Names of parameters that DeiT trains without weight decay (besides biases and norms)."""
-        return {"cls_token", "pos_embed"} | {n for n, _ in self.named_parameters() if n.endswith("step_bias")}
+        """Names of parameters that DeiT trains without weight decay (besides biases and norms); the
+        step scales too, which decay would pull towards 0 (timm's LayerScale, 1-d, is not decayed either)."""
+        return {"cls_token", "pos_embed", "step_scale"} | {n for n, _ in self.named_parameters() if n.endswith("step_bias")}
 
 
 # ----------------------------------------------------------------------------------------

@@ -174,6 +174,37 @@ def test_router_init_last_starts_near_plain_recursion():
         tiny(depth=4, router_init="first")
 
 
+def test_step_scale_is_opt_in_and_a_fresh_one_changes_nothing():
+    plain, scaled = tiny(depth=3), tiny(depth=3, step_scale=True)
+    assert plain.step_scale is None and "step_scale" not in plain.state_dict()
+    assert srvit.count_params(scaled) - srvit.count_params(plain) == 2 * 3 * 32    # L*R applications x D
+    scaled_state = scaled.state_dict()
+    assert all(torch.equal(v, scaled_state[k]) for k, v in plain.state_dict().items())  # same seed, same weights
+    torch.testing.assert_close(scaled(images()), plain(images()), atol=1e-5, rtol=0)     # g = 1: h + (f(h) - h) = f(h)
+
+
+@pytest.mark.parametrize("share", ["block", "stack"])
+def test_step_scale_scales_each_applications_update(share):
+    model = tiny(depth=3, share=share, step_scale=True).eval()
+    L, R = 2, 3
+    first_step = [l * R for l in range(L)] if share == "block" else list(range(L))   # applications of step 1
+    with torch.no_grad():
+        model.step_scale.zero_()
+        model.step_scale[first_step] = 1.0           # steps 2..R make no update: every step repeats step 1
+    steps = model.trace(images())["steps"]
+    for hs in steps:
+        for h in hs[1:]:
+            torch.testing.assert_close(h, hs[0], atol=0, rtol=0)
+    i = 1 if share == "block" else L         # step 2 of block 1 (block share), or block 1 in the stack's step 2
+    with torch.no_grad():
+        model.step_scale[i] = 0.5
+    h1, h2 = model.trace(images())["steps"][0][:2]
+    f = model.blocks[0]
+    # block share: h2 = f(h1) at half its update; stack share: step 2 = block 1 at half its update,
+    # then block 2 with g = 0 (no update)
+    torch.testing.assert_close(h2, h1 + 0.5 * (f(h1) - h1))
+
+
 def test_soft_mixer_learns_token_dependent_weights():
     model = tiny(depth=3)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -833,6 +864,15 @@ def test_init_is_a_recipe_setting_and_deit_keeps_timms():
     assert srvit_small().config.init == "timm" and train.get_args(["--data", "imagenet"]).init == "timm"
     with pytest.raises(ValueError, match="init must be one of"):
         tiny(init="jax")
+
+
+def test_step_scale_is_a_flag_kept_in_the_config_and_not_decayed():
+    args = train.get_args(FAST + ["--depth", "2", "--step-scale"])
+    model = train.build_model(args, 10)
+    assert model.config.step_scale and model.step_scale.shape == (args.num_layers * 2, args.embed_dim)
+    decay, no_decay = train.param_groups(model, 0.05)
+    assert any(p is model.step_scale for p in no_decay["params"]) and not any(p is model.step_scale for p in decay["params"])
+    assert not train.get_args(FAST + ["--depth", "2"]).step_scale
 
 
 def test_cosine_schedule_ends_at_the_floor_and_deit_keeps_its_offset():

@@ -19,6 +19,7 @@ STUDY=${STUDY:-$HOME/srvit-study}
 PART=${1:-run}
 DATA=${2:-$ROOT/data/cifar10}     # CIFAR-10 JPEGs: train/<class>/, test/<class>/
 OUT=${STUDY_OUT:-$ROOT/results/cifar10-deep}         # the study's folder: plan.txt, logs, metrics, tables
+PLAN=${STUDY_PLAN:-$OUT/plan.txt}                     # the runs: name, then the flags added to $COMMON
 TAG=${OUT##*/cifar10-}                                  # deep, deep2: the plots' names
 L2_OUT=$ROOT/results/cifar10-L2
 mkdir -p "$STUDY/runs"
@@ -53,7 +54,7 @@ worker() {   # take the first run of plan.txt that is neither done nor taken by 
       done_run "$n" "$f" && continue
       mkdir "$STUDY/claims/$n" 2>/dev/null || continue   # mkdir is atomic: one worker gets each run
       name=$n; flags=$f; break
-    done < "$OUT/plan.txt"
+    done < "$PLAN"
     [ -z "$name" ] && return
     echo "$(date +%H:%M) worker $1: $name"
     run "$name" $flags || { local rc=$?

@@ -27,6 +27,8 @@ COMPARISONS = [
     ("R4-soft", "R1", "does SoftMoR pass R=1?"),
     ("R4-softlast", "R4-last", "round 2: does the router started at `last` beat plain recursion?"),
     ("R4-softlast", "R4-soft", "round 2: does starting at `last` beat starting uniform?"),
+    ("R4-softscale", "R4-soft", "extra round: does a per-step scale on each update help SoftMoR?"),
+    ("R4-softscale", "R1", "extra round: does SoftMoR with per-step scales pass R=1?"),
     ("ViT24", "R4-last", "the unshared 24-block ViT against plain recursion"),
     ("ViT24", "R1", "do 24 blocks of their own beat 6 blocks applied once, at this budget?"),
 ]
@@ -154,7 +156,7 @@ def anytime_table(runs):
 
 
 COLOURS = {"R1": (0, 0, 0), "R4-last": (31, 119, 180), "R4-mean": (44, 160, 44), "R4-soft": (214, 39, 40),
-           "R4-softlast": (240, 150, 150), "ViT24": (150, 150, 150)}
+           "R4-softlast": (240, 150, 150), "R4-softscale": (148, 103, 189), "ViT24": (150, 150, 150)}
 
 
 def plot_epochs(runs, path):

@@ -265,7 +265,7 @@ class SRViT(nn.Module):
         # With R = 1 there is nothing to mix, no mixer is built, and the model IS a DeiT.
         n_mixers = 0 if R == 1 else (L if cfg.share == "block" else 1)
         self.mixers = nn.ModuleList(build_mixer(cfg.mixer, D, R, cfg.router_init) for _ in range(n_mixers))
-        # Off by default, and not part of our reading of the paper (README, "Beyond the paper"): one
+        # Off by default, and not part of our reading of the paper (README, "Beyond our reading"): one
         # learned scale per channel for each of the L*R block applications, in the order they run,
         # on the update the application makes: h <- h + g_i * (f(h) - h). It starts at 1, so a
         # fresh model computes what it computes without it; training can then shrink or grow each
@@ -304,9 +304,10 @@ class SRViT(nn.Module):
             if isinstance(m, SoftMixer):
                 m.reset_parameters()
 
-    def _apply_block(self, block, h, i):
-        """Block application i of the L*R (counted in the order they run) on tokens h (B, T, D)."""
-        drop_prob = self.drop_path_rates[i]
+    def _apply_block(self, block, h, app):
+        """Block application number `app` of the L*R, counted in the order they run (the same
+        count at any number of steps k <= R), on tokens h (B, T, D)."""
+        drop_prob = self.drop_path_rates[app]
         if self.config.grad_checkpointing and torch.is_grad_enabled():
             # Recompute this application in the backward pass instead of storing its
             # activations. The RNG state is saved and restored, so drop-path draws the same
@@ -315,7 +316,7 @@ class SRViT(nn.Module):
         else:
             out = block(h, drop_prob)
         if self.step_scale is not None:           # h + g_i * (f(h) - h); g_i = 1 gives f(h)
-            out = h + self.step_scale[i] * (out - h)
+            out = h + self.step_scale[app] * (out - h)
         return out
 
     def _mix(self, i, hs, mix, step_outputs=None):

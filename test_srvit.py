@@ -195,6 +195,8 @@ def test_step_scale_scales_each_applications_update(share):
     for hs in steps:
         for h in hs[1:]:
             torch.testing.assert_close(h, hs[0], atol=0, rtol=0)
+    for k in (1, 2):        # fewer steps than R: still the scales of R-step indexing (the mix of equal steps)
+        torch.testing.assert_close(model(images(), steps=k), model(images()), atol=1e-5, rtol=0)
     i = 1 if share == "block" else L         # step 2 of block 1 (block share), or block 1 in the stack's step 2
     with torch.no_grad():
         model.step_scale[i] = 0.5
@@ -1509,6 +1511,20 @@ def test_curve_table_and_plot(trained_runs, tmp_path, capsys):
     assert "| R3 | 3 | soft | block | - | 0 |" in out and "| R1 | 1 | - | - | - | 0 |" in out
     with Image.open(tmp_path / "curve.png") as im:
         assert im.size == (760 + 520, 380)
+
+
+def test_curve_groups_step_scale_runs_apart_from_the_soft_runs(tmp_path):
+    def run(name, seed, step_scale):
+        config = dict(asdict(srvit.SRViTConfig(img_size=32, patch_size=8, num_classes=10, embed_dim=64, num_layers=6,
+                                               num_heads=4, depth=4)), step_scale=step_scale)
+        args = dict(data="cifar10", epochs=1, lr=1e-3, batch_size=128, drop_path=0.0, seed=seed)
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "metrics.jsonl").write_text(
+            json.dumps({"type": "run", "config": config, "args": args, "params": 1, "gmacs": 0.1}) + "\n" +
+            json.dumps({"type": "epoch", "epoch": 1, "top1": 50.0 + seed, "elapsed": 1.0}) + "\n")
+    run("R4-soft-s0", 0, False), run("R4-soft-s1", 1, False), run("R4-softscale-s0", 0, True)
+    rows = srvit_eval.main(["--curve", str(tmp_path / "*")])
+    assert {r["run"]: r["variant"] for r in rows} == {"R4-soft-s0": "", "R4-soft-s1": "", "R4-softscale-s0": "step_scale=True"}
 
 
 def test_curve_plot_draws_the_range_over_seeds():

@@ -225,7 +225,7 @@ def build_model(args, num_classes):
 
 def param_groups(model, weight_decay):
     """timm's rule, as DeiT uses it: no weight decay on biases and norms (every tensor of <= 1
-    dimension), nor on the class token, position embedding and step biases."""
+    dimension), nor on the class token, position embedding, step biases and step scales."""
     skip = model.no_weight_decay()
     decay, no_decay = [], []
     for name, prm in model.named_parameters():

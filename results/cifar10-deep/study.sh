@@ -5,10 +5,11 @@
 # epoch, cosine to 1e-5), weight decay 0.05, label smoothing 0.1, random crop (4 px) + flip, no
 # drop path, the in-memory loader. One CPU thread per run, two runs at once.
 #
-#   bash results/cifar10-deep/study.sh run [path/to/cifar10]      # every run of plan.txt not yet done
+#   bash results/cifar10-deep/study.sh run [path/to/cifar10]      # every run of the plan not yet done
 #   bash results/cifar10-deep/study.sh collect [path/to/cifar10]  # logs, metrics, soft weights, summary.md
-# Two workers (one CPU thread each) take the runs of plan.txt in order; a run counts as done when its
-# metrics.jsonl holds the last epoch, so re-running `run` resumes the unfinished ones.
+# Two workers (one CPU thread each) take the runs of the plan ($STUDY_PLAN, default plan.txt) in
+# order; a run counts as done when its metrics.jsonl holds the last epoch, so re-running `run`
+# resumes the unfinished ones.
 #
 # Checkpoints live in $STUDY (default ~/srvit-study), outside the repository, so a study spread
 # over several invocations resumes each run where it stopped (re-run the same part). The runs use
@@ -44,7 +45,7 @@ done_run() {   # done_run NAME FLAGS: its metrics hold the last epoch's row (--e
   local epochs=$EPOCHS; [[ $2 =~ --epochs\ ([0-9]+) ]] && epochs=${BASH_REMATCH[1]}
   grep -q "\"epoch\": $epochs," "$STUDY/runs/$1/metrics.jsonl" 2>/dev/null
 }
-worker() {   # take the first run of plan.txt that is neither done nor taken by the other worker; repeat
+worker() {   # take the first run of the plan that is neither done nor taken by the other worker; repeat
   local name flags
   while true; do
     name=""

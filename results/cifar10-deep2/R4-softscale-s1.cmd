@@ -1,0 +1,1 @@
+python train.py --data cifar10 --embed-dim 64 --num-layers 6 --num-heads 4 --patch-size 8 --batch-size 128 --lr 1e-3   --epochs 15 --workers 0 --log-interval 100 --depth 4 --mixer soft --step-scale --seed 1 --data-path <cifar10> --out-dir <dir>/R4-softscale-s1    # code: commit c6a9c87d77d2980e37a0acde445261e075c43567

@@ -1,0 +1,1 @@
+python train.py --data cifar10 --embed-dim 64 --num-layers 6 --num-heads 4 --patch-size 8 --batch-size 128 --lr 1e-3   --epochs 15 --workers 0 --log-interval 100 --depth 1 --num-layers 24 --seed 1 --data-path <cifar10> --out-dir <dir>/ViT24-s1    # code: commit 0e60aaf63c5d18340693a5fd1d06fb3e67dff0df

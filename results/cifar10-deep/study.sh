@@ -13,7 +13,9 @@
 #
 # Checkpoints live in $STUDY (default ~/srvit-study), outside the repository, so a study spread
 # over several invocations resumes each run where it stopped (re-run the same part). The runs use
-# a frozen copy of train.py and srvit.py ($STUDY/code), so editing the tree mid-study is safe.
+# a frozen copy of the training code ($STUDY/code), so editing the tree mid-study is safe: the tree's
+# own, or with $STUDY_FROZEN set, that commit's, taken from git. Where $STUDY is new (another
+# machine), each run of the plan already finished in $OUT is then marked done there.
 set -u
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 STUDY=${STUDY:-$HOME/srvit-study}
@@ -23,14 +25,33 @@ OUT=${STUDY_OUT:-$ROOT/results/cifar10-deep}         # the study's folder: plan.
 PLAN=${STUDY_PLAN:-$OUT/plan.txt}                     # the runs: name, then the flags added to $COMMON
 TAG=${OUT##*/cifar10-}                                  # deep, deep2: the plots' names
 L2_OUT=$ROOT/results/cifar10-L2
+FROZEN=${STUDY_FROZEN:-}                                # a commit whose code every run uses
+CODE="train.py srvit.py loaders.py plumbing.py"         # train.py and what it imports (older commits: the first two)
 mkdir -p "$STUDY/runs"
-if [ ! -f "$STUDY/code/train.py" ]; then
-  mkdir -p "$STUDY/code" && cp "$ROOT/train.py" "$ROOT/srvit.py" "$STUDY/code/"
-  (cd "$ROOT" && git rev-parse HEAD) > "$STUDY/code/COMMIT"
-fi
 EPOCHS=15
 COMMON="--data cifar10 --embed-dim 64 --num-layers 6 --num-heads 4 --patch-size 8 --batch-size 128 --lr 1e-3 \
   --epochs $EPOCHS --workers 0 --log-interval 100"
+freeze_code() {   # $STUDY/code: the code the runs use, and its commit; on a new $STUDY, the plan's finished runs
+  [ -f "$STUDY/code/train.py" ] && return
+  mkdir -p "$STUDY/code"
+  if [ -z "$FROZEN" ]; then
+    for f in $CODE; do [ -f "$ROOT/$f" ] && cp "$ROOT/$f" "$STUDY/code/"; done
+    (cd "$ROOT" && git rev-parse HEAD) > "$STUDY/code/COMMIT"
+    return
+  fi
+  git -C "$ROOT" cat-file -e "$FROZEN^{commit}" 2>/dev/null || { rm -rf "$STUDY/code"; echo "cannot read commit $FROZEN (a full clone has it)"; exit 2; }
+  for f in $CODE; do
+    git -C "$ROOT" cat-file -e "$FROZEN:$f" 2>/dev/null && git -C "$ROOT" show "$FROZEN:$f" > "$STUDY/code/$f"
+  done
+  echo "$FROZEN" > "$STUDY/code/COMMIT"
+  local n f
+  while read -r n f; do
+    [[ -z $n || $n == \#* ]] && continue
+    if done_run_in "$OUT" "$n" "${f%%#*}" && [ ! -e "$STUDY/runs/$n" ]; then
+      mkdir -p "$STUDY/runs/$n" && cp "$OUT/$n/metrics.jsonl" "$STUDY/runs/$n/" && cp "$OUT/$n.log" "$STUDY/runs/$n.log"
+    fi
+  done < "$PLAN"
+}
 dest_of() {   # dest_of NAME: where a run's log and metrics go in the repository
   if [[ $1 == L2-* ]]; then echo "$L2_OUT"; else echo "$OUT"; fi   # the shallow sweep's block-vs-stack runs
 }
@@ -41,10 +62,11 @@ run() {  # run NAME FLAGS...
   OMP_NUM_THREADS=1 python "$STUDY/code/train.py" $COMMON "$@" --data-path "$DATA" --out-dir "$STUDY/runs/$name" \
     >> "$STUDY/runs/$name.log" 2>&1
 }
-done_run() {   # done_run NAME FLAGS: its metrics hold the last epoch's row (--epochs in FLAGS wins)
-  local epochs=$EPOCHS; [[ $2 =~ --epochs\ ([0-9]+) ]] && epochs=${BASH_REMATCH[1]}
-  grep -q "\"epoch\": $epochs," "$STUDY/runs/$1/metrics.jsonl" 2>/dev/null
+done_run_in() {   # done_run_in DIR NAME FLAGS: DIR/NAME's metrics hold the last epoch's row (--epochs in FLAGS wins)
+  local epochs=$EPOCHS; [[ $3 =~ --epochs\ ([0-9]+) ]] && epochs=${BASH_REMATCH[1]}
+  grep -q "\"epoch\": $epochs," "$1/$2/metrics.jsonl" 2>/dev/null
 }
+done_run() { done_run_in "$STUDY/runs" "$@"; }   # done_run NAME FLAGS: finished in $STUDY
 worker() {   # take the first run of the plan that is neither done nor taken by the other worker; repeat
   local name flags
   while true; do
@@ -85,6 +107,7 @@ collect() {   # logs and metrics (not checkpoints) into the repository; the soft
     python "$ROOT/eval.py" --curve "$L2_OUT"/*/ --json "$L2_OUT/curve.json" | grep -v '^wrote ' > "$L2_OUT/curve.md"
   fi
 }
+freeze_code
 case $PART in
   run) exec 9> "$STUDY/study.lock"
        flock -n 9 || { echo "another study.sh run is going (lock: $STUDY/study.lock)"; exit 2; }

@@ -17,17 +17,4 @@
 HERE=$(cd "$(dirname "$0")" && pwd)
 STUDY=${STUDY:-$HOME/srvit-study2-round2}
 FROZEN=c6a9c87d77d2980e37a0acde445261e075c43567
-if [ ! -f "$STUDY/code/train.py" ]; then
-  mkdir -p "$STUDY/code" "$STUDY/runs"
-  for f in train.py srvit.py loaders.py plumbing.py; do
-    git -C "$HERE" show "$FROZEN:$f" > "$STUDY/code/$f" || { rm -rf "$STUDY/code"; echo "cannot read commit $FROZEN (a full clone has it)"; exit 2; }
-  done
-  echo "$FROZEN" > "$STUDY/code/COMMIT"
-  for r in $(grep -v '^#' "$HERE/round2.txt" | awk '{print $1}'); do
-    m="$HERE/$r/metrics.jsonl"
-    if grep -qs '"epoch": 15,' "$m" && [ ! -e "$STUDY/runs/$r" ]; then   # finished: all 15 epochs
-      mkdir -p "$STUDY/runs/$r" && cp "$m" "$STUDY/runs/$r/" && cp "$HERE/$r.log" "$STUDY/runs/$r.log"
-    fi
-  done
-fi
-STUDY=$STUDY STUDY_OUT=$HERE STUDY_PLAN=$HERE/round2.txt exec bash "$HERE/../cifar10-deep/study.sh" "$@"
+STUDY=$STUDY STUDY_OUT=$HERE STUDY_PLAN=$HERE/round2.txt STUDY_FROZEN=$FROZEN exec bash "$HERE/../cifar10-deep/study.sh" "$@"

@@ -274,7 +274,7 @@ def read_run(folder):
     run, c, a, last = runs[-1], runs[-1]["config"], runs[-1]["args"], epochs[-1]
     settings = {"L": c["num_layers"], "D": c["embed_dim"], "patch": c["patch_size"], "data": a["data"], "epochs": a["epochs"],
                 "lr": a["lr"], "batch": a["batch_size"], "drop_path": a["drop_path"], "router_init": c.get("router_init", "uniform"),
-                "step_scale": c.get("step_scale", False)}
+                "step_scale": c.get("step_scale", False), "loop_scale": c.get("loop_scale", "none")}
     return {"run": Path(folder).name, "depth": c["depth"], "mixer": c["mixer"] if c["depth"] > 1 else "-",
             "share": c["share"] if c["depth"] > 1 else "-", "seed": a["seed"], "params": run["params"], "gmacs": run["gmacs"],
             "epochs": last["epoch"], "finished": last["epoch"] >= a["epochs"], "settings": settings,

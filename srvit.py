@@ -42,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 MIXERS = ("soft", "mean", "last")
 SHARES = ("block", "stack")
 INITS = ("timm", "torch")
+LOOP_SCALES = ("none", "fixed", "learned")
 
 
 @dataclass
@@ -60,6 +61,7 @@ class SRViTConfig:
     router_init: str = "uniform"  # a fresh soft mixer: "uniform" (= mean) or "last" (0.9 on step R)
     init: str = "timm"          # weights: "timm" (DeiT's, std 0.02) or "torch" (fan-in scaled; small widths)
     step_scale: bool = False    # beyond our reading of the paper: a learned scale on each step's update
+    loop_scale: str = "none"    # beyond our reading: residual branches times 1/R ("fixed") or learned from 1/R
     drop_path_rate: float = 0.0
     grad_checkpointing: bool = False
 
@@ -73,6 +75,8 @@ class SRViTConfig:
             raise ValueError(f"share must be one of {SHARES}, got {self.share!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.loop_scale not in LOOP_SCALES:
+            raise ValueError(f"loop_scale must be one of {LOOP_SCALES}, got {self.loop_scale!r}")
         if self.router_init not in ("uniform", "last"):
             raise ValueError(f"router_init must be 'uniform' or 'last', got {self.router_init!r}")
         if self.img_size % self.patch_size != 0:
@@ -152,7 +156,7 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """One Transformer block f_l. The drop-path rate is an argument of forward, not an
     attribute: under recursion the same block is applied at several depths, and each
-    application has its own rate."""
+    application has its own rate. So are the branch scales (1 in DeiT; see SRViT.loop_scale)."""
 
     def __init__(self, dim, num_heads, mlp_ratio):
         super().__init__()
@@ -161,9 +165,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, drop_prob=0.0):
-        x = x + drop_path(self.attn(self.norm1(x)), drop_prob, self.training)
-        x = x + drop_path(self.mlp(self.norm2(x)), drop_prob, self.training)
+    def forward(self, x, drop_prob=0.0, attn_scale=1.0, mlp_scale=1.0):
+        x = x + drop_path(attn_scale * self.attn(self.norm1(x)), drop_prob, self.training)
+        x = x + drop_path(mlp_scale * self.mlp(self.norm2(x)), drop_prob, self.training)
         return x
 
 
@@ -271,6 +275,14 @@ class SRViT(nn.Module):
         # fresh model computes what it computes without it; training can then shrink or grow each
         # step's update on its own, where the shared block alone must do the same thing every step.
         self.step_scale = nn.Parameter(torch.ones(L * R, D)) if cfg.step_scale else None   # (L*R, D)
+        # Also off by default and beyond our reading: the residual branches of a looped block scaled
+        # by 1/R, x <- x + attn(norm1(x)) / R, then x <- x + mlp(norm2(x)) / R, so that the R steps
+        # together make about one block's update (refined R times) instead of R updates that pile up
+        # in the residual stream. "fixed": 1/R (nothing to learn); "learned": one scale per channel
+        # for each branch of each of the L*R applications, starting at 1/R (timm's LayerScale,
+        # initialised at 1/R). R = 1 is unchanged by "fixed" (1/1) and, at the start, by "learned".
+        self.loop_scale = (nn.Parameter(torch.full((L * R, 2, D), 1.0 / R)) if cfg.loop_scale == "learned"
+                           else None)                                                    # (L*R, 2, D)
         self.norm = nn.LayerNorm(D, eps=1e-6)
         self.head = nn.Linear(D, cfg.num_classes)
 
@@ -308,13 +320,19 @@ class SRViT(nn.Module):
         """Block application number `app` of the L*R, counted in the order they run (the same
         count at any number of steps k <= R), on tokens h (B, T, D)."""
         drop_prob = self.drop_path_rates[app]
+        if self.loop_scale is not None:          # learned: (2, D) for this application
+            attn_scale, mlp_scale = self.loop_scale[app]
+        elif self.config.loop_scale == "fixed":
+            attn_scale = mlp_scale = 1.0 / self.config.depth
+        else:
+            attn_scale = mlp_scale = 1.0
         if self.config.grad_checkpointing and torch.is_grad_enabled():
             # Recompute this application in the backward pass instead of storing its
             # activations. The RNG state is saved and restored, so drop-path draws the same
             # mask twice and neither the output nor the gradient changes.
-            out = checkpoint(block, h, drop_prob, use_reentrant=False)
+            out = checkpoint(block, h, drop_prob, attn_scale, mlp_scale, use_reentrant=False)
         else:
-            out = block(h, drop_prob)
+            out = block(h, drop_prob, attn_scale, mlp_scale)
         if self.step_scale is not None:           # h + g_i * (f(h) - h); g_i = 1 gives f(h)
             out = h + self.step_scale[app] * (out - h)
         return out
@@ -393,7 +411,7 @@ class SRViT(nn.Module):
     def no_weight_decay(self):
         """Names of parameters that DeiT trains without weight decay (besides biases and norms); the
         step scales too, which decay would pull towards 0 (timm's LayerScale, 1-d, is not decayed either)."""
-        return {"cls_token", "pos_embed", "step_scale"} | {n for n, _ in self.named_parameters() if n.endswith("step_bias")}
+        return {"cls_token", "pos_embed", "step_scale", "loop_scale"} | {n for n, _ in self.named_parameters() if n.endswith("step_bias")}
 
 
 # ----------------------------------------------------------------------------------------

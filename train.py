@@ -148,6 +148,9 @@ def get_args(argv=None):
     a("--init", choices=srvit.INITS, help="weights: timm (DeiT's std 0.02) or torch (fan-in scaled)")
     a("--step-scale", action="store_true", help="beyond our reading of the paper (README): a learned per-channel "
                                                 "scale on each block application's update, 1 at the start")
+    a("--loop-scale", default="none", choices=srvit.LOOP_SCALES,
+      help="beyond our reading of the paper (README): a looped block's residual branches times 1/R (fixed), "
+           "or by learned per-channel scales starting at 1/R (learned)")
     a("--epochs", type=int, check=POSITIVE)
     a("--batch-size", type=int, check=POSITIVE, help="global batch, over all ranks and accumulation steps")
     a("--micro-batch", type=int, check=POSITIVE, help="per-device batch; accumulate gradients up to --batch-size")
@@ -217,7 +220,8 @@ def build_model(args, num_classes):
         return srvit.SRViT(srvit.SRViTConfig(
             img_size=args.img_size, patch_size=args.patch_size, num_classes=num_classes, embed_dim=args.embed_dim,
             num_layers=args.num_layers, num_heads=args.num_heads, depth=args.depth, mixer=args.mixer, share=args.share,
-            router_init=args.router_init, init=args.init, step_scale=args.step_scale, drop_path_rate=args.drop_path,
+            router_init=args.router_init, init=args.init, step_scale=args.step_scale,
+            loop_scale=args.loop_scale, drop_path_rate=args.drop_path,
             grad_checkpointing=args.grad_ckpt))
     except ValueError as e:
         raise UserError(f"cannot build the model: {e}", shared=True) from None

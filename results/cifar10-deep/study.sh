@@ -53,7 +53,7 @@ freeze_code() {   # $STUDY/code: the code the runs use, and its commit; on a new
   done < "$PLAN"
 }
 dest_of() {   # dest_of NAME: where a run's log and metrics go in the repository
-  if [[ $1 == L2-* ]]; then echo "$L2_OUT"; else echo "$OUT"; fi   # the shallow sweep's block-vs-stack runs
+  if [[ $1 == L2-* && $TAG == deep ]]; then echo "$L2_OUT"; else echo "$OUT"; fi   # deep: the shallow sweep's runs
 }
 run() {  # run NAME FLAGS...
   local name=$1; shift
@@ -103,7 +103,7 @@ collect() {   # logs and metrics (not checkpoints) into the repository; the soft
   python "$ROOT/eval.py" --curve "$OUT"/*/ --plot "$ROOT/assets/curve-$TAG.png" --json "$OUT/curve.json" | grep -v '^wrote ' > "$OUT/curve.md"
   python "$ROOT/results/cifar10-deep/summarize.py" --runs "$OUT" > "$OUT/summary.md"
   python "$ROOT/results/cifar10-deep/summarize.py" --runs "$OUT" --plot "$ROOT/assets/epochs-$TAG.png"
-  if [ -d "$L2_OUT" ]; then
+  if [[ $TAG == deep && -d $L2_OUT ]]; then
     python "$ROOT/eval.py" --curve "$L2_OUT"/*/ --json "$L2_OUT/curve.json" | grep -v '^wrote ' > "$L2_OUT/curve.md"
   fi
 }

@@ -13,5 +13,5 @@
 # taken from git and each run of plan.txt already finished in this folder is marked done there.
 HERE=$(cd "$(dirname "$0")" && pwd)
 STUDY=${STUDY:-$HOME/srvit-map}
-FROZEN=${MAP_FROZEN:?}
+FROZEN=f0c77560487a29c721e474409bb2ee3f48869b69
 STUDY=$STUDY STUDY_OUT=$HERE STUDY_FROZEN=$FROZEN exec bash "$HERE/../cifar10-deep/study.sh" "$@"

@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import srvit
-from loaders import MEAN_STD, build_dataset, transforms
+from loaders import Normalize, OnDevice, build_dataset, mean_std, normalize_image, transforms
 from plumbing import UserError, check_device, cli, first_line, fmt_time, read_checkpoint
 from train import amp_context, batch_metrics, summarize_metrics
 
@@ -54,7 +54,8 @@ def load_model(path):
 
 def preprocess(model, image):
     """A PIL image -> the (1, 3, S, S) tensor the model takes: training's evaluation transform."""
-    return transforms(argparse.Namespace(img_size=model.config.img_size), train=False)(image.convert("RGB"))[None]
+    size = model.config.img_size
+    return normalize_image(transforms(argparse.Namespace(img_size=size), train=False)(image.convert("RGB"))[None], size)
 
 
 @torch.no_grad()
@@ -117,7 +118,10 @@ def evaluate_checkpoint(args):
     val, data = validation_data(args, model, ckpt)
     device = torch.device(args.device or check_device(None))
     model.to(device)
-    autocast, loader = amp_context(device, args.amp), torch.utils.data.DataLoader(val, args.batch_size or 256, num_workers=args.workers)
+    autocast = amp_context(device, args.amp)
+    batches = torch.utils.data.DataLoader(val, args.batch_size or 256, num_workers=args.workers,
+                                          pin_memory=device.type == "cuda")
+    loader = OnDevice(batches, Normalize(*mean_std(cfg.img_size), device))     # uint8 to the device, normalised there
     print(f"{args.checkpoint}: SR-ViT D={cfg.embed_dim} L={cfg.num_layers} R={cfg.depth} mixer={cfg.mixer} share={cfg.share}, "
           f"trained {ckpt.get('epoch', '?')} epochs | {len(val):,} images of {data} on {device}")
     r = {"checkpoint": args.checkpoint, "params": srvit.count_params(model), "gmacs": srvit.forward_gmacs(model, steps=steps),
@@ -137,7 +141,8 @@ def evaluate_checkpoint(args):
         print("\n".join("| {steps} | {top1:.2f} | {top5:.2f} | {gmacs:.3g} |".format(**row) for row in r["anytime"]))
     if args.maps:
         picks = sorted({i * len(val) // args.maps_images for i in range(args.maps_images)})   # spread over the split
-        draw_maps(model, torch.stack([val[i][0] for i in picks]), mixer=args.maps_mixer, relative=args.maps_relative).save(args.maps)
+        images = normalize_image(torch.stack([val[i][0] for i in picks]), cfg.img_size)   # (n, 3, S, S)
+        draw_maps(model, images, mixer=args.maps_mixer, relative=args.maps_relative).save(args.maps)
         print(f"\nwrote {args.maps}")
     if args.json:
         write_json(args.json, r)
@@ -190,7 +195,7 @@ def draw_maps(model, images, mixer=-1, cell=112, relative=False):
     title = f"Step weights, mixer {i + 1} of {len(mix)} ({cfg.mixer}, share={cfg.share})"   # short: R = 2 is 360 px wide
     title += ": weights uniform" if hi - lo < 0.01 else ""                           # all within 0.01
     lo, hi = (min(lo, mid - 0.025), max(hi, mid + 0.025)) if relative else (0.0, 1.0)
-    grid, (mean, std) = cfg.img_size // cfg.patch_size, MEAN_STD["cifar" if cfg.img_size <= 64 else "imagenet"]
+    grid, (mean, std) = cfg.img_size // cfg.patch_size, mean_std(cfg.img_size)
     pad, top, row_h = 6, 22, 15 + cell + 6                             # a row: labels, maps, padding
     canvas = Image.new("RGB", (pad + (R + 1) * (cell + pad), top + len(images) * row_h + 40), "white")
     canvas.info["title"] = title

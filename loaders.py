@@ -97,12 +97,20 @@ def build_dataset(args, split, transform, loader=None):
     return data, classes
 
 
+def mean_std(img_size):
+    """The normalisation of the model's input: CIFAR's statistics for small images, else ImageNet's."""
+    return MEAN_STD["cifar" if img_size <= 64 else "imagenet"]
+
+
 def transforms(args, train):
-    """The PIL path's per-image transforms. Small images: resize, centre crop, pad-and-crop, flip.
-    ImageNet-sized: DeiT's RandomResizedCrop, flip, RandAugment, erasing; eval resize 256 / crop 224."""
+    """The PIL path's per-image transforms, ending in a uint8 (3, S, S) tensor: every loader sends
+    pixels as uint8 (a quarter of float32's bytes in shared memory and over the host-device link)
+    and the device normalises them (Normalize). Small images: resize, centre crop, pad-and-crop,
+    flip. ImageNet-sized: DeiT's RandomResizedCrop, flip, RandAugment; eval resize 256 / crop 224.
+    DeiT's random erasing works on normalised pixels, so it is drawn apart (eraser) and applied
+    on the device."""
     from torchvision.transforms import v2
-    mean, std = MEAN_STD["cifar" if args.img_size <= 64 else "imagenet"]
-    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    to_tensor = [v2.ToImage()]                                    # (3, S, S) uint8
     if args.img_size <= 64:
         fit = [v2.Resize(args.img_size), v2.CenterCrop(args.img_size)]
         if not train:
@@ -112,11 +120,27 @@ def transforms(args, train):
         return v2.Compose(fit + crop + [v2.RandomHorizontalFlip(args.hflip)] + to_tensor)
     bicubic = v2.InterpolationMode.BICUBIC
     if not train:             # resize to 256/224 of the crop, centre crop
-        return v2.Compose([v2.Resize(int(args.img_size / 0.875), interpolation=bicubic), v2.CenterCrop(args.img_size)] + to_tensor)
+        resize = v2.Resize(int(args.img_size / 0.875), interpolation=bicubic)
+        return v2.Compose([resize, v2.CenterCrop(args.img_size)] + to_tensor)
     aug = [v2.RandomResizedCrop(args.img_size, interpolation=bicubic), v2.RandomHorizontalFlip(args.hflip)]
-    aug += [randaugment_op(args.randaug, mean) for _ in range(2)] if args.randaug else []
-    post = [v2.RandomErasing(p=args.erasing, value="random")] if args.erasing else []   # DeiT: per-pixel noise
-    return v2.Compose(aug + to_tensor + post)
+    aug += [randaugment_op(args.randaug, mean_std(args.img_size)[0]) for _ in range(2)] if args.randaug else []
+    return v2.Compose(aug + to_tensor)
+
+
+def eraser(args):
+    """DeiT's random erasing (per-pixel normal noise in normalised units), or None: drawn per sample
+    after the other transforms (draw_erasing), applied on the device (erase)."""
+    from torchvision.transforms import v2
+    return v2.RandomErasing(p=args.erasing, value="random") if args.erasing and args.img_size > 64 else None
+
+
+def draw_erasing(t, size):
+    """The draws RandomErasing t makes for a (3, size, size) image, as its forward makes them (same
+    calls, same order): (top, left, height, width, noise (3, h, w)) or None."""
+    if t is None or torch.rand(1) >= t.p:
+        return None
+    e = t.make_params([torch.empty(3, 1, 1).expand(3, size, size)])   # a stand-in with the shape, no memory
+    return None if e["v"] is None else (e["i"], e["j"], e["h"], e["w"], e["v"])
 
 
 def randaugment_op(magnitude, mean):
@@ -197,10 +221,12 @@ class RepeatedAugSampler(torch.utils.data.Sampler):
 
 
 class SeededAugment(torch.utils.data.Dataset):
-    """Wraps a dataset: item (index, seed) is the sample augmented from its own random stream."""
+    """Wraps a dataset: item (index, seed) is the sample augmented from its own random stream, as
+    (uint8 image (3, S, S), label, erasing draw or None): the erasing is drawn from the same stream
+    after the other transforms, as a Compose ending in RandomErasing would draw it."""
 
-    def __init__(self, data):
-        self.data = data
+    def __init__(self, data, eraser=None, size=0):
+        self.data, self.eraser, self.size = data, eraser, size
 
     def __len__(self):
         return len(self.data)
@@ -209,7 +235,23 @@ class SeededAugment(torch.utils.data.Dataset):
         index, seed = key
         with torch.random.fork_rng(devices=[]):    # leave the caller's stream untouched
             torch.default_generator.manual_seed(seed)
-            return self.data[index]
+            image, label = self.data[index]
+            return image, label, draw_erasing(self.eraser, self.size)
+
+
+def collate_erased(batch):
+    """Collate SeededAugment items: images (B, 3, S, S) uint8, labels (B,), erasing boxes (B, 4)
+    int64 (top, left, height, width; height 0: not erased) and every box's noise as one flat
+    float32 tensor, in batch order (erase)."""
+    images, labels, draws = zip(*batch)
+    return torch.stack(images), torch.tensor(labels), *erasing_table(draws)
+
+
+def erasing_table(draws):
+    """Erasing draws (each None or (top, left, h, w, noise (3, h, w))) -> (B, 4) boxes and flat noise."""
+    boxes = torch.tensor([d[:4] if d is not None else (0, 0, 0, 0) for d in draws], dtype=torch.long).view(-1, 4)
+    noise = [d[4].flatten() for d in draws if d is not None]                      # (3 h w,) each
+    return boxes, torch.cat(noise) if noise else torch.zeros(0)
 
 
 # ----------------------------------------------------------------------------------------
@@ -236,40 +278,59 @@ def default_workers(env):
 
 
 def build_loaders(args, env):
-    """This rank's training and validation loaders, the class names and the number of training images. Validation is
-    split over ranks (each image counted once); training follows the seeded sampler."""
+    """This rank's training and validation loaders, the class names and the number of training images.
+    Validation is split over ranks (each image counted once); training follows the seeded sampler. Every
+    loader yields batches on env.device, normalised there: (B, 3, S, S) float and (B,) labels."""
     from torchvision.transforms import v2
     memory, on_device = use_memory(args), use_device(args, env.device)
     decode = v2.Compose([v2.Resize(args.img_size), v2.CenterCrop(args.img_size), v2.PILToTensor()])
     train_set, classes = (build_dataset(args, "train", None, loader=read_encoded) if on_device else
                           build_dataset(args, "train", decode if memory else transforms(args, train=True)))
     val_set, val_classes = build_dataset(args, "val", decode if memory else transforms(args, train=False))
-    if classes != val_classes:
-        raise UserError(f"train and validation splits in {args.data_path} have different classes "
-                        f"({len(classes)} and {len(val_classes)})")
+    check_same_classes(classes, val_classes, args.data_path)
     if len(train_set) < args.batch_size:
         raise UserError(f"only {len(train_set)} training images for a batch of {args.batch_size}; lower --batch-size")
     val_set = torch.utils.data.Subset(val_set, range(env.rank, len(val_set), env.world))
     sampler = RepeatedAugSampler(len(train_set), env.rank, env.world, args.repeated_aug, args.seed)
     workers = args.workers if args.workers is not None else default_workers(env)
     eval_batch = max(env.micro, 256 if memory else 64)
+    normalize = Normalize(*mean_std(args.img_size), env.device)
     if memory:
-        t0, (mean, std) = time.time(), MEAN_STD["cifar"]
-        train = MemoryLoader(*decode_all(train_set, workers), env.micro, mean, std, env.device, sampler, train=True,
+        t0 = time.time()
+        train = MemoryLoader(*decode_all(train_set, workers), env.micro, normalize, sampler, train=True,
                              crop_padding=args.crop_padding, hflip=args.hflip, seed=args.seed, pad_mode=args.pad_mode)
-        val = MemoryLoader(*decode_all(val_set, workers), eval_batch, mean, std, env.device)
-        env.log(f"decoded {len(train_set):,} + {len(val_set):,} images into memory on {env.device} in {time.time() - t0:.0f} s")
+        val = MemoryLoader(*decode_all(val_set, workers), eval_batch, normalize)
+        env.log(f"decoded {len(train_set):,} + {len(val_set):,} images into memory on {env.device} "
+                f"in {time.time() - t0:.0f} s")
         return train, val, classes, len(train_set)
-    kw = dict(num_workers=workers, pin_memory=env.device.type == "cuda", persistent_workers=workers > 0)
-    val = torch.utils.data.DataLoader(val_set, eval_batch, worker_init_fn=ignore_signals, **kw)
+    kw = dict(num_workers=workers, pin_memory=env.device.type == "cuda", persistent_workers=workers > 0,
+              worker_init_fn=ignore_signals)
+    val = OnDevice(torch.utils.data.DataLoader(val_set, eval_batch, **kw), normalize)
     if on_device:
         augment = DeviceAugment(args, env.device)
-        train = torch.utils.data.DataLoader(SeededDraws(train_set, augment), env.micro, sampler=sampler, drop_last=True,
-                                            collate_fn=collate_files, worker_init_fn=ignore_signals,
+        files = torch.utils.data.DataLoader(SeededDraws(train_set, augment), env.micro, sampler=sampler,
+                                            drop_last=True, collate_fn=augment.collate,
                                             **dict(kw, pin_memory=False))   # (DeviceLoader pins what it copies)
-        return DeviceLoader(train, augment), val, classes, len(train_set)
-    train = PILLoader(SeededAugment(train_set), env.micro, sampler=sampler, drop_last=True, worker_init_fn=ignore_signals, **kw)
+        return DeviceLoader(files, augment), val, classes, len(train_set)
+    data = SeededAugment(train_set, eraser(args), args.img_size)
+    train = OnDevice(torch.utils.data.DataLoader(data, env.micro, sampler=sampler, drop_last=True,
+                                                 collate_fn=collate_erased, **kw), normalize)
     return train, val, classes, len(train_set)
+
+
+def check_same_classes(train_classes, val_classes, root):
+    """The two splits must name the same classes in the same order (a label is an index into them)."""
+    if train_classes == val_classes:
+        return
+    only_train = sorted(set(train_classes) - set(val_classes))
+    only_val = sorted(set(val_classes) - set(train_classes))
+    if not only_train and not only_val:
+        differ = "the same classes in another order"
+    else:
+        differ = "; ".join(f"only in {split}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                           for split, names in (("train", only_train), ("validation", only_val)) if names)
+    raise UserError(f"train and validation splits in {root} have different classes ({differ}): give both "
+                    f"splits one folder per class, with the same names")
 
 
 def ignore_signals(worker_id):
@@ -280,12 +341,65 @@ def ignore_signals(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-class PILLoader(torch.utils.data.DataLoader):
-    """The PIL path (ImageNet): loader workers decode and augment each image. Like MemoryLoader,
-    set_epoch(epoch, start_batch) picks the epoch and where a resumed run starts in it."""
+class OnDevice:
+    """A DataLoader of uint8 batches, moved to the device and normalised there (as timm's
+    PrefetchLoader does): (images, labels) from validation, or (images, labels, erasing boxes, noise)
+    from the PIL training path, which the device then erases. set_epoch(epoch, start_batch) picks the
+    epoch and where a resumed run starts in it, as for every training loader."""
+
+    def __init__(self, loader, normalize):
+        self.loader, self.normalize, self.device = loader, normalize, normalize.device
+        self.sampler, self.batch_size, self.dataset = loader.sampler, loader.batch_size, loader.dataset
+
+    def __len__(self):
+        return len(self.loader)
 
     def set_epoch(self, epoch, start_batch=0):
         self.sampler.set_epoch(epoch, start_batch * self.batch_size)
+
+    def __iter__(self):
+        # The DataLoader's iterator now, not at the first batch: making it draws from the global
+        # random stream, which by then is the first step's (seeded per step; a resume starts elsewhere).
+        return self.on_device(iter(self.loader))
+
+    def on_device(self, batches):
+        for batch in batches:
+            x, y, *erasing = (t.to(self.device, non_blocking=True) for t in batch)   # pinned on a GPU
+            x = self.normalize(x)                                                   # (B, 3, S, S) float
+            yield (erase(x, *erasing) if erasing else x), y
+
+
+class Normalize:
+    """uint8 pixels (B, 3, S, S) -> the model's input, (x - 255 mean) / (255 std), on the device."""
+
+    def __init__(self, mean, std, device):
+        self.device = device
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255    # made once, not per batch
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+
+    def __call__(self, x):
+        return (x.float() - self.mean) / self.std
+
+
+def normalize_image(x, img_size):
+    """One uint8 image or batch on the CPU -> the model's input (eval.py, the notebook)."""
+    return Normalize(*mean_std(img_size), x.device)(x)
+
+
+def erase(x, boxes, noise):
+    """DeiT's random erasing for a whole batch at once: x (B, 3, S, S) normalised, boxes (B, 4) top,
+    left, height, width (height 0: not erased), noise (n,) every box's (3, h, w) noise in batch order.
+    One masked copy writes all boxes: the mask's elements, in memory order, run over sample, channel,
+    row, column, the order in which each box's noise is laid out."""
+    if noise.numel() == 0:
+        return x
+    S = x.shape[-1]
+    r = torch.arange(S, device=x.device)
+    top, left, height, width = boxes.unbind(1)                                    # (B,) each
+    rows = (r >= top[:, None]) & (r < (top + height)[:, None])                    # (B, S)
+    cols = (r >= left[:, None]) & (r < (left + width)[:, None])                   # (B, S)
+    mask = (rows[:, :, None] & cols[:, None, :])[:, None].expand_as(x)          # (B, 3, S, S)
+    return x.masked_scatter(mask, noise)
 
 
 # ----------------------------------------------------------------------------------------
@@ -298,14 +412,13 @@ class MemoryLoader:
     removes JPEG decoding and per-image transforms from every epoch. Batch b of an epoch is a
     function of (seed, epoch, rank, b), so a resumed run draws the same batches."""
 
-    def __init__(self, images, labels, batch_size, mean, std, device, sampler=None, train=False,
+    def __init__(self, images, labels, batch_size, normalize, sampler=None, train=False,
                  crop_padding=0, hflip=0.0, seed=0, pad_mode="zeros"):
+        device = normalize.device
         self.images, self.labels = images.to(device), labels.to(device)        # (N, 3, S, S) uint8, (N,)
         self.batch_size, self.sampler, self.train, self.device = batch_size, sampler, train, device
         self.pad, self.hflip, self.seed, self.pad_mode = crop_padding, hflip, seed, pad_mode
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
-        self.start = 0
+        self.normalize, self.start = normalize, 0
 
     def __len__(self):       # batches per epoch; training drops the last partial batch
         n = self.sampler.per_rank if self.sampler else len(self.labels)
@@ -324,7 +437,7 @@ class MemoryLoader:
                 g = torch.Generator(self.device).manual_seed(
                     seed_for("aug", self.seed, self.sampler.epoch, self.sampler.rank, b))
                 x = pad_crop_flip(x, self.pad, self.hflip, g, self.pad_mode)
-            yield (x.float() - self.mean) / self.std, self.labels[idx]           # (B, 3, S, S) float
+            yield self.normalize(x), self.labels[idx]                            # (B, 3, S, S) float
 
 
 def pad_crop_flip(x, pad, hflip, g, mode="zeros"):
@@ -368,23 +481,61 @@ def read_encoded(path):
     return read_file(path), path
 
 
+AFFINE_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+
+
+def op_rank(op):
+    """Where a sample goes in its slot's order: affine ops first, then the others by op, no op last."""
+    if op is None:
+        return 2, "", 0.0
+    return (0, "", 0.0) if op[0] in AFFINE_OPS else (1, *op)
+
+
+def affine_theta(name, magnitude, size):
+    """The (2, 3) inverse affine matrix torchvision's tensor op builds for RandAugment's op `name` on
+    a size x size image, already divided by the half-size as its grid needs (torchvision's
+    _affine_grid); computed in a loader worker, so the device gets one table instead of a tensor
+    from Python numbers per op."""
+    from torchvision.transforms.functional import _get_inverse_affine_matrix
+    centre, shear, translate, angle = [-0.5 * size, -0.5 * size], [0.0, 0.0], [0.0, 0.0], 0.0
+    if name in ("ShearX", "ShearY"):                      # shear about the top-left corner, as torchvision
+        shear[name == "ShearY"] = math.degrees(math.atan(magnitude))
+    elif name in ("TranslateX", "TranslateY"):
+        centre, translate[name == "TranslateY"] = [0.0, 0.0], float(int(magnitude))
+    else:                                                 # Rotate: about the centre, the other way round
+        centre, angle = [0.0, 0.0], -(magnitude % 360)
+    m = _get_inverse_affine_matrix(centre, angle, translate, 1.0, shear)
+    return [[m[0] / (0.5 * size), m[1] / (0.5 * size), m[2] / (0.5 * size)],
+            [m[3] / (0.5 * size), m[4] / (0.5 * size), m[5] / (0.5 * size)]]
+
+
 class DeviceAugment:
-    """DeiT's training augmentation of the PIL path (`transforms(args, train=True)`), in two parts:
-    draw(seed, height, width) in a loader worker, and __call__ on the device for a whole batch.
+    """DeiT's training augmentation of the PIL path (`transforms(args, train=True)` and `eraser`), in
+    three parts: draw(seed, height, width) and collate(items) in a loader worker, and apply() on the
+    device for a whole batch. collate packs a batch's draws into one int64 table and one float32
+    tensor, so the device gets two pinned non-blocking copies per batch, whatever the batch size.
     It holds torchvision transforms and plain numbers only, so it pickles to spawned workers."""
+
+    # The columns of the int64 table: crop box, flip, erasing box, label, then per RandAugment slot
+    # the samples in the order of their op (affine ops first, then by op; see collate).
+    CROP, FLIP, ERASE, LABEL, ORDER = 0, 4, 5, 9, 10
 
     def __init__(self, args, device):
         from torchvision.transforms import v2
         self.size, self.device = args.img_size, device
-        self.steps = transforms(args, train=True).transforms     # the PIL path's transforms, in order
+        self.steps = transforms(args, train=True).transforms[:-1]    # the PIL path's transforms, in order
         self.randaug = [t.transforms[0] for t in self.steps if isinstance(t, v2.RandomApply)]   # 2 ops, or none
-        self.erasing = isinstance(self.steps[-1], v2.RandomErasing)
-        self.mean, self.std = MEAN_STD["imagenet"]
-        self.device_mean_std = None                                # made on the device at the first batch
+        self.eraser = eraser(args)
+        self.mean, self.std = mean_std(args.img_size)
+        self.on_device = None                                      # tensors made once, at the first batch
+        self.decode_stream = None                                  # nvJPEG's output stream (decode)
+        self.cpu_decoded = 0                                       # images nvJPEG refused this epoch
 
     def to_device(self, t):
         """A CPU tensor on the device without waiting for the GPU's queue (a pageable copy would)."""
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
+    # -- in a loader worker: the draws, then the batch's table
 
     def draw(self, seed, height, width):
         """The draws the PIL path makes for this sample: [crop box, flip, op 1, op 2, erasing], each
@@ -402,12 +553,10 @@ class DeviceAugment:
                     draws.append(not torch.rand(1) >= t.p)
                 elif isinstance(t, v2.RandomApply):          # RandAugment, one op with probability 0.5
                     draws.append(None if torch.rand(1) >= t.p else self.draw_op(t.transforms[0]))
-                elif isinstance(t, v2.RandomErasing):
-                    e = None if torch.rand(1) >= t.p else t.make_params([torch.empty(3, 1, 1).expand(3, self.size, self.size)])
-                    draws.append(None if e is None or e["v"] is None else (e["i"], e["j"], e["h"], e["w"], e["v"]))
-        if not self.randaug:
-            draws[2:2] = [None, None]
-        return draws if self.erasing else draws + [None]
+            if not self.randaug:
+                draws += [None, None]
+            draws.append(draw_erasing(self.eraser, self.size))
+        return draws
 
     def draw_op(self, ra):
         """One op as v2.RandAugment.forward draws it, for an image of the crop's size."""
@@ -418,54 +567,142 @@ class DeviceAugment:
         magnitude = float(magnitudes[ra.magnitude])
         return name, -magnitude if signed and torch.rand(()) <= 0.5 else magnitude
 
+    def pack(self, draws, labels):
+        """A batch's draws -> (table (B, 12) int64, floats: the affine matrices (B, 2, 2, 3) then the
+        erasing noise, flat float32, groups: per slot the ((name, magnitude), count) runs of `order`)."""
+        B, groups = len(draws), []
+        table = torch.zeros(B, self.ORDER + 2, dtype=torch.long)
+        theta = torch.zeros(B, 2, 2, 3)
+        table[:, self.CROP:self.CROP + 4] = torch.tensor([d[0] for d in draws], dtype=torch.long).view(B, 4)
+        table[:, self.FLIP] = torch.tensor([bool(d[1]) for d in draws])
+        boxes, noise = erasing_table([d[4] for d in draws])
+        table[:, self.ERASE:self.ERASE + 4], table[:, self.LABEL] = boxes, torch.as_tensor(labels)
+        for slot in range(2):
+            ops = [d[2 + slot] for d in draws]
+            # affine ops first (one grid_sample for all of them), then each other op's samples together
+            order = sorted(range(B), key=lambda b: op_rank(ops[b]))
+            table[:, self.ORDER + slot] = torch.tensor(order)
+            runs = []                                     # [op or "affine", count] along `order`
+            for b in order:
+                kind = "affine" if ops[b] and ops[b][0] in AFFINE_OPS else ops[b]
+                if runs and runs[-1][0] == kind:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([kind, 1])
+                if kind == "affine":
+                    theta[b, slot] = torch.tensor(affine_theta(*ops[b], self.size))
+            groups.append([(kind, n) for kind, n in runs if kind is not None])
+        return table, torch.cat([theta.flatten(), noise]), groups
+
+    def collate(self, batch):
+        """collate_fn of the device path's workers: files and noise differ in size, so each travels
+        as one flat tensor (one shared-memory segment per batch, not one per file)."""
+        files, labels, draws, paths = zip(*batch)
+        table, floats, groups = self.pack(draws, labels)
+        return torch.cat(files), [len(f) for f in files], table, floats, groups, list(paths)
+
+    # -- on the device: decode, then augment the batch
+
     def decode(self, files, paths):
         """(3, H, W) uint8 images on the device: batched nvJPEG on a GPU, libjpeg/libpng on a CPU;
-        greyscale and CMYK files become RGB, as PIL's convert("RGB") makes them."""
-        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+        greyscale and CMYK files become RGB, as PIL's convert("RGB") makes them. Files nvJPEG refuses
+        are decoded on the CPU and counted (cpu_decoded; train.py reports them once per epoch)."""
         if self.device.type == "cuda" and all(f[:2].tolist() == [0xFF, 0xD8] for f in files):
             try:
-                return decode_jpeg(list(files), mode=ImageReadMode.RGB, device=self.device)
+                return gpu_decode(list(files), self.device, self)
             except RuntimeError:          # a JPEG nvJPEG does not take (e.g. CMYK): this batch on the CPU
-                pass
-        images = []
-        for f, path in zip(files, paths):
-            try:
-                image = decode_image(f, mode=ImageReadMode.RGB)
-            except RuntimeError:          # BMP, TIFF, PPM...: ImageFolder lists them, PIL reads them
-                image = None
-            if image is None or image.dtype != torch.uint8:           # (16-bit PNGs decode to uint16)
-                image = torch.from_numpy(numpy_rgb(f, path)).permute(2, 0, 1)
-            images.append(self.to_device(image))
-        return images
+                self.cpu_decoded += len(files)
+        elif self.device.type == "cuda":
+            self.cpu_decoded += len(files)
+        return [self.to_device(cpu_decode(f, path)) for f, path in zip(files, paths)]
+
+    def made_once(self):
+        """The device tensors every batch uses: mean and std, the fill colour, the affine base grid."""
+        if self.on_device is None:
+            S, fill = self.size, (self.randaug[0]._fill["others"] if self.randaug else [0.0] * 3)
+            line = torch.linspace((1.0 - S) * 0.5, (S - 1.0) * 0.5, steps=S)       # torchvision's _affine_grid
+            base = torch.stack([line.expand(S, S), line[:, None].expand(S, S), torch.ones(S, S)], -1)   # (S, S, 3)
+            self.on_device = {"normalize": Normalize(self.mean, self.std, self.device),
+                              "fill": self.to_device(torch.tensor(fill, dtype=torch.float32).view(1, 3, 1, 1)),
+                              "grid": self.to_device(base.view(1, S * S, 3))}
+        return self.on_device
+
+    def apply(self, images, crops, table, floats, groups):
+        """images: B decoded (3, H, W) uint8 on the device; crops: their crop boxes (a list, on the CPU);
+        table, floats: collate's, on the device; groups: collate's. Returns (B, 3, S, S) float,
+        normalised and erased."""
+        from torchvision.transforms import v2
+        S, B, made = self.size, len(images), self.made_once()
+        x = torch.cat([resized_crop(im, *box, S) for im, box in zip(images, crops)])
+        x = x.round_().clamp_(0, 255).to(torch.uint8)                                # (B, 3, S, S)
+        x = torch.where(table[:, self.FLIP, None, None, None].bool(), x.flip(3), x)
+        theta = floats[:B * 12].view(B, 2, 2, 3)
+        for slot, ra in enumerate(self.randaug):
+            order, start = table[:, self.ORDER + slot], 0
+            for name, n in groups[slot]:
+                idx = order[start:start + n]                       # the samples that drew this op, (n,)
+                start += n
+                if name == "affine":
+                    x[idx] = affine(x[idx], theta[idx, slot], made["grid"], made["fill"])
+                elif name[0] != "Identity":
+                    x[idx] = ra._apply_image_or_video_transform(x[idx], *name, fill=ra._fill,
+                                                                interpolation=v2.InterpolationMode.BILINEAR)
+        x = made["normalize"](x)                                              # (B, 3, S, S) float
+        return erase(x, table[:, self.ERASE:self.ERASE + 4], floats[B * 12:])
 
     def __call__(self, images, draws):
-        """images: B decoded (3, H, W) uint8; draws: B lists from draw(). Returns (B, 3, S, S) float."""
-        from torchvision.transforms import v2
-        S, dev = self.size, self.device
-        x = torch.stack([v2.functional.resized_crop(im, *d[0], [S, S], interpolation=v2.InterpolationMode.BICUBIC,
-                                                    antialias=True) for im, d in zip(images, draws)])   # (B, 3, S, S) uint8
-        flip = self.to_device(torch.tensor([bool(d[1]) for d in draws]))
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        for k, ra in enumerate(self.randaug, start=2):
-            groups = {}                                   # torchvision's ops take one draw per call:
-            for b, d in enumerate(draws):                 # apply each op to the samples that drew it
-                if d[k] is not None:
-                    groups.setdefault(tuple(d[k]), []).append(b)
-            if not groups:
-                continue
-            members = self.to_device(torch.tensor([b for idx in groups.values() for b in idx]))   # one copy
-            for ((name, magnitude), idx) in zip(groups, members.split([len(i) for i in groups.values()])):
-                x[idx] = ra._apply_image_or_video_transform(x[idx], name, magnitude, fill=ra._fill,
-                                                            interpolation=v2.InterpolationMode.BILINEAR)
-        if self.device_mean_std is None:                  # (tensors rotate/shear bilinearly; PIL: bicubic)
-            self.device_mean_std = [self.to_device(torch.tensor(v).view(1, 3, 1, 1)) for v in (self.mean, self.std)]
-        mean, std = self.device_mean_std
-        x = (x.float() / 255 - mean) / std                                    # (B, 3, S, S) float
-        for b, d in enumerate(draws):
-            if d[4] is not None:
-                i, j, h, w, noise = d[4]                                      # noise: (3, h, w)
-                x[b, :, i:i + h, j:j + w] = noise.to(dev)
-        return x
+        """Augment decoded images with their draw() lists, without a loader (tests, the node check)."""
+        table, floats, groups = self.pack(draws, [0] * len(draws))
+        return self.apply(images, [d[0] for d in draws], self.to_device(table), self.to_device(floats), groups)
+
+
+def resized_crop(image, top, left, height, width, size):
+    """torchvision's resized_crop of one (3, H, W) uint8 image: (1, 3, size, size) float, not rounded
+    (the batch is rounded at once). Crops differ in size, so this is the one op per sample."""
+    crop = image[None, :, top:top + height, left:left + width].float()
+    return F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+
+
+def affine(x, theta, base_grid, fill):
+    """torchvision's tensor affine (bilinear, fill colour outside) for n images at once, each with its
+    own matrix: x (n, 3, S, S) uint8, theta (n, 2, 3) from affine_theta, base_grid (1, S*S, 3)."""
+    n, _, S, _ = x.shape
+    grid = base_grid.expand(n, -1, -1).bmm(theta.transpose(1, 2)).view(n, S, S, 2)   # (n, S, S, 2)
+    image = torch.cat([x.float(), x.new_ones(n, 1, S, S, dtype=torch.float32)], 1)  # a channel marks inside
+    out = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    image, inside = out[:, :3], out[:, 3:]
+    return ((image - fill) * inside + fill).round_().to(torch.uint8)
+
+
+def gpu_decode(files, device, augment):
+    """Batched nvJPEG. torchvision's CUDA decoder allocates its outputs on the current stream but writes
+    them from a private one that does not wait for it, so memory that queued kernels still read can be
+    overwritten (torchvision pull request 9606). Decoding under a stream of its own gives the outputs
+    memory that only decodes use; record_stream keeps each from being reused while the training
+    stream may still read it. The node check (results/node_check.py) tests this on the GPU."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    current = torch.cuda.current_stream(device)
+    if augment.decode_stream is None:
+        augment.decode_stream = torch.cuda.Stream(device)
+    augment.decode_stream.wait_stream(current)
+    with torch.cuda.stream(augment.decode_stream):
+        images = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+    current.wait_stream(augment.decode_stream)
+    for image in images:
+        image.record_stream(current)
+    return images
+
+
+def cpu_decode(data, path):
+    """One file's bytes -> (3, H, W) uint8 RGB on the CPU, as PIL's convert("RGB") gives it."""
+    from torchvision.io import ImageReadMode, decode_image
+    try:
+        image = decode_image(data, mode=ImageReadMode.RGB)
+    except RuntimeError:          # BMP, TIFF, PPM...: ImageFolder lists them, PIL reads them
+        image = None
+    if image is None or image.dtype != torch.uint8:           # (16-bit PNGs decode to uint16)
+        image = torch.from_numpy(numpy_rgb(data, path)).permute(2, 0, 1)
+    return image
 
 
 class SeededDraws(torch.utils.data.Dataset):
@@ -490,16 +727,6 @@ class SeededDraws(torch.utils.data.Dataset):
         return data, label, self.augment.draw(seed, height, width), path
 
 
-def collate_files(batch):
-    """Collate for the device path. Files and erasing noise differ in size, so each travels as one
-    flat tensor (one shared-memory segment per batch, not one per file) with the sizes to split it."""
-    files, labels, draws, paths = zip(*batch)
-    noise = [d[4][4].flatten() for d in draws if d[4] is not None]                    # (3 h w,) each
-    draws = [[*d[:4], d[4] and d[4][:4]] for d in draws]
-    return (torch.cat(files), [len(f) for f in files], torch.tensor(labels), draws,
-            torch.cat(noise) if noise else torch.zeros(0), list(paths))
-
-
 class DeviceLoader:
     """The device path's training loader: workers yield files and draws, the device decodes and augments."""
 
@@ -512,20 +739,19 @@ class DeviceLoader:
 
     def set_epoch(self, epoch, start_batch=0):
         self.sampler.set_epoch(epoch, start_batch * self.batch_size)
+        self.augment.cpu_decoded = 0
 
     def __iter__(self):
-        for batch in self.loader:
-            yield self.on_device(batch)
+        batches = iter(self.loader)         # now: making it draws from the global stream (OnDevice)
+        return (self.on_device(batch) for batch in batches)
 
     def on_device(self, batch):
-        """A batch of collate_files, decoded and augmented: (B, 3, S, S) float and (B,) labels."""
-        aug, (files, sizes, labels, draws, noise, paths) = self.augment, batch
-        noise, offset = aug.to_device(noise), 0            # (n,) all erasing boxes' noise, one copy
-        for d in draws:                                    # each box's (3, h, w) view of it
-            if d[4] is not None:
-                i, j, h, w = d[4]
-                d[4], offset = (i, j, h, w, noise[offset:offset + 3 * h * w].view(3, h, w)), offset + 3 * h * w
-        return aug(aug.decode(torch.split(files, sizes), paths), draws), aug.to_device(labels)
+        """A batch of DeviceAugment.collate, decoded and augmented: (B, 3, S, S) float and (B,) labels."""
+        aug, (files, sizes, table, floats, groups, paths) = self.augment, batch
+        crops = table[:, aug.CROP:aug.CROP + 4].tolist()               # (on the CPU: no device sync)
+        table, floats = aug.to_device(table), aug.to_device(floats)    # the batch's two copies
+        x = aug.apply(aug.decode(torch.split(files, sizes), paths), crops, table, floats, groups)
+        return x, table[:, aug.LABEL]
 
 
 # ----------------------------------------------------------------------------------------

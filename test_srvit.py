@@ -665,7 +665,7 @@ def test_device_path_draws_exactly_what_the_pil_path_draws(flags):
     from torchvision.transforms import v2
     args = train.get_args(["--data", "fake", "--recipe", "deit", "--img-size", "96", "--patch-size", "16", *flags])
     aug, pil = loaders.DeviceAugment(args, torch.device("cpu")), loaders.transforms(args, train=True)
-    seen = {}
+    eraser, seen = loaders.eraser(args), {}
 
     def recording(key, fn, keep):
         return lambda *a, **k: (seen.__setitem__(key, keep(a, k, out := fn(*a, **k))), out)[1]
@@ -677,8 +677,9 @@ def test_device_path_draws_exactly_what_the_pil_path_draws(flags):
         elif isinstance(t, v2.RandomApply):
             ra = t.transforms[0]
             ra._apply_image_or_video_transform = recording(n, ra._apply_image_or_video_transform, lambda a, k, out: (a[1], a[2]))
-        elif isinstance(t, v2.RandomErasing):
-            t.make_params = recording("erase", t.make_params, lambda a, k, p: p["v"] is not None and (p["i"], p["j"], p["h"], p["w"], p["v"]))
+    if eraser:
+        eraser.make_params = recording("erase", eraser.make_params,
+                                       lambda a, k, p: p["v"] is not None and (p["i"], p["j"], p["h"], p["w"], p["v"]))
     slots = [n for n, t in enumerate(pil.transforms) if isinstance(t, v2.RandomApply)]
     g = torch.Generator().manual_seed(3)
     for seed in range(40):
@@ -687,6 +688,7 @@ def test_device_path_draws_exactly_what_the_pil_path_draws(flags):
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
             pil(image)
+            loaders.draw_erasing(eraser, 96)           # the PIL path draws erasing next, from the same stream
         box, flip, op1, op2, erase = aug.draw(seed, image.height, image.width)
         assert box == seen["box"] and flip == seen.get("flip", False)
         assert [op1, op2] == [seen.get(n) for n in slots] + [None] * (2 - len(slots))
@@ -698,13 +700,14 @@ def test_device_path_draws_and_augments_as_the_pil_path():
     # The same per-sample seed gives the same crop, flip, ops and erasing on both paths: every
     # sample within 2 levels on average (0..255), where another seed's draws differ by tens.
     args, aug, pil = deit_augment()
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in loaders.MEAN_STD["imagenet"])
+    std = torch.tensor(loaders.MEAN_STD["imagenet"][1]).view(3, 1, 1)
     g, diffs = torch.Generator().manual_seed(1), []
     for seed in range(24):
         image = smooth_image(g, int(torch.randint(100, 200, (1,), generator=g)), int(torch.randint(100, 200, (1,), generator=g)))
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
-            want = pil(image)                                                     # (3, 96, 96) normalised
+            pixels, box = pil(image), loaders.draw_erasing(loaders.eraser(args), 96)   # as a PIL worker does
+        want = loaders.erase(loaders.normalize_image(pixels[None], 96), *loaders.erasing_table([box]))[0]   # (3, 96, 96)
         got, other = (aug(aug.decode([encoded(image, "PNG")], ["x"]), [aug.draw(s, image.height, image.width)])[0]
                       for s in (seed, seed + 1000))
         diffs.append((((want - got) * std * 255).abs().mean().item(), ((want - other) * std * 255).abs().mean().item()))
@@ -775,10 +778,10 @@ def test_device_path_applies_each_sample_its_own_ops_and_a_resumed_epoch_repeats
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(loader_w, whole))
     items = [loader.loader.dataset[key] for key in list(loader.sampler)[:8]]
     assert len({d[2] for _, _, d, _ in items} | {d[3] for _, _, d, _ in items}) > 2   # the samples drew different ops
-    together, labels = loader.on_device(loaders.collate_files(items))
+    together, labels = loader.on_device(loader.augment.collate(items))
     assert labels.tolist() == [label for _, label, _, _ in items]
     for b in range(8):
-        alone, _ = loader.on_device(loaders.collate_files(items[b:b + 1]))
+        alone, _ = loader.on_device(loader.augment.collate(items[b:b + 1]))
         torch.testing.assert_close(together[b:b + 1], alone, atol=1e-6, rtol=0)
 
 
@@ -985,7 +988,7 @@ def test_randaugment_and_erasing_match_deits_strength():
     assert at("Rotate") == pytest.approx(27.0) and at("ShearX") == pytest.approx(0.27)
     assert at("TranslateX") == pytest.approx(90.7, rel=0.01)
     assert at("Brightness") == pytest.approx(0.81) and at("Color") == pytest.approx(0.81)
-    erasing = tf[-1]
+    erasing = loaders.eraser(args)
     assert isinstance(erasing, v2.RandomErasing) and erasing.p == 0.25 and erasing.value is None   # per-pixel noise
     torch.manual_seed(0)
     erasing.p = 1.0                                # our pipeline's eraser, made to fire
@@ -1800,7 +1803,8 @@ def test_eval_val_subset_takes_trainings_subset_and_progress_stays_out_of_stdout
     # the same 16 images as train.py --val-subset 16 picks, scored as train.py scores them
     targs = SimpleNamespace(**{**torch.load(ckpt, weights_only=True)["args"], "val_subset": 16})
     val, _ = loaders.build_dataset(targs, "val", loaders.transforms(targs, train=False))
-    want = train.evaluate(srvit_eval.load_model(ckpt), torch.utils.data.DataLoader(val, 8), torch.device("cpu"), nullcontext())
+    batches = loaders.OnDevice(torch.utils.data.DataLoader(val, 8), loaders.Normalize(*loaders.mean_std(32), "cpu"))
+    want = train.evaluate(srvit_eval.load_model(ckpt), batches, torch.device("cpu"), nullcontext())
     assert (res["top1"], res["top5"]) == (want["top1"], want["top5"]) and res["loss"] == pytest.approx(want["val_loss"])
     out, err = capsys.readouterr()
     assert "evaluating: 4/8 batches" in err and "images/s, eta" in err and "batches" not in out   # progress on stderr

@@ -340,7 +340,7 @@ def loader_cpu(args):
             targs = train.get_args(["--data-path", root, "--recipe", "deit", "--loader", loader, "--workers", "0",
                                     "--batch-size", str(env.micro)])
             by_path[loader] = loaders.build_loaders(targs, env)[0]
-        collate = {"pil": torch.utils.data.default_collate, "device": loaders.collate_files}
+        collate = {"pil": loaders.collate_erased, "device": by_path["device"].augment.collate}
         datasets = {"pil": by_path["pil"].dataset, "device": by_path["device"].loader.dataset}
         keys = list(by_path["pil"].sampler)[:args.bench_images // env.micro * env.micro]
         kb = statistics.mean(os.path.getsize(os.path.join(root, "train", c, f)) / 1e3

@@ -382,8 +382,9 @@ class Normalize:
 
 
 def normalize_image(x, img_size):
-    """One uint8 image or batch on the CPU -> the model's input (eval.py, the notebook)."""
-    return Normalize(*mean_std(img_size), x.device)(x)
+    """One uint8 image (3, S, S) or batch (B, 3, S, S) -> the model's input, same shape (eval.py, the notebook)."""
+    mean, std = (torch.tensor(v, device=x.device).view(3, 1, 1) * 255 for v in mean_std(img_size))
+    return (x.float() - mean) / std
 
 
 def erase(x, boxes, noise):

@@ -625,14 +625,14 @@ class DeviceAugment:
             base = torch.stack([line.expand(S, S), line[:, None].expand(S, S), torch.ones(S, S)], -1)   # (S, S, 3)
             self.on_device = {"normalize": Normalize(self.mean, self.std, self.device),
                               "fill": self.to_device(torch.tensor(fill, dtype=torch.float32).view(1, 3, 1, 1)),
-                              "grid": self.to_device(base.view(1, S * S, 3))}
+                              "grid": self.to_device(base.view(1, S * S, 3)),
+                              "blur": self.to_device(torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13)}
         return self.on_device
 
     def apply(self, images, crops, table, floats, groups):
         """images: B decoded (3, H, W) uint8 on the device; crops: their crop boxes (a list, on the CPU);
         table, floats: collate's, on the device; groups: collate's. Returns (B, 3, S, S) float,
         normalised and erased."""
-        from torchvision.transforms import v2
         S, B, made = self.size, len(images), self.made_once()
         x = torch.cat([resized_crop(im, *box, S) for im, box in zip(images, crops)])
         x = x.round_().clamp_(0, 255).to(torch.uint8)                                # (B, 3, S, S)
@@ -646,8 +646,7 @@ class DeviceAugment:
                 if name == "affine":
                     x[idx] = affine(x[idx], theta[idx, slot], made["grid"], made["fill"])
                 elif name[0] != "Identity":
-                    x[idx] = ra._apply_image_or_video_transform(x[idx], *name, fill=ra._fill,
-                                                                interpolation=v2.InterpolationMode.BILINEAR)
+                    x[idx] = colour_op(ra, x[idx], *name, made["blur"])
         x = made["normalize"](x)                                              # (B, 3, S, S) float
         return erase(x, table[:, self.ERASE:self.ERASE + 4], floats[B * 12:])
 
@@ -673,6 +672,38 @@ def affine(x, theta, base_grid, fill):
     out = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     image, inside = out[:, :3], out[:, 3:]
     return ((image - fill) * inside + fill).round_().to(torch.uint8)
+
+
+def colour_op(ra, x, name, magnitude, blur):
+    """RandAugment's colour op `name` on uint8 images x (n, 3, S, S), as torchvision's tensor op. Two are
+    our own, equal to torchvision's: its Sharpness makes its 3 x 3 kernel from Python numbers at every
+    call (a blocking copy to a GPU; `blur` is made once), its AutoContrast assigns through a boolean
+    mask (a host sync on a GPU)."""
+    from torchvision.transforms import v2
+    if name == "Sharpness":
+        return sharpness(x, 1.0 + magnitude, blur)
+    if name == "AutoContrast":
+        return autocontrast(x)
+    return ra._apply_image_or_video_transform(x, name, magnitude, fill=ra._fill,
+                                              interpolation=v2.InterpolationMode.BILINEAR)
+
+
+def sharpness(x, factor, blur):
+    """torchvision's adjust_sharpness for uint8 x (n, 3, S, S): blend with a 3 x 3 blur, borders kept."""
+    out = x.float()
+    blurred = F.conv2d(out, blur.expand(3, 1, 3, 3), groups=3).round_()          # (n, 3, S-2, S-2)
+    inner = out[..., 1:-1, 1:-1]
+    inner.add_(blurred.sub_(inner), alpha=1.0 - factor)
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def autocontrast(x):
+    """torchvision's autocontrast for uint8 x (n, 3, S, S): each channel stretched to 0..255."""
+    image = x.float()
+    low, high = image.amin(dim=(-2, -1), keepdim=True), image.amax(dim=(-2, -1), keepdim=True)
+    flat = high == low                                           # a constant channel stays as it is
+    scale = torch.where(flat, 1.0, (high - low) / 255)
+    return image.sub_(torch.where(flat, 0.0, low)).div_(scale).clamp_(0, 255).to(torch.uint8)
 
 
 def gpu_decode(files, device, augment):

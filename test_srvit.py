@@ -650,8 +650,15 @@ def test_device_ops_match_pil_on_fixed_draws():
             magnitude = sign * float(m[9]) if m is not None else 0.0
             want = torch.from_numpy(np.array(ra._apply_image_or_video_transform(
                 image, name, magnitude, interpolation=v2.InterpolationMode.BICUBIC, fill=ra._fill))).permute(2, 0, 1)
-            got = ra._apply_image_or_video_transform(x, name, magnitude, interpolation=v2.InterpolationMode.BILINEAR,
-                                                      fill=ra._fill)[0]
+            tv = ra._apply_image_or_video_transform(x, name, magnitude, interpolation=v2.InterpolationMode.BILINEAR,
+                                                     fill=ra._fill)[0]                  # torchvision's tensor op
+            made = aug.made_once()
+            if name in loaders.AFFINE_OPS:                                               # the device path's own
+                theta = torch.tensor([loaders.affine_theta(name, magnitude, 96)])
+                got = loaders.affine(x, theta, made["grid"], made["fill"])[0]
+            else:
+                got = loaders.colour_op(ra, x, name, magnitude, made["blur"])[0]
+            assert (got.int() - tv.int()).abs().max() <= 1, name                         # batched = torchvision's
             diff = (want.int() - got.int()).abs().float()
             geometric = name in ("ShearX", "ShearY", "Rotate")
             assert diff.mean() <= (1.5 if geometric else 0.5), (name, magnitude, diff.mean())

@@ -8,6 +8,7 @@ anywhere; it imports srvit, train and eval from the repository.
     python results/bench.py --activations --model small --depth 1 2 3 4 --json results/activations-small.json
     python results/bench.py --bench-loader --data-path ~/data/cifar10 --depth 1 4 --workers 0 --iters 20
     python results/bench.py --loader-cpu --bench-images 256 --json results/loader-cpu.json
+    python results/bench.py --count-ops --json results/device-path-ops.json
 
 The CPU tables here (bench-cpu*.md, bench-loader-cpu.md, activations-small.md) and the commands
 that made them are in results/README.md, loader-cpu.md and compile-cpu.md carry their own;
@@ -371,6 +372,80 @@ def loader_cpu(args):
 
 
 # ----------------------------------------------------------------------------------------
+# --count-ops: what the device path asks of the host per batch (DeiT's recipe, --loader device)
+
+def count_ops(fn):
+    """Run fn under a dispatch mode: (kernel-like ops, tensors made from Python data). Views are not
+    counted (no kernel); a tensor from Python data (torch.tensor of a list) is a host-to-device copy on a
+    GPU, blocking unless pinned."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    fresh = {torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default}
+
+    class Counter(TorchDispatchMode):
+        ops = from_python = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in fresh:
+                Counter.from_python += 1
+            elif not func.is_view:
+                Counter.ops += 1
+            return func(*args, **(kwargs or {}))
+    with Counter():
+        fn()
+    return Counter.ops, Counter.from_python
+
+
+def device_path_counts(args):
+    """Ops and tensors from Python data of one batch's decode + augmentation on the device (the loader
+    workers' part is not counted: it runs on other cores), at --batch-size and at twice it; the
+    difference gives the cost of each extra sample. --code DIR measures that folder's loaders.py."""
+    import copy
+    import importlib
+    import tempfile
+    if args.code:
+        sys.path.insert(0, os.path.abspath(args.code))
+        for name in ("plumbing", "srvit", "loaders", "train"):
+            sys.modules.pop(name, None)
+    mod_loaders, mod_train = importlib.import_module("loaders"), importlib.import_module("train")
+    batch, rows = args.batch_size or 128, []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = imagenet_like_folder(tmp, 2 * batch, torch.Generator().manual_seed(0))
+        env = SimpleNamespace(rank=0, world=1, micro=batch, device=torch.device("cpu"), log=lambda *a: None)
+        for n in (batch, 2 * batch):
+            targs = mod_train.get_args(["--data-path", root, "--recipe", "deit", "--loader", "device", "--workers", "0",
+                                        "--batch-size", str(n)])
+            env.micro = n
+            loader = mod_loaders.build_loaders(targs, env)[0]
+            items = [loader.loader.dataset[key] for key in list(loader.sampler)[:n]]
+            collate = getattr(loader.augment, "collate", None) or mod_loaders.collate_files   # (older code)
+            packed = collate(items)
+            loader.on_device(copy.deepcopy(packed))                            # warm-up: lazy set-up
+            packed = copy.deepcopy(packed)                                     # (older code edits its batch)
+            decode = count_ops(lambda: loader.augment.decode(torch.split(packed[0], packed[1]), packed[-1]))[0]
+            ops, from_python = count_ops(lambda: loader.on_device(packed))
+            ops -= decode            # one op per file on a CPU, one per batch on a GPU: counted apart
+            x = torch.randn(n, 3, 8, 8)
+            y = torch.randint(0, 10, (n,))
+            mix_ops, mix_python = count_ops(lambda: mod_loaders.mix_batch(x, y, targs, 10))
+            rows.append({"batch": n, "ops": ops, "decode_ops": decode, "from_python": from_python, "mix_ops": mix_ops,
+                         "mix_from_python": mix_python})
+    small, big = rows
+    per_sample = (big["ops"] - small["ops"]) / (big["batch"] - small["batch"])
+    print(f"count-ops: the device path's decode + augmentation of one batch of {batch} generated 500 x 375 JPEGs "
+          f"(DeiT's recipe) on the CPU, under a dispatch mode, decoding apart; code: {args.code or 'this tree'}\n")
+    print("| batch | augmentation ops | decoding ops (CPU) | tensors from Python data | MixUp/CutMix ops | "
+          "tensors from Python data |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['ops']} | {r['decode_ops']} | {r['from_python']} | {r['mix_ops']} | "
+              f"{r['mix_from_python']} |")
+    print(f"\nops per extra sample: {per_sample:.2f}")
+    result = {"rows": rows, "ops_per_extra_sample": per_sample, "code": args.code or "tree"}
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+# ----------------------------------------------------------------------------------------
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -379,6 +454,8 @@ def get_args(argv=None):
     a("--activations", action="store_true", help="MiB saved for backward per image, without and with --grad-ckpt")
     a("--bench-loader", action="store_true", help="training steps fed by the in-memory vs the PIL loader")
     a("--loader-cpu", action="store_true", help="CPU time per image in the loader workers: PIL path vs --loader device")
+    a("--count-ops", action="store_true", help="ops and tensors from Python data per batch of the device path")
+    a("--code", default=None, help="--count-ops: a folder with another version of loaders.py and train.py")
     a("--bench-images", type=int, default=5120, help="--bench-loader, --loader-cpu: training images to load")
     a("--data", default=None, choices=["imagenet", "cifar10", "cifar100", "folder", "fake"], help="--bench-loader's data")
     a("--data-path", default=None)
@@ -401,8 +478,9 @@ def get_args(argv=None):
     a("--device", default=None)
     a("--workers", type=int, default=2)
     args = p.parse_args(argv)
-    if sum((args.bench, args.bench_loader, args.activations, args.loader_cpu)) != 1:
-        raise UserError("give exactly one of --bench, --bench-loader, --activations, --loader-cpu (python results/bench.py -h lists the options)")
+    if sum((args.bench, args.bench_loader, args.activations, args.loader_cpu, args.count_ops)) != 1:
+        raise UserError("give exactly one of --bench, --bench-loader, --activations, --loader-cpu, --count-ops "
+                        "(python results/bench.py -h lists the options)")
     plumbing.check_device(args.device)
     if min(args.depth) < 1:
         raise UserError(f"--depth takes recursion depths >= 1, got {args.depth}")
@@ -416,6 +494,8 @@ def main(argv=None):
     args = get_args(argv)
     if args.loader_cpu:
         return loader_cpu(args)
+    if args.count_ops:
+        return device_path_counts(args)
     return bench(args) if args.bench else bench_loader(args) if args.bench_loader else activations(args)
 
 

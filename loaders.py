@@ -17,6 +17,7 @@ and the pil and device paths draw the same crops, flips and ops for the same sam
 import hashlib
 import math
 import os
+import shutil
 import signal
 import time
 
@@ -295,6 +296,8 @@ def build_loaders(args, env):
     workers = args.workers if args.workers is not None else default_workers(env)
     eval_batch = max(env.micro, 256 if memory else 64)
     normalize = Normalize(*mean_std(args.img_size), env.device)
+    if not memory:
+        check_shared_memory(workers, max(env.micro, eval_batch), args.img_size, env)
     if memory:
         t0 = time.time()
         train = MemoryLoader(*decode_all(train_set, workers), env.micro, normalize, sampler, train=True,
@@ -331,6 +334,25 @@ def check_same_classes(train_classes, val_classes, root):
                            for split, names in (("train", only_train), ("validation", only_val)) if names)
     raise UserError(f"train and validation splits in {root} have different classes ({differ}): give both "
                     f"splits one folder per class, with the same names")
+
+
+def shm_in_flight(workers, batch, img_size, ranks, prefetch=2):
+    """Bytes of /dev/shm this node's loader workers hold: `prefetch` uint8 batches each (DataLoader's
+    prefetch_factor), per rank."""
+    return ranks * workers * prefetch * batch * 3 * img_size * img_size
+
+
+def check_shared_memory(workers, batch, img_size, env):
+    """Say so at start, before a worker dies of it with "bus error", when /dev/shm is smaller than what
+    the loader workers will hold (Docker gives a container 64 MB unless told otherwise)."""
+    if not workers or not os.path.isdir("/dev/shm"):
+        return
+    need = shm_in_flight(workers, batch, img_size, int(os.environ.get("LOCAL_WORLD_SIZE", env.world)))
+    have = shutil.disk_usage("/dev/shm").total
+    if have < need:
+        env.log(f"warning: /dev/shm holds {have / 2**20:,.0f} MiB, and the loader workers of this node will hold "
+                f"about {need / 2**20:,.0f} MiB in it: run the container with --ipc=host or --shm-size=16g, or "
+                f"lower --workers (loader workers die with 'bus error' when it is full)")
 
 
 def ignore_signals(worker_id):

@@ -10,6 +10,7 @@ once; a resume refuses another model, data or recipe; SIGTERM and Ctrl-C save mi
 never share an out-dir; ranks that disagree where the run stands refuse instead of hanging.
 """
 
+import errno
 import json
 import os
 import signal
@@ -126,8 +127,11 @@ def init_distributed(args):
         raise UserError(f"--micro-batch {micro} does not divide the per-process batch {args.batch_size // world}", shared=True)
     cuda = check_device(args.device) == "cuda"
     if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
-        device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        # One GPU per rank, over NCCL. More ranks on a node than GPUs (a check on a one-GPU machine):
+        # the ranks share the GPUs and talk over gloo, which NCCL does not allow; slow, but it runs.
+        shared_gpus = cuda and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        dist.init_process_group("nccl" if cuda and not shared_gpus else "gloo")
+        device = torch.device(f"cuda:{local % torch.cuda.device_count()}" if cuda else "cpu")
         if cuda:
             torch.cuda.set_device(device)
     else:
@@ -210,12 +214,22 @@ class OutDir:
         # never leaves a stale lock behind. The file names the holder for the refusal message.
         if fcntl is None:
             return
-        self.lock_file = open(os.path.join(self.path, "train.lock"), "a+")
+        try:
+            self.lock_file = open(os.path.join(self.path, "train.lock"), "a+")
+        except OSError as e:                  # a folder we may not write, a full disk
+            raise UserError(f"cannot write in --out-dir {self.path} ({e.strerror}); choose a folder you can write "
+                            f"to, or free space") from None
         try:
             fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
             self.lock_file.seek(0)
             holder = self.lock_file.read().strip() or "another process"
+            self.release()
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                # NFS without lockd, some Lustre mounts: no lock can be taken here, by any run
+                raise UserError(f"cannot lock {self.path}: its filesystem does not support file locks "
+                                f"({e.strerror}); put --out-dir on a local disk or a filesystem with locking "
+                                f"(NFS with lockd, Lustre mounted with -o flock)") from None
             raise UserError(f"{self.path} is in use by a running train.py ({holder}); wait for it, stop it, "
                             f"or pass another --out-dir", shared=True) from None
         self.lock_file.truncate(0)

@@ -490,7 +490,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding 
 # A tiny model and FakeData: 256 images, 8 steps of 32 per epoch.
 FAST = ["--img-size", "32", "--patch-size", "8", "--embed-dim", "32", "--num-layers", "2", "--num-heads", "2",
         "--batch-size", "32", "--workers", "0", "--log-interval", "4"]
-FAKE = ["--data", "fake", "--num-classes", "10", "--subset", "256", "--val-subset", "64"] + FAST
+# Every training test names its device: on a GPU machine the default would be cuda (bf16, GPU loaders).
+FAKE = ["--data", "fake", "--num-classes", "10", "--subset", "256", "--val-subset", "64", "--device", "cpu"] + FAST
 
 
 def read_metrics(out_dir):
@@ -511,7 +512,7 @@ def assert_same_weights(a, b):
 
 
 def run_train(args, env=None, timeout=300):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=HERE)
 
@@ -572,7 +573,7 @@ def test_train_one_epoch_runs_on_its_own():
     assert 0.8 * before < state["loss_sum"] / 3 < before + 0.05     # per step the mean over its 2 micro-batches
 
 
-def test_a_slow_loader_is_named_once_as_the_bound():
+def test_a_lagging_loader_is_named_once_as_the_bound():
     import time
     args = train.get_args(FAST + ["--data", "fake", "--depth", "1", "--epochs", "1"])
     x, y = images(4), torch.arange(4)
@@ -1006,7 +1007,8 @@ def test_randaugment_and_erasing_match_deits_strength():
 def test_deit_224px_pil_path_runs_on_a_generated_folder(tmp_path):
     root = make_image_folder(tmp_path / "data", n=6, size=240)
     out = str(tmp_path / "run")
-    train.main(["--data", "folder", "--data-path", root, "--img-size", "224", "--patch-size", "32", "--embed-dim", "32",
+    train.main(["--data", "folder", "--data-path", root, "--device", "cpu", "--img-size", "224", "--patch-size", "32",
+                "--embed-dim", "32",
                 "--num-layers", "1", "--num-heads", "2", "--batch-size", "12", "--micro-batch", "6", "--epochs", "1",
                 "--workers", "0", "--out-dir", out])
     run, epoch = read_metrics(out)
@@ -1300,7 +1302,8 @@ def test_torchrun_with_accumulation_equals_one_process_and_exits_0(tmp_path):
     # One optimizer step of 2 ranks x micro-batch 4 x 2 accumulation steps = the same global batch
     # of 16 in one process; no MixUp, drop path or augmentation. Run twice: a finished DDP run
     # exits 0 every time (it used to exit 1 now and then in process-group teardown).
-    flags = ["--data", "fake", "--num-classes", "10", "--subset", "16", "--val-subset", "7", "--img-size", "32",
+    flags = ["--data", "fake", "--device", "cpu", "--num-classes", "10", "--subset", "16", "--val-subset", "7",
+             "--img-size", "32",
              "--patch-size", "8", "--embed-dim", "32", "--num-layers", "2", "--num-heads", "2", "--depth", "2",
              "--batch-size", "16", "--epochs", "1", "--warmup-epochs", "0", "--lr", "1e-2", "--hflip", "0",
              "--crop-padding", "0", "--workers", "0"]
@@ -1418,7 +1421,7 @@ def build_like(state):
                     reason="../shared/data/cifar10 is not present (real-data check)")
 def test_learns_real_cifar10_subset(tmp_path):
     out = str(tmp_path / "run")
-    train.main(["--data", "cifar10", "--data-path", CIFAR, "--subset", "4000", "--val-subset", "1000",
+    train.main(["--data", "cifar10", "--data-path", CIFAR, "--device", "cpu", "--subset", "4000", "--val-subset", "1000",
                 "--epochs", "3", "--lr", "2e-3", "--depth", "2", "--out-dir", out] + FAST[:-6] + ["--batch-size", "64", "--workers", "0"])
     epochs = [r for r in read_metrics(out) if r["type"] == "epoch"]
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"] - 0.1
@@ -1443,7 +1446,7 @@ def trained_runs(tmp_path_factory):
 def test_eval_checkpoint_anytime_table_and_maps(trained_runs, tmp_path):
     from PIL import Image
     ckpt = str(trained_runs / "R3" / "last.pt")
-    res = srvit_eval.main(["--checkpoint", ckpt, "--steps", "all", "--maps", str(tmp_path / "maps.png"),
+    res = srvit_eval.main(["--checkpoint", ckpt, "--device", "cpu", "--steps", "all", "--maps", str(tmp_path / "maps.png"),
                            "--json", str(tmp_path / "eval.json"), "--workers", "0"])
     saved = read_metrics(str(trained_runs / "R3"))[-1]
     assert res["images"] == 64 and res["top1"] == pytest.approx(saved["top1"])     # same numbers as training's eval
@@ -1552,7 +1555,7 @@ def test_curve_plot_draws_the_range_over_seeds():
     assert soft_rows(two_seeds) > soft_rows(one_seed) + 40
 
 
-BENCH = ["--bench", "--img-size", "32", "--patch-size", "8", "--embed-dim", "32", "--num-layers", "2", "--num-heads", "2",
+BENCH = ["--bench", "--device", "cpu", "--img-size", "32", "--patch-size", "8", "--embed-dim", "32", "--num-layers", "2", "--num-heads", "2",
          "--num-classes", "10", "--batch-size", "8", "--iters", "2", "--rounds", "1"]
 
 
@@ -1804,7 +1807,7 @@ def test_classify_takes_a_path_or_an_image_and_rounds_to_4_decimals(trained_runs
 def test_eval_val_subset_takes_trainings_subset_and_progress_stays_out_of_stdout(trained_runs, tmp_path, capsys):
     from contextlib import nullcontext
     ckpt = str(trained_runs / "R3" / "last.pt")
-    res = srvit_eval.main(["--checkpoint", ckpt, "--val-subset", "16", "--batch-size", "2", "--workers", "0",
+    res = srvit_eval.main(["--checkpoint", ckpt, "--device", "cpu", "--val-subset", "16", "--batch-size", "2", "--workers", "0",
                            "--json", str(tmp_path / "eval.json")])
     assert res["images"] == 16
     # the same 16 images as train.py --val-subset 16 picks, scored as train.py scores them
@@ -1859,3 +1862,125 @@ def test_curve_plot_gives_every_line_its_own_colour_and_says_how_many_runs(monke
     drawn.clear()
     srvit_eval.plot_curve({("", 1, "-", "-"): [55.0], ("", 2, "soft", "block"): [57.0]})
     assert "one run each" in drawn[0][1] and "range" not in drawn[0][1]
+
+
+# ----------------------------------------------------------------------------------------
+# The GPU path, checked where a CPU can show it, and the node check (results/node_check.py)
+
+def test_every_loader_sends_uint8_through_shared_memory_and_the_device_normalises(tmp_path):
+    # What loader workers hand over crosses /dev/shm: uint8 pixels (or file bytes), never float32.
+    root = make_image_folder(tmp_path / "data", n=8, size=100)
+    env = SimpleNamespace(rank=0, world=1, micro=4, device=torch.device("cpu"), log=lambda *a: None)
+    for loader_kind in ("pil", "device"):
+        args = train.get_args(["--data-path", root, "--recipe", "deit", "--img-size", "96", "--patch-size", "16",
+                               "--loader", loader_kind, "--workers", "0", "--batch-size", "4", "--erasing", "1"])
+        train_loader, val, _, _ = loaders.build_loaders(args, env)
+        crossing = next(iter(train_loader.loader))                 # what the workers' DataLoader yields
+        assert crossing[0].dtype == torch.uint8, loader_kind          # pixels, or the files' bytes
+        assert all(t.dtype != torch.float32 or t.ndim == 1               # floats: erasing noise, affine matrices
+                   for t in crossing if isinstance(t, torch.Tensor)), loader_kind
+        val_batch = next(iter(val.loader))
+        assert val_batch[0].dtype == torch.uint8 and val_batch[0].shape[1:] == (3, 96, 96)
+        x, _ = next(iter(val))                                     # normalised on the device
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in loaders.MEAN_STD["imagenet"])
+        torch.testing.assert_close(x, (val_batch[0] / 255 - mean) / std, atol=1e-5, rtol=0)
+
+
+def test_erasing_as_one_masked_copy_equals_pasting_each_box():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 12, 12, generator=g)
+    boxes = torch.tensor([[0, 0, 3, 4], [0, 0, 0, 0], [5, 2, 7, 10], [11, 11, 1, 1], [2, 3, 4, 2]])
+    noise = [torch.randn(3, h, w, generator=g) for _, _, h, w in boxes.tolist()]
+    want = x.clone()
+    for b, (i, j, h, w) in enumerate(boxes.tolist()):
+        want[b, :, i:i + h, j:j + w] = noise[b]
+    got = loaders.erase(x, boxes, torch.cat([n.flatten() for n in noise]))
+    assert torch.equal(got, want)
+    assert torch.equal(loaders.erase(x, torch.zeros(5, 4, dtype=torch.long), torch.zeros(0)), x)
+
+
+def test_device_path_counts_the_images_nvjpeg_refuses_and_the_epoch_line_says_so(monkeypatch):
+    _, aug, _ = deit_augment()
+    data = [encoded(smooth_image(torch.Generator().manual_seed(i), 40, 50)) for i in range(3)]
+
+    def refuses(*a):
+        raise RuntimeError("nvjpeg: unsupported")
+    monkeypatch.setattr(loaders, "gpu_decode", refuses)
+    aug.device = SimpleNamespace(type="cuda")                     # as on a GPU, without one
+    monkeypatch.setattr(aug, "to_device", lambda t: t)
+    images = aug.decode(data, ["a.jpg", "b.jpg", "c.jpg"])
+    assert aug.cpu_decoded == 3 and all(im.shape == (3, 40, 50) for im in images)
+    note = train.cpu_decode_note(SimpleNamespace(augment=aug))
+    assert note == " | 3 images decoded on the CPU (nvJPEG refused them)"
+    assert train.cpu_decode_note(SimpleNamespace()) == ""
+    loader = loaders.DeviceLoader(SimpleNamespace(sampler=loaders.RepeatedAugSampler(8, 0, 1, 1, 0), batch_size=4), aug)
+    loader.set_epoch(1)                                            # counted per epoch
+    assert aug.cpu_decoded == 0
+
+
+def test_the_loader_bound_line_names_a_remedy_that_fits_the_loader():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    deit = train.get_args(["--data", "imagenet", "--loader", "device"])
+    assert "more workers cannot help" in train.loader_remedy(deit, cuda)
+    deit.loader = "pil"
+    assert "--loader device" in train.loader_remedy(deit, cuda) and "--workers" in train.loader_remedy(deit, cpu)
+    assert "--batch-size" in train.loader_remedy(train.get_args(["--data", "cifar10"]), cuda)
+
+
+def test_a_small_dev_shm_is_named_at_start(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "data", n=8, size=100)
+    args = train.get_args(["--data-path", root, "--loader", "pil", "--workers", "8", "--batch-size", "4"])
+    lines = []
+    env = SimpleNamespace(rank=0, world=1, micro=4, device=torch.device("cpu"), log=lines.append)
+    monkeypatch.setattr(loaders.shutil, "disk_usage", lambda path: SimpleNamespace(total=64 * 2**20))   # Docker's 64 MB
+    loaders.build_loaders(args, env)
+    assert any("/dev/shm holds 64 MiB" in line and "--shm-size" in line for line in lines), lines
+    lines.clear()
+    monkeypatch.setattr(loaders.shutil, "disk_usage", lambda path: SimpleNamespace(total=64 * 2**30))
+    loaders.build_loaders(args, env)
+    assert not any("/dev/shm" in line for line in lines)
+
+
+def test_an_out_dir_without_file_locks_is_named_as_such(tmp_path, monkeypatch):
+    import errno
+    out = plumbing.OutDir(str(tmp_path / "run"), master=True)
+
+    def no_locks(f, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(plumbing.fcntl, "flock", no_locks)
+    with pytest.raises(plumbing.UserError, match="does not support file locks .*local disk") as e:
+        out.open()
+    assert "in use" not in str(e.value) and out.lock_file is None
+
+
+def test_resume_with_more_epochs_extends_the_run(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = FAKE + ["--depth", "1", "--subset", "64", "--out-dir", out]
+    train.main(args + ["--epochs", "1"])
+    capsys.readouterr()
+    train.main(args + ["--epochs", "2"])
+    said = capsys.readouterr().out
+    assert [r[0] for r in epoch_rows(out)] == [1, 2]
+    assert "--epochs 2 (the run was started with 1)" in said and "epoch 2/2" in said
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["args"]["epochs"] == 2
+
+
+def test_slow_node_check_runs_every_section_on_a_cpu_and_reports_failures(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(HERE, "results"))
+    import node_check
+    report = node_check.main(["--small", "--out", str(tmp_path), "--compile-backend", "eager", "--device", "cpu"])
+    md = (tmp_path / "node-check.md").read_text()
+    for title in ("## Machine", "## Decode", "## Speed", "## DDP: 2 ranks, SIGTERM, resume"):
+        assert title in md
+    assert report.failures == [] and "Result: every check passed" in md
+    data = json.loads((tmp_path / "node-check.json").read_text())
+    assert len(data["sections"]["speed"]) == 4 and len(data["sections"]["ddp"]) == 2      # R 1, 4 x compile
+    # A failing check is marked, with what to do: a corrupting decode, a small /dev/shm.
+    monkeypatch.setattr(node_check.shutil, "disk_usage", lambda path: SimpleNamespace(total=2**20))
+    decode = loaders.DeviceAugment.decode
+    monkeypatch.setattr(loaders.DeviceAugment, "decode", lambda self, *a: [im // 2 for im in decode(self, *a)])
+    report = node_check.main(["--small", "--out", str(tmp_path), "--skip", "speed", "ddp", "--device", "cpu"])
+    md = (tmp_path / "node-check.md").read_text()
+    assert "check(s) FAILED" in md and "FAIL: " in md and "--shm-size" in md and "--loader pil" in md
+    assert len(report.failures) == 3                       # /dev/shm, and both decode cases

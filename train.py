@@ -68,9 +68,11 @@ CHECKS = {}
 # may: the model itself, width, blocks and heads included, is compared from its config; --amp may,
 # as it follows the device: a run started on a GPU in bf16 resumes on a CPU in float32; --loader may,
 # as each loader feeds the same images in the sampler's order with the same augmentations, drawn from
-# its own streams, and auto follows the device too: the device loader on a GPU, PIL on a CPU.)
+# its own streams, and auto follows the device too: the device loader on a GPU, PIL on a CPU. --epochs
+# may, to extend a run or end it sooner: the schedule is that of the new --epochs from the resumed
+# step on, so an extended run's learning rate rises to the new cosine's value there.)
 MAY_CHANGE = {"workers", "device", "compile", "grad_ckpt", "micro_batch", "log_interval", "save_every", "resume",
-              "out_dir", "data_path", "init_from", "model", "amp", "loader"}
+              "out_dir", "data_path", "init_from", "model", "amp", "loader", "epochs"}
 
 
 def choose_recipe(args):
@@ -308,6 +310,7 @@ class Run:
     data_wait: float = 0.0                 # seconds spent waiting for batches (the loader's share)
     loader_told: bool = False              # the loader-bound line is printed once
     epoch_start: int = 0                   # the step this epoch's loop started from (0, or a resume's)
+    saved_epochs: int = None               # --epochs of the checkpoint resumed from
 
     def __post_init__(self):
         self.raw_model = self.raw_model or self.model
@@ -379,6 +382,24 @@ def mfu(gmacs, images_per_s, peak_flops):
     return 3 * 2 * gmacs * 1e9 * images_per_s / peak_flops
 
 
+def loader_remedy(args, device):
+    """What can make the loader keep up, for the loader and device this run has."""
+    if use_memory(args):
+        return "the in-memory loader crops and flips on the device: a larger --batch-size amortises its launches"
+    if use_device(args, device):
+        return ("decoding and augmentation run on the GPU, so more workers cannot help; a larger --micro-batch "
+                "amortises the per-batch launches")
+    if device.type == "cuda" and args.data != "fake":
+        return "--loader device moves decoding and augmentation to the GPU"
+    return "more --workers would help, if this node has the cores"
+
+
+def cpu_decode_note(loader):
+    """', N images decoded on the CPU ...' when the device path's nvJPEG refused files this epoch, else ''."""
+    n = getattr(getattr(loader, "augment", None), "cpu_decoded", 0)
+    return f" | {n:,} images decoded on the CPU (nvJPEG refused them)" if n else ""
+
+
 def log_progress(run, epoch, loss_sum, log_from):
     """One progress line: loss since the last line, lr, speed, MFU on known GPUs, eta."""
     args, env, step = run.args, run.env, run.progress.step
@@ -388,9 +409,7 @@ def log_progress(run, epoch, loss_sum, log_from):
     # (not on an epoch's first line: it includes the loader workers' start)
     if waited > 0.25 and not run.loader_told and steps_done != run.epoch_start:
         run.loader_told = True
-        pil = not use_memory(args) and not use_device(args, env.device)
-        hint = ("--loader device moves decoding and augmentation to the GPU" if env.device.type == "cuda" and pil and
-                args.data != "fake" else "more --workers would help, if this node has the cores")
+        hint = loader_remedy(args, env.device)
         env.log(f"the loader bounds this run: {waited:.0%} of the time went to waiting for batches; the model alone "
                 f"would take about {ips / (1 - min(waited, 0.99)):,.0f} img/s against the {ips:,.0f} it gets ({hint})")
     left = (args.epochs - epoch) * run.steps_per_epoch - step
@@ -534,6 +553,7 @@ def setup(args, env):
     try:
         saved = restore(args, out, model, optimizer, scaler, n_train, MAY_CHANGE)
         progress = Progress(**{f.name: saved[f.name] for f in fields(Progress) if f.name in saved})
+        saved_epochs = saved.get("args", {}).get("epochs")
         del saved                   # the weights and AdamW state: not held through compile and DDP
         if progress.epoch == 0 and progress.step == 0 and args.init_from:
             try:
@@ -549,7 +569,7 @@ def setup(args, env):
     run = Run(args, env, wrapped, optimizer, scaler, train_loader, steps, len(classes), raw_model=model,
               val_loader=val_loader, classes=classes, n_train=n_train, out=out, progress=progress,
               log_interval=args.log_interval or max(1, steps // 10), gmacs=srvit.forward_gmacs(model),
-              peak=peak_flops(env.device))
+              peak=peak_flops(env.device), saved_epochs=saved_epochs)
     return run
 
 
@@ -568,8 +588,13 @@ def describe(run):
     args, env, c, prog = run.args, run.env, run.raw_model.config, run.progress
     if prog.epoch or prog.step:
         steps = f" and {prog.step} steps" if prog.step else ""
-        env.log(f"resumed from {run.out.last if args.resume == 'auto' else args.resume}: {prog.epoch} epochs{steps} done, "
-                f"best top-1 {prog.best_top1:.2f}")
+        best = f"best top-1 {prog.best_top1:.2f}" if prog.records else "not evaluated yet"
+        env.log(f"resumed from {run.out.last if args.resume == 'auto' else args.resume}: {prog.epoch} epochs{steps} "
+                f"done, {best}")
+        if run.saved_epochs not in (None, args.epochs):
+            env.log(f"--epochs {args.epochs} (the run was started with {run.saved_epochs}): the learning rate "
+                    f"follows the cosine over {args.epochs} epochs from here, {run.optimizer.param_groups[0]['lr']:.3g} "
+                    f"then, {lr_at(prog.epoch * run.steps_per_epoch + prog.step, run.steps_per_epoch, args):.3g} now")
     where = f" from {args.data_path}" if args.data_path else ""
     env.log(f"data {args.data}{where}: {run.n_train:,} train images, {run.num_classes} classes, {args.img_size} px | "
             f"recipe {args.recipe}: {args.epochs} epochs, batch {args.batch_size} = {env.world} x {env.micro} x {env.accum} accum, "
@@ -590,8 +615,9 @@ def end_epoch(run, epoch, metrics, start_step):
               "best_top1": prog.best_top1, "lr": run.optimizer.param_groups[0]["lr"], "epoch_time": seconds,
               "elapsed": prog.elapsed, "images_per_s": (run.steps_per_epoch - start_step) * args.batch_size / seconds}
     prog.epoch, prog.step, prog.loss_sum, prog.records = epoch + 1, 0, 0.0, prog.records + [record]
-    run.env.log(f"epoch {epoch + 1}/{args.epochs} | train loss {record['train_loss']:.4f} | val top-1 {metrics['top1']:.2f} "
-                f"top-5 {metrics['top5']:.2f} loss {metrics['val_loss']:.4f} | best {prog.best_top1:.2f} | {fmt_time(seconds)}")
+    run.env.log(f"epoch {epoch + 1}/{args.epochs} | train loss {record['train_loss']:.4f} | "
+                f"val top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} loss {metrics['val_loss']:.4f} | "
+                f"best {prog.best_top1:.2f} | {fmt_time(seconds)}{cpu_decode_note(run.train_loader)}")
     if run.env.master:
         run.out.end_epoch(checkpoint(run), is_best)
 

@@ -1,0 +1,340 @@
+"""
+The node check: on a new machine, run this first. In a few minutes it says whether the GPU path of
+train.py works on this node and how fast it is, and writes a report a lab can paste into an issue:
+node-check.md (a table per section, failures marked FAIL with what to do) and node-check.json.
+
+    python results/node_check.py                        # on a GPU node: about 5-10 minutes on one GPU
+    python results/node_check.py --out results/node-h100 --tests   # ...and the test suite on the GPU
+    python results/node_check.py --small --out /tmp/nc  # a CPU: the same steps at small sizes (CI)
+
+Sections, each on whatever the machine has (on a CPU, the CPU stands in for the device):
+  machine  torch, torchvision, CUDA and driver, GPUs, CPU cores, /dev/shm, NCCL; what each means
+  decode   generated ImageNet-sized JPEGs decoded by the device path in batches and by the CPU path one
+           by one: the largest pixel difference, alone and while other work runs on the GPU's stream
+           (the nvJPEG stream race would show here: see loaders.gpu_decode); beyond tolerance: FAIL
+  speed    images/s of the model alone (a synthetic batch on the device) and of loader + model, SR-ViT-S
+           R=1 and R=4, bf16, with and without --compile; the loader's share, MFU, 300 epochs' time
+  ddp      a 2-rank torchrun run (gloo over one GPU if the node has one) that saves, is stopped with
+           SIGTERM, resumes and ends with exit 0
+  tests    (--tests) the test suite, python -m pytest -q test_srvit.py, on this machine
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from types import SimpleNamespace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import loaders  # noqa: E402
+import plumbing  # noqa: E402
+import srvit  # noqa: E402
+import train  # noqa: E402
+from bench import imagenet_like_folder  # noqa: E402
+
+IMAGENET_TRAIN = 1_281_167          # ImageNet-1K training images: one epoch
+DECODE_TOLERANCE = 8                # largest pixel difference (0..255) nvJPEG vs libjpeg may show
+RED, PLAIN = ("\033[31m", "\033[0m") if sys.stdout.isatty() else ("", "")
+
+
+class Report:
+    """The report's sections as markdown tables, and the same numbers as JSON."""
+
+    def __init__(self, out):
+        self.out, self.lines, self.data, self.failures = out, [], {}, []
+
+    def section(self, name, title, header):
+        self.lines += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        self.data[name] = []
+        print(f"\n{title}")
+
+    def row(self, name, *cells, ok=True, fix=""):
+        cells = [f"{c:.4g}" if isinstance(c, float) else str(c) for c in cells]
+        if not ok:
+            cells[-1] = f"FAIL: {cells[-1]}. {fix}".strip()
+            self.failures.append(f"{name}: {cells[-1]}")
+        self.lines.append("| " + " | ".join(cells) + " |")
+        self.data[name].append(cells)
+        print(("  " if ok else f"  {RED}") + " | ".join(cells) + ("" if ok else PLAIN))
+
+    def write(self, device):
+        os.makedirs(self.out, exist_ok=True)
+        verdict = ("every check passed" if not self.failures else
+                   f"{len(self.failures)} check(s) FAILED:\n" + "\n".join(f"- {f}" for f in self.failures))
+        head = [f"# Node check: {device}", "", f"`python results/node_check.py {' '.join(sys.argv[1:])}`, "
+                f"{time.strftime('%Y-%m-%d %H:%M')}. Result: {verdict}"]
+        with open(os.path.join(self.out, "node-check.md"), "w") as f:
+            f.write("\n".join(head + self.lines) + "\n")
+        with open(os.path.join(self.out, "node-check.json"), "w") as f:
+            json.dump({"device": device, "failures": self.failures, "sections": self.data}, f, indent=1)
+        print(f"\nwrote {self.out}/node-check.md and node-check.json: {verdict}")
+
+
+# ----------------------------------------------------------------------------------------
+# machine
+
+def machine(report, args, device):
+    report.section("machine", "Machine", ["what", "value", "what it means for a run"])
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    report.row("machine", "torch / torchvision", f"{torch.__version__} / {__import__('torchvision').__version__}",
+               "train.py needs torch >= 2.7")
+    report.row("machine", "CUDA (torch) / driver", f"{torch.version.cuda} / {driver_version()}",
+               "the driver must be at least the CUDA version torch was built for")
+    names = sorted({torch.cuda.get_device_name(i) for i in range(gpus)}) if gpus else ["none"]
+    peak = train.peak_flops(device)
+    report.row("machine", "GPUs", f"{gpus} x {', '.join(names)}",
+               f"datasheet bf16 peak {peak / 1e12:.0f} TFLOP/s (MFU's denominator)" if peak else
+               "no datasheet peak known: MFU is not reported")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    per_rank = max(1, min(8, cores // max(gpus, 1)))
+    report.row("machine", "CPU cores", cores, f"{per_rank} loader workers per rank by default")
+    ranks, workers = max(gpus, 1), per_rank
+    need = loaders.shm_in_flight(workers, 64, 224, ranks)
+    have = shutil.disk_usage("/dev/shm").total if os.path.isdir("/dev/shm") else None
+    report.row("machine", "/dev/shm", f"{have / 2**30:.1f} GiB" if have else "none",
+               f"the loaders hold about {need / 2**30:.2f} GiB in flight on this node", ok=have is None or have >= need,
+               fix="run the container with --ipc=host or --shm-size=16g, or lower --workers")
+    nccl = ".".join(map(str, torch.cuda.nccl.version())) if gpus else "-"
+    report.row("machine", "NCCL", nccl, "multi-GPU runs use NCCL" if gpus else "no GPU: ranks use gloo")
+    return gpus
+
+
+def driver_version():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.split("\n")[0].strip() or "-"
+    except (OSError, subprocess.SubprocessError):
+        return "-"
+
+
+# ----------------------------------------------------------------------------------------
+# decode
+
+def decode_check(report, args, device, root):
+    """The device path's batched decode against the CPU decoder, alone and under load."""
+    report.section("decode", "Decode: the device path against the CPU, one image at a time",
+                   ["case", "images", "largest difference (0..255)", "mean difference", "result"])
+    targs = train.get_args(["--data-path", root, "--recipe", "deit", "--loader", "device", "--workers", "0",
+                            "--device", device.type])
+    augment = loaders.DeviceAugment(targs, device)
+    files = [loaders.read_encoded(os.path.join(d, f))[0]                   # (n,) uint8 bytes each
+             for d, _, names in sorted(os.walk(os.path.join(root, "train"))) for f in sorted(names)]
+    want = [loaders.cpu_decode(f, "generated") for f in files]
+    for case, load in (("alone", None), ("while the GPU's stream runs other work", gpu_work)):
+        worst, total, pixels, corrupt = 0, 0.0, 0, False
+        for start in range(0, len(files), args.decode_batch):
+            batch = files[start:start + args.decode_batch]
+            pending = load(device) if load else None
+            got = augment.decode(batch, ["generated"] * len(batch))
+            if pending:
+                corrupt |= not pending()          # the other work's result, checked after the decode
+            for g, w in zip(got, want[start:start + len(batch)]):
+                diff = (g.cpu().int() - w.int()).abs()
+                worst, total, pixels = max(worst, int(diff.max())), total + float(diff.sum()), pixels + diff.numel()
+        ok = worst <= DECODE_TOLERANCE and not corrupt
+        what = "corrupted the other work's tensors" if corrupt else f"within {DECODE_TOLERANCE}"
+        report.row("decode", case, len(files), worst, total / pixels, "ok" if ok else what, ok=ok,
+                   fix="the device path's decode is not safe on this node: train with --loader pil, and report "
+                       "the torch and torchvision versions")
+    report.row("decode", "images decoded on the CPU (nvJPEG refused them)", augment.cpu_decoded, "-", "-", "counted")
+
+
+def gpu_work(device):
+    """Queue work on the current stream that reads a tensor, then free the tensor: memory a decode must not
+    reuse while the work is queued. Returns a check, called after the decode, that the work's result is right."""
+    if device.type != "cuda":
+        return None
+    x = torch.full((4096, 4096), 1.0 / 4096, device=device)
+    y = x
+    for _ in range(20):                      # ~20 matmuls queued: milliseconds the decode may overlap
+        y = y @ x
+    del x                                    # back to the allocator's pool while the matmuls still read it
+    return lambda: abs(y[0, 0].item() - 1.0 / 4096) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------
+# speed
+
+def speed(report, args, device, root):
+    report.section("speed", "Speed: SR-ViT-S, one device",
+                   ["R", "compile", "model alone img/s", "loader + model img/s", "loader's share", "MFU",
+                    f"{args.epochs} ImageNet epochs on {max(torch.cuda.device_count(), 1)} device(s)"])
+    amp = "bf16" if device.type == "cuda" else "none"
+    for depth in args.depth:
+        for compiled in (False, True):
+            flags = ["--data-path", root, "--recipe", "deit", "--depth", str(depth), "--batch-size", str(args.batch),
+                     "--workers", str(args.workers), "--amp", amp, "--device", str(device), "--subset",
+                     str(args.images)] + (["--model", "small"] if not args.small else SMALL_MODEL)
+            targs = train.get_args(flags)
+            env = SimpleNamespace(rank=0, world=1, micro=args.batch, accum=1, device=device, log=lambda *a: None)
+            loader = loaders.build_loaders(targs, env)[0]
+            model = train.build_model(targs, 1000).to(device)
+            if compiled:
+                train.compile_blocks(model, backend=args.compile_backend)
+            opt = torch.optim.AdamW(train.param_groups(model, 0.05), lr=1e-4)
+            step = training_step(model, opt, train.amp_context(device, amp))
+            x = torch.randn(args.batch, 3, targs.img_size, targs.img_size, device=device)
+            y = torch.randint(0, 1000, (args.batch,), device=device)
+            alone = args.batch / timed(lambda: step(x, y), device, args.iters)
+            full = loader_and_model(loader, step, device, args.iters, args.batch)
+            gmacs, peak = srvit.forward_gmacs(model), train.peak_flops(device)
+            mfu = f"{train.mfu(gmacs, alone, peak):.1%}" if peak else "-"
+            gpus = max(torch.cuda.device_count(), 1)
+            hours = args.epochs * IMAGENET_TRAIN / (min(alone, full) * gpus) / 3600
+            report.row("speed", depth, "yes" if compiled else "no", f"{alone:,.0f}", f"{full:,.0f}",
+                       f"{max(0.0, 1 - full / alone):.0%}", mfu, f"{hours:,.1f} h (derived)")
+
+
+SMALL_MODEL = ["--embed-dim", "32", "--num-layers", "2", "--num-heads", "2", "--patch-size", "32"]
+
+
+def training_step(model, opt, autocast):
+    def step(x, y):
+        with autocast:
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def timed(fn, device, iters):
+    """Seconds per call of fn, after two warm-up calls (compilation, lazy set-up)."""
+    for _ in range(2):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / iters
+
+
+def loader_and_model(loader, step, device, iters, batch):
+    """img/s of whole training steps fed by train.py's loader (its first batches are a warm-up)."""
+    loader.set_epoch(0)
+    batches = iter(loader)
+    for _ in range(2):
+        step(*next(batches))
+    sync(device)
+    t0, n = time.perf_counter(), 0
+    for x, y in batches:
+        step(x, y)
+        n += 1
+        if n == iters:
+            break
+    sync(device)
+    return n * batch / (time.perf_counter() - t0)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------
+# ddp and tests
+
+def ddp_check(report, args, device, tmp):
+    """torchrun with 2 ranks: save every step, SIGTERM once last.pt exists, resume, exit 0."""
+    report.section("ddp", "DDP: 2 ranks, SIGTERM, resume", ["step", "exit code", "seconds", "result"])
+    out = os.path.join(tmp, "ddp-run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(ROOT, "train.py"),
+           "--data", "fake", "--num-classes", "10", "--subset", "512", "--val-subset", "64", "--img-size", "32",
+           "--patch-size", "8", "--embed-dim", "32", "--num-layers", "2", "--num-heads", "2", "--depth", "2",
+           "--batch-size", "32", "--epochs", "2", "--workers", "0", "--save-every", "1", "--out-dir", out,
+           "--device", device.type]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    t0 = time.time()
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                             start_new_session=True)
+    while not os.path.exists(os.path.join(out, "last.pt")) and first.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.2)
+    if first.poll() is None:
+        os.killpg(first.pid, signal.SIGTERM)             # as Slurm does: the whole process group
+    log, code = first.communicate(timeout=300)[0], first.returncode
+    # Each rank exits 143 with one line; torchrun, signalled too, then exits 1 with its own SignalException.
+    stopped = "stopped by SIGTERM" in log and os.path.exists(os.path.join(out, "last.pt"))
+    report.row("ddp", "run, then SIGTERM to torchrun and its ranks once last.pt is written", code,
+               round(time.time() - t0), "every rank stopped and saved" if stopped else tail(log), ok=stopped,
+               fix="see the log above; a run on this node cannot be stopped and resumed safely")
+    t0 = time.time()
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    log = second.stdout + second.stderr
+    resumed = second.returncode == 0 and "resumed from" in log and "done: best top-1" in log
+    report.row("ddp", "the same command again: resume to the end", second.returncode, round(time.time() - t0),
+               "resumed and finished" if resumed else tail(log), ok=resumed, fix="see the log above")
+
+
+def tail(log):
+    return " / ".join(log.strip().splitlines()[-2:])[-200:] or "no output"
+
+
+def tests(report, args):
+    report.section("tests", "The test suite on this machine", ["command", "exit code", "seconds", "result"])
+    t0 = time.time()
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "test_srvit.py"], cwd=ROOT, capture_output=True,
+                         text=True)
+    last = (run.stdout.strip().splitlines() or ["no output"])[-1]
+    report.row("tests", "python -m pytest -q test_srvit.py", run.returncode, round(time.time() - t0), last,
+               ok=run.returncode == 0, fix="the failing tests are named in the pytest output")
+
+
+# ----------------------------------------------------------------------------------------
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="node-check", help="folder for node-check.md and node-check.json")
+    p.add_argument("--small", action="store_true", help="small sizes (a CPU): a tiny model, few images")
+    p.add_argument("--skip", nargs="*", default=[], choices=["decode", "speed", "ddp"], help="sections to leave out")
+    p.add_argument("--tests", action="store_true", help="also run the test suite (minutes)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests use 'eager')")
+    p.add_argument("--device", default=None, help="default: cuda if there is one, else cpu")
+    args = p.parse_args(argv)
+    small = args.small
+    args.images = 32 if small else 512             # generated JPEGs (500 x 375, about 100 KB)
+    args.decode_batch, args.batch = (8, 4) if small else (128, 256)
+    args.iters, args.depth, args.epochs = (2 if small else 20), [1, 4], 300
+    args.workers = 0 if small else min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 8)
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device(args.device or plumbing.check_device(None))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
+    print(f"node check on {name}: sections machine, "
+          f"{', '.join(s for s in ('decode', 'speed', 'ddp') if s not in args.skip)}{', tests' if args.tests else ''}")
+    report = Report(args.out)
+    with tempfile.TemporaryDirectory() as tmp:
+        machine(report, args, device)
+        if {"decode", "speed"} - set(args.skip):
+            print(f"generating {args.images} ImageNet-sized JPEGs...")
+            root = imagenet_like_folder(tmp, args.images, torch.Generator().manual_seed(0))
+        if "decode" not in args.skip:
+            decode_check(report, args, device, root)
+        if "speed" not in args.skip:
+            speed(report, args, device, root)
+        if "ddp" not in args.skip:
+            ddp_check(report, args, device, tmp)
+        if args.tests:
+            tests(report, args)
+    report.write(name)
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(plumbing.cli(main, interrupted="interrupted"))

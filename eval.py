@@ -18,6 +18,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -25,8 +26,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 import srvit
 from loaders import Normalize, OnDevice, build_dataset, mean_std, normalize_image, transforms
-from plumbing import UserError, check_device, cli, first_line, fmt_time, read_checkpoint
-from train import amp_context, batch_metrics, summarize_metrics
+from plumbing import ArgumentParser, UserError, check_device, cli, first_line, fmt_time, json_row, read_checkpoint
+from train import MAY_CHANGE, amp_context, batch_metrics, summarize_metrics
 
 # The paper's ImageNet-1K top-1, all that its abstract (arXiv 2607.00774) gives: SR-ViT-S at R = 1, 4; DeiT-B.
 PAPER = {"srvit_s": {1: 79.83, 4: 82.48}, "deit_b": 81.8}
@@ -142,16 +143,30 @@ def evaluate_checkpoint(args):
     if args.maps:
         picks = sorted({i * len(val) // args.maps_images for i in range(args.maps_images)})   # spread over the split
         images = normalize_image(torch.stack([val[i][0] for i in picks]), cfg.img_size)   # (n, 3, S, S)
-        draw_maps(model, images, mixer=args.maps_mixer, relative=args.maps_relative).save(args.maps)
-        print(f"\nwrote {args.maps}")
+        picture = draw_maps(model, images, mixer=args.maps_mixer, relative=args.maps_relative)
+        print()
+        save_file(args.maps, picture.save)
     if args.json:
         write_json(args.json, r)
     return r
 
 
 def write_json(path, obj):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    Path(path).write_text(json.dumps(obj, indent=1))
+    save_file(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
+
+
+def save_file(path, write):
+    """write(tmp) then rename to path: the work is done by now, so a failed write (a full disk, a folder
+    that cannot be made) is one line that names the file, and never leaves half a file at `path`."""
+    tmp = f"{path}.tmp{os.path.splitext(path)[1]}"            # (Pillow picks the format by the extension)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, ValueError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not write {path} ({first_line(e)}); choose another path or free space") from None
     print(f"wrote {path}")
 
 
@@ -272,25 +287,51 @@ OTHER_COLOURS, GREY = [(255, 127, 14), (148, 103, 189), (140, 86, 75), (227, 119
 def read_run(folder):
     """A run folder's metrics.jsonl -> one row of the curve table (None when it has no epoch yet)."""
     path = Path(folder, "metrics.jsonl")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = [row for row in map(json_row, path.read_text().splitlines()) if row] if path.is_file() else []
     runs, epochs = [r for r in rows if r.get("type") == "run"], [r for r in rows if r.get("type") == "epoch"]
     if not runs or not epochs:
         return None
     run, c, a, last = runs[-1], runs[-1]["config"], runs[-1]["args"], epochs[-1]
-    settings = {"L": c["num_layers"], "D": c["embed_dim"], "patch": c["patch_size"], "data": a["data"], "epochs": a["epochs"],
-                "lr": a["lr"], "batch": a["batch_size"], "drop_path": a["drop_path"], "router_init": c.get("router_init", "uniform"),
-                "step_scale": c.get("step_scale", False), "loop_scale": c.get("loop_scale", "none")}
     return {"run": Path(folder).name, "depth": c["depth"], "mixer": c["mixer"] if c["depth"] > 1 else "-",
-            "share": c["share"] if c["depth"] > 1 else "-", "seed": a["seed"], "params": run["params"], "gmacs": run["gmacs"],
-            "epochs": last["epoch"], "finished": last["epoch"] >= a["epochs"], "settings": settings,
-            "best_top1": max(e["top1"] for e in epochs), "final_top1": last["top1"], "wall_s": last["elapsed"]}
+            "share": c["share"] if c["depth"] > 1 else "-", "seed": a["seed"], "params": run["params"],
+            "gmacs": run["gmacs"], "epochs": last["epoch"], "finished": last["epoch"] >= a["epochs"],
+            "settings": run_settings(c, a), "best_top1": max(e["top1"] for e in epochs),
+            "final_top1": last["top1"], "wall_s": last["elapsed"]}
+
+
+# Settings that do not change a run's result (train.MAY_CHANGE: workers, device, ...; not --epochs,
+# which may change on resume but changes the result), or that the
+# curve shows in columns of their own (R, mixer, sharing, seed), or that name nothing measured.
+NOT_RESULT = (MAY_CHANGE - {"epochs"}) | {"seed", "depth", "mixer", "share", "recipe", "drop_path_rate", "grad_checkpointing"}
+SHORT = {"num_layers": "L", "embed_dim": "D", "num_heads": "heads", "patch_size": "patch", "img_size": "px",
+         "batch_size": "batch"}
+
+
+def run_settings(config, args):
+    """Every setting of a run that changes its result, beside R, mixer, sharing and seed: the model's
+    config (its defaults where an older run's lacks a field) and every training argument but those
+    in NOT_RESULT. The data folder counts by its name (the same data moves between machines)."""
+    settings = {**args, **asdict(srvit.SRViTConfig()), **config}
+    settings = {SHORT.get(k, k): v for k, v in settings.items() if k not in NOT_RESULT}
+    if args.get("data_path"):
+        settings["data"] = f"{args['data']}:{Path(args['data_path']).name}"
+    if config["depth"] == 1:                       # no mixer: its settings change nothing
+        settings.pop("router_init", None)
+    return settings
+
+
+def common_settings(rows):
+    """Each setting's most common value over the runs (str, so that 1e-3 and 0.001 are one value)."""
+    keys = sorted({key for r in rows for key in r["settings"]})
+    return {key: statistics.mode(str(r["settings"][key]) for r in rows if key in r["settings"]) for key in keys}
 
 
 def label_variants(rows):
     """Name each run's variant by the settings where it differs from most runs ('' = the main sweep)."""
-    common = {key: statistics.mode(str(r["settings"][key]) for r in rows) for key in rows[0]["settings"]}
+    common = common_settings(rows)
     for r in rows:
-        r["variant"] = " ".join(f"{k}={v}" for k, v in r["settings"].items() if str(v) != common[k])
+        mine = r["settings"]
+        r["variant"] = " ".join(f"{k}={mine[k]}" for k in common if k in mine and str(mine[k]) != common[k])
 
 
 def curve(args):
@@ -305,17 +346,24 @@ def curve(args):
         epochs = f"{r['epochs']}" if r["finished"] else f"{r['epochs']} of {r['settings']['epochs']} (unfinished)"
         print(f"| {r['run']} | {r['depth']} | {r['mixer']} | {r['share']} | {r['variant'] or '-'} | {r['seed']} | "
               f"{r['params']:,} | {r['gmacs']:.3g} | {epochs} | {r['best_top1']:.2f} | {r['final_top1']:.2f} | {fmt_time(r['wall_s'])} |")
-    groups = {}
+    groups, runs_of = {}, {}
     for r in filter(lambda r: r["finished"], rows):
-        groups.setdefault((r["variant"], r["depth"], r["mixer"], r["share"]), []).append(r["final_top1"])
-    print("\nFinal top-1 of finished runs by configuration (mean over seeds; range where there are several)")
+        key = (r["variant"], r["depth"], r["mixer"], r["share"])
+        runs_of.setdefault(key, {}).setdefault(r["seed"], []).append(r["final_top1"])
+    for key, by_seed in runs_of.items():            # a seed run twice counts once: the mean of its runs
+        groups[key] = [statistics.mean(accs) for accs in by_seed.values()]
+    shared = " ".join(f"{k}={v}" for k, v in common_settings(rows).items())
+    print("\nFinal top-1 of finished runs by configuration: runs are grouped by every setting that changes the "
+          f"result; the ones all rows share: {shared}. Mean over seeds; range where there are several.")
     print("| R | mixer | share | differs from the main sweep | seeds | final top-1 |\n|---|---|---|---|---|---|")
-    for (variant, depth, mixer, share), accs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3], kv[0][1])):
+    for key, accs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3], kv[0][1])):
+        variant, depth, mixer, share = key
         spread = f" ({min(accs):.2f}-{max(accs):.2f})" if len(accs) > 1 else ""
-        print(f"| {depth} | {mixer} | {share} | {variant or '-'} | {len(accs)} | {statistics.mean(accs):.2f}{spread} |")
+        twice = [f"seed {seed} run {len(v)} times, counted once" for seed, v in runs_of[key].items() if len(v) > 1]
+        print(f"| {depth} | {mixer} | {share} | {variant or '-'} | {len(accs)}{'; ' if twice else ''}"
+              f"{'; '.join(twice)} | {statistics.mean(accs):.2f}{spread} |")
     if args.plot:
         plot_curve(groups, args.plot, paper=args.paper)
-        print(f"\nwrote {args.plot}")
     if args.json:
         write_json(args.json, rows)
     return rows
@@ -353,15 +401,14 @@ def plot_curve(groups, path=None, paper=False):
     for p, x in zip(panels, (0, 760)):
         canvas.paste(p, (x, 0))
     if path:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        canvas.save(path)
+        save_file(path, canvas.save)
     return canvas
 
 
 # ----------------------------------------------------------------------------------------
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--checkpoint", help="train.py checkpoint to evaluate")
     a("--curve", nargs="+", help="run folders (with metrics.jsonl) for the depth-curve table")
@@ -387,6 +434,14 @@ def get_args(argv=None):
         raise UserError("give exactly one of --checkpoint, --curve (eval.py -h lists the options)")
     check_device(args.device)
     check_at_least(args, maps_images=1, batch_size=1, val_subset=1, workers=0)
+    if args.checkpoint and os.path.isdir(args.checkpoint):      # a run's folder: its best checkpoint
+        found = [os.path.join(args.checkpoint, n) for n in ("best.pt", "last.pt")
+                 if os.path.isfile(os.path.join(args.checkpoint, n))]
+        if not found:
+            raise UserError(f"--checkpoint {args.checkpoint} is a folder without best.pt or last.pt; "
+                            f"pass a checkpoint file train.py wrote")
+        print(f"{args.checkpoint} is a run's folder: evaluating its {os.path.basename(found[0])}", file=sys.stderr)
+        args.checkpoint = found[0]
     return args
 
 

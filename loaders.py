@@ -50,17 +50,27 @@ def train_dir(args):
     return os.path.join(root, "train")
 
 
-def image_size(folder):
-    """(width, height) of the first image in a class-per-folder tree."""
+def image_size(folder, probe=16):
+    """(width, height) of a class-per-folder tree's images: the most common size among the first `probe`
+    readable ones, taken across the classes (one odd file first, a 1 x 1 icon or a 12000 px scan, does
+    not decide the run's size and recipe alone)."""
+    from collections import Counter
     from PIL import Image
-    for cls in sorted(os.listdir(folder)):
-        for name in sorted(os.listdir(os.path.join(folder, cls)) if os.path.isdir(os.path.join(folder, cls)) else []):
-            try:
-                with Image.open(os.path.join(folder, cls, name)) as im:
-                    return im.size
-            except OSError:
-                continue
-    raise UserError(f"no images in {folder}: expected {folder}/<class>/<image>.jpg", shared=True)
+    classes = [c for c in sorted(os.listdir(folder)) if not c.startswith(".") and os.path.isdir(os.path.join(folder, c))]
+    names = [[os.path.join(folder, c, n) for n in sorted(os.listdir(os.path.join(folder, c))) if not n.startswith(".")]
+             for c in classes]
+    sizes = Counter()
+    for path in (p for rank in range(max(map(len, names), default=0)) for files in names for p in files[rank:rank + 1]):
+        try:
+            with Image.open(path) as im:
+                sizes[im.size] += 1
+        except Exception:                      # not an image, unreadable, a decompression bomb: not counted
+            continue
+        if sum(sizes.values()) == probe:
+            break
+    if not sizes:
+        raise UserError(f"no images in {folder}: expected {folder}/<class>/<image>.jpg", shared=True)
+    return sizes.most_common(1)[0][0]
 
 
 def build_dataset(args, split, transform, loader=None):
@@ -86,9 +96,8 @@ def build_dataset(args, split, transform, loader=None):
                           if os.path.isdir(os.path.join(root, d))), None)
         if split_dir is None:
             raise UserError(f"{root} has train/ but no val/ or test/ folder for validation")
-        from torchvision.datasets import ImageFolder
         try:
-            data = ImageFolder(split_dir, transform=transform, loader=loader or read_image)
+            data = ClassFolders(split_dir, transform=transform, loader=loader or read_image)
         except (FileNotFoundError, OSError) as e:
             raise UserError(f"no images in {split_dir}: {e}. Expected {split_dir}/<class>/<image>.jpg") from None
     classes, keep = list(data.classes), args.subset if train else args.val_subset
@@ -101,6 +110,23 @@ def build_dataset(args, split, transform, loader=None):
 def mean_std(img_size):
     """The normalisation of the model's input: CIFAR's statistics for small images, else ImageNet's."""
     return MEAN_STD["cifar" if img_size <= 64 else "imagenet"]
+
+
+def class_folders():
+    """torchvision's ImageFolder, without hidden folders (.ipynb_checkpoints, .Trash) as classes."""
+    from torchvision.datasets import ImageFolder
+
+    class ClassFolders(ImageFolder):
+        def find_classes(self, directory):
+            classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+            if not classes:
+                raise FileNotFoundError(f"no class folders in {directory}")
+            return classes, {name: i for i, name in enumerate(classes)}
+    return ClassFolders
+
+
+def ClassFolders(*a, **k):       # (the class is made on first use: torchvision is imported lazily here)
+    return class_folders()(*a, **k)
 
 
 def transforms(args, train):
@@ -160,9 +186,20 @@ def read_image(path):
     from PIL import Image
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            return to_rgb(Image.open(f))
     except Exception as e:
         raise unreadable(path, e) from None
+
+
+def to_rgb(im):
+    """PIL's convert("RGB"), but 16-bit greyscale (PNG, TIFF) is scaled to 8 bits first: convert clips it
+    at 255, which turns nearly every such picture white."""
+    if im.mode.startswith("I"):
+        import numpy as np
+        from PIL import Image
+        wide = np.asarray(im).astype(np.float64)                     # 0..65535
+        im = Image.fromarray(np.clip(np.round(wide / 257), 0, 255).astype(np.uint8))
+    return im.convert("RGB")
 
 
 def unreadable(path, e):
@@ -177,7 +214,7 @@ def numpy_rgb(data, path):
     from PIL import Image
     try:
         with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
-            return np.array(im.convert("RGB"))
+            return np.array(to_rgb(im))
     except Exception as e:
         raise unreadable(path, e) from None
 
@@ -299,6 +336,8 @@ def build_loaders(args, env):
     if not memory:
         check_shared_memory(workers, max(env.micro, eval_batch), args.img_size, env)
     if memory:
+        env.log(f"decoding {len(train_set):,} + {len(val_set):,} images into memory on {env.device} (once per run; "
+                f"about a minute for CIFAR-10 on a 2-core CPU)")
         t0 = time.time()
         train = MemoryLoader(*decode_all(train_set, workers), env.micro, normalize, sampler, train=True,
                              crop_padding=args.crop_padding, hflip=args.hflip, seed=args.seed, pad_mode=args.pad_mode)
@@ -500,8 +539,14 @@ def decode_all(dataset, workers):
 
 def read_encoded(path):
     """ImageFolder's loader for the device path: the file's bytes, (n,) uint8, and its path."""
-    from torchvision.io import read_file
-    return read_file(path), path
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:                  # a dangling link, an unreadable file
+        raise unreadable(path, e) from None
+    if not data:
+        raise unreadable(path, ValueError("the file is empty"))
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), path
 
 
 AFFINE_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")

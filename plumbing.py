@@ -10,6 +10,7 @@ once; a resume refuses another model, data or recipe; SIGTERM and Ctrl-C save mi
 never share an out-dir; ranks that disagree where the run stands refuse instead of hanging.
 """
 
+import argparse
 import errno
 import json
 import os
@@ -50,6 +51,17 @@ class Stopped(Exception):
         self.code, self.shared = code, shared
 
 
+SHARED_ERROR_WAIT = 30         # seconds a rank other than 0 waits for rank 0 to print a shared error
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are the project's one line (exit code 2, said once under torchrun), not the
+    whole usage."""
+
+    def error(self, message):
+        raise UserError(f"{message} (python {self.prog} --help lists the options)", shared=True)
+
+
 def cli(main_fn, argv=None, interrupted="interrupted; the last checkpoint is whole, re-run the same command to resume"):
     """Run main_fn and turn the ways it can end into an exit code and at most one line per rank
     (eval.py and results/bench.py use it too, with their own line for Ctrl-C)."""
@@ -61,6 +73,10 @@ def cli(main_fn, argv=None, interrupted="interrupted; the last checkpoint is who
         if not e.shared or rank == 0:
             where = f" (rank {rank})" if world > 1 and not e.shared else ""
             print(f"error{where}: {user_error_message(e)}", file=sys.stderr)
+        elif world > 1:
+            # Rank 0 says it. Had this rank exited first, torchrun would end rank 0 before it printed
+            # (1 run in 6 with a bad flag); torchrun ends this one once rank 0 has exited.
+            time.sleep(SHARED_ERROR_WAIT)
         return 2
     except Stopped as e:
         if not e.shared or rank == 0:
@@ -88,6 +104,11 @@ def user_error_message(e):
 def first_line(e):
     """An exception's first line for a one-line message; its type where it has no message."""
     return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def plural(n, word):
+    """'1 epoch', '2 epochs'."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 def fmt_time(s):
@@ -254,8 +275,24 @@ class OutDir:
                             f"The previous checkpoint is kept; free space and re-run the same command") from None
 
     def append_metrics(self, row):
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        """One whole row or none: on a failed write (a full disk) the file is cut back to where it was; the
+        checkpoint, saved before the row, puts the row back on resume (repair_metrics)."""
+        data = (json.dumps(row) + "\n").encode()
+        try:
+            fd = os.open(self.metrics, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                size = os.lseek(fd, 0, os.SEEK_END)
+                try:
+                    if os.write(fd, data) != len(data):      # (a full disk can take part of it)
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                except OSError:
+                    os.ftruncate(fd, size)
+                    raise
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise UserError(f"could not write {self.metrics} ({e.strerror}); is the disk full? The checkpoint is "
+                            f"saved: free space and re-run the same command, which puts the row back") from None
 
     def end_epoch(self, ckpt, is_best):
         """The end of an epoch, in the order that a kill at any point can be repaired from."""
@@ -268,11 +305,12 @@ class OutDir:
         """After a resume with `done` epochs: metrics.jsonl holds each finished epoch exactly once.
         Rows a kill kept out are put back from the checkpoint's records; rows of epochs past it (a
         resume from an older checkpoint), repeats and a half-written last line are dropped."""
-        lines = open(self.metrics).read().splitlines(keepends=True) if os.path.exists(self.metrics) else []
-        torn = bool(lines) and not lines[-1].endswith("\n")
+        lines = read_lines(self.metrics)
         keep, seen = [], set()
-        for line in lines[:-1] if torn else lines:
-            row = json.loads(line)
+        for line in lines:
+            row = json_row(line) if line.endswith("\n") else None      # a half-written line: dropped
+            if row is None:                                            # (blank or torn: dropped)
+                continue
             if row.get("type") == "epoch":
                 if row["epoch"] > done or row["epoch"] in seen:
                     continue
@@ -296,8 +334,11 @@ def read_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): not a complete PyTorch checkpoint; "
-                        f"delete it or pass another file") from None
+        best = os.path.join(os.path.dirname(path), "best.pt")
+        keep = (f"; best.pt beside it may be whole: --resume {best} resumes from it and keeps the run's metrics"
+                if os.path.basename(path) == "last.pt" and os.path.isfile(best) else "")
+        raise UserError(f"cannot read {path} ({type(e).__name__}): it is not a whole checkpoint of train.py "
+                        f"(last.pt or best.pt of a run){keep}") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise UserError(f"{path} is not a train.py checkpoint (no 'config'); for DeiT/timm weights use "
                         f"train.py --init-from, or srvit.load_pretrained in Python")
@@ -335,6 +376,7 @@ def restore(args, out, model, optimizer, scaler, n_train, may_change):
     if not os.path.isfile(path):
         if args.resume != "auto":
             raise UserError(f"--resume {path}: file not found", shared=True)
+        check_no_rows(out)
         return {}
     ckpt = read_checkpoint(path)
     if "optimizer" not in ckpt:
@@ -344,10 +386,39 @@ def restore(args, out, model, optimizer, scaler, n_train, may_change):
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt["scaler"]:            # (empty from a run without fp16: a resume in fp16 starts a fresh scale)
         scaler.load_state_dict(ckpt["scaler"])
-    if os.path.exists(out.best):   # a kill between best.pt and last.pt: best.pt is ahead of last.pt's record
-        best = torch.load(out.best, map_location="cpu", weights_only=True, mmap=True)
-        ckpt["best_top1"] = max(ckpt.get("best_top1", 0.0), best.get("metrics", {}).get("top1", 0.0))
+    if os.path.exists(out.best) and os.path.abspath(path) != os.path.abspath(out.best):
+        # a kill between best.pt and last.pt: best.pt is ahead of last.pt's record
+        try:
+            best = torch.load(out.best, map_location="cpu", weights_only=True, mmap=True)
+            best_top1 = (best.get("metrics") or {}).get("top1", 0.0)
+        except Exception as e:
+            raise UserError(f"cannot read {out.best} ({type(e).__name__}) beside a whole {path}: move it aside "
+                            f"(mv {out.best} {out.best}.bad) and re-run; the next best epoch writes a new one",
+                            shared=True) from None
+        ckpt["best_top1"] = max(ckpt.get("best_top1", 0.0), best_top1)
     return ckpt
+
+
+def check_no_rows(out):
+    """A fresh start must not drop the epoch rows of an earlier run whose last.pt is gone."""
+    rows = [row for row in map(json_row, read_lines(out.metrics)) if row and row.get("type") == "epoch"]
+    if rows:
+        hint = f"--resume {out.best} resumes from its best epoch" if os.path.isfile(out.best) else "nothing to resume"
+        raise UserError(f"{out.path} holds {plural(len(rows), 'epoch')} of metrics but no last.pt ({hint}); pass "
+                        f"another --out-dir for a new run (the metrics are kept)", shared=True)
+
+
+def read_lines(path):
+    return open(path).read().splitlines(keepends=True) if os.path.exists(path) else []
+
+
+def json_row(line):
+    """A metrics.jsonl line as a dict; None for a blank or torn line (what a kill or a full disk leaves)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def agree_on_progress(run):

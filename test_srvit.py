@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import re
 import signal
 import subprocess
@@ -757,11 +758,15 @@ def test_device_path_decodes_greyscale_cmyk_and_png_as_pil_does():
         assert got.shape == (3, 40, 50) and (got.int() - want.int()).abs().max() <= 1, (mode, fmt)
     for fmt, mode in (("BMP", "RGB"), ("TIFF", "RGB"), ("PPM", "RGB"), ("PNG", "I;16")):   # what decode_image rejects
         image = smooth_image(g, 30, 20)
-        image = image.convert("L").point(lambda v: v * 256).convert("I;16") if mode == "I;16" else image
+        grey = torch.from_numpy(np.array(image.convert("L")))                       # (30, 20) uint8
+        if mode == "I;16":                                          # the full 16-bit range: grey x 257
+            image = Image.fromarray(grey.numpy().astype(np.uint16) * 257)
         data = encoded(image, fmt)
-        want = torch.from_numpy(np.array(Image.open(io.BytesIO(data.numpy().tobytes())).convert("RGB"))).permute(2, 0, 1)
+        want = torch.from_numpy(np.array(loaders.to_rgb(Image.open(io.BytesIO(data.numpy().tobytes()))))).permute(2, 0, 1)
         (got,) = aug.decode([data], ["x"])
         assert got.dtype == torch.uint8 and torch.equal(got, want), fmt
+        if mode == "I;16":                      # scaled to 8 bits, not clipped at 255 (a white picture)
+            assert (got[0].int() - grey.int()).abs().max() <= 1
     with pytest.raises(plumbing.UserError, match="cannot read image broken.jpg"):
         aug.decode([torch.tensor([0xFF, 0xD8, 1, 2], dtype=torch.uint8)], ["broken.jpg"])
 
@@ -1984,3 +1989,217 @@ def test_slow_node_check_runs_every_section_on_a_cpu_and_reports_failures(tmp_pa
     md = (tmp_path / "node-check.md").read_text()
     assert "check(s) FAILED" in md and "FAIL: " in md and "--shm-size" in md and "--loader pil" in md
     assert len(report.failures) == 3                       # /dev/shm, and both decode cases
+
+
+# ----------------------------------------------------------------------------------------
+# Bad input: every file read, folder walked and file written (README "Bad input" lists the cases)
+
+def test_the_device_loader_names_an_empty_a_dangling_or_an_unreadable_file(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "dangling.jpg")
+    os.mkdir(tmp_path / "folder.jpg")                                   # read() of a folder fails too
+    for name in ("empty.jpg", "dangling.jpg", "folder.jpg"):
+        with pytest.raises(plumbing.UserError, match=f"cannot read image .*{name}.*delete or replace"):
+            loaders.read_encoded(str(tmp_path / name))
+
+
+def test_the_image_size_comes_from_many_files_and_survives_a_decompression_bomb(tmp_path, monkeypatch):
+    from PIL import Image
+    for cls in ("a", "b"):
+        os.makedirs(tmp_path / cls)
+        for i in range(3):
+            Image.new("RGB", (16, 12)).save(tmp_path / cls / f"{i}.png")
+    Image.new("RGB", (1, 1)).save(tmp_path / "a" / "0-first-icon.png")         # sorts first
+    Image.new("RGB", (60, 60)).save(tmp_path / "b" / "0-bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)                         # 60 x 60 > 2 x 1000: a bomb
+    assert loaders.image_size(str(tmp_path)) == (16, 12)
+    os.makedirs(tmp_path / ".ipynb_checkpoints")                                  # hidden: not a class
+    assert loaders.image_size(str(tmp_path)) == (16, 12)
+
+
+def test_hidden_folders_are_not_classes(tmp_path):
+    root = make_image_folder(tmp_path / "data", n=4)
+    for split in ("train", "val"):
+        os.makedirs(os.path.join(root, split, ".ipynb_checkpoints"))
+    args = train.get_args(["--data-path", root, "--device", "cpu"])
+    assert loaders.build_dataset(args, "train", None)[1] == ["cat", "dog"]
+
+
+def test_class_mismatch_names_the_classes(tmp_path):
+    with pytest.raises(plumbing.UserError, match="only in train: cat; only in validation: cow"):
+        loaders.check_same_classes(["cat", "dog"], ["cow", "dog"], str(tmp_path))
+    with pytest.raises(plumbing.UserError, match="the same classes in another order"):
+        loaders.check_same_classes(["cat", "dog"], ["dog", "cat"], str(tmp_path))
+
+
+def test_resume_beside_a_broken_best_pt_is_one_line(tmp_path):
+    out = str(tmp_path / "run")
+    args = FAKE + ["--depth", "1", "--subset", "64", "--epochs", "1", "--out-dir", out]
+    train.main(args)
+    with open(os.path.join(out, "best.pt"), "wb") as f:
+        f.write(b"PK\x03\x04 truncated")
+    message = user_error(args + ["--epochs", "2"], "cannot read", "best.pt", "move it aside")
+    assert "delete" not in message
+
+
+def test_a_truncated_last_pt_points_at_best_pt_and_a_fresh_start_keeps_the_rows(tmp_path):
+    out = str(tmp_path / "run")
+    args = FAKE + ["--depth", "1", "--subset", "64", "--out-dir", out]
+    train.main(args + ["--epochs", "1"])
+    last = os.path.join(out, "last.pt")
+    data = open(last, "rb").read()
+    with open(last, "wb") as f:
+        f.write(data[:len(data) // 2])
+    message = user_error(args + ["--epochs", "2"], "not a whole checkpoint", f"--resume {out}/best.pt")
+    assert "delete" not in message
+    os.remove(last)                                          # what the old message told the user to do
+    user_error(args + ["--epochs", "2"], "holds 1 epoch of metrics but no last.pt", "best.pt")
+    assert [r[0] for r in epoch_rows(out)] == [1]            # nothing lost
+    train.main(args + ["--epochs", "2", "--resume", os.path.join(out, "best.pt")])
+    assert [r[0] for r in epoch_rows(out)] == [1, 2]
+
+
+def test_an_out_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    def no_space(path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(plumbing, "open", no_space, raising=False)     # the lock file cannot be made
+    with pytest.raises(plumbing.UserError, match="cannot write in --out-dir .*No space left"):
+        plumbing.OutDir(str(tmp_path / "run"), master=True).open()
+
+
+def test_a_full_disk_while_appending_a_metrics_row_leaves_no_torn_row(tmp_path, monkeypatch):
+    import errno
+    out = plumbing.OutDir(str(tmp_path), master=True)
+    out.append_metrics({"type": "epoch", "epoch": 1})
+    before = open(out.metrics).read()
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        real_write(fd, data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(plumbing.os, "write", half_then_full)
+    with pytest.raises(plumbing.UserError, match="could not write .*metrics.jsonl .*disk full"):
+        out.append_metrics({"type": "epoch", "epoch": 2})
+    assert open(out.metrics).read() == before
+
+
+def test_torn_and_blank_metrics_lines_are_read_and_repaired(tmp_path):
+    out = plumbing.OutDir(str(tmp_path / "run"), master=True)
+    os.makedirs(out.path)
+    rows = [{"type": "run", "args": {}, "config": {}}, {"type": "epoch", "epoch": 1, "top1": 10.0}]
+    with open(out.metrics, "w") as f:
+        f.write(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n" + '{"type": "epoch", "ep')
+    out.repair_metrics(1, [rows[1]])
+    assert read_metrics(out.path) == rows
+    shutil.copytree(os.path.join(HERE, "results", "cifar10-deep2", "R1-s0"), tmp_path / "R1")
+    with open(tmp_path / "R1" / "metrics.jsonl", "a") as f:
+        f.write('\n{"type": "epo')                                   # a blank line, a kill mid-row: --curve reads on
+    assert srvit_eval.read_run(str(tmp_path / "R1"))["final_top1"] == 66.96
+    assert [plumbing.json_row(line) for line in ("", "{", "[1]", '{"a": 1}')] == [None, None, None, {"a": 1}]
+
+
+def test_a_failed_write_after_the_work_is_one_line_and_leaves_no_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(plumbing.UserError, match=r"could not write .*file/out.json"):
+        srvit_eval.write_json(str(tmp_path / "file" / "out.json"), {"a": 1})
+    srvit_eval.write_json(str(tmp_path / "ok.json"), {"a": 1})
+    assert sorted(os.listdir(tmp_path)) == ["file", "ok.json"]                  # no .tmp left behind
+
+
+# ----------------------------------------------------------------------------------------
+# What a newcomer hits: one-line argparse errors, curve groups, messages, start-up lines
+
+def test_argparse_errors_are_one_line_with_help(capsys):
+    for argv, fragment in ((["--depth", "two"], "--depth: invalid int value: 'two'"),
+                           (["--mixer", "softmax"], "--mixer: invalid choice: 'softmax'")):
+        assert plumbing.cli(train.main, argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and fragment in err and "--help" in err and "usage" not in err, err
+
+
+def test_slow_a_shared_error_under_torchrun_reaches_the_user_every_time(tmp_path):
+    # A bad flag: each rank hits it; rank 0 prints it. Before, rank 1 could exit first, and torchrun
+    # ended rank 0 before it printed (seen 1 run in 6).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "train.py"), *FAKE, "--depth", "0", "--out-dir", str(tmp_path / "run")]
+    for _ in range(3):
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert res.returncode != 0 and res.stderr.count("error: --depth must be > 0") == 1, res.stderr[-2000:]
+
+
+def test_curve_groups_by_every_setting_that_changes_the_result_and_counts_a_seed_once(tmp_path, capsys):
+    def run(name, seed, top1, **changes):
+        config = asdict(srvit.SRViTConfig(img_size=32, patch_size=8, num_classes=10, embed_dim=64, num_layers=6,
+                                          num_heads=4, depth=4))
+        args = {**dict(data="cifar10", epochs=1, lr=1e-3, batch_size=128, drop_path=0.0, seed=seed, subset=None,
+                       workers=0, out_dir=name), **changes}
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "metrics.jsonl").write_text(
+            json.dumps({"type": "run", "config": config, "args": args, "params": 1, "gmacs": 0.1}) + "\n" +
+            json.dumps({"type": "epoch", "epoch": 1, "top1": top1, "elapsed": 1.0}) + "\n")
+    run("a-s0", 0, 50.0), run("a-s1", 1, 52.0), run("again-s1", 1, 54.0, workers=4)   # workers change nothing
+    run("sub-s0", 0, 40.0, subset=1000), run("cifar100-s0", 0, 30.0, data="cifar100")
+    rows = srvit_eval.main(["--curve", str(tmp_path / "*")])
+    variants = {r["run"]: r["variant"] for r in rows}
+    assert variants["sub-s0"] == "subset=1000" and variants["cifar100-s0"] == "data=cifar100"
+    assert variants["a-s0"] == variants["again-s1"] == ""
+    out = capsys.readouterr().out
+    # seed 1 twice: its runs' mean (53) counts once beside seed 0's 50
+    assert "| 4 | soft | block | - | 2; seed 1 run 2 times, counted once | 51.50 (50.00-53.00) |" in out
+    assert "grouped by every setting that changes the result" in out and "subset=None" in out
+
+
+def test_eval_takes_a_run_folder_as_its_best_checkpoint(trained_runs, capsys):
+    res = srvit_eval.main(["--checkpoint", str(trained_runs / "R1"), "--device", "cpu", "--workers", "0"])
+    assert res["checkpoint"].endswith(os.path.join("R1", "best.pt"))
+    assert "is a run's folder: evaluating its best.pt" in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_a_checkpoint_says_what_was_expected(tmp_path):
+    picture = tmp_path / "cat.jpg"
+    smooth_image(torch.Generator().manual_seed(0), 20, 20).save(picture)
+    for load in (plumbing.read_checkpoint, srvit_eval.load_model):
+        with pytest.raises(plumbing.UserError, match="not a whole checkpoint of train.py") as e:
+            load(str(picture))
+        assert "delete" not in str(e.value)
+
+
+def test_the_default_out_dir_keeps_a_quick_subset_run_apart():
+    quick, real = (train.get_args(["--data", "cifar10", "--device", "cpu", *flags]) for flags in (["--subset", "500"], []))
+    assert quick.out_dir != real.out_dir and "-n500-" in quick.out_dir
+
+
+def test_the_start_up_lines_say_what_the_recipe_set_and_clip_a_long_warm_up(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "data", n=8, size=100)
+    train.main(["--data-path", root, "--device", "cpu", "--recipe", "deit", "--img-size", "32", "--patch-size", "16",
+                "--embed-dim", "16", "--num-layers", "1", "--num-heads", "2", "--batch-size", "8", "--epochs", "1",
+                "--workers", "0", "--out-dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert "recipe deit: 1 epoch," in out and "1 epochs" not in out
+    assert "from the deit recipe (flags override it): --lr" in out and "--warmup-epochs 0.2" in out
+    assert "its 5 warm-up epochs, clipped to a fifth of the run" in out
+    assert train.get_args(["--data", "cifar10", "--epochs", "3"]).warmup_epochs == 1         # shorter: kept
+    user_error(FAKE + ["--epochs", "2", "--warmup-epochs", "2"], "--warmup-epochs 2 is not shorter than --epochs 2")
+
+
+def test_a_resume_before_the_first_evaluation_says_so(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    args = FAKE + ["--depth", "1", "--subset", "64", "--epochs", "1", "--out-dir", out]
+    lr_at, calls = train.lr_at, []
+
+    def signal_at_step_1(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return lr_at(*a)
+    monkeypatch.setattr(train, "lr_at", signal_at_step_1)
+    with pytest.raises(plumbing.Stopped):
+        train.main(args)
+    monkeypatch.setattr(train, "lr_at", lr_at)
+    capsys.readouterr()
+    train.main(args)
+    said = capsys.readouterr().out
+    assert "1 steps done, not evaluated yet" in said or "1 step done, not evaluated yet" in said, said

@@ -37,8 +37,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import srvit
 from loaders import build_dataset, build_loaders, image_size, loader_name, mix_batch, seed_for, train_dir, use_device, use_memory
-from plumbing import (Env, OutDir, StopRequest, Stopped, UserError, agree_on_progress, cli, fmt_time, init_distributed,
-                      on_all_ranks, restore, stop_message)
+from plumbing import (ArgumentParser, Env, OutDir, StopRequest, Stopped, UserError, agree_on_progress, cli, fmt_time,
+                      init_distributed, on_all_ranks, plural, restore, stop_message)
 
 # ----------------------------------------------------------------------------------------
 # Recipes and arguments
@@ -72,7 +72,7 @@ CHECKS = {}
 # may, to extend a run or end it sooner: the schedule is that of the new --epochs from the resumed
 # step on, so an extended run's learning rate rises to the new cosine's value there.)
 MAY_CHANGE = {"workers", "device", "compile", "grad_ckpt", "micro_batch", "log_interval", "save_every", "resume",
-              "out_dir", "data_path", "init_from", "model", "amp", "loader", "epochs"}
+              "out_dir", "data_path", "init_from", "model", "amp", "loader", "epochs", "from_recipe"}
 
 
 def choose_recipe(args):
@@ -106,6 +106,9 @@ def check_args(args):
         value = getattr(args, name)
         if value is not None and not ok(value):
             raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}", shared=True)
+    if args.warmup_epochs >= args.epochs:
+        raise UserError(f"--warmup-epochs {args.warmup_epochs:g} is not shorter than --epochs {args.epochs}: "
+                        f"lower it (the learning rate would never leave the warm-up)", shared=True)
     if args.loader == "memory" and (args.img_size > 64 or args.randaug or args.erasing):
         raise UserError("--loader memory is for images of <= 64 px with crop and flip only; drop --randaug/--erasing "
                         "or use --loader pil", shared=True)
@@ -115,7 +118,7 @@ def check_args(args):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def a(name, check=None, **kw):
         key = name[2:].replace("-", "_")
@@ -192,16 +195,23 @@ def get_args(argv=None):
     own_size = args.img_size is None and args.recipe == "small-images" and args.data in ("folder", "imagenet")
     if own_size:                                             # the folder's own size (at most 64 px): no resizing
         args.img_size = min(*image_size(train_dir(args)), 64)
+    args.from_recipe = []                                    # what the recipe set (the start-up line says)
     for key, value in {**RECIPES[args.recipe], **model_dims(args)}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+            args.from_recipe.append(key)
     if own_size:                                             # ...rounded down to a multiple of the patch
         args.img_size = max(args.patch_size, args.img_size // args.patch_size * args.patch_size)
     if args.lr is None:           # (not `or`: --lr 0 must reach the check below, not become the default)
         args.lr = 5e-4 * args.batch_size / 512
+        args.from_recipe.append("lr")
+    if args.warmup_epochs >= args.epochs > 0 and "warmup_epochs" in args.from_recipe:
+        args.warmup_epochs = args.epochs / 5                 # the recipe's warm-up outlasts a short run
     check_args(args)
-    if args.out_dir is None:
-        args.out_dir = os.path.join("runs", f"{args.data}-{model_name(args)}-R{args.depth}-{args.mixer}-{args.share}-s{args.seed}")
+    if args.out_dir is None:      # named for what makes runs differ, so a quick --subset run is kept apart
+        subset = f"-n{args.subset}" if args.subset else ""
+        name = f"{args.data}-{model_name(args)}-R{args.depth}-{args.mixer}-{args.share}{subset}-s{args.seed}"
+        args.out_dir = os.path.join("runs", name)
     return args
 
 
@@ -551,7 +561,11 @@ def setup(args, env):
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.amp == "fp16")
     out = OutDir(args.out_dir, env.master).open()
     try:
-        saved = restore(args, out, model, optimizer, scaler, n_train, MAY_CHANGE)
+        # A warm-up the recipe clipped to a short run stays as the run started it when --epochs grows.
+        clipped = {"warmup_epochs"} & set(args.from_recipe)
+        saved = restore(args, out, model, optimizer, scaler, n_train, MAY_CHANGE | clipped)
+        if clipped and "args" in saved:
+            args.warmup_epochs = saved["args"].get("warmup_epochs", args.warmup_epochs)
         progress = Progress(**{f.name: saved[f.name] for f in fields(Progress) if f.name in saved})
         saved_epochs = saved.get("args", {}).get("epochs")
         del saved                   # the weights and AdamW state: not held through compile and DDP
@@ -597,8 +611,14 @@ def describe(run):
                     f"then, {lr_at(prog.epoch * run.steps_per_epoch + prog.step, run.steps_per_epoch, args):.3g} now")
     where = f" from {args.data_path}" if args.data_path else ""
     env.log(f"data {args.data}{where}: {run.n_train:,} train images, {run.num_classes} classes, {args.img_size} px | "
-            f"recipe {args.recipe}: {args.epochs} epochs, batch {args.batch_size} = {env.world} x {env.micro} x {env.accum} accum, "
-            f"lr {args.lr:.3g}, init {args.init} | {loader_name(args, run.env.device)}")
+            f"recipe {args.recipe}: {plural(args.epochs, 'epoch')}, batch {args.batch_size} = {env.world} x "
+            f"{env.micro} x {env.accum} accum, lr {args.lr:.3g}, init {args.init} | {loader_name(args, run.env.device)}")
+    given = [k for k in ("epochs", "batch_size", "lr", "warmup_epochs", "img_size") if k in args.from_recipe]
+    if given:
+        env.log(f"from the {args.recipe} recipe (flags override it): "
+                + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k):g}" for k in given)
+                + (f" (its {plural(RECIPES[args.recipe]['warmup_epochs'], 'warm-up epoch')}, clipped to a fifth of the run)"
+                   if "warmup_epochs" in given and args.warmup_epochs != RECIPES[args.recipe]["warmup_epochs"] else ""))
     env.log(f"SR-ViT D={c.embed_dim} L={c.num_layers} heads={c.num_heads} patch={c.patch_size} R={c.depth} mixer={c.mixer} "
             f"share={c.share}: {srvit.count_params(run.raw_model):,} params, {run.gmacs:.3g} GMACs/image | "
             f"{env.device} {args.amp} | {args.out_dir}")

@@ -448,7 +448,8 @@ def device_path_counts(args):
 # ----------------------------------------------------------------------------------------
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = plumbing.ArgumentParser(prog=os.path.relpath(__file__, ROOT), description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--bench", action="store_true", help="benchmark speed, memory and MFU")
     a("--activations", action="store_true", help="MiB saved for backward per image, without and with --grad-ckpt")

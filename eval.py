@@ -26,7 +26,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 import srvit
 from loaders import Normalize, OnDevice, build_dataset, mean_std, normalize_image, transforms
-from plumbing import ArgumentParser, UserError, check_device, cli, first_line, fmt_time, json_row, read_checkpoint
+from plumbing import (ArgumentParser, UserError, check_device, cli, first_line, fmt_time, json_row,
+                      read_checkpoint)
 from train import MAY_CHANGE, amp_context, batch_metrics, summarize_metrics
 
 # The paper's ImageNet-1K top-1, all that its abstract (arXiv 2607.00774) gives: SR-ViT-S at R = 1, 4; DeiT-B.
@@ -43,7 +44,8 @@ def load_checkpoint(path):
         model = srvit.SRViT(srvit.SRViTConfig(**{**ckpt["config"], "grad_checkpointing": False}))
         model.load_state_dict(srvit.clean_state_dict(ckpt["model"]))
     except (TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path} does not hold an SR-ViT of the configuration it names: {first_line(e)}") from None
+        raise UserError(f"{path} does not hold an SR-ViT of the configuration it names: "
+                        f"{first_line(e)}") from None
     model.classes = ckpt.get("dataset", {}).get("classes")     # class names, where the checkpoint has them
     return model.eval(), ckpt
 
@@ -56,15 +58,18 @@ def load_model(path):
 def preprocess(model, image):
     """A PIL image -> the (1, 3, S, S) tensor the model takes: training's evaluation transform."""
     size = model.config.img_size
-    return normalize_image(transforms(argparse.Namespace(img_size=size), train=False)(image.convert("RGB"))[None], size)
+    return normalize_image(transforms(argparse.Namespace(img_size=size),
+                                      train=False)(image.convert("RGB"))[None], size)
 
 
 @torch.no_grad()
 def classify(model, image, k=5):
     """The k most likely classes of an image (a path or a PIL image), most likely first, with
     probabilities to 4 decimals: classify(load_model("runs/x/best.pt"), "cat.png") -> [('cat', 0.71), ...]"""
-    image = Image.open(image) if isinstance(image, (str, os.PathLike)) else image   # read when preprocess converts it
-    probs = model.eval()(preprocess(model, image).to(next(model.parameters()).device)).softmax(-1)[0]     # (classes,)
+    # read when preprocess converts it
+    image = Image.open(image) if isinstance(image, (str, os.PathLike)) else image
+    # (classes,)
+    probs = model.eval()(preprocess(model, image).to(next(model.parameters()).device)).softmax(-1)[0]
     top = probs.topk(min(k, len(probs)))
     names = getattr(model, "classes", None) or [str(i) for i in range(len(probs))]
     return [(names[i], round(p, 4)) for p, i in zip(top.values.tolist(), top.indices.tolist())]
@@ -86,8 +91,8 @@ def run_split(model, loader, device, autocast, steps=None, progress=None):
             ent_sum = ent_sum - (w * w.clamp_min(1e-12).log()).sum(-1).sum(dim=(1, 2))   # (mixers,)
             tokens += w.shape[1] * w.shape[2]
         if progress and b < len(loader) and b % max(1, len(loader) // 10) == 0:
-            print(f"  {progress}: {b}/{len(loader)} batches, {sums[3].item() / (time.time() - t0):,.0f} images/s, "
-                  f"eta {fmt_time((time.time() - t0) * (len(loader) / b - 1))}", file=sys.stderr)
+            print(f"  {progress}: {b}/{len(loader)} batches, {sums[3].item() / (time.time() - t0):,.0f} "
+                  f"images/s, eta {fmt_time((time.time() - t0) * (len(loader) / b - 1))}", file=sys.stderr)
     m = summarize_metrics(sums)       # (an empty split cannot get here: build_dataset refuses it)
     out = {"top1": m["top1"], "top5": m["top5"], "loss": m["val_loss"], "images": m["val_images"],
            "images_per_s": m["val_images"] / (time.time() - t0)}
@@ -98,18 +103,23 @@ def run_split(model, loader, device, autocast, steps=None, progress=None):
 
 
 def validation_data(args, model, ckpt):
-    """The checkpoint's validation split, or the one --data/--data-path/--val-subset name (flags checked first)."""
+    """The checkpoint's validation split, or the one --data/--data-path/--val-subset name (flags checked
+    first)."""
     cfg = model.config
     given = {k: getattr(args, k) for k in ("data", "data_path", "val_subset") if getattr(args, k) is not None}
-    # loaders.build_dataset reads these as train.py does: --val-subset N is training's subset, the same N images
-    targs = argparse.Namespace(**{**ckpt.get("args", {}), **given, "img_size": cfg.img_size, "num_classes": cfg.num_classes})
+    # loaders.build_dataset reads these as train.py does: --val-subset N is training's subset, the same N
+    # images
+    targs = argparse.Namespace(**{**ckpt.get("args", {}), **given, "img_size": cfg.img_size,
+                                  "num_classes": cfg.num_classes})
     if args.steps not in (None, "all") and not (args.steps.isdigit() and 1 <= int(args.steps) <= cfg.depth):
-        raise UserError(f"--steps takes 'all' or a number of steps in 1..{cfg.depth} (this model's depth), got {args.steps!r}")
+        raise UserError(f"--steps takes 'all' or a number of steps in 1..{cfg.depth} (this model's depth), "
+                        f"got {args.steps!r}")
     if args.maps:
         mixer_index(args.maps_mixer, len(model.mixers), "--maps-mixer ")
     val, classes = build_dataset(targs, "val", transforms(targs, train=False))
     if len(classes) != cfg.num_classes:
-        raise UserError(f"the checkpoint classifies {cfg.num_classes} classes, the data at {targs.data_path} has {len(classes)}")
+        raise UserError(f"the checkpoint classifies {cfg.num_classes} classes, the data at "
+                        f"{targs.data_path} has {len(classes)}")
     return val, targs.data
 
 
@@ -122,26 +132,36 @@ def evaluate_checkpoint(args):
     autocast = amp_context(device, args.amp)
     batches = torch.utils.data.DataLoader(val, args.batch_size or 256, num_workers=args.workers,
                                           pin_memory=device.type == "cuda")
-    loader = OnDevice(batches, Normalize(*mean_std(cfg.img_size), device))     # uint8 to the device, normalised there
-    print(f"{args.checkpoint}: SR-ViT D={cfg.embed_dim} L={cfg.num_layers} R={cfg.depth} mixer={cfg.mixer} share={cfg.share}, "
-          f"trained {ckpt.get('epoch', '?')} epochs | {len(val):,} images of {data} on {device}")
-    r = {"checkpoint": args.checkpoint, "params": srvit.count_params(model), "gmacs": srvit.forward_gmacs(model, steps=steps),
-         "steps": steps or cfg.depth, **run_split(model, loader, device, autocast, steps, progress="evaluating")}
-    print(f"top-1 {r['top1']:.2f} | top-5 {r['top5']:.2f} | loss {r['loss']:.4f} | {r['images_per_s']:,.0f} images/s "
-          f"(with data loading) | {r['params']:,} params | {r['gmacs']:.3g} GMACs/image")
+    # uint8 to the device, normalised there
+    loader = OnDevice(batches, Normalize(*mean_std(cfg.img_size), device))
+    print(f"{args.checkpoint}: SR-ViT D={cfg.embed_dim} L={cfg.num_layers} R={cfg.depth} mixer={cfg.mixer} "
+          f"share={cfg.share}, trained {ckpt.get('epoch', '?')} epochs | {len(val):,} images of {data} on "
+          f"{device}")
+    r = {"checkpoint": args.checkpoint, "params": srvit.count_params(model),
+         "gmacs": srvit.forward_gmacs(model, steps=steps), "steps": steps or cfg.depth,
+         **run_split(model, loader, device, autocast, steps, progress="evaluating")}
+    print(f"top-1 {r['top1']:.2f} | top-5 {r['top5']:.2f} | loss {r['loss']:.4f} | {r['images_per_s']:,.0f} "
+          f"images/s (with data loading) | {r['params']:,} params | {r['gmacs']:.3g} GMACs/image")
     if "step_weights" in r:
-        print(f"\nMixture weights ({cfg.mixer}), mean over validation tokens; entropy (uniform {math.log(r['steps']):.3f} nats)")
-        print("| | " + " | ".join(f"step {k + 1}" for k in range(r["steps"])) + " | entropy |\n" + "|---" * (r["steps"] + 2) + "|")
+        print(f"\nMixture weights ({cfg.mixer}), mean over validation tokens; entropy (uniform "
+              f"{math.log(r['steps']):.3f} nats)")
+        steps_header = " | ".join(f"step {k + 1}" for k in range(r["steps"]))
+        print(f"| | {steps_header} | entropy |\n" + "|---" * (r["steps"] + 2) + "|")
         for i, (w, e) in enumerate(zip(r["step_weights"], r["entropy"])):
             print(f"| mixer {i + 1} | " + " | ".join(f"{v:.3f}" for v in w) + f" | {abs(e):.3f} |")
     if args.steps == "all":
-        passes = [run_split(model, loader, device, autocast, k, progress=f"steps {k}") for k in range(1, cfg.depth)] + [r]
-        r["anytime"] = [{"steps": k, "top1": p["top1"], "top5": p["top5"], "gmacs": srvit.forward_gmacs(model, steps=k)}
+        passes = [run_split(model, loader, device, autocast, k, progress=f"steps {k}")
+                  for k in range(1, cfg.depth)] + [r]
+        r["anytime"] = [{"steps": k, "top1": p["top1"], "top5": p["top5"],
+                         "gmacs": srvit.forward_gmacs(model, steps=k)}
                         for k, p in enumerate(passes, 1)]
-        print("\nAnytime inference: the first k steps of the same model\n| steps k | top-1 | top-5 | GMACs |\n|---|---|---|---|")
-        print("\n".join("| {steps} | {top1:.2f} | {top5:.2f} | {gmacs:.3g} |".format(**row) for row in r["anytime"]))
+        print("\nAnytime inference: the first k steps of the same model\n| steps k | top-1 | top-5 | GMACs "
+              "|\n|---|---|---|---|")
+        row_format = "| {steps} | {top1:.2f} | {top5:.2f} | {gmacs:.3g} |"
+        print("\n".join(row_format.format(**row) for row in r["anytime"]))
     if args.maps:
-        picks = sorted({i * len(val) // args.maps_images for i in range(args.maps_images)})   # spread over the split
+        # spread over the split
+        picks = sorted({i * len(val) // args.maps_images for i in range(args.maps_images)})
         images = normalize_image(torch.stack([val[i][0] for i in picks]), cfg.img_size)   # (n, 3, S, S)
         picture = draw_maps(model, images, mixer=args.maps_mixer, relative=args.maps_relative)
         print()
@@ -166,14 +186,16 @@ def save_file(path, write):
     except (OSError, ValueError) as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise UserError(f"could not write {path} ({first_line(e)}); choose another path or free space") from None
+        raise UserError(f"could not write {path} ({first_line(e)}); choose another path or free "
+                        f"space") from None
     print(f"wrote {path}")
 
 
 # ----------------------------------------------------------------------------------------
 # Pictures (Pillow only)
 
-RAMP = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]   # viridis-like: weight 0 -> 1
+# viridis-like: weight 0 -> 1
+RAMP = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
 
 
 def colour(v):
@@ -192,22 +214,24 @@ def font(size=13):
 def mixer_index(mixer, n, flag="mixer="):
     """Mixer 1..n, or -1 for the last (-2 the one before) -> its index in the model's list."""
     if not (1 <= mixer <= n or -n <= mixer <= -1):
-        raise UserError(f"{flag}{mixer}: this model has {n} mixers, numbered 1..{n} (or -1 for the last)" if n else
-                        "a depth-1 model has no mixer, so there are no weights to draw")
+        raise UserError(f"{flag}{mixer}: this model has {n} mixers, numbered 1..{n} (or -1 for the last)"
+                        if n else "a depth-1 model has no mixer, so there are no weights to draw")
     return mixer - 1 if mixer > 0 else n + mixer
 
 
 @torch.no_grad()
 def draw_maps(model, images, mixer=-1, cell=112, relative=False):
-    """A picture (PIL image): per image (n, 3, S, S, normalised as the model's input) the image and one heat map
-    per step of the weight that mixer (1..L, -1 the last) gives the step at each patch (0 dark, 1 yellow; the class
-    token's above). relative: colours over the weights shown (near 1/R after short training), a span of 0.05 at least."""
+    """A picture (PIL image): per image (n, 3, S, S, normalised as the model's input) the image and one
+    heat map per step of the weight that mixer (1..L, -1 the last) gives the step at each patch (0 dark,
+    1 yellow; the class token's above). relative: colours over the weights shown (near 1/R after short
+    training), a span of 0.05 at least."""
     cfg, R = model.config, model.config.depth
     _, mix = model.eval()(images.to(next(model.parameters()).device), return_mix=True)
     i = mixer_index(mixer, len(mix))
     weights = mix[i].float().cpu()                                     # (n, T, R)
     lo, hi, mid = weights.min().item(), weights.max().item(), weights.mean().item()
-    title = f"Step weights, mixer {i + 1} of {len(mix)} ({cfg.mixer}, share={cfg.share})"   # short: R = 2 is 360 px wide
+    # short: R = 2 is 360 px wide
+    title = f"Step weights, mixer {i + 1} of {len(mix)} ({cfg.mixer}, share={cfg.share})"
     title += ": weights uniform" if hi - lo < 0.01 else ""                           # all within 0.01
     lo, hi = (min(lo, mid - 0.025), max(hi, mid + 0.025)) if relative else (0.0, 1.0)
     grid, (mean, std) = cfg.img_size // cfg.patch_size, mean_std(cfg.img_size)
@@ -219,11 +243,14 @@ def draw_maps(model, images, mixer=-1, cell=112, relative=False):
     draw.text((pad, 4), title, fill="black")
     for row, x in enumerate(images.cpu()):
         y0 = top + row * row_h + 15
-        img = (x * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]).clamp(0, 1)   # (3, S, S)
-        canvas.paste(Image.fromarray((img.permute(1, 2, 0) * 255).byte().numpy()).resize((cell, cell), Image.NEAREST), (pad, y0))
+        # (3, S, S)
+        img = (x * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]).clamp(0, 1)
+        picture = Image.fromarray((img.permute(1, 2, 0) * 255).byte().numpy())
+        canvas.paste(picture.resize((cell, cell), Image.NEAREST), (pad, y0))
         for r in range(R):
             x0, heat = pad + (r + 1) * (cell + pad), Image.new("RGB", (grid, grid))
-            heat.putdata([colour((v - lo) / (hi - lo)) for v in weights[row, 1:, r].tolist()])   # the patch tokens
+            # the patch tokens
+            heat.putdata([colour((v - lo) / (hi - lo)) for v in weights[row, 1:, r].tolist()])
             canvas.paste(heat.resize((cell, cell), Image.NEAREST), (x0, y0))
             draw.text((x0, y0 - 15), f"step {r + 1} · cls {weights[row, 0, r]:.2f}", fill="black")
     y0, bar_w = canvas.height - 30, canvas.width - 2 * pad - 60          # the colour bar
@@ -238,10 +265,12 @@ def draw_maps(model, images, mixer=-1, cell=112, relative=False):
 def draw_lines(panel, series, title, xlabel, ylabel, xticks):
     """A line chart into a Pillow image: series = [(label, [(x, y), ...], colour, joined)]. A point
     may be (x, y, low, high): a whisker from low to high (the range over seeds) is drawn through it.
-    x = None: a level that belongs to no x (one reference model): a short tick on the y axis, outside the frame."""
+    x = None: a level that belongs to no x (one reference model): a short tick on the y axis, outside
+    the frame."""
     draw, (W, H) = ImageDraw.Draw(panel), panel.size
     draw.font = font()
-    left, top, bottom, right = 58, 30, 42, 40 + 7 * max(len(label) for label, *_ in series)   # room for the legend
+    # room for the legend
+    left, top, bottom, right = 58, 30, 42, 40 + 7 * max(len(label) for label, *_ in series)
     ys = [y for _, pts, _, _ in series for _, *y_range in pts for y in y_range]
     span = max(max(ys) - min(ys), 1.0)
     lo, hi = min(ys) - 0.15 * span, max(ys) + 0.15 * span
@@ -267,12 +296,14 @@ def draw_lines(panel, series, title, xlabel, ylabel, xticks):
                 draw.line([(left - 14, Y(y)), (left - 2, Y(y))], fill=col, width=3)
             else:
                 draw.ellipse([X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4], fill=col)
-            if y_range:          # the seeds' range, capped, a few pixels aside per series so bars do not overlap
+            # the seeds' range, capped, a few pixels aside per series so bars do not overlap
+            if y_range:
                 bar_x, low, high = X(x) + 7 * (i - (len(series) - 1) / 2), Y(y_range[0]), Y(y_range[1])
                 draw.line([(bar_x, low), (bar_x, high)], fill=col, width=2)
                 for end in (low, high):
                     draw.line([(bar_x - 3, end), (bar_x + 3, end)], fill=col, width=2)
-        draw.line([(W - right + 10, top + 10 + 16 * i), (W - right + 30, top + 10 + 16 * i)], fill=col, width=3)
+        draw.line([(W - right + 10, top + 10 + 16 * i), (W - right + 30, top + 10 + 16 * i)], fill=col,
+                  width=3)
         draw.text((W - right + 34, top + 4 + 16 * i), label, fill="black")
 
 
@@ -280,8 +311,9 @@ def draw_lines(panel, series, title, xlabel, ylabel, xticks):
 # Depth curve from training runs
 
 MIXER_COLOURS = {"soft": (214, 39, 40), "last": (31, 119, 180), "mean": (44, 160, 44)}
-OTHER_COLOURS, GREY = [(255, 127, 14), (148, 103, 189), (140, 86, 75), (227, 119, 194), (23, 190, 207), (188, 189, 34),
-                       (0, 0, 128), (128, 0, 0)], (110, 110, 110)
+OTHER_COLOURS = [(255, 127, 14), (148, 103, 189), (140, 86, 75), (227, 119, 194), (23, 190, 207),
+                 (188, 189, 34), (0, 0, 128), (128, 0, 0)]
+GREY = (110, 110, 110)
 
 
 def read_run(folder):
@@ -302,7 +334,8 @@ def read_run(folder):
 # Settings that do not change a run's result (train.MAY_CHANGE: workers, device, ...; not --epochs,
 # which may change on resume but changes the result), or that the
 # curve shows in columns of their own (R, mixer, sharing, seed), or that name nothing measured.
-NOT_RESULT = (MAY_CHANGE - {"epochs"}) | {"seed", "depth", "mixer", "share", "recipe", "drop_path_rate", "grad_checkpointing"}
+NOT_RESULT = (MAY_CHANGE - {"epochs"}) | {"seed", "depth", "mixer", "share", "recipe", "drop_path_rate",
+                                          "grad_checkpointing"}
 SHORT = {"num_layers": "L", "embed_dim": "D", "num_heads": "heads", "patch_size": "patch", "img_size": "px",
          "batch_size": "batch"}
 
@@ -323,7 +356,8 @@ def run_settings(config, args):
 def common_settings(rows):
     """Each setting's most common value over the runs (str, so that 1e-3 and 0.001 are one value)."""
     keys = sorted({key for r in rows for key in r["settings"]})
-    return {key: statistics.mode(str(r["settings"][key]) for r in rows if key in r["settings"]) for key in keys}
+    return {key: statistics.mode(str(r["settings"][key]) for r in rows if key in r["settings"])
+            for key in keys}
 
 
 def label_variants(rows):
@@ -335,17 +369,20 @@ def label_variants(rows):
 
 
 def curve(args):
-    rows = [r for r in map(read_run, (f for pattern in args.curve for f in sorted(glob.glob(pattern)) if os.path.isdir(f))) if r]
+    folders = [f for pattern in args.curve for f in sorted(glob.glob(pattern)) if os.path.isdir(f)]
+    rows = [r for r in map(read_run, folders) if r]
     if not rows:
         raise UserError(f"no finished runs (metrics.jsonl with an epoch) in {' '.join(args.curve)}")
     label_variants(rows)
     rows.sort(key=lambda r: (r["variant"], r["depth"] > 1, r["mixer"], r["share"], r["depth"], r["seed"]))
-    print("| run | R | mixer | share | differs from the main sweep | seed | params | GMACs | epochs | best top-1 | final top-1 | "
-          "wall time |\n" + "|---" * 12 + "|")
+    print("| run | R | mixer | share | differs from the main sweep | seed | params | GMACs | epochs | best "
+          "top-1 | final top-1 | wall time |\n" + "|---" * 12 + "|")
     for r in rows:
-        epochs = f"{r['epochs']}" if r["finished"] else f"{r['epochs']} of {r['settings']['epochs']} (unfinished)"
-        print(f"| {r['run']} | {r['depth']} | {r['mixer']} | {r['share']} | {r['variant'] or '-'} | {r['seed']} | "
-              f"{r['params']:,} | {r['gmacs']:.3g} | {epochs} | {r['best_top1']:.2f} | {r['final_top1']:.2f} | {fmt_time(r['wall_s'])} |")
+        epochs = (f"{r['epochs']}" if r["finished"]
+                  else f"{r['epochs']} of {r['settings']['epochs']} (unfinished)")
+        print(f"| {r['run']} | {r['depth']} | {r['mixer']} | {r['share']} | {r['variant'] or '-'} | "
+              f"{r['seed']} | {r['params']:,} | {r['gmacs']:.3g} | {epochs} | {r['best_top1']:.2f} | "
+              f"{r['final_top1']:.2f} | {fmt_time(r['wall_s'])} |")
     groups, runs_of = {}, {}
     for r in filter(lambda r: r["finished"], rows):
         key = (r["variant"], r["depth"], r["mixer"], r["share"])
@@ -353,13 +390,16 @@ def curve(args):
     for key, by_seed in runs_of.items():            # a seed run twice counts once: the mean of its runs
         groups[key] = [statistics.mean(accs) for accs in by_seed.values()]
     shared = " ".join(f"{k}={v}" for k, v in common_settings(rows).items())
-    print("\nFinal top-1 of finished runs by configuration: runs are grouped by every setting that changes the "
+    print("\nFinal top-1 of finished runs by configuration: runs are grouped by every setting that changes "
+          "the "
           f"result; the ones all rows share: {shared}. Mean over seeds; range where there are several.")
-    print("| R | mixer | share | differs from the main sweep | seeds | final top-1 |\n|---|---|---|---|---|---|")
+    print("| R | mixer | share | differs from the main sweep | seeds | final top-1 "
+          "|\n|---|---|---|---|---|---|")
     for key, accs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3], kv[0][1])):
         variant, depth, mixer, share = key
         spread = f" ({min(accs):.2f}-{max(accs):.2f})" if len(accs) > 1 else ""
-        twice = [f"seed {seed} run {len(v)} times, counted once" for seed, v in runs_of[key].items() if len(v) > 1]
+        twice = [f"seed {seed} run {len(v)} times, counted once" for seed,
+                 v in runs_of[key].items() if len(v) > 1]
         print(f"| {depth} | {mixer} | {share} | {variant or '-'} | {len(accs)}{'; ' if twice else ''}"
               f"{'; '.join(twice)} | {statistics.mean(accs):.2f}{spread} |")
     if args.plot:
@@ -370,8 +410,9 @@ def curve(args):
 
 
 def curve_series(groups):
-    """groups {(variant, R, mixer, share): [top-1 of each seed]} -> draw_lines series: a line per mixer of the main
-    sweep from its R=1 point, other variants as points; each its own colour (past MIXER_COLOURS: OTHER_COLOURS, GREY)."""
+    """groups {(variant, R, mixer, share): [top-1 of each seed]} -> draw_lines series: a line per mixer
+    of the main sweep from its R=1 point, other variants as points; each its own colour (past
+    MIXER_COLOURS: OTHER_COLOURS, GREY)."""
     point = lambda x, accs: (x, statistics.mean(accs)) + ((min(accs), max(accs)) if len(accs) > 1 else ())
     others, series = iter(OTHER_COLOURS), []
     for variant in sorted({v for v, _, _, _ in groups}):
@@ -383,19 +424,25 @@ def curve_series(groups):
                 label = mixer + (" stack" if share == "stack" else "") + (f" ({variant})" if variant else "")
                 series.append((label, pts + ([(1, statistics.mean(base))] if base else []), col, not variant))
         if base:                                  # R=1 once, with its own range over seeds
-            series.append((f"R=1 ({variant})" if variant else "R=1", [point(1, base)], next(others, GREY) if variant else (0, 0, 0), False))
+            colour = next(others, GREY) if variant else (0, 0, 0)
+            series.append((f"R=1 ({variant})" if variant else "R=1", [point(1, base)], colour, False))
     return series
 
 
 def plot_curve(groups, path=None, paper=False):
-    """Left: our runs (curve_series). Right, when asked: the paper's two public ImageNet points, DeiT-B's level."""
+    """Left: our runs (curve_series). Right, when asked: the paper's two public ImageNet points, DeiT-B's
+    level."""
     panels = [Image.new("RGB", (760, 380), "white"), Image.new("RGB", (520, 380), "white")][:1 + bool(paper)]
-    seeds = "mean over seeds; bars: range over seeds" if any(len(accs) > 1 for accs in groups.values()) else "one run each"
-    draw_lines(panels[0], curve_series(groups), f"Our runs: final top-1 ({seeds})", "recursion depth R", "top-1 %",
-               list(range(1, max(d for _, d, _, _ in groups) + 1)))
-    if paper:   # R = 1 and 4 only: points, no invented line; DeiT-B is one model: a tick at its level, not a line
-        draw_lines(panels[1], [("SR-ViT-S", list(PAPER["srvit_s"].items()), MIXER_COLOURS["soft"], False),
-                           (f"DeiT-B (paper), one model: {PAPER['deit_b']}", [(None, PAPER["deit_b"])], (120, 120, 120), False)],
+    several = any(len(accs) > 1 for accs in groups.values())
+    seeds = "mean over seeds; bars: range over seeds" if several else "one run each"
+    draw_lines(panels[0], curve_series(groups), f"Our runs: final top-1 ({seeds})", "recursion depth R",
+               "top-1 %", list(range(1, max(d for _, d, _, _ in groups) + 1)))
+    # R = 1 and 4 only: points, no invented line; DeiT-B is one model: a tick at its level, not a line
+    if paper:
+        paper_series = [("SR-ViT-S", list(PAPER["srvit_s"].items()), MIXER_COLOURS["soft"], False),
+                        (f"DeiT-B (paper), one model: {PAPER['deit_b']}", [(None, PAPER["deit_b"])],
+                         (120, 120, 120), False)]
+        draw_lines(panels[1], paper_series,
                    "The paper, ImageNet-1K top-1 (abstract)", "recursion depth R", "top-1 %", [1, 2, 3, 4])
     canvas = Image.new("RGB", (sum(p.width for p in panels), 380), "white")
     for p, x in zip(panels, (0, 760)):
@@ -414,12 +461,16 @@ def get_args(argv=None):
     a("--curve", nargs="+", help="run folders (with metrics.jsonl) for the depth-curve table")
     a("--data", default=None, choices=["imagenet", "cifar10", "cifar100", "folder", "fake"])
     a("--data-path", default=None)
-    a("--val-subset", type=int, default=None, help="the first N validation images of train.py's fixed permutation")
-    a("--steps", default=None, help="'all': the anytime table for k = 1..R; a number k: evaluate the first k steps only")
+    a("--val-subset", type=int, default=None,
+      help="the first N validation images of train.py's fixed permutation")
+    a("--steps", default=None,
+      help="'all': the anytime table for k = 1..R; a number k: evaluate the first k steps only")
     a("--maps", default=None, help="PNG file for the SoftMoR weight maps")
     a("--maps-images", type=int, default=4)
-    a("--maps-mixer", type=int, default=-1, help="which mixer to draw: 1..L (block sharing has one per block), -1 the last")
-    a("--maps-relative", action="store_true", help="colours from the smallest to the largest weight shown, not 0..1")
+    a("--maps-mixer", type=int, default=-1,
+      help="which mixer to draw: 1..L (block sharing has one per block), -1 the last")
+    a("--maps-relative", action="store_true",
+      help="colours from the smallest to the largest weight shown, not 0..1")
     a("--plot", default=None, help="PNG file for the depth curve")
     a("--paper", action="store_true", help="add the paper's ImageNet points as a second panel")
     a("--json", default=None, help="also write the numbers to this JSON file")
@@ -429,7 +480,8 @@ def get_args(argv=None):
     a("--workers", type=int, default=2)
     args, unknown = p.parse_known_args(argv)
     if unknown:                 # --bench, --activations and --bench-loader moved to results/bench.py
-        raise UserError(f"unrecognized arguments: {' '.join(unknown)} (eval.py -h lists the options; benchmarks: results/bench.py -h)")
+        raise UserError(f"unrecognized arguments: {' '.join(unknown)} (eval.py -h lists the options; "
+                        f"benchmarks: results/bench.py -h)")
     if bool(args.checkpoint) == bool(args.curve):
         raise UserError("give exactly one of --checkpoint, --curve (eval.py -h lists the options)")
     check_device(args.device)
@@ -440,7 +492,8 @@ def get_args(argv=None):
         if not found:
             raise UserError(f"--checkpoint {args.checkpoint} is a folder without best.pt or last.pt; "
                             f"pass a checkpoint file train.py wrote")
-        print(f"{args.checkpoint} is a run's folder: evaluating its {os.path.basename(found[0])}", file=sys.stderr)
+        print(f"{args.checkpoint} is a run's folder: evaluating its {os.path.basename(found[0])}",
+              file=sys.stderr)
         args.checkpoint = found[0]
     return args
 

@@ -36,7 +36,8 @@ MEAN_STD = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 def check_data_path(args):
     """A mistyped --data-path is named as missing (and nothing is created or downloaded there)."""
     if args.data_path and not os.path.isdir(args.data_path):
-        raise UserError(f"--data-path {args.data_path} does not exist; point it at a folder with train/ and val/ (or test/)",
+        raise UserError(f"--data-path {args.data_path} does not exist; point it at a folder with train/ and "
+                        f"val/ (or test/)",
                         shared=True)
 
 
@@ -44,8 +45,8 @@ def train_dir(args):
     check_data_path(args)
     root = args.data_path or os.path.join("data", "imagenet")
     if not os.path.isdir(os.path.join(root, "train")):
-        hint = "pass --data-path with the ImageNet folder, or --data cifar10 for a small run" if not args.data_path else \
-               "expected train/ and val/ (or test/) inside, one folder per class"
+        hint = ("expected train/ and val/ (or test/) inside, one folder per class" if args.data_path
+                else "pass --data-path with the ImageNet folder, or --data cifar10 for a small run")
         raise UserError(f"no training images: {os.path.join(root, 'train')} not found; {hint}", shared=True)
     return os.path.join(root, "train")
 
@@ -56,11 +57,12 @@ def image_size(folder, probe=16):
     not decide the run's size and recipe alone)."""
     from collections import Counter
     from PIL import Image
-    classes = [c for c in sorted(os.listdir(folder)) if not c.startswith(".") and os.path.isdir(os.path.join(folder, c))]
-    names = [[os.path.join(folder, c, n) for n in sorted(os.listdir(os.path.join(folder, c))) if not n.startswith(".")]
-             for c in classes]
+    visible = lambda path: sorted(n for n in os.listdir(path) if not n.startswith("."))
+    classes = [c for c in visible(folder) if os.path.isdir(os.path.join(folder, c))]
+    names = [[os.path.join(folder, c, n) for n in visible(os.path.join(folder, c))] for c in classes]
     sizes = Counter()
-    for path in (p for rank in range(max(map(len, names), default=0)) for files in names for p in files[rank:rank + 1]):
+    for path in (p for rank in range(max(map(len, names),
+                                         default=0)) for files in names for p in files[rank:rank + 1]):
         try:
             with Image.open(path) as im:
                 sizes[im.size] += 1
@@ -80,16 +82,19 @@ def build_dataset(args, split, transform, loader=None):
     if args.data == "fake":
         n_cls = args.num_classes or 1000
         size = (args.subset or 10_000) if train else (args.val_subset or 1_000)
-        data = tvd.FakeData(size, (3, args.img_size, args.img_size), n_cls, transform, random_offset=0 if train else 10**7)
+        data = tvd.FakeData(size, (3, args.img_size, args.img_size), n_cls, transform,
+                            random_offset=0 if train else 10**7)
         return data, [f"class {i}" for i in range(n_cls)]
     check_data_path(args)
     root = args.data_path or "data"
     if args.data in ("cifar10", "cifar100") and not os.path.isdir(os.path.join(root, "train")):
         try:
-            data = (tvd.CIFAR10 if args.data == "cifar10" else tvd.CIFAR100)(root, train, transform, download=True)
+            cifar = tvd.CIFAR10 if args.data == "cifar10" else tvd.CIFAR100
+            data = cifar(root, train, transform, download=True)
         except Exception as e:
-            raise UserError(f"could not find or download {args.data} into {root} ({type(e).__name__}). Offline? "
-                            f"Point --data-path at a folder with train/<class>/ and test/<class>/ images") from None
+            raise UserError(f"could not find or download {args.data} into {root} ({type(e).__name__}). "
+                            f"Offline? Point --data-path at a folder with train/<class>/ and test/<class>/ "
+                            f"images") from None
     else:
         root = os.path.dirname(train_dir(args))
         split_dir = next((os.path.join(root, d) for d in (["train"] if train else ["val", "test"])
@@ -99,7 +104,8 @@ def build_dataset(args, split, transform, loader=None):
         try:
             data = ClassFolders(split_dir, transform=transform, loader=loader or read_image)
         except (FileNotFoundError, OSError) as e:
-            raise UserError(f"no images in {split_dir}: {e}. Expected {split_dir}/<class>/<image>.jpg") from None
+            raise UserError(f"no images in {split_dir}: {e}. Expected "
+                            f"{split_dir}/<class>/<image>.jpg") from None
     classes, keep = list(data.classes), args.subset if train else args.val_subset
     if keep:   # the same subset on every rank and in every run
         g = torch.Generator().manual_seed(1234 if train else 4321)
@@ -118,7 +124,8 @@ def class_folders():
 
     class ClassFolders(ImageFolder):
         def find_classes(self, directory):
-            classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+            classes = sorted(e.name for e in os.scandir(directory)
+                             if e.is_dir() and not e.name.startswith("."))
             if not classes:
                 raise FileNotFoundError(f"no class folders in {directory}")
             return classes, {name: i for i, name in enumerate(classes)}
@@ -143,14 +150,16 @@ def transforms(args, train):
         if not train:
             return v2.Compose(fit + to_tensor)
         mode = "constant" if args.pad_mode == "zeros" else args.pad_mode
-        crop = [v2.RandomCrop(args.img_size, padding=args.crop_padding, padding_mode=mode)] if args.crop_padding else []
+        crop = [v2.RandomCrop(args.img_size, padding=args.crop_padding,
+                              padding_mode=mode)] if args.crop_padding else []
         return v2.Compose(fit + crop + [v2.RandomHorizontalFlip(args.hflip)] + to_tensor)
     bicubic = v2.InterpolationMode.BICUBIC
     if not train:             # resize to 256/224 of the crop, centre crop
         resize = v2.Resize(int(args.img_size / 0.875), interpolation=bicubic)
         return v2.Compose([resize, v2.CenterCrop(args.img_size)] + to_tensor)
     aug = [v2.RandomResizedCrop(args.img_size, interpolation=bicubic), v2.RandomHorizontalFlip(args.hflip)]
-    aug += [randaugment_op(args.randaug, mean_std(args.img_size)[0]) for _ in range(2)] if args.randaug else []
+    aug += [randaugment_op(args.randaug,
+                           mean_std(args.img_size)[0]) for _ in range(2)] if args.randaug else []
     return v2.Compose(aug + to_tensor)
 
 
@@ -287,7 +296,8 @@ def collate_erased(batch):
 
 def erasing_table(draws):
     """Erasing draws (each None or (top, left, h, w, noise (3, h, w))) -> (B, 4) boxes and flat noise."""
-    boxes = torch.tensor([d[:4] if d is not None else (0, 0, 0, 0) for d in draws], dtype=torch.long).view(-1, 4)
+    boxes = torch.tensor([d[:4] if d is not None else (0, 0, 0, 0) for d in draws],
+                         dtype=torch.long).view(-1, 4)
     noise = [d[4].flatten() for d in draws if d is not None]                      # (3 h w,) each
     return boxes, torch.cat(noise) if noise else torch.zeros(0)
 
@@ -296,7 +306,8 @@ def erasing_table(draws):
 # The loaders: which one, and building them
 
 def use_memory(args):
-    return args.loader == "memory" or (args.loader == "auto" and args.img_size <= 64 and not args.randaug and not args.erasing)
+    small_and_plain = args.img_size <= 64 and not args.randaug and not args.erasing
+    return args.loader == "memory" or (args.loader == "auto" and small_and_plain)
 
 
 def use_device(args, device):
@@ -327,7 +338,8 @@ def build_loaders(args, env):
     val_set, val_classes = build_dataset(args, "val", decode if memory else transforms(args, train=False))
     check_same_classes(classes, val_classes, args.data_path)
     if len(train_set) < args.batch_size:
-        raise UserError(f"only {len(train_set)} training images for a batch of {args.batch_size}; lower --batch-size")
+        raise UserError(f"only {len(train_set)} training images for a batch of {args.batch_size}; lower "
+                        f"--batch-size")
     val_set = torch.utils.data.Subset(val_set, range(env.rank, len(val_set), env.world))
     sampler = RepeatedAugSampler(len(train_set), env.rank, env.world, args.repeated_aug, args.seed)
     workers = args.workers if args.workers is not None else default_workers(env)
@@ -336,11 +348,12 @@ def build_loaders(args, env):
     if not memory:
         check_shared_memory(workers, max(env.micro, eval_batch), args.img_size, env)
     if memory:
-        env.log(f"decoding {len(train_set):,} + {len(val_set):,} images into memory on {env.device} (once per run; "
-                f"about a minute for CIFAR-10 on a 2-core CPU)")
+        env.log(f"decoding {len(train_set):,} + {len(val_set):,} images into memory on {env.device} (once "
+                f"per run; about a minute for CIFAR-10 on a 2-core CPU)")
         t0 = time.time()
         train = MemoryLoader(*decode_all(train_set, workers), env.micro, normalize, sampler, train=True,
-                             crop_padding=args.crop_padding, hflip=args.hflip, seed=args.seed, pad_mode=args.pad_mode)
+                             crop_padding=args.crop_padding, hflip=args.hflip, seed=args.seed,
+                             pad_mode=args.pad_mode)
         val = MemoryLoader(*decode_all(val_set, workers), eval_batch, normalize)
         env.log(f"decoded {len(train_set):,} + {len(val_set):,} images into memory on {env.device} "
                 f"in {time.time() - t0:.0f} s")
@@ -352,7 +365,8 @@ def build_loaders(args, env):
         augment = DeviceAugment(args, env.device)
         files = torch.utils.data.DataLoader(SeededDraws(train_set, augment), env.micro, sampler=sampler,
                                             drop_last=True, collate_fn=augment.collate,
-                                            **dict(kw, pin_memory=False))   # (DeviceLoader pins what it copies)
+                                            # (DeviceLoader pins what it copies)
+                                            **dict(kw, pin_memory=False))
         return DeviceLoader(files, augment), val, classes, len(train_set)
     data = SeededAugment(train_set, eraser(args), args.img_size)
     train = OnDevice(torch.utils.data.DataLoader(data, env.micro, sampler=sampler, drop_last=True,
@@ -389,9 +403,9 @@ def check_shared_memory(workers, batch, img_size, env):
     need = shm_in_flight(workers, batch, img_size, int(os.environ.get("LOCAL_WORLD_SIZE", env.world)))
     have = shutil.disk_usage("/dev/shm").total
     if have < need:
-        env.log(f"warning: /dev/shm holds {have / 2**20:,.0f} MiB, and the loader workers of this node will hold "
-                f"about {need / 2**20:,.0f} MiB in it: run the container with --ipc=host or --shm-size=16g, or "
-                f"lower --workers (loader workers die with 'bus error' when it is full)")
+        env.log(f"warning: /dev/shm holds {have / 2**20:,.0f} MiB, and the loader workers of this node will "
+                f"hold about {need / 2**20:,.0f} MiB in it: run the container with --ipc=host or "
+                f"--shm-size=16g, or lower --workers (loader workers die with 'bus error' when it is full)")
 
 
 def ignore_signals(worker_id):
@@ -443,7 +457,8 @@ class Normalize:
 
 
 def normalize_image(x, img_size):
-    """One uint8 image (3, S, S) or batch (B, 3, S, S) -> the model's input, same shape (eval.py, the notebook)."""
+    """One uint8 image (3, S, S) or batch (B, 3, S, S) -> the model's input, same shape (eval.py, the
+    notebook)."""
     mean, std = (torch.tensor(v, device=x.device).view(3, 1, 1) * 255 for v in mean_std(img_size))
     return (x.float() - mean) / std
 
@@ -491,7 +506,10 @@ class MemoryLoader:
         self.start = start_batch
 
     def __iter__(self):
-        order = self.sampler.indices().to(self.device) if self.sampler else torch.arange(len(self.labels), device=self.device)
+        if self.sampler:
+            order = self.sampler.indices().to(self.device)
+        else:
+            order = torch.arange(len(self.labels), device=self.device)
         for b in range(self.start if self.train else 0, len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.images[idx]                                                 # (B, 3, S, S) uint8
@@ -516,7 +534,8 @@ def pad_crop_flip(x, pad, hflip, g, mode="zeros"):
         rows = offset[0] + torch.arange(S, device=x.device)                      # (B, S)
         cols = offset[1] + torch.arange(S, device=x.device)                      # (B, S)
         batch = torch.arange(B, device=x.device)[:, None, None]
-        x = x[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)   # (B, S, S, C) -> (B, C, S, S)
+        # (B, S, S, C) -> (B, C, S, S)
+        x = x[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
     if hflip:
         flip = torch.rand(B, generator=g, device=x.device) < hflip
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
@@ -592,7 +611,8 @@ class DeviceAugment:
         from torchvision.transforms import v2
         self.size, self.device = args.img_size, device
         self.steps = transforms(args, train=True).transforms[:-1]    # the PIL path's transforms, in order
-        self.randaug = [t.transforms[0] for t in self.steps if isinstance(t, v2.RandomApply)]   # 2 ops, or none
+        # 2 ops, or none
+        self.randaug = [t.transforms[0] for t in self.steps if isinstance(t, v2.RandomApply)]
         self.eraser = eraser(args)
         self.mean, self.std = mean_std(args.img_size)
         self.on_device = None                                      # tensors made once, at the first batch
@@ -688,12 +708,14 @@ class DeviceAugment:
         """The device tensors every batch uses: mean and std, the fill colour, the affine base grid."""
         if self.on_device is None:
             S, fill = self.size, (self.randaug[0]._fill["others"] if self.randaug else [0.0] * 3)
-            line = torch.linspace((1.0 - S) * 0.5, (S - 1.0) * 0.5, steps=S)       # torchvision's _affine_grid
-            base = torch.stack([line.expand(S, S), line[:, None].expand(S, S), torch.ones(S, S)], -1)   # (S, S, 3)
-            self.on_device = {"normalize": Normalize(self.mean, self.std, self.device),
-                              "fill": self.to_device(torch.tensor(fill, dtype=torch.float32).view(1, 3, 1, 1)),
-                              "grid": self.to_device(base.view(1, S * S, 3)),
-                              "blur": self.to_device(torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13)}
+            line = torch.linspace((1.0 - S) * 0.5, (S - 1.0) * 0.5, steps=S)    # torchvision's _affine_grid
+            rows, cols = line[:, None].expand(S, S), line.expand(S, S)
+            base = torch.stack([cols, rows, torch.ones(S, S)], -1)                   # (S, S, 3): x, y, 1
+            self.on_device = {
+                "normalize": Normalize(self.mean, self.std, self.device),
+                "fill": self.to_device(torch.tensor(fill, dtype=torch.float32).view(1, 3, 1, 1)),
+                "grid": self.to_device(base.view(1, S * S, 3)),
+                "blur": self.to_device(torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13)}
         return self.on_device
 
     def apply(self, images, crops, table, floats, groups):
@@ -720,7 +742,8 @@ class DeviceAugment:
     def __call__(self, images, draws):
         """Augment decoded images with their draw() lists, without a loader (tests, the node check)."""
         table, floats, groups = self.pack(draws, [0] * len(draws))
-        return self.apply(images, [d[0] for d in draws], self.to_device(table), self.to_device(floats), groups)
+        return self.apply(images, [d[0] for d in draws], self.to_device(table), self.to_device(floats),
+                          groups)
 
 
 def resized_crop(image, top, left, height, width, size):

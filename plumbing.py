@@ -62,7 +62,8 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (python {self.prog} --help lists the options)", shared=True)
 
 
-def cli(main_fn, argv=None, interrupted="interrupted; the last checkpoint is whole, re-run the same command to resume"):
+def cli(main_fn, argv=None,
+        interrupted="interrupted; the last checkpoint is whole, re-run the same command to resume"):
     """Run main_fn and turn the ways it can end into an exit code and at most one line per rank
     (eval.py and results/bench.py use it too, with their own line for Ctrl-C)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -86,7 +87,8 @@ def cli(main_fn, argv=None, interrupted="interrupted; the last checkpoint is who
         if rank == 0:
             print(interrupted, file=sys.stderr)
         return 130
-    finally:   # loader workers ignore SIGTERM (loaders.ignore_signals): the interpreter's exit could not end any left
+    # loader workers ignore SIGTERM (loaders.ignore_signals): the interpreter's exit could not end any left
+    finally:
         import multiprocessing
         if multiprocessing.active_children() and hasattr(signal, "SIGCHLD"):
             quiet_worker_deaths()
@@ -139,13 +141,16 @@ class Env:
 
 def init_distributed(args):
     """Rank, world size and device from torchrun's environment; one process without it."""
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    env = os.environ
+    rank, world, local = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
     # Batch bookkeeping: global batch = world x micro-batch x accumulation steps.
     if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes; choose a multiple of {world}", shared=True)
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes; choose "
+                        f"a multiple of {world}", shared=True)
     micro = args.micro_batch or args.batch_size // world
     if (args.batch_size // world) % micro:
-        raise UserError(f"--micro-batch {micro} does not divide the per-process batch {args.batch_size // world}", shared=True)
+        raise UserError(f"--micro-batch {micro} does not divide the per-process batch "
+                        f"{args.batch_size // world}", shared=True)
     cuda = check_device(args.device) == "cuda"
     if world > 1:
         # One GPU per rank, over NCCL. More ranks on a node than GPUs (a check on a one-GPU machine):
@@ -158,7 +163,8 @@ def init_distributed(args):
     else:
         device = torch.device(args.device or ("cuda" if cuda else "cpu"))
     if args.amp is None:   # native bf16 only (compute capability 8+): V100 and T4 emulate it, slowly
-        args.amp = "none" if device.type == "cpu" else ("bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16")
+        native_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+        args.amp = "none" if device.type == "cpu" else ("bf16" if native_bf16 else "fp16")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cpu_group = dist.new_group(backend="gloo") if world > 1 and cuda else None
@@ -173,9 +179,11 @@ def check_device(name):
     if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
         raise UserError(f"--device {name}: use cpu, cuda or cuda:N", shared=True)
     if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: this machine has no CUDA GPU that PyTorch can use; use --device cpu", shared=True)
+        raise UserError(f"--device {name}: this machine has no CUDA GPU that PyTorch can use; use --device "
+                        f"cpu", shared=True)
     if index and int(index) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPUs (cuda:0..)", shared=True)
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPUs (cuda:0..)",
+                        shared=True)
     return kind
 
 
@@ -223,7 +231,8 @@ class OutDir:
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot create --out-dir {self.path} ({e.strerror}); choose another folder") from None
+            raise UserError(f"cannot create --out-dir {self.path} ({e.strerror}); choose another "
+                            f"folder") from None
         self.lock()
         for name in os.listdir(self.path):
             if name.endswith(".tmp"):
@@ -238,8 +247,8 @@ class OutDir:
         try:
             self.lock_file = open(os.path.join(self.path, "train.lock"), "a+")
         except OSError as e:                  # a folder we may not write, a full disk
-            raise UserError(f"cannot write in --out-dir {self.path} ({e.strerror}); choose a folder you can write "
-                            f"to, or free space") from None
+            raise UserError(f"cannot write in --out-dir {self.path} ({e.strerror}); choose a folder you can "
+                            f"write to, or free space") from None
         try:
             fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -254,7 +263,8 @@ class OutDir:
             raise UserError(f"{self.path} is in use by a running train.py ({holder}); wait for it, stop it, "
                             f"or pass another --out-dir", shared=True) from None
         self.lock_file.truncate(0)
-        self.lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                             f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         self.lock_file.flush()
 
     def release(self):
@@ -271,8 +281,8 @@ class OutDir:
         except (OSError, RuntimeError) as e:        # a full disk surfaces as either
             if os.path.exists(tmp):
                 os.remove(tmp)
-            raise UserError(f"could not write {path} ({first_line(e)[:120]}); is the disk full? "
-                            f"The previous checkpoint is kept; free space and re-run the same command") from None
+            raise UserError(f"could not write {path} ({first_line(e)[:120]}); is the disk full? The previous "
+                            f"checkpoint is kept; free space and re-run the same command") from None
 
     def append_metrics(self, row):
         """One whole row or none: on a failed write (a full disk) the file is cut back to where it was; the
@@ -291,8 +301,9 @@ class OutDir:
             finally:
                 os.close(fd)
         except OSError as e:
-            raise UserError(f"could not write {self.metrics} ({e.strerror}); is the disk full? The checkpoint is "
-                            f"saved: free space and re-run the same command, which puts the row back") from None
+            raise UserError(f"could not write {self.metrics} ({e.strerror}); is the disk full? The "
+                            f"checkpoint is saved: free space and re-run the same command, which puts the "
+                            f"row back") from None
 
     def end_epoch(self, ckpt, is_best):
         """The end of an epoch, in the order that a kill at any point can be repaired from."""
@@ -335,7 +346,8 @@ def read_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         best = os.path.join(os.path.dirname(path), "best.pt")
-        keep = (f"; best.pt beside it may be whole: --resume {best} resumes from it and keeps the run's metrics"
+        keep = (f"; best.pt beside it may be whole: --resume {best} resumes from it and keeps the run's "
+                f"metrics"
                 if os.path.basename(path) == "last.pt" and os.path.isfile(best) else "")
         raise UserError(f"cannot read {path} ({type(e).__name__}): it is not a whole checkpoint of train.py "
                         f"(last.pt or best.pt of a run){keep}") from None
@@ -347,7 +359,8 @@ def read_checkpoint(path):
 
 def check_same_run(path, ckpt, model, args, n_train, may_change):
     """Refuse to resume another model, other data or another recipe, naming each value that changed:
-    every argument but `may_change` (train.MAY_CHANGE) is compared (keys an older checkpoint does not hold are not)."""
+    every argument but `may_change` (train.MAY_CHANGE) is compared (keys an older checkpoint does not hold
+    are not)."""
     saved_cfg = {**asdict(srvit.SRViTConfig()), **ckpt["config"]}
     implied = {"schedule": "deit", "pad_mode": "zeros", "init": "timm"}    # what code before these flags did
     saved = {**implied, **ckpt.get("args", {}), **ckpt.get("dataset", {})}
@@ -355,12 +368,13 @@ def check_same_run(path, ckpt, model, args, n_train, may_change):
     model_keys = [k for k in asdict(model.config) if k not in ("drop_path_rate", "grad_checkpointing")]
     data_keys = ("data", "subset", "val_subset", "num_classes", "img_size", "train_images")
     recipe_keys = [k for k in now if k not in may_change and k not in data_keys]
-    for keys, have, want, what in ((model_keys, saved_cfg, asdict(model.config), "model"), (data_keys, saved, now, "data"),
-                                   (recipe_keys, saved, now, "recipe")):
-        diff = [f"{k}: {have[k]!r} then, {want[k]!r} now" for k in keys if k in have and have[k] != want.get(k)]
+    for keys, have, want, what in ((model_keys, saved_cfg, asdict(model.config), "model"),
+                                   (data_keys, saved, now, "data"), (recipe_keys, saved, now, "recipe")):
+        diff = [f"{k}: {have[k]!r} then, {want[k]!r} now" for k in keys
+                if k in have and have[k] != want.get(k)]
         if diff:
-            raise UserError(f"{path} was trained with another {what} ({'; '.join(diff)}). Resume with the same "
-                            f"command, or start afresh in another --out-dir", shared=True)
+            raise UserError(f"{path} was trained with another {what} ({'; '.join(diff)}). Resume with the "
+                            f"same command, or start afresh in another --out-dir", shared=True)
 
 
 def restore(args, out, model, optimizer, scaler, n_train, may_change):
@@ -370,8 +384,8 @@ def restore(args, out, model, optimizer, scaler, n_train, may_change):
     path = out.last if args.resume in ("auto", "no") else args.resume
     if args.resume == "no":
         if os.path.exists(out.last):
-            raise UserError(f"--resume no, but {out.path} holds a checkpoint; delete {out.last} or pass another --out-dir "
-                            f"(nothing is overwritten)", shared=True)
+            raise UserError(f"--resume no, but {out.path} holds a checkpoint; delete {out.last} or pass "
+                            f"another --out-dir (nothing is overwritten)", shared=True)
         return {}
     if not os.path.isfile(path):
         if args.resume != "auto":
@@ -380,7 +394,8 @@ def restore(args, out, model, optimizer, scaler, n_train, may_change):
         return {}
     ckpt = read_checkpoint(path)
     if "optimizer" not in ckpt:
-        raise UserError(f"{path} holds weights only, no optimizer state to resume from; use --init-from", shared=True)
+        raise UserError(f"{path} holds weights only, no optimizer state to resume from; use --init-from",
+                        shared=True)
     check_same_run(path, ckpt, model, args, n_train, may_change)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -392,8 +407,9 @@ def restore(args, out, model, optimizer, scaler, n_train, may_change):
             best = torch.load(out.best, map_location="cpu", weights_only=True, mmap=True)
             best_top1 = (best.get("metrics") or {}).get("top1", 0.0)
         except Exception as e:
-            raise UserError(f"cannot read {out.best} ({type(e).__name__}) beside a whole {path}: move it aside "
-                            f"(mv {out.best} {out.best}.bad) and re-run; the next best epoch writes a new one",
+            raise UserError(f"cannot read {out.best} ({type(e).__name__}) beside a whole {path}: move it "
+                            f"aside (mv {out.best} {out.best}.bad) and re-run; the next best epoch writes a "
+                            f"new one",
                             shared=True) from None
         ckpt["best_top1"] = max(ckpt.get("best_top1", 0.0), best_top1)
     return ckpt
@@ -403,9 +419,10 @@ def check_no_rows(out):
     """A fresh start must not drop the epoch rows of an earlier run whose last.pt is gone."""
     rows = [row for row in map(json_row, read_lines(out.metrics)) if row and row.get("type") == "epoch"]
     if rows:
-        hint = f"--resume {out.best} resumes from its best epoch" if os.path.isfile(out.best) else "nothing to resume"
-        raise UserError(f"{out.path} holds {plural(len(rows), 'epoch')} of metrics but no last.pt ({hint}); pass "
-                        f"another --out-dir for a new run (the metrics are kept)", shared=True)
+        hint = (f"--resume {out.best} resumes from its best epoch" if os.path.isfile(out.best)
+                else "nothing to resume")
+        raise UserError(f"{out.path} holds {plural(len(rows), 'epoch')} of metrics but no last.pt ({hint}); "
+                        f"pass another --out-dir for a new run (the metrics are kept)", shared=True)
 
 
 def read_lines(path):
@@ -433,9 +450,10 @@ def agree_on_progress(run):
     behind = [(r, s) for r, s in enumerate(seen) if s[:2] != seen[0][:2]]
     if behind:
         (r, (e, s, host)), (e0, s0, host0) = behind[0], seen[0]
-        raise UserError(f"the ranks do not agree where the run stands: rank 0 ({host0}) resumes at epoch {e0} step {s0}, "
-                        f"rank {r} ({host}) at epoch {e} step {s} from {run.args.out_dir}. Give every node the same "
-                        f"--out-dir on a shared disk, or copy rank 0's out-dir to every node", shared=True)
+        raise UserError(f"the ranks do not agree where the run stands: rank 0 ({host0}) resumes at epoch "
+                        f"{e0} step {s0}, rank {r} ({host}) at epoch {e} step {s} from {run.args.out_dir}. "
+                        f"Give every node the same --out-dir on a shared disk, or copy rank 0's out-dir to "
+                        f"every node", shared=True)
 
 
 # ----------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ class SRViTConfig:
     router_init: str = "uniform"  # a fresh soft mixer: "uniform" (= mean) or "last" (0.9 on step R)
     init: str = "timm"          # weights: "timm" (DeiT's, std 0.02) or "torch" (fan-in scaled; small widths)
     step_scale: bool = False    # beyond our reading of the paper: a learned scale on each step's update
-    loop_scale: str = "none"    # beyond our reading: residual branches times 1/R ("fixed") or learned from 1/R
+    loop_scale: str = "none"    # beyond our reading: looped residual branches x 1/R ("fixed", "learned")
     drop_path_rate: float = 0.0
     grad_checkpointing: bool = False
 
@@ -81,7 +81,8 @@ class SRViTConfig:
             raise ValueError(f"router_init must be 'uniform' or 'last', got {self.router_init!r}")
         if self.img_size % self.patch_size != 0:
             raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}: "
-                             f"choose a patch size that divides the image (e.g. 4 or 8 for 32 px, 16 for 224 px)")
+                             f"choose a patch size that divides the image (e.g. 4 or 8 for 32 px, 16 "
+                             f"for 224 px)")
         if self.embed_dim % self.num_heads != 0:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.num_layers < 1:
@@ -107,9 +108,10 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         if x.ndim != 4 or x.shape[1] != self.in_chans or x.shape[2:] != (self.img_size, self.img_size):
-            raise ValueError(f"expected images of shape (B, {self.in_chans}, {self.img_size}, {self.img_size}), "
-                             f"got {tuple(x.shape)}: resize or crop the input to {self.img_size} px, "
-                             f"or build the model with img_size={x.shape[-1] if x.ndim == 4 else '...'}")
+            S = self.img_size
+            raise ValueError(f"expected images of shape (B, {self.in_chans}, {S}, {S}), got "
+                             f"{tuple(x.shape)}: resize or crop the input to {S} px, or build the model with "
+                             f"img_size={x.shape[-1] if x.ndim == 4 else '...'}")
         x = self.proj(x)                      # (B, D, H/p, W/p)
         return x.flatten(2).transpose(1, 2)   # (B, N, D)
 
@@ -212,7 +214,8 @@ class SoftMixer(nn.Module):
         errors of ~0.03, which the softmax turns into ~3% errors in the weight ratios."""
         hidden = self.router.act(self.router.fc1(self.norm(h)))         # (B, T, D), autocast dtype
         fc2 = self.router.fc2
-        no_autocast = (torch.autocast(h.device.type, enabled=False) if torch.amp.is_autocast_available(h.device.type)
+        kind = h.device.type
+        no_autocast = (torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind)
                        else nullcontext())                       # (the meta device has no autocast)
         with no_autocast:
             return F.linear(hidden.float(), fc2.weight.float(), fc2.bias.float()).squeeze(-1)
@@ -411,7 +414,8 @@ class SRViT(nn.Module):
     def no_weight_decay(self):
         """Names of parameters that DeiT trains without weight decay (besides biases and norms); the
         step scales too, which decay would pull towards 0 (timm's LayerScale, 1-d, is not decayed either)."""
-        return {"cls_token", "pos_embed", "step_scale", "loop_scale"} | {n for n, _ in self.named_parameters() if n.endswith("step_bias")}
+        step_biases = {name for name, _ in self.named_parameters() if name.endswith("step_bias")}
+        return {"cls_token", "pos_embed", "step_scale", "loop_scale"} | step_biases
 
 
 # ----------------------------------------------------------------------------------------
@@ -474,8 +478,9 @@ def load_pretrained(model, checkpoint, verbose=True):
         try:
             checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"could not read {checkpoint} as tensors only ({type(e).__name__}). If you trust the "
-                             f"file, load it with torch.load(..., weights_only=False) and pass its state dict.") from None
+            raise ValueError(f"could not read {checkpoint} as tensors only ({type(e).__name__}). If you "
+                             f"trust the file, load it with torch.load(..., weights_only=False) and pass its "
+                             f"state dict.") from None
     state = clean_state_dict(checkpoint)
     own = model.state_dict()
     cfg = model.config
@@ -485,9 +490,10 @@ def load_pretrained(model, checkpoint, verbose=True):
         raise ValueError("not a ViT checkpoint: it has no 'patch_embed.proj.weight' "
                          f"(first keys: {list(state)[:5]})")
     if tuple(w.shape) != tuple(own["patch_embed.proj.weight"].shape):
-        raise ValueError(f"checkpoint is a ViT of width {w.shape[0]}, patch {w.shape[-1]}, {w.shape[1]} channels; "
-                         f"this model has width {cfg.embed_dim}, patch {cfg.patch_size}, {cfg.in_chans} channels. "
-                         f"Build the model to match (e.g. srvit_tiny/small/base for DeiT-Ti/S/B).")
+        raise ValueError(f"checkpoint is a ViT of width {w.shape[0]}, patch {w.shape[-1]}, {w.shape[1]} "
+                         f"channels; this model has width {cfg.embed_dim}, patch {cfg.patch_size}, "
+                         f"{cfg.in_chans} channels. Build the model to match (e.g. srvit_tiny/small/base for "
+                         f"DeiT-Ti/S/B).")
     n_blocks = 1 + max((int(n.split(".")[1]) for n in state if n.startswith("blocks.")), default=-1)
     if n_blocks != cfg.num_layers:
         raise ValueError(f"checkpoint has {n_blocks} blocks, this model has num_layers={cfg.num_layers}: "

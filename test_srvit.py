@@ -117,12 +117,132 @@ def test_bad_input_raises_clear_value_error(make, match):
 def test_drop_path_rises_linearly_over_all_block_applications():
     model = tiny(depth=4, drop_path_rate=0.3)
     rates = model.drop_path_rates
-    assert len(rates) == 2 * 4 and rates[0] == 0.0 and math.isclose(rates[-1], 0.3)
-    assert all(b > a for a, b in zip(rates, rates[1:]))
+    assert rates == pytest.approx([0.3 * i / 7 for i in range(8)], abs=1e-12)     # the formula, every value
+    # ...and each application gets its own, in the order it runs
+    seen = []
+    for share in ("block", "stack"):
+        model = tiny(depth=3, drop_path_rate=0.3, share=share).train()
+        seen.clear()
+        for block in model.blocks:
+            block.forward = (lambda f: lambda x, p=0.0, *a: (seen.append(p), f(x, 0.0, *a))[1])(block.forward)
+        model(images(1))
+        assert seen == pytest.approx([0.3 * i / 5 for i in range(6)], abs=1e-12), share
 
 
 # ----------------------------------------------------------------------------------------
 # The math of recursion and the mixers, against computations written out here
+
+
+def randomise_mixers(model, seed=5):
+    """Router and step biases at random, asymmetric values: a fresh mixer weighs every step alike, so
+    pairing a weight with the wrong step, or slicing the wrong biases, would not show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.mixers:
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * (2.0 if p is m.step_bias else 0.5))
+    return model
+
+
+def softmor_by_hand(model, x, k):
+    """SR-ViT's forward with the first k steps, written from the README's equations:
+    h_1 = f(x), h_r = f(h_{r-1}); s_{r,t} = g(LN(h_{r,t})) + b_r; a = softmax_r(s); x' = sum_r a_r h_r."""
+    cfg, R = model.config, model.config.depth
+
+    def mix(mixer, hs):
+        g = mixer.router
+        normed = [F.layer_norm(h, h.shape[-1:], mixer.norm.weight, mixer.norm.bias, 1e-6) for h in hs]
+        scores = [g.fc2(F.gelu(g.fc1(n))) + mixer.step_bias[r] for r, n in enumerate(normed)]   # k x (B, T, 1)
+        weights = torch.softmax(torch.cat(scores, -1), -1)                               # (B, T, k)
+        return sum(weights[..., r:r + 1] * h for r, h in enumerate(hs)), weights
+    t, mixes = embed(model, x), []
+    if cfg.share == "block":
+        for l, block in enumerate(model.blocks):
+            hs = [block(t)]
+            for _ in range(k - 1):
+                hs.append(block(hs[-1]))
+            t, w = mix(model.mixers[l], hs)
+            mixes.append(w)
+    else:
+        hs, h = [], t
+        for _ in range(k):
+            for block in model.blocks:
+                h = block(h)
+            hs.append(h)
+        t, w = mix(model.mixers[0], hs)
+        mixes.append(w)
+    return head(model, t), mixes
+
+
+@pytest.mark.parametrize("share", ["block", "stack"])
+def test_softmor_equations_by_value_at_every_number_of_steps(share):
+    model = randomise_mixers(tiny(depth=4, share=share, init="torch").eval())
+    x = images(2)
+    for k in range(1, 5):
+        want, want_mix = softmor_by_hand(model, x, k)
+        got, got_mix = model(x, steps=k, return_mix=True)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for g, w in zip(got_mix, want_mix):
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+        weights = got_mix[0]                                   # (B, T, k)
+        if k > 1:                                              # per token, and far from uniform
+            assert (weights[0, 0] - weights[0, 1]).abs().max() > 0.01
+            assert (weights - 1 / k).abs().max() > 0.1
+    assert (model(x) - model(x, steps=3)).abs().max() > 1e-3     # the steps matter at these weights
+
+
+def test_a_plain_vit_forward_written_out_equals_r1_at_logits_of_order_one():
+    # R = 1 is a DeiT: the forward pass written with torch.nn.functional only, on weights at a scale
+    # where every activation matters (logits of order 1: a wrong GELU, norm eps or attention scale shows).
+    model = tiny(depth=1, init="torch").eval()
+    with torch.no_grad():
+        model.head.weight.mul_(20)
+    x = images(2)
+    B, D, heads = 2, model.config.embed_dim, model.config.num_heads
+    t = F.conv2d(x, model.patch_embed.proj.weight, model.patch_embed.proj.bias,
+                 stride=8).flatten(2).transpose(1, 2)
+    t = torch.cat([model.cls_token.expand(B, -1, -1), t], 1) + model.pos_embed               # (B, T, D)
+    for blk in model.blocks:
+        y = F.layer_norm(t, (D,), blk.norm1.weight, blk.norm1.bias, 1e-6)
+        q, k, v = (y @ blk.attn.qkv.weight.T + blk.attn.qkv.bias).view(B, -1, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+        # (B, heads, T, T)
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D // heads), -1)
+        t = t + ((att @ v).transpose(1, 2).reshape(B, -1, D) @ blk.attn.proj.weight.T + blk.attn.proj.bias)
+        y = F.layer_norm(t, (D,), blk.norm2.weight, blk.norm2.bias, 1e-6)
+        # exact (erf) GELU
+        y = F.gelu(y @ blk.mlp.fc1.weight.T + blk.mlp.fc1.bias)
+        t = t + (y @ blk.mlp.fc2.weight.T + blk.mlp.fc2.bias)
+    t = F.layer_norm(t, (D,), model.norm.weight, model.norm.bias, 1e-6)
+    want = t[:, 0] @ model.head.weight.T + model.head.bias
+    got = model(x)
+    assert 0.5 < want.abs().max() < 50                                                         # order 1
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_timms_vit_gives_our_logits_when_timm_is_installed():
+    timm = pytest.importorskip("timm",
+                               reason="timm is not a dependency; this check runs where it is installed")
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32,
+                            patch_size=8, embed_dim=32, depth=2, num_heads=2).eval()
+    ours = tiny(depth=1)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = images(2)
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_resized_position_embedding_keeps_rows_as_rows():
+    # A 4 x 4 grid: channel 0 = the row, channel 1 = the column (ramps). Resized to 8 x 8, channel 0
+    # must still change down the rows only, channel 1 across the columns only.
+    row, col = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    grid = torch.stack([row, col], -1).view(1, 16, 2)                                         # (1, 16, 2)
+    # class token first
+    pos = torch.cat([torch.full((1, 1, 2), 7.0), grid], 1)
+    out = srvit.resize_pos_embed(pos, 64)                                                     # (1, 65, 2)
+    assert out[0, 0].tolist() == [7.0, 7.0]
+    new = out[0, 1:].view(8, 8, 2)
+    torch.testing.assert_close(new[..., 0], new[..., 0][:, :1].expand(8, 8))        # constant along a row
+    torch.testing.assert_close(new[..., 1], new[..., 1][:1, :].expand(8, 8))        # constant down a column
+    assert (new[1:, 0, 0] > new[:-1, 0, 0]).all() and (new[0, 1:, 1] > new[0, :-1, 1]).all()
 
 def embed(model, x):
     t = model.patch_embed(x)
@@ -180,8 +300,10 @@ def test_step_scale_is_opt_in_and_a_fresh_one_changes_nothing():
     assert plain.step_scale is None and "step_scale" not in plain.state_dict()
     assert srvit.count_params(scaled) - srvit.count_params(plain) == 2 * 3 * 32    # L*R applications x D
     scaled_state = scaled.state_dict()
-    assert all(torch.equal(v, scaled_state[k]) for k, v in plain.state_dict().items())  # same seed, same weights
-    torch.testing.assert_close(scaled(images()), plain(images()), atol=1e-5, rtol=0)     # g = 1: h + (f(h) - h) = f(h)
+    # same seed, same weights
+    assert all(torch.equal(v, scaled_state[k]) for k, v in plain.state_dict().items())
+    # g = 1: h + (f(h) - h) = f(h)
+    torch.testing.assert_close(scaled(images()), plain(images()), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("share", ["block", "stack"])
@@ -198,7 +320,8 @@ def test_step_scale_scales_each_applications_update(share):
             torch.testing.assert_close(h, hs[0], atol=0, rtol=0)
     for k in (1, 2):        # fewer steps than R: still the scales of R-step indexing (the mix of equal steps)
         torch.testing.assert_close(model(images(), steps=k), model(images()), atol=1e-5, rtol=0)
-    i = 1 if share == "block" else L         # step 2 of block 1 (block share), or block 1 in the stack's step 2
+    # step 2 of block 1 (block share), or block 1 in the stack's step 2
+    i = 1 if share == "block" else L
     with torch.no_grad():
         model.step_scale[i] = 0.5
     h1, h2 = model.trace(images())["steps"][0][:2]
@@ -243,7 +366,8 @@ def test_block_and_stack_sharing_agree_with_one_block():
 def plain_vit(state, x, num_heads):
     """A ViT forward written from the equations, independent of srvit.py's modules."""
     s = state
-    t = F.conv2d(x, s["patch_embed.proj.weight"], s["patch_embed.proj.bias"], stride=s["patch_embed.proj.weight"].shape[-1])
+    t = F.conv2d(x, s["patch_embed.proj.weight"], s["patch_embed.proj.bias"],
+                 stride=s["patch_embed.proj.weight"].shape[-1])
     t = t.flatten(2).transpose(1, 2)
     t = torch.cat([s["cls_token"].expand(len(x), -1, -1), t], 1) + s["pos_embed"]
     B, T, D = t.shape
@@ -266,7 +390,8 @@ def test_depth_1_is_a_plain_vit():
     assert len(model.mixers) == 0
     x = images()
     with torch.no_grad():
-        torch.testing.assert_close(model(x), plain_vit(model.state_dict(), x, num_heads=2), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model(x), plain_vit(model.state_dict(), x, num_heads=2), atol=1e-5,
+                                   rtol=1e-4)
 
 
 @pytest.mark.parametrize("share", ["block", "stack"])
@@ -319,7 +444,8 @@ def test_router_scores_and_softmax_are_fp32_under_bf16():
     hs = [torch.randn(4, 9, 32) for _ in range(3)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, weights = mixer(hs)
-        hidden = [mixer.router.act(mixer.router.fc1(mixer.norm(h))).float() for h in hs]   # what bf16 gives fc2
+        # what bf16 gives fc2
+        hidden = [mixer.router.act(mixer.router.fc1(mixer.norm(h))).float() for h in hs]
     fc2 = mixer.router.fc2
     scores = torch.stack([(h @ fc2.weight.T + fc2.bias).squeeze(-1) for h in hidden], -1)  # fp32 reference
     assert weights.dtype == torch.float32 and scores.abs().mean() > 3
@@ -343,14 +469,18 @@ def test_grad_ckpt_also_checkpoints_the_routers():
 
 def test_saved_activations_are_activations_not_weights():
     torch.manual_seed(0)
-    model = SRViT(embed_dim=64, num_heads=2, num_layers=2, num_classes=10, img_size=64, patch_size=16, depth=2)
+    model = SRViT(embed_dim=64, num_heads=2, num_layers=2, num_classes=10, img_size=64, patch_size=16,
+                  depth=2)
     one, two = (bench_script().saved_activation_mib(model, torch.randn(b, 3, 64, 64)) for b in (1, 2))
-    assert one > 0.1 and two == pytest.approx(2 * one, rel=0.02)      # grows with the batch; the weights would not
+    # grows with the batch; the weights would not
+    assert one > 0.1 and two == pytest.approx(2 * one, rel=0.02)
 
 
 def test_clean_state_dict_strips_prefixes_only():
-    state = {"module._orig_mod.blocks.0.attn.qkv.weight": 1, "_orig_mod.head.weight": 2, "blocks.0.module.fc": 3}
-    assert srvit.clean_state_dict(state) == {"blocks.0.attn.qkv.weight": 1, "head.weight": 2, "blocks.0.module.fc": 3}
+    state = {"module._orig_mod.blocks.0.attn.qkv.weight": 1, "_orig_mod.head.weight": 2,
+             "blocks.0.module.fc": 3}
+    assert srvit.clean_state_dict(state) == {"blocks.0.attn.qkv.weight": 1, "head.weight": 2,
+                                             "blocks.0.module.fc": 3}
 
 
 def test_trace_returns_every_step_and_the_anytime_logits():
@@ -486,13 +616,15 @@ import train  # noqa: E402
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still work, and the
 # device loader uses them (results/loader-cpu.md).
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding "
+                                        "capabilities:DeprecationWarning")
 
 # A tiny model and FakeData: 256 images, 8 steps of 32 per epoch.
 FAST = ["--img-size", "32", "--patch-size", "8", "--embed-dim", "32", "--num-layers", "2", "--num-heads", "2",
         "--batch-size", "32", "--workers", "0", "--log-interval", "4"]
 # Every training test names its device: on a GPU machine the default would be cuda (bf16, GPU loaders).
-FAKE = ["--data", "fake", "--num-classes", "10", "--subset", "256", "--val-subset", "64", "--device", "cpu"] + FAST
+FAKE = ["--data", "fake", "--num-classes", "10", "--subset", "256", "--val-subset", "64", "--device",
+        "cpu"] + FAST
 
 
 def read_metrics(out_dir):
@@ -501,7 +633,8 @@ def read_metrics(out_dir):
 
 
 def epoch_rows(out_dir):
-    return [(r["epoch"], r["train_loss"], r["val_loss"], r["top1"]) for r in read_metrics(out_dir) if r["type"] == "epoch"]
+    return [(r["epoch"], r["train_loss"], r["val_loss"],
+             r["top1"]) for r in read_metrics(out_dir) if r["type"] == "epoch"]
 
 
 def weights(path):
@@ -513,9 +646,10 @@ def assert_same_weights(a, b):
 
 
 def run_train(args, env=None, timeout=300):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
-    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=HERE)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           **(env or {})}
+    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=HERE)
 
 
 def make_image_folder(root, splits=("train", "val"), classes=("cat", "dog"), n=12, size=32):
@@ -565,13 +699,14 @@ def test_train_one_epoch_runs_on_its_own():
     batches = type("Fixed", (), {"set_epoch": lambda self, e, start_batch=0: None,
                                  "__iter__": lambda self: iter([(x, y)] * 6)})()
     opt = torch.optim.AdamW(train.param_groups(model, 0.05), lr=1e-3)
-    run = train.Run(args, env, model, opt, torch.amp.GradScaler("cpu", enabled=False), batches, steps_per_epoch=3,
-                    num_classes=10)
+    run = train.Run(args, env, model, opt, torch.amp.GradScaler("cpu", enabled=False), batches,
+                    steps_per_epoch=3, num_classes=10)
     before = F.cross_entropy(model.eval()(x), y, label_smoothing=0.1).item()
     assert train.train_one_epoch(run, 0) is False
     state = asdict(run.progress)
     assert state["step"] == 3 and F.cross_entropy(model.eval()(x), y, label_smoothing=0.1).item() < before
-    assert 0.8 * before < state["loss_sum"] / 3 < before + 0.05     # per step the mean over its 2 micro-batches
+    # per step the mean over its 2 micro-batches
+    assert 0.8 * before < state["loss_sum"] / 3 < before + 0.05
 
 
 def test_a_lagging_loader_is_named_once_as_the_bound():
@@ -579,7 +714,8 @@ def test_a_lagging_loader_is_named_once_as_the_bound():
     args = train.get_args(FAST + ["--data", "fake", "--depth", "1", "--epochs", "1"])
     x, y = images(4), torch.arange(4)
 
-    def slow():                           # each batch takes 0.2 s to arrive; a tiny model's step, milliseconds
+    # each batch takes 0.2 s to arrive; a tiny model's step, milliseconds
+    def slow():
         for _ in range(8):
             time.sleep(0.2)
             yield x, y
@@ -587,7 +723,8 @@ def test_a_lagging_loader_is_named_once_as_the_bound():
     for loader, told in ((slow, True), (lambda: iter([(x, y)] * 8), False)):
         env = plumbing.Env(device=torch.device("cpu"), micro=4)
         env.log = lines.append
-        batches = type("Batches", (), {"set_epoch": lambda self, e, start_batch=0: None, "__iter__": lambda self: loader()})()
+        batches = type("Batches", (), {"set_epoch": lambda self, e, start_batch=0: None,
+                                       "__iter__": lambda self: loader()})()
         model = tiny(depth=1)
         run = train.Run(args, env, model, torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cpu", enabled=False),
                         batches, steps_per_epoch=8, num_classes=10, log_interval=2)
@@ -600,7 +737,8 @@ def test_a_lagging_loader_is_named_once_as_the_bound():
 def test_memory_loader_matches_the_pil_path_without_augmentation(tmp_path):
     # Same images, same order, same normalisation: the fast path changes speed, not data.
     root = make_image_folder(tmp_path / "data", n=8)
-    args = train.get_args(["--data", "folder", "--data-path", root, "--crop-padding", "0", "--hflip", "0"] + FAST + ["--batch-size", "8"])
+    args = train.get_args(["--data", "folder", "--data-path", root, "--crop-padding", "0", "--hflip",
+                           "0"] + FAST + ["--batch-size", "8"])
     env = SimpleNamespace(rank=0, world=1, micro=8, device=torch.device("cpu"), log=lambda *a: None)
     batches = {}
     for loader in ("memory", "pil"):
@@ -624,7 +762,8 @@ def smooth_image(g, height, width, mode="RGB"):
 
 
 def deit_augment(size=96):
-    args = train.get_args(["--data", "fake", "--recipe", "deit", "--img-size", str(size), "--patch-size", "16"])
+    args = train.get_args(["--data", "fake", "--recipe", "deit", "--img-size", str(size), "--patch-size",
+                           "16"])
     return args, loaders.DeviceAugment(args, torch.device("cpu")), loaders.transforms(args, train=True)
 
 
@@ -651,16 +790,21 @@ def test_device_ops_match_pil_on_fixed_draws():
         for sign in ((1, -1) if signed else (1,)):
             magnitude = sign * float(m[9]) if m is not None else 0.0
             want = torch.from_numpy(np.array(ra._apply_image_or_video_transform(
-                image, name, magnitude, interpolation=v2.InterpolationMode.BICUBIC, fill=ra._fill))).permute(2, 0, 1)
-            tv = ra._apply_image_or_video_transform(x, name, magnitude, interpolation=v2.InterpolationMode.BILINEAR,
-                                                     fill=ra._fill)[0]                  # torchvision's tensor op
+                image, name, magnitude, interpolation=v2.InterpolationMode.BICUBIC,
+                fill=ra._fill))).permute(2, 0, 1)
+            tv = ra._apply_image_or_video_transform(x, name, magnitude,
+                                                     interpolation=v2.InterpolationMode.BILINEAR,
+                                                     # torchvision's tensor op
+                                                     fill=ra._fill)[0]
             made = aug.made_once()
-            if name in loaders.AFFINE_OPS:                                               # the device path's own
+            # the device path's own
+            if name in loaders.AFFINE_OPS:
                 theta = torch.tensor([loaders.affine_theta(name, magnitude, 96)])
                 got = loaders.affine(x, theta, made["grid"], made["fill"])[0]
             else:
                 got = loaders.colour_op(ra, x, name, magnitude, made["blur"])[0]
-            assert (got.int() - tv.int()).abs().max() <= 1, name                         # batched = torchvision's
+            # batched = torchvision's
+            assert (got.int() - tv.int()).abs().max() <= 1, name
             diff = (want.int() - got.int()).abs().float()
             geometric = name in ("ShearX", "ShearY", "Rotate")
             assert diff.mean() <= (1.5 if geometric else 0.5), (name, magnitude, diff.mean())
@@ -668,11 +812,13 @@ def test_device_ops_match_pil_on_fixed_draws():
                 assert not torch.equal(got, x[0])        # the op did something
 
 
-@pytest.mark.parametrize("flags", [[], ["--randaug", "0"], ["--erasing", "0"], ["--hflip", "0"], ["--erasing", "1"]])
+@pytest.mark.parametrize("flags", [[], ["--randaug", "0"], ["--erasing", "0"], ["--hflip", "0"],
+                                   ["--erasing", "1"]])
 def test_device_path_draws_exactly_what_the_pil_path_draws(flags):
     # The PIL path's transforms, instrumented: each records the parameters it used when it ran.
     from torchvision.transforms import v2
-    args = train.get_args(["--data", "fake", "--recipe", "deit", "--img-size", "96", "--patch-size", "16", *flags])
+    args = train.get_args(["--data", "fake", "--recipe", "deit", "--img-size", "96", "--patch-size", "16",
+                           *flags])
     aug, pil = loaders.DeviceAugment(args, torch.device("cpu")), loaders.transforms(args, train=True)
     eraser, seen = loaders.eraser(args), {}
 
@@ -685,7 +831,8 @@ def test_device_path_draws_exactly_what_the_pil_path_draws(flags):
             t.transform = recording("flip", t.transform, lambda a, k, out: True)
         elif isinstance(t, v2.RandomApply):
             ra = t.transforms[0]
-            ra._apply_image_or_video_transform = recording(n, ra._apply_image_or_video_transform, lambda a, k, out: (a[1], a[2]))
+            ra._apply_image_or_video_transform = recording(n, ra._apply_image_or_video_transform, lambda a,
+                                                           k, out: (a[1], a[2]))
     if eraser:
         eraser.make_params = recording("erase", eraser.make_params,
                                        lambda a, k, p: p["v"] is not None and (p["i"], p["j"], p["h"], p["w"], p["v"]))
@@ -716,10 +863,12 @@ def test_device_path_draws_and_augments_as_the_pil_path():
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
             pixels, box = pil(image), loaders.draw_erasing(loaders.eraser(args), 96)   # as a PIL worker does
-        want = loaders.erase(loaders.normalize_image(pixels[None], 96), *loaders.erasing_table([box]))[0]   # (3, 96, 96)
+        # (3, 96, 96)
+        want = loaders.erase(loaders.normalize_image(pixels[None], 96), *loaders.erasing_table([box]))[0]
         got, other = (aug(aug.decode([encoded(image, "PNG")], ["x"]), [aug.draw(s, image.height, image.width)])[0]
                       for s in (seed, seed + 1000))
-        diffs.append((((want - got) * std * 255).abs().mean().item(), ((want - other) * std * 255).abs().mean().item()))
+        diffs.append((((want - got) * std * 255).abs().mean().item(),
+                      ((want - other) * std * 255).abs().mean().item()))
     assert max(d for d, _ in diffs) <= 2.0, diffs
     assert min(o for _, o in diffs) > 10, diffs
     draws = [aug.draw(s, 150, 120) for s in range(200)]
@@ -735,8 +884,10 @@ def test_loader_auto_is_the_device_path_on_gpus_for_image_files(tmp_path):
     args = train.get_args(["--data-path", root])
     assert args.recipe == "deit" and loaders.use_device(args, cuda) and not loaders.use_device(args, cpu)
     assert loaders.loader_name(args, cuda) == "device loader" and loaders.loader_name(args, cpu) == "PIL loader"
-    assert not loaders.use_device(train.get_args(["--data", "fake"]), cuda)                   # no files to read
-    assert not loaders.use_device(train.get_args(["--data", "cifar10"]), cuda)                # small: in memory
+    # no files to read
+    assert not loaders.use_device(train.get_args(["--data", "fake"]), cuda)
+    # small: in memory
+    assert not loaders.use_device(train.get_args(["--data", "cifar10"]), cuda)
 
 
 def test_device_augment_pickles_for_spawned_workers():
@@ -756,7 +907,8 @@ def test_device_path_decodes_greyscale_cmyk_and_png_as_pil_does():
         want = torch.from_numpy(np.array(Image.open(io.BytesIO(data.numpy().tobytes())).convert("RGB"))).permute(2, 0, 1)
         (got,) = aug.decode([data], ["x"])
         assert got.shape == (3, 40, 50) and (got.int() - want.int()).abs().max() <= 1, (mode, fmt)
-    for fmt, mode in (("BMP", "RGB"), ("TIFF", "RGB"), ("PPM", "RGB"), ("PNG", "I;16")):   # what decode_image rejects
+    # what decode_image rejects
+    for fmt, mode in (("BMP", "RGB"), ("TIFF", "RGB"), ("PPM", "RGB"), ("PNG", "I;16")):
         image = smooth_image(g, 30, 20)
         grey = torch.from_numpy(np.array(image.convert("L")))                       # (30, 20) uint8
         if mode == "I;16":                                          # the full 16-bit range: grey x 257
@@ -784,13 +936,15 @@ def test_device_path_applies_each_sample_its_own_ops_and_a_resumed_epoch_repeats
     whole = list(loader)
     loader.set_epoch(1, start_batch=2)
     resumed = list(loader)
-    assert len(resumed) == 2 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(resumed, whole[2:]))
+    assert len(resumed) == 2 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a,
+                                     b in zip(resumed, whole[2:]))
     args.workers = 2                                   # the same batches from loader worker processes
     loader_w = loaders.build_loaders(args, env)[0]
     loader_w.set_epoch(1)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(loader_w, whole))
     items = [loader.loader.dataset[key] for key in list(loader.sampler)[:8]]
-    assert len({d[2] for _, _, d, _ in items} | {d[3] for _, _, d, _ in items}) > 2   # the samples drew different ops
+    # the samples drew different ops
+    assert len({d[2] for _, _, d, _ in items} | {d[3] for _, _, d, _ in items}) > 2
     together, labels = loader.on_device(loader.augment.collate(items))
     assert labels.tolist() == [label for _, label, _, _ in items]
     for b in range(8):
@@ -859,24 +1013,27 @@ def test_help_shows_each_recipes_defaults(capsys):
         train.get_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     for fragment in ("--epochs EPOCHS [deit: 300; small-images: 30]", "[deit: timm; small-images: torch]",
-                     "[deit: zeros; small-images: reflect]", "[deit: 5e-4 x batch / 512; small-images: 0.001]",
-                     "recursion steps R (default: 2)", "(default: soft)", "--seed SEED (default: 0)"):
+                     "[deit: zeros; small-images: reflect]",
+                     "[deit: 5e-4 x batch / 512; small-images: 0.001]", "recursion steps R (default: 2)",
+                     "(default: soft)", "--seed SEED (default: 0)"):
         assert fragment in text, fragment
 
 
 def test_startup_line_names_data_size_recipe_epochs_and_batch(tmp_path, capsys):
     train.main(FAKE + ["--depth", "1", "--epochs", "1", "--out-dir", str(tmp_path / "run")])
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("data "))
-    for fragment in ("data fake", "256 train images", "10 classes", "32 px", "recipe small-images", "1 epochs",
-                     "batch 32", "init torch"):
+    for fragment in ("data fake", "256 train images", "10 classes", "32 px", "recipe small-images",
+                     "1 epochs", "batch 32", "init torch"):
         assert fragment in line, (fragment, line)
 
 
 def test_init_is_a_recipe_setting_and_deit_keeps_timms():
     timm, torch_init = tiny(init="timm"), tiny(init="torch")
     fc1 = lambda m: m.blocks[0].mlp.fc1                              # (128, 32): fan-in 32
-    assert 0.017 < fc1(timm).weight.std() < 0.021 and fc1(timm).bias.abs().max() == 0          # trunc-normal 0.02
-    assert abs(fc1(torch_init).weight.std() - 1 / math.sqrt(3 * 32)) < 0.01                  # U(+-1/sqrt(fan_in))
+    # trunc-normal 0.02
+    assert 0.017 < fc1(timm).weight.std() < 0.021 and fc1(timm).bias.abs().max() == 0
+    # U(+-1/sqrt(fan_in))
+    assert abs(fc1(torch_init).weight.std() - 1 / math.sqrt(3 * 32)) < 0.01
     assert fc1(torch_init).bias.abs().max() > 0
     assert torch.equal(timm.pos_embed, tiny(init="timm").pos_embed)       # same seed, same weights
     assert srvit_small().config.init == "timm" and train.get_args(["--data", "imagenet"]).init == "timm"
@@ -898,9 +1055,24 @@ def test_cosine_schedule_ends_at_the_floor_and_deit_keeps_its_offset():
     assert args.schedule == "cosine" and args.lr == 1e-3
     lr = lambda epoch: train.lr_at(round(epoch * 100), 100, args)
     assert lr(1) == pytest.approx(1e-3) and lr(3) == pytest.approx((1e-3 + 1e-5) / 2)
-    assert lr(5) == pytest.approx(1e-5) and lr(4.99) < 2e-5                     # the last epoch ends at the floor
+    # the last epoch ends at the floor
+    assert lr(5) == pytest.approx(1e-5) and lr(4.99) < 2e-5
     args.schedule = "deit"
     assert lr(4.99) > 1e-4                                                   # DeiT's offset: 10x the floor
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "deit"])
+def test_lr_schedule_equals_its_formula_at_every_step(schedule):
+    args = train.get_args(FAST + ["--epochs", "6", "--warmup-epochs", "1.5", "--lr", "2e-3", "--min-lr",
+                                  "1e-5", "--schedule", schedule])
+    for step in range(0, 600, 7):                                  # 100 steps per epoch
+        e = step / 100
+        if e < 1.5:
+            want = 1e-6 + (2e-3 - 1e-6) * e / 1.5                   # linear warm-up from 1e-6
+        else:
+            t = max(e - 1, 0) / 6 if schedule == "deit" else (e - 1.5) / 4.5
+            want = 1e-5 + 0.5 * (2e-3 - 1e-5) * (1 + math.cos(math.pi * t))
+        assert train.lr_at(step, 100, args) == pytest.approx(want, rel=1e-12), step
 
 
 def test_resume_compares_every_argument_but_the_ones_that_may_change(tmp_path):
@@ -908,14 +1080,18 @@ def test_resume_compares_every_argument_but_the_ones_that_may_change(tmp_path):
     train.main(FAKE + ["--depth", "1", "--epochs", "1", "--out-dir", out])
     user_error(FAKE + ["--depth", "1", "--epochs", "1", "--pad-mode", "zeros", "--out-dir", out],
                "another recipe", "pad_mode: 'reflect' then, 'zeros' now")
-    user_error(FAKE + ["--depth", "1", "--epochs", "1", "--init", "timm", "--out-dir", out], "another model", "init: 'torch'")
-    train.main(FAKE + ["--depth", "1", "--epochs", "1", "--log-interval", "2", "--save-every", "5", "--out-dir", out])
-    train.main(FAKE + ["--depth", "1", "--epochs", "1", "--model", "tiny", "--out-dir", out])   # the same dims: the same model
+    user_error(FAKE + ["--depth", "1", "--epochs", "1", "--init", "timm", "--out-dir", out], "another model",
+               "init: 'torch'")
+    train.main(FAKE + ["--depth", "1", "--epochs", "1", "--log-interval", "2", "--save-every", "5",
+                       "--out-dir", out])
+    # the same dims: the same model
+    train.main(FAKE + ["--depth", "1", "--epochs", "1", "--model", "tiny", "--out-dir", out])
     for loader in ("memory", "pil"):   # the same augmentations in the same order, by another loader
         train.main(FAKE + ["--depth", "1", "--epochs", "1", "--loader", loader, "--out-dir", out])
     for amp in ("bf16", "fp16"):   # precision follows the device (fp16: a fresh loss scale)
         train.main(FAKE + ["--depth", "1", "--epochs", "1", "--amp", amp, "--out-dir", out])
-    user_error(FAKE + ["--depth", "1", "--epochs", "1", "--model", "tiny", "--embed-dim", "48", "--out-dir", out],
+    user_error(FAKE + ["--depth", "1", "--epochs", "1", "--model", "tiny", "--embed-dim", "48", "--out-dir",
+                       out],
                "another model", "embed_dim: 32 then, 48 now")
     # A checkpoint from before --init/--pad-mode/--schedule holds none of them: it was timm, zeros, deit.
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
@@ -923,7 +1099,8 @@ def test_resume_compares_every_argument_but_the_ones_that_may_change(tmp_path):
         ckpt["args"].pop(key), ckpt["config"].pop(key, None)
     torch.save(ckpt, os.path.join(out, "last.pt"))
     user_error(FAKE + ["--depth", "1", "--epochs", "1", "--init", "timm", "--out-dir", out],
-               "another recipe", "pad_mode: 'zeros' then, 'reflect' now", "schedule: 'deit' then, 'cosine' now")
+               "another recipe", "pad_mode: 'zeros' then, 'reflect' now",
+               "schedule: 'deit' then, 'cosine' now")
     assert set(vars(train.get_args(FAKE))) - train.MAY_CHANGE >= {"pad_mode", "schedule", "init", "recipe"}
 
 
@@ -938,7 +1115,8 @@ def test_evaluation_shows_progress_on_long_splits(monkeypatch):
 
 
 def test_explicit_model_flag_wins_and_names_say_what_was_built():
-    small = train.get_args(["--data", "cifar10", "--model", "small"])   # 32 px CIFAR: the recipe must not shrink it
+    # 32 px CIFAR: the recipe must not shrink it
+    small = train.get_args(["--data", "cifar10", "--model", "small"])
     assert (small.embed_dim, small.num_layers, small.num_heads, small.patch_size) == (384, 12, 6, 4)
     assert "cifar10-small-R2" in small.out_dir
     default = train.get_args(["--data", "cifar10"])
@@ -951,7 +1129,8 @@ def test_random_streams_of_seeds_epochs_and_ranks_never_collide():
     # The old scheme seed*10000 + epoch*100 + rank made seed 0 at epoch 100 replay seed 1 at epoch 0.
     keys = [(s, e, r) for s in range(4) for e in range(300) for r in range(8)]
     assert len({loaders.seed_for("step", s, e, r, 0) for s, e, r in keys}) == len(keys)
-    order = lambda seed, epoch: (s := loaders.RepeatedAugSampler(1000, 0, 1, 1, seed), s.set_epoch(epoch), s.indices())[-1]
+    order = lambda seed, epoch: (s := loaders.RepeatedAugSampler(1000, 0, 1, 1, seed), s.set_epoch(epoch),
+                                 s.indices())[-1]
     assert not torch.equal(order(0, 100), order(1, 0)) and torch.equal(order(0, 100), order(0, 100))
 
 
@@ -1002,7 +1181,8 @@ def test_randaugment_and_erasing_match_deits_strength():
     assert at("TranslateX") == pytest.approx(90.7, rel=0.01)
     assert at("Brightness") == pytest.approx(0.81) and at("Color") == pytest.approx(0.81)
     erasing = loaders.eraser(args)
-    assert isinstance(erasing, v2.RandomErasing) and erasing.p == 0.25 and erasing.value is None   # per-pixel noise
+    # per-pixel noise
+    assert isinstance(erasing, v2.RandomErasing) and erasing.p == 0.25 and erasing.value is None
     torch.manual_seed(0)
     erasing.p = 1.0                                # our pipeline's eraser, made to fire
     erased = erasing(torch.ones(3, 64, 64))
@@ -1012,10 +1192,10 @@ def test_randaugment_and_erasing_match_deits_strength():
 def test_deit_224px_pil_path_runs_on_a_generated_folder(tmp_path):
     root = make_image_folder(tmp_path / "data", n=6, size=240)
     out = str(tmp_path / "run")
-    train.main(["--data", "folder", "--data-path", root, "--device", "cpu", "--img-size", "224", "--patch-size", "32",
-                "--embed-dim", "32",
-                "--num-layers", "1", "--num-heads", "2", "--batch-size", "12", "--micro-batch", "6", "--epochs", "1",
-                "--workers", "0", "--out-dir", out])
+    train.main(["--data", "folder", "--data-path", root, "--device", "cpu", "--img-size", "224",
+                "--patch-size", "32", "--embed-dim", "32",
+                "--num-layers", "1", "--num-heads", "2", "--batch-size", "12", "--micro-batch", "6",
+                "--epochs", "1", "--workers", "0", "--out-dir", out])
     run, epoch = read_metrics(out)
     a = run["args"]
     assert (a["randaug"], a["erasing"], a["mixup"], a["cutmix"], a["repeated_aug"], a["loader"]) == (9, 0.25, 0.8, 1.0, 3, "auto")
@@ -1030,7 +1210,8 @@ def test_lr_schedule_follows_deit():
     assert args.lr == pytest.approx(1e-3) and (args.epochs, args.warmup_epochs, args.min_lr) == (300, 5, 1e-5)
     per_epoch = 100
     lr = lambda step: train.lr_at(step, per_epoch, args)
-    assert lr(0) == pytest.approx(1e-6) and lr(5 * per_epoch) == pytest.approx(1e-3, rel=1e-3)       # end of warm-up
+    # end of warm-up
+    assert lr(0) == pytest.approx(1e-6) and lr(5 * per_epoch) == pytest.approx(1e-3, rel=1e-3)
     deit = lambda e: 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * (e - 1) / 300))
     assert deit(100) == pytest.approx(7.570e-4, rel=1e-3) and deit(299) == pytest.approx(1.011e-5, rel=1e-3)
     for epoch in range(6, 300):      # DeiT holds one value per epoch; ours at the epoch's first step
@@ -1045,6 +1226,29 @@ def test_weight_decay_groups_follow_timm_for_deit_s():
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
     assert len(no_decay["params"]) == 102 and sum(p.numel() for p in no_decay["params"]) == 138_088
     assert sum(p.numel() for p in decay["params"]) == 22_050_664 - 138_088
+
+
+def test_resume_under_gradient_accumulation_repeats_the_uninterrupted_run(tmp_path, monkeypatch):
+    # 2 micro-batches of 16 per step of 32: a stop after step 3 resumes at micro-batch 6 of the epoch,
+    # not at batch 3, and the finished run equals the uninterrupted one, weights and rows.
+    args = FAKE + ["--depth", "2", "--epochs", "2", "--micro-batch", "16", "--drop-path", "0.1"]
+    whole = train.main(args + ["--out-dir", str(tmp_path / "whole")])
+    lr_at, calls = train.lr_at, []
+
+    def signal_at_step_3(*a):                 # 2 param groups: lr_at is called twice per step
+        calls.append(1)
+        if len(calls) == 2 * 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return lr_at(*a)
+    monkeypatch.setattr(train, "lr_at", signal_at_step_3)
+    cut = str(tmp_path / "cut")
+    with pytest.raises(plumbing.Stopped):
+        train.main(args + ["--out-dir", cut])
+    assert torch.load(os.path.join(cut, "last.pt"), weights_only=True)["step"] == 3
+    monkeypatch.setattr(train, "lr_at", lr_at)
+    resumed = train.main(args + ["--out-dir", cut])
+    assert epoch_rows(cut) == epoch_rows(str(tmp_path / "whole"))
+    assert_same_weights(resumed.state_dict(), whole.state_dict())
 
 
 @pytest.mark.parametrize("loader", ["memory", "pil"])
@@ -1076,7 +1280,8 @@ def test_save_every_writes_mid_epoch_checkpoints(tmp_path, monkeypatch):
     saved = []
     save = plumbing.OutDir.save
     monkeypatch.setattr(plumbing.OutDir, "save", lambda self, ckpt, path: (saved.append((ckpt["epoch"], ckpt["step"])), save(self, ckpt, path)))
-    train.main(FAKE + ["--depth", "1", "--epochs", "1", "--save-every", "3", "--out-dir", str(tmp_path / "run")])
+    train.main(FAKE + ["--depth", "1", "--epochs", "1", "--save-every", "3", "--out-dir",
+                       str(tmp_path / "run")])
     assert saved[:2] == [(0, 3), (0, 6)] and saved[-1] == (1, 0)
 
 
@@ -1122,7 +1327,8 @@ def test_kill_between_best_and_last_keeps_the_best_model(tmp_path, monkeypatch):
     args = FAKE + ["--depth", "1", "--epochs", "3", "--out-dir", out]
     with pytest.raises(Crash):
         train.main(args)
-    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["epoch"] == 1     # best.pt is ahead of it
+    # best.pt is ahead of it
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["epoch"] == 1
     killed_best = torch.load(os.path.join(out, "best.pt"), weights_only=True)
     monkeypatch.setattr(plumbing.OutDir, "save", save)
     train.main(args)
@@ -1153,8 +1359,9 @@ def test_second_run_is_refused_while_the_first_holds_the_out_dir(tmp_path):
     out = str(tmp_path / "run")
     # The first run uses the PIL loader with a worker process, and gets SIGTERM as Slurm sends it:
     # to the whole process group, loader worker included.
-    first = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "train.py"), *FAKE, "--subset", "2048", "--epochs", "50",
-                              "--loader", "pil", "--workers", "1", "--out-dir", out], stdout=subprocess.PIPE,
+    first = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "train.py"), *FAKE, "--subset",
+                              "2048", "--epochs", "50", "--loader", "pil", "--workers", "1", "--out-dir",
+                              out], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"},
                              start_new_session=True)
     try:
@@ -1193,14 +1400,17 @@ def test_kill_9_then_resume_repeats_the_uninterrupted_run_and_no_lock_is_left(tm
 def test_resume_refuses_other_data_or_recipe_and_never_overwrites(tmp_path):
     out = str(tmp_path / "run")
     train.main(FAKE + ["--depth", "1", "--epochs", "1", "--out-dir", out])
-    user_error(FAKE + ["--depth", "2", "--epochs", "1", "--out-dir", out], "another model", "depth: 1 then, 2 now")
+    user_error(FAKE + ["--depth", "2", "--epochs", "1", "--out-dir", out], "another model",
+               "depth: 1 then, 2 now")
     user_error(FAKE + ["--depth", "1", "--epochs", "1", "--subset", "128", "--out-dir", out],
                "another data", "train_images: 256 then, 128 now")
     user_error(FAKE + ["--depth", "1", "--epochs", "1", "--lr", "0.01", "--seed", "3", "--out-dir", out],
                "another recipe", "lr: 0.001 then, 0.01 now", "seed: 0 then, 3 now")
-    user_error(FAKE + ["--depth", "1", "--epochs", "1", "--smoothing", "0", "--out-dir", out], "smoothing: 0.1 then, 0.0 now")
+    user_error(FAKE + ["--depth", "1", "--epochs", "1", "--smoothing", "0", "--out-dir", out],
+               "smoothing: 0.1 then, 0.0 now")
     before = open(os.path.join(out, "last.pt"), "rb").read()
-    user_error(FAKE + ["--depth", "1", "--epochs", "1", "--resume", "no", "--out-dir", out], "--resume no", "nothing is overwritten")
+    user_error(FAKE + ["--depth", "1", "--epochs", "1", "--resume", "no", "--out-dir", out], "--resume no",
+               "nothing is overwritten")
     assert open(os.path.join(out, "last.pt"), "rb").read() == before
 
 
@@ -1220,7 +1430,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     assert (open(last, "rb").read(), open(os.path.join(out, "best.pt"), "rb").read()) == before
     assert [r[0] for r in epoch_rows(out)] == [1]
     fresh = str(tmp_path / "fresh")          # NaN before any checkpoint: no claim of one
-    user_error(FAKE + ["--depth", "1", "--epochs", "1", "--lr", "1e30", "--warmup-epochs", "0", "--out-dir", fresh],
+    user_error(FAKE + ["--depth", "1", "--epochs", "1", "--lr", "1e30", "--warmup-epochs", "0", "--out-dir",
+                       fresh],
                "no checkpoint had been written yet")
 
 
@@ -1235,9 +1446,11 @@ def test_full_disk_leaves_the_previous_checkpoint_and_no_tmp(tmp_path, monkeypat
         if len(calls) == 3:
             raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4416 vs 4314")
     monkeypatch.setattr(torch, "save", disk_full_on_third_save)
-    user_error(FAKE + ["--depth", "1", "--epochs", "2", "--save-every", "4", "--out-dir", out], "could not write", "disk full")
+    user_error(FAKE + ["--depth", "1", "--epochs", "2", "--save-every", "4", "--out-dir", out],
+               "could not write", "disk full")
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
-    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["step"] == 4     # the previous save, whole
+    # the previous save, whole
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["step"] == 4
 
 
 def test_a_write_error_without_a_message_still_gives_one_line(tmp_path, monkeypatch):
@@ -1249,12 +1462,14 @@ def test_a_write_error_without_a_message_still_gives_one_line(tmp_path, monkeypa
 
 @pytest.mark.parametrize("flags, message", [
     (["--lr", "-0.001"], "--lr must be > 0"), (["--batch-size", "0"], "--batch-size must be > 0"),
-    (["--batch-size", "-32"], "--batch-size must be > 0"), (["--micro-batch", "-8"], "--micro-batch must be > 0"),
+    (["--batch-size", "-32"], "--batch-size must be > 0"), (["--micro-batch", "-8"],
+                                                            "--micro-batch must be > 0"),
     (["--num-heads", "0"], "--num-heads must be > 0"), (["--patch-size", "0"], "--patch-size must be > 0"),
     (["--repeated-aug", "0"], "--repeated-aug must be > 0"), (["--workers", "-1"], "--workers must be >= 0"),
-    (["--epochs", "0"], "--epochs must be > 0"), (["--lr", "0"], "--lr must be > 0"), (["--hflip", "1.5"], "--hflip must be in [0, 1]"),
+    (["--epochs", "0"], "--epochs must be > 0"), (["--lr", "0"], "--lr must be > 0"), (["--hflip", "1.5"], "--hflip must be in " "[0, 1]"),
     (["--depth", "0"], "--depth must be > 0"), (["--patch-size", "5"], "not divisible by patch_size 5"),
-    (["--randaug", "31"], "--randaug must be in 0..10"), (["--loader", "memory", "--randaug", "9"], "--loader memory"),
+    (["--randaug", "31"], "--randaug must be in 0..10"), (["--loader", "memory", "--randaug", "9"],
+                                                          "--loader memory"),
     (["--loader", "device"], "--loader device is DeiT's recipe from image files"),
     (["--device", "gpu"], "use cpu, cuda or cuda:N"), (["--device", "cuda:abc"], "use cpu, cuda or cuda:N"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA GPU")]))
@@ -1273,7 +1488,8 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     root = make_image_folder(tmp_path / "data", n=4)
     with open(os.path.join(root, "train", "cat", "broken.jpg"), "wb") as f:
         f.write(b"not a jpeg")
-    res = run_train(["--data", "folder", "--data-path", root, "--epochs", "1", "--loader", "pil"] + FAST[:-6] +
+    res = run_train(["--data", "folder", "--data-path", root, "--epochs", "1", "--loader",
+                     "pil"] + FAST[:-6] +
                     ["--batch-size", "3", "--workers", "2"])
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.startswith("error: cannot read image") and "broken.jpg" in res.stderr and res.stderr.count("\n") == 1
@@ -1296,8 +1512,8 @@ def test_every_rank_reports_its_own_failure(capsys):
     assert capsys.readouterr().err == ""
     os.environ.update(RANK="3", WORLD_SIZE="4")
     try:   # a stop only this rank knows the reason for (its loader worker died): it says so itself
-        assert plumbing.cli(lambda argv: (_ for _ in ()).throw(plumbing.Stopped("stopped by SIGTERM; a worker died", 143, shared=False))) == 143
-        assert plumbing.cli(lambda argv: (_ for _ in ()).throw(plumbing.Stopped("stopped by SIGTERM at step 10", 143))) == 143
+        assert plumbing.cli(lambda argv: (_ for _ in ()).throw(plumbing.Stopped("stopped by SIGTERM; a " "worker died", 143, shared=False))) == 143
+        assert plumbing.cli(lambda argv: (_ for _ in ()).throw(plumbing.Stopped("stopped by SIGTERM at step " "10", 143))) == 143
     finally:
         os.environ.pop("RANK"), os.environ.pop("WORLD_SIZE")
     assert capsys.readouterr().err == "(rank 3) stopped by SIGTERM; a worker died\n"
@@ -1307,11 +1523,11 @@ def test_torchrun_with_accumulation_equals_one_process_and_exits_0(tmp_path):
     # One optimizer step of 2 ranks x micro-batch 4 x 2 accumulation steps = the same global batch
     # of 16 in one process; no MixUp, drop path or augmentation. Run twice: a finished DDP run
     # exits 0 every time (it used to exit 1 now and then in process-group teardown).
-    flags = ["--data", "fake", "--device", "cpu", "--num-classes", "10", "--subset", "16", "--val-subset", "7",
-             "--img-size", "32",
-             "--patch-size", "8", "--embed-dim", "32", "--num-layers", "2", "--num-heads", "2", "--depth", "2",
-             "--batch-size", "16", "--epochs", "1", "--warmup-epochs", "0", "--lr", "1e-2", "--hflip", "0",
-             "--crop-padding", "0", "--workers", "0"]
+    flags = ["--data", "fake", "--device", "cpu", "--num-classes", "10", "--subset", "16", "--val-subset",
+             "7", "--img-size", "32",
+             "--patch-size", "8", "--embed-dim", "32", "--num-layers", "2", "--num-heads", "2", "--depth",
+             "2", "--batch-size", "16", "--epochs", "1", "--warmup-epochs", "0", "--lr", "1e-2", "--hflip",
+             "0", "--crop-padding", "0", "--workers", "0"]
     single = train.main(flags + ["--out-dir", str(tmp_path / "single")]).state_dict()
     start = build_like(single)
     for attempt in range(2):
@@ -1354,18 +1570,19 @@ def test_two_nodes_with_local_disks_refuse_a_restart_instead_of_hanging(tmp_path
     with socket_.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    flags = FAKE + ["--subset", "32", "--val-subset", "8", "--batch-size", "16", "--depth", "1", "--epochs", "1",
-                    "--out-dir", "run"]
+    flags = FAKE + ["--subset", "32", "--val-subset", "8", "--batch-size", "16", "--depth", "1", "--epochs",
+                    "1", "--out-dir", "run"]
 
     def launch(attempt):
         procs = []
         for node in (0, 1):
             cwd = tmp_path / f"node{node}"
             cwd.mkdir(exist_ok=True)
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
-                   "--master_addr=127.0.0.1", f"--master_port={port + attempt}", os.path.join(HERE, "train.py"), *flags]
-            procs.append(subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                          env={**os.environ, "OMP_NUM_THREADS": "1"}))
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+                   "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port + attempt}",
+                   os.path.join(HERE, "train.py"), *flags]
+            procs.append(subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}))
         try:
             return [(p.wait(timeout=240), p.stderr.read()) for p in procs]
         finally:
@@ -1391,9 +1608,9 @@ def test_sigterm_to_a_ddp_job_stops_every_rank_at_the_same_agreed_step(tmp_path)
     # step, every rank ending with the one line, nobody left waiting in a collective.
     import time
     out, log, err_file = str(tmp_path / "run"), tmp_path / "stdout", tmp_path / "stderr"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(HERE, "train.py"),
-           *FAKE, "--subset", "4096", "--epochs", "50", "--loader", "pil", "--workers", "1", "--log-interval", "1",
-           "--out-dir", out]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "train.py"), *FAKE, "--subset", "4096", "--epochs", "50", "--loader", "pil",
+           "--workers", "1", "--log-interval", "1", "--out-dir", out]
     with open(log, "w") as stdout, open(err_file, "w") as stderr:      # files: no pipe fills up and blocks
         job = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, cwd=HERE, start_new_session=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
@@ -1417,7 +1634,8 @@ def test_sigterm_to_a_ddp_job_stops_every_rank_at_the_same_agreed_step(tmp_path)
 def build_like(state):
     """The initial weights of the run that produced `state` (seed 0, same shapes)."""
     torch.manual_seed(0)
-    model = SRViT(img_size=32, patch_size=8, embed_dim=32, num_layers=2, num_heads=2, num_classes=10, depth=2, init="torch")
+    model = SRViT(img_size=32, patch_size=8, embed_dim=32, num_layers=2, num_heads=2, num_classes=10,
+                  depth=2, init="torch")
     assert model.state_dict().keys() == state.keys()
     return model.state_dict()
 
@@ -1426,8 +1644,9 @@ def build_like(state):
                     reason="../shared/data/cifar10 is not present (real-data check)")
 def test_learns_real_cifar10_subset(tmp_path):
     out = str(tmp_path / "run")
-    train.main(["--data", "cifar10", "--data-path", CIFAR, "--device", "cpu", "--subset", "4000", "--val-subset", "1000",
-                "--epochs", "3", "--lr", "2e-3", "--depth", "2", "--out-dir", out] + FAST[:-6] + ["--batch-size", "64", "--workers", "0"])
+    train.main(["--data", "cifar10", "--data-path", CIFAR, "--device", "cpu", "--subset", "4000",
+                "--val-subset", "1000", "--epochs", "3", "--lr", "2e-3", "--depth", "2", "--out-dir",
+                out] + FAST[:-6] + ["--batch-size", "64", "--workers", "0"])
     epochs = [r for r in read_metrics(out) if r["type"] == "epoch"]
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"] - 0.1
     assert epochs[-1]["top1"] > 25          # chance is 10%
@@ -1448,13 +1667,31 @@ def trained_runs(tmp_path_factory):
     return root
 
 
+def test_eval_anytime_table_is_what_the_model_gives_with_k_steps(trained_runs):
+    ckpt = str(trained_runs / "R3" / "last.pt")
+    res = srvit_eval.main(["--checkpoint", ckpt, "--device", "cpu", "--steps", "all", "--workers", "0"])
+    model, saved = srvit_eval.load_checkpoint(ckpt)
+    targs = SimpleNamespace(**{**saved["args"], "img_size": 32})
+    val, _ = loaders.build_dataset(targs, "val", loaders.transforms(targs, train=False))
+    x = loaders.normalize_image(torch.stack([v[0] for v in val]), 32)
+    y = torch.tensor([int(v[1]) for v in val])
+    with torch.no_grad():
+        for row in res["anytime"]:
+            top1 = 100 * (model(x, steps=row["steps"]).argmax(1) == y).float().mean().item()
+            assert row["top1"] == pytest.approx(top1, abs=1e-9), row
+    steps2 = srvit_eval.main(["--checkpoint", ckpt, "--device", "cpu", "--steps", "2", "--workers", "0"])
+    assert steps2["top1"] == res["anytime"][1]["top1"] and steps2["steps"] == 2
+
+
 def test_eval_checkpoint_anytime_table_and_maps(trained_runs, tmp_path):
     from PIL import Image
     ckpt = str(trained_runs / "R3" / "last.pt")
-    res = srvit_eval.main(["--checkpoint", ckpt, "--device", "cpu", "--steps", "all", "--maps", str(tmp_path / "maps.png"),
-                           "--json", str(tmp_path / "eval.json"), "--workers", "0"])
+    res = srvit_eval.main(["--checkpoint", ckpt, "--device", "cpu", "--steps", "all", "--maps",
+                           str(tmp_path / "maps.png"), "--json", str(tmp_path / "eval.json"), "--workers",
+                           "0"])
     saved = read_metrics(str(trained_runs / "R3"))[-1]
-    assert res["images"] == 64 and res["top1"] == pytest.approx(saved["top1"])     # same numbers as training's eval
+    # same numbers as training's eval
+    assert res["images"] == 64 and res["top1"] == pytest.approx(saved["top1"])
     assert [r["steps"] for r in res["anytime"]] == [1, 2, 3] and res["anytime"][-1]["top1"] == res["top1"]
     g = [r["gmacs"] for r in res["anytime"]]
     assert g[0] < g[1] < g[2] == pytest.approx(res["gmacs"])
@@ -1497,13 +1734,15 @@ def test_eval_bad_flags_give_one_clear_message(trained_runs, tmp_path, flags, me
 
 
 def test_eval_cli_prints_one_line_not_the_usage():
-    res = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint", "missing.pt", "--steps", "2"],
+    res = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint", "missing.pt",
+                          "--steps", "2"],
                          capture_output=True, text=True, cwd=HERE)
     assert res.returncode == 2 and res.stderr == "error: checkpoint not found: missing.pt\n", res.stderr
 
 
 def test_eval_steps_k_runs_the_first_k_steps(trained_runs):
-    res = srvit_eval.main(["--checkpoint", str(trained_runs / "R3" / "last.pt"), "--steps", "2", "--workers", "0"])
+    res = srvit_eval.main(["--checkpoint", str(trained_runs / "R3" / "last.pt"), "--steps", "2", "--workers",
+                           "0"])
     model = srvit_eval.load_model(str(trained_runs / "R3" / "last.pt"))
     assert res["steps"] == 2 and res["gmacs"] == pytest.approx(srvit.forward_gmacs(model, steps=2))
 
@@ -1517,7 +1756,8 @@ def test_load_model_and_classify_a_pil_image(trained_runs):
     assert top[0][1] >= top[1][1] >= top[2][1] and sum(p for _, p in srvit_eval.classify(model, image, k=10)) == pytest.approx(1, abs=1e-3)
     x = srvit_eval.preprocess(model, image)
     assert x.shape == (1, 3, 32, 32)
-    assert top[0][1] == pytest.approx(model(x).softmax(-1).max().item(), abs=5e-5)      # classify rounds to 4 decimals
+    # classify rounds to 4 decimals
+    assert top[0][1] == pytest.approx(model(x).softmax(-1).max().item(), abs=5e-5)
 
 
 def test_curve_table_and_plot(trained_runs, tmp_path, capsys):
@@ -1533,8 +1773,8 @@ def test_curve_table_and_plot(trained_runs, tmp_path, capsys):
 
 def test_curve_groups_step_scale_runs_apart_from_the_soft_runs(tmp_path):
     def run(name, seed, step_scale):
-        config = dict(asdict(srvit.SRViTConfig(img_size=32, patch_size=8, num_classes=10, embed_dim=64, num_layers=6,
-                                               num_heads=4, depth=4)), step_scale=step_scale)
+        config = dict(asdict(srvit.SRViTConfig(img_size=32, patch_size=8, num_classes=10, embed_dim=64,
+                                               num_layers=6, num_heads=4, depth=4)), step_scale=step_scale)
         args = dict(data="cifar10", epochs=1, lr=1e-3, batch_size=128, drop_path=0.0, seed=seed)
         os.makedirs(tmp_path / name)
         (tmp_path / name / "metrics.jsonl").write_text(
@@ -1542,7 +1782,8 @@ def test_curve_groups_step_scale_runs_apart_from_the_soft_runs(tmp_path):
             json.dumps({"type": "epoch", "epoch": 1, "top1": 50.0 + seed, "elapsed": 1.0}) + "\n")
     run("R4-soft-s0", 0, False), run("R4-soft-s1", 1, False), run("R4-softscale-s0", 0, True)
     rows = srvit_eval.main(["--curve", str(tmp_path / "*")])
-    assert {r["run"]: r["variant"] for r in rows} == {"R4-soft-s0": "", "R4-soft-s1": "", "R4-softscale-s0": "step_scale=True"}
+    assert {r["run"]: r["variant"] for r in rows} == {"R4-soft-s0": "", "R4-soft-s1": "",
+                                                      "R4-softscale-s0": "step_scale=True"}
 
 
 def test_curve_plot_draws_the_range_over_seeds():
@@ -1560,8 +1801,9 @@ def test_curve_plot_draws_the_range_over_seeds():
     assert soft_rows(two_seeds) > soft_rows(one_seed) + 40
 
 
-BENCH = ["--bench", "--device", "cpu", "--img-size", "32", "--patch-size", "8", "--embed-dim", "32", "--num-layers", "2", "--num-heads", "2",
-         "--num-classes", "10", "--batch-size", "8", "--iters", "2", "--rounds", "1"]
+BENCH = ["--bench", "--device", "cpu", "--img-size", "32", "--patch-size", "8", "--embed-dim", "32",
+         "--num-layers", "2", "--num-heads", "2", "--num-classes", "10", "--batch-size", "8", "--iters", "2",
+         "--rounds", "1"]
 
 
 def test_bench_numbers_are_finite_and_consistent(tmp_path):
@@ -1570,7 +1812,8 @@ def test_bench_numbers_are_finite_and_consistent(tmp_path):
     for r in res:
         assert r["train_img_s"] > 0 and r["infer_img_s"] > 0 and 0 < r["of_achievable"] < 1.5
         assert r["mfu"] is None                  # MFU is of a datasheet peak: none for a CPU
-    assert 3.0 < (r4["gmacs"] - r4["mixer_gmacs"]) / r1["gmacs"] < 4.0       # 4x the blocks, 1x embed and head
+    # 4x the blocks, 1x embed and head
+    assert 3.0 < (r4["gmacs"] - r4["mixer_gmacs"]) / r1["gmacs"] < 4.0
     assert r4["unshared_gmacs"] + r4["mixer_gmacs"] == pytest.approx(r4["gmacs"])
     assert r4["unshared_params"] > r4["params"] and r4["train_ratio"] > 0
     assert r4["sharing_ratio"] > 0 and r4["mixer_time_share"] < 1 and "sharing_ratio" not in r1
@@ -1584,7 +1827,8 @@ def test_loader_cpu_bench_times_the_workers_of_both_paths(tmp_path):
     r = bench_script().main(["--loader-cpu", "--bench-images", "8", "--batch-size", "4", "--rounds", "1",
                              "--json", str(tmp_path / "loader.json")])
     assert r["images"] == 8 and 0 < r["device_worker_ms_per_image"] < 0.5 * r["pil_worker_ms_per_image"]
-    assert r["device_side_cpu_ms_per_image"] > r["device_worker_ms_per_image"]       # the work moved, not vanished
+    # the work moved, not vanished
+    assert r["device_side_cpu_ms_per_image"] > r["device_worker_ms_per_image"]
     assert json.load(open(tmp_path / "loader.json"))["worker_time_ratio"] == pytest.approx(r["worker_time_ratio"])
 
 
@@ -1596,13 +1840,15 @@ def test_loader_bench_trains_the_model_it_is_given():
     given = bench.loader_setups(bench.get_args(flags + ["--model", "small"]), 1, torch.device("cpu"))
     default = bench.loader_setups(bench.get_args(flags), 1, torch.device("cpu"))
     assert {k: s[1].config.embed_dim for k, s in given.items()} == {"memory": 384, "pil": 384}
-    assert {k: s[1].config.embed_dim for k, s in default.items()} == {"memory": 192, "pil": 192}   # small-images' D
+    # small-images' D
+    assert {k: s[1].config.embed_dim for k, s in default.items()} == {"memory": 192, "pil": 192}
 
 
 def test_compiled_bench_compiles_every_model_of_every_row():
     # 10 models (R=1; R=2..4 each with its unshared ViT and no-mixer twin): one Dynamo cache for
     # all of them reached the recompile limit at R=3, and the rest ran eagerly.
-    res = bench_script().main(BENCH + ["--depth", "1", "2", "3", "4", "--compile", "--compile-backend", "eager", "--iters", "1"])
+    res = bench_script().main(BENCH + ["--depth", "1", "2", "3", "4", "--compile", "--compile-backend",
+                                       "eager", "--iters", "1"])
     assert [r["compiled_graphs_min"] >= 1 for r in res] == [True] * 4
 
 
@@ -1641,7 +1887,8 @@ def test_classroom_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
         assert not magic, f"code cell {i} uses Jupyter magics, which plain Python cannot run: {magic}"
 
     monkeypatch.setenv("SRVIT_NOTEBOOK", "quick")
-    monkeypatch.setenv("SRVIT_DATA", os.path.abspath(data))    # the notebook looks there, then in data/cifar10
+    # the notebook looks there, then in data/cifar10
+    monkeypatch.setenv("SRVIT_DATA", os.path.abspath(data))
     monkeypatch.setenv("SRVIT_RUNS", str(tmp_path / "runs"))   # checkpoints in the test's own folder
     monkeypatch.chdir(folder)                                   # where Jupyter starts the kernel
     monkeypatch.setattr(sys, "path", list(sys.path))            # the notebook inserts the repository
@@ -1664,8 +1911,7 @@ def test_classroom_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert all(0 <= row["top1"] <= 100 and row["images"] == budget["val_images"] for row in table)
     assert table[0]["gmacs"] < table[-1]["gmacs"]
     # the race: R=1 and three mixers at R=compare_depth, each with a finished run
-    assert sorted(ns["groups"]) == sorted([("", 1, "-", "-")] + [("", budget["compare_depth"], m, "block")
-                                                                 for m in ("last", "mean", "soft")])
+    assert sorted(ns["groups"]) == sorted([("", 1, "-", "-")] + [("", budget["compare_depth"], m, "block") for m in ("last", "mean", "soft")])
     assert all(r["finished"] for r in ns["results"].values())
     # classify: k (name, probability) pairs, most likely first, names from the checkpoint
     guess = ns["guess"]
@@ -1812,28 +2058,33 @@ def test_classify_takes_a_path_or_an_image_and_rounds_to_4_decimals(trained_runs
 def test_eval_val_subset_takes_trainings_subset_and_progress_stays_out_of_stdout(trained_runs, tmp_path, capsys):
     from contextlib import nullcontext
     ckpt = str(trained_runs / "R3" / "last.pt")
-    res = srvit_eval.main(["--checkpoint", ckpt, "--device", "cpu", "--val-subset", "16", "--batch-size", "2", "--workers", "0",
-                           "--json", str(tmp_path / "eval.json")])
+    res = srvit_eval.main(["--checkpoint", ckpt, "--device", "cpu", "--val-subset", "16", "--batch-size",
+                           "2", "--workers", "0", "--json", str(tmp_path / "eval.json")])
     assert res["images"] == 16
     # the same 16 images as train.py --val-subset 16 picks, scored as train.py scores them
     targs = SimpleNamespace(**{**torch.load(ckpt, weights_only=True)["args"], "val_subset": 16})
     val, _ = loaders.build_dataset(targs, "val", loaders.transforms(targs, train=False))
     batches = loaders.OnDevice(torch.utils.data.DataLoader(val, 8), loaders.Normalize(*loaders.mean_std(32), "cpu"))
     want = train.evaluate(srvit_eval.load_model(ckpt), batches, torch.device("cpu"), nullcontext())
-    assert (res["top1"], res["top5"]) == (want["top1"], want["top5"]) and res["loss"] == pytest.approx(want["val_loss"])
+    assert (res["top1"], res["top5"]) == (want["top1"],
+                                          want["top5"]) and res["loss"] == pytest.approx(want["val_loss"])
     out, err = capsys.readouterr()
-    assert "evaluating: 4/8 batches" in err and "images/s, eta" in err and "batches" not in out   # progress on stderr
-    assert "| mixer 1 |" in out and "| mixer 2 |" in out and "| 0 |" not in out                  # mixers counted from 1
+    # progress on stderr
+    assert "evaluating: 4/8 batches" in err and "images/s, eta" in err and "batches" not in out
+    # mixers counted from 1
+    assert "| mixer 1 |" in out and "| mixer 2 |" in out and "| 0 |" not in out
     assert "batches" not in (tmp_path / "eval.json").read_text()
 
 
 def test_weight_maps_number_mixers_from_1_and_do_not_paint_uniform_weights_as_a_pattern():
-    fresh = tiny(depth=3, mixer="soft").eval()          # a fresh soft mixer gives every step 1/3, up to rounding
+    # a fresh soft mixer gives every step 1/3, up to rounding
+    fresh = tiny(depth=3, mixer="soft").eval()
     x = images(2)
     heat = (6 + 118, 22 + 15, 6 + 118 + 112, 22 + 15 + 112)      # step 1's map of the first image
     pixels = lambda im: {bytes(px) for px in zip(*[iter(im.convert("RGB").crop(heat).tobytes())] * 3)}
     uniform = srvit_eval.draw_maps(fresh, x, relative=True)
-    assert pixels(uniform) == {bytes(srvit_eval.colour(0.5))}            # the middle of the ramp: no bright or dark patches
+    # the middle of the ramp: no bright or dark patches
+    assert pixels(uniform) == {bytes(srvit_eval.colour(0.5))}
     assert "weights uniform" in uniform.info["title"]
     torch.manual_seed(0)
     with torch.no_grad():
@@ -1843,7 +2094,8 @@ def test_weight_maps_number_mixers_from_1_and_do_not_paint_uniform_weights_as_a_
     varied = srvit_eval.draw_maps(fresh, x, relative=True)
     assert "weights uniform" not in varied.info["title"] and len(pixels(varied)) > 5
     assert "mixer 2 of 2" in varied.info["title"]           # -1: the last
-    assert "mixer 1 of 2" in srvit_eval.draw_maps(fresh, x, mixer=1).info["title"]   # block 1's mixer is mixer 1
+    # block 1's mixer is mixer 1
+    assert "mixer 1 of 2" in srvit_eval.draw_maps(fresh, x, mixer=1).info["title"]
     for bad in (0, 3, -3):
         with pytest.raises(plumbing.UserError, match=r"this model has 2 mixers, numbered 1\.\.2"):
             srvit_eval.draw_maps(fresh, x, mixer=bad)
@@ -1877,12 +2129,14 @@ def test_every_loader_sends_uint8_through_shared_memory_and_the_device_normalise
     root = make_image_folder(tmp_path / "data", n=8, size=100)
     env = SimpleNamespace(rank=0, world=1, micro=4, device=torch.device("cpu"), log=lambda *a: None)
     for loader_kind in ("pil", "device"):
-        args = train.get_args(["--data-path", root, "--recipe", "deit", "--img-size", "96", "--patch-size", "16",
-                               "--loader", loader_kind, "--workers", "0", "--batch-size", "4", "--erasing", "1"])
+        args = train.get_args(["--data-path", root, "--recipe", "deit", "--img-size", "96", "--patch-size",
+                               "16", "--loader", loader_kind, "--workers", "0", "--batch-size", "4",
+                               "--erasing", "1"])
         train_loader, val, _, _ = loaders.build_loaders(args, env)
         crossing = next(iter(train_loader.loader))                 # what the workers' DataLoader yields
         assert crossing[0].dtype == torch.uint8, loader_kind          # pixels, or the files' bytes
-        assert all(t.dtype != torch.float32 or t.ndim == 1               # floats: erasing noise, affine matrices
+        # floats: erasing noise, affine matrices
+        assert all(t.dtype != torch.float32 or t.ndim == 1
                    for t in crossing if isinstance(t, torch.Tensor)), loader_kind
         val_batch = next(iter(val.loader))
         assert val_batch[0].dtype == torch.uint8 and val_batch[0].shape[1:] == (3, 96, 96)
@@ -1918,7 +2172,8 @@ def test_device_path_counts_the_images_nvjpeg_refuses_and_the_epoch_line_says_so
     note = train.cpu_decode_note(SimpleNamespace(augment=aug))
     assert note == " | 3 images decoded on the CPU (nvJPEG refused them)"
     assert train.cpu_decode_note(SimpleNamespace()) == ""
-    loader = loaders.DeviceLoader(SimpleNamespace(sampler=loaders.RepeatedAugSampler(8, 0, 1, 1, 0), batch_size=4), aug)
+    loader = loaders.DeviceLoader(SimpleNamespace(sampler=loaders.RepeatedAugSampler(8, 0, 1, 1, 0),
+                                                  batch_size=4), aug)
     loader.set_epoch(1)                                            # counted per epoch
     assert aug.cpu_decoded == 0
 
@@ -1937,7 +2192,8 @@ def test_a_small_dev_shm_is_named_at_start(tmp_path, monkeypatch):
     args = train.get_args(["--data-path", root, "--loader", "pil", "--workers", "8", "--batch-size", "4"])
     lines = []
     env = SimpleNamespace(rank=0, world=1, micro=4, device=torch.device("cpu"), log=lines.append)
-    monkeypatch.setattr(loaders.shutil, "disk_usage", lambda path: SimpleNamespace(total=64 * 2**20))   # Docker's 64 MB
+    # Docker's 64 MB
+    monkeypatch.setattr(loaders.shutil, "disk_usage", lambda path: SimpleNamespace(total=64 * 2**20))
     loaders.build_loaders(args, env)
     assert any("/dev/shm holds 64 MiB" in line and "--shm-size" in line for line in lines), lines
     lines.clear()
@@ -1974,7 +2230,8 @@ def test_resume_with_more_epochs_extends_the_run(tmp_path, capsys):
 def test_slow_node_check_runs_every_section_on_a_cpu_and_reports_failures(tmp_path, monkeypatch):
     sys.path.insert(0, os.path.join(HERE, "results"))
     import node_check
-    report = node_check.main(["--small", "--out", str(tmp_path), "--compile-backend", "eager", "--device", "cpu"])
+    report = node_check.main(["--small", "--out", str(tmp_path), "--compile-backend", "eager", "--device",
+                              "cpu"])
     md = (tmp_path / "node-check.md").read_text()
     for title in ("## Machine", "## Decode", "## Speed", "## DDP: 2 ranks, SIGTERM, resume"):
         assert title in md
@@ -2095,7 +2352,8 @@ def test_torn_and_blank_metrics_lines_are_read_and_repaired(tmp_path):
     assert read_metrics(out.path) == rows
     shutil.copytree(os.path.join(HERE, "results", "cifar10-deep2", "R1-s0"), tmp_path / "R1")
     with open(tmp_path / "R1" / "metrics.jsonl", "a") as f:
-        f.write('\n{"type": "epo')                                   # a blank line, a kill mid-row: --curve reads on
+        # a blank line, a kill mid-row: --curve reads on
+        f.write('\n{"type": "epo')
     assert srvit_eval.read_run(str(tmp_path / "R1"))["final_top1"] == 66.96
     assert [plumbing.json_row(line) for line in ("", "{", "[1]", '{"a": 1}')] == [None, None, None, {"a": 1}]
 
@@ -2132,10 +2390,10 @@ def test_slow_a_shared_error_under_torchrun_reaches_the_user_every_time(tmp_path
 
 def test_curve_groups_by_every_setting_that_changes_the_result_and_counts_a_seed_once(tmp_path, capsys):
     def run(name, seed, top1, **changes):
-        config = asdict(srvit.SRViTConfig(img_size=32, patch_size=8, num_classes=10, embed_dim=64, num_layers=6,
-                                          num_heads=4, depth=4))
-        args = {**dict(data="cifar10", epochs=1, lr=1e-3, batch_size=128, drop_path=0.0, seed=seed, subset=None,
-                       workers=0, out_dir=name), **changes}
+        config = asdict(srvit.SRViTConfig(img_size=32, patch_size=8, num_classes=10, embed_dim=64,
+                                          num_layers=6, num_heads=4, depth=4))
+        args = {**dict(data="cifar10", epochs=1, lr=1e-3, batch_size=128, drop_path=0.0, seed=seed,
+                       subset=None, workers=0, out_dir=name), **changes}
         os.makedirs(tmp_path / name)
         (tmp_path / name / "metrics.jsonl").write_text(
             json.dumps({"type": "run", "config": config, "args": args, "params": 1, "gmacs": 0.1}) + "\n" +
@@ -2168,21 +2426,23 @@ def test_a_file_that_is_not_a_checkpoint_says_what_was_expected(tmp_path):
 
 
 def test_the_default_out_dir_keeps_a_quick_subset_run_apart():
-    quick, real = (train.get_args(["--data", "cifar10", "--device", "cpu", *flags]) for flags in (["--subset", "500"], []))
+    quick, real = (train.get_args(["--data", "cifar10", "--device", "cpu",
+                                   *flags]) for flags in (["--subset", "500"], []))
     assert quick.out_dir != real.out_dir and "-n500-" in quick.out_dir
 
 
 def test_the_start_up_lines_say_what_the_recipe_set_and_clip_a_long_warm_up(tmp_path, capsys):
     root = make_image_folder(tmp_path / "data", n=8, size=100)
-    train.main(["--data-path", root, "--device", "cpu", "--recipe", "deit", "--img-size", "32", "--patch-size", "16",
-                "--embed-dim", "16", "--num-layers", "1", "--num-heads", "2", "--batch-size", "8", "--epochs", "1",
-                "--workers", "0", "--out-dir", str(tmp_path / "run")])
+    train.main(["--data-path", root, "--device", "cpu", "--recipe", "deit", "--img-size", "32",
+                "--patch-size", "16", "--embed-dim", "16", "--num-layers", "1", "--num-heads", "2",
+                "--batch-size", "8", "--epochs", "1", "--workers", "0", "--out-dir", str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert "recipe deit: 1 epoch," in out and "1 epochs" not in out
     assert "from the deit recipe (flags override it): --lr" in out and "--warmup-epochs 0.2" in out
     assert "its 5 warm-up epochs, clipped to a fifth of the run" in out
     assert train.get_args(["--data", "cifar10", "--epochs", "3"]).warmup_epochs == 1         # shorter: kept
-    user_error(FAKE + ["--epochs", "2", "--warmup-epochs", "2"], "--warmup-epochs 2 is not shorter than --epochs 2")
+    user_error(FAKE + ["--epochs", "2", "--warmup-epochs", "2"],
+               "--warmup-epochs 2 is not shorter than --epochs 2")
 
 
 def test_a_resume_before_the_first_evaluation_says_so(tmp_path, monkeypatch, capsys):

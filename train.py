@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import srvit
-from loaders import build_dataset, build_loaders, image_size, loader_name, mix_batch, seed_for, train_dir, use_device, use_memory
-from plumbing import (ArgumentParser, Env, OutDir, StopRequest, Stopped, UserError, agree_on_progress, cli, fmt_time,
-                      init_distributed, on_all_ranks, plural, restore, stop_message)
+from loaders import (build_dataset, build_loaders, image_size, loader_name, mix_batch, seed_for, train_dir,
+                     use_device, use_memory)
+from plumbing import (ArgumentParser, Env, OutDir, StopRequest, Stopped, UserError, agree_on_progress, cli,
+                      fmt_time, init_distributed, on_all_ranks, plural, restore, stop_message)
 
 # ----------------------------------------------------------------------------------------
 # Recipes and arguments
@@ -48,12 +49,13 @@ from plumbing import (ArgumentParser, Env, OutDir, StopRequest, Stopped, UserErr
 # epochs; results/cifar10-recipe measures each choice). An explicit flag always wins.
 RECIPES = {
     "deit": dict(img_size=224, patch_size=16, epochs=300, batch_size=1024, warmup_epochs=5, min_lr=1e-5,
-                 weight_decay=0.05, drop_path=0.1, mixup=0.8, cutmix=1.0, smoothing=0.1, randaug=9, erasing=0.25,
-                 repeated_aug=3, hflip=0.5, crop_padding=0, pad_mode="zeros", init="timm", schedule="deit"),
-    "small-images": dict(img_size=32, patch_size=4, epochs=30, batch_size=128, lr=1e-3, warmup_epochs=1, min_lr=1e-5,
-                         weight_decay=0.05, drop_path=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1, randaug=0,
-                         erasing=0.0, repeated_aug=1, hflip=0.5, crop_padding=4, pad_mode="reflect", init="torch",
-                         schedule="cosine"),
+                 weight_decay=0.05, drop_path=0.1, mixup=0.8, cutmix=1.0, smoothing=0.1, randaug=9,
+                 erasing=0.25, repeated_aug=3, hflip=0.5, crop_padding=0, pad_mode="zeros", init="timm",
+                 schedule="deit"),
+    "small-images": dict(img_size=32, patch_size=4, epochs=30, batch_size=128, lr=1e-3, warmup_epochs=1,
+                         min_lr=1e-5, weight_decay=0.05, drop_path=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1,
+                         randaug=0, erasing=0.0, repeated_aug=1, hflip=0.5, crop_padding=4,
+                         pad_mode="reflect", init="torch", schedule="cosine"),
 }
 # The model when no --model is given: DeiT-S for the DeiT recipe; for small images a classroom
 # model (D=192, 6 blocks, 3 heads). The presets have 12 blocks.
@@ -71,8 +73,9 @@ CHECKS = {}
 # its own streams, and auto follows the device too: the device loader on a GPU, PIL on a CPU. --epochs
 # may, to extend a run or end it sooner: the schedule is that of the new --epochs from the resumed
 # step on, so an extended run's learning rate rises to the new cosine's value there.)
-MAY_CHANGE = {"workers", "device", "compile", "grad_ckpt", "micro_batch", "log_interval", "save_every", "resume",
-              "out_dir", "data_path", "init_from", "model", "amp", "loader", "epochs", "from_recipe"}
+MAY_CHANGE = {"workers", "device", "compile", "grad_ckpt", "micro_batch", "log_interval", "save_every",
+              "resume", "out_dir", "data_path", "init_from", "model", "amp", "loader", "epochs",
+              "from_recipe"}
 
 
 def choose_recipe(args):
@@ -91,7 +94,9 @@ def choose_recipe(args):
 
 def model_dims(args):
     """Width, blocks and heads of --model's preset, or of the recipe's default model."""
-    return DEFAULT_MODEL[args.recipe] if args.model is None else dict(srvit.PRESETS[args.model], num_layers=12)
+    if args.model is None:
+        return DEFAULT_MODEL[args.recipe]
+    return dict(srvit.PRESETS[args.model], num_layers=12)
 
 
 def model_name(args):
@@ -110,11 +115,11 @@ def check_args(args):
         raise UserError(f"--warmup-epochs {args.warmup_epochs:g} is not shorter than --epochs {args.epochs}: "
                         f"lower it (the learning rate would never leave the warm-up)", shared=True)
     if args.loader == "memory" and (args.img_size > 64 or args.randaug or args.erasing):
-        raise UserError("--loader memory is for images of <= 64 px with crop and flip only; drop --randaug/--erasing "
-                        "or use --loader pil", shared=True)
+        raise UserError("--loader memory is for images of <= 64 px with crop and flip only; drop "
+                        "--randaug/--erasing or use --loader pil", shared=True)
     if args.loader == "device" and (args.img_size <= 64 or args.data not in ("folder", "imagenet")):
-        raise UserError("--loader device is DeiT's recipe from image files (> 64 px, --data folder or imagenet); "
-                        "use --loader memory for small images, pil for --data fake", shared=True)
+        raise UserError("--loader device is DeiT's recipe from image files (> 64 px, --data folder or "
+                        "imagenet); use --loader memory for small images, pil for --data fake", shared=True)
 
 
 def get_args(argv=None):
@@ -125,7 +130,8 @@ def get_args(argv=None):
         if key in RECIPES["deit"] or key == "lr":      # say what each recipe puts there
             d, s = RECIPES["deit"].get(key, "5e-4 x batch / 512"), RECIPES["small-images"].get(key)
             kw["help"] = f"{kw.get('help', '')} [deit: {d}; small-images: {s}]".lstrip()
-        elif kw.get("default") is not None and kw.get("action") != "store_true" and "default" not in kw.get("help", ""):
+        elif (kw.get("default") is not None and kw.get("action") != "store_true"
+              and "default" not in kw.get("help", "")):
             kw["help"] = f"{kw.get('help', '')} (default: {kw['default']})".lstrip()
         if check:
             CHECKS[key] = check
@@ -133,14 +139,17 @@ def get_args(argv=None):
     a("--data", default=None, choices=["imagenet", "cifar10", "cifar100", "folder", "fake"],
       help="default: folder when --data-path is given, else imagenet (from ./data/imagenet)")
     a("--data-path", default=None, help="folder with train/ and val/ (or test/), one folder per class inside")
-    a("--recipe", default="auto", choices=["auto", *RECIPES], help="auto: deit for images > 64 px, else small-images")
+    a("--recipe", default="auto", choices=["auto", *RECIPES],
+      help="auto: deit for images > 64 px, else small-images")
     a("--subset", type=int, check=POSITIVE, help="use only this many training images (quick runs)")
     a("--val-subset", type=int, check=POSITIVE, help="use only this many validation images")
     a("--num-classes", type=int, check=POSITIVE, help="for --data fake (default 1000)")
     a("--loader", default="auto", choices=["auto", "memory", "pil", "device"],
-      help="memory: small images decoded once, augmented on the device (auto for <= 64 px); pil: workers decode "
-           "and augment (auto on CPUs); device: workers read files, the device decodes and augments (auto on GPUs)")
-    a("--model", default=None, choices=list(srvit.PRESETS), help="a DeiT preset (12 blocks); other flags override it")
+      help="memory: small images decoded once, augmented on the device (auto for <= 64 px); pil: workers "
+           "decode and augment (auto on CPUs); device: workers read files, the device decodes and augments "
+           "(auto on GPUs)")
+    a("--model", default=None, choices=list(srvit.PRESETS),
+      help="a DeiT preset (12 blocks); other flags override it")
     a("--embed-dim", type=int, check=POSITIVE, help="[deit: 384 (DeiT-S); small-images: 192]")
     a("--num-layers", type=int, check=POSITIVE, help="[deit: 12; small-images: 6]")
     a("--num-heads", type=int, check=POSITIVE, help="[deit: 6; small-images: 3]")
@@ -149,21 +158,24 @@ def get_args(argv=None):
     a("--depth", type=int, default=2, check=POSITIVE, help="recursion steps R")
     a("--mixer", default="soft", choices=srvit.MIXERS)
     a("--share", default="block", choices=srvit.SHARES)
-    a("--router-init", default="uniform", choices=["uniform", "last"], help="fresh soft mixer: uniform, or 0.9 on the last step")
+    a("--router-init", default="uniform", choices=["uniform", "last"],
+      help="fresh soft mixer: uniform, or 0.9 on the last step")
     a("--init", choices=srvit.INITS, help="weights: timm (DeiT's std 0.02) or torch (fan-in scaled)")
-    a("--step-scale", action="store_true", help="beyond our reading of the paper (README): a learned per-channel "
-                                                "scale on each block application's update, 1 at the start")
+    a("--step-scale", action="store_true",
+      help="beyond our reading of the paper (README): a learned per-channel scale on each block "
+           "application's update, 1 at the start")
     a("--loop-scale", default="none", choices=srvit.LOOP_SCALES,
       help="beyond our reading of the paper (README): a looped block's residual branches times 1/R (fixed), "
            "or by learned per-channel scales starting at 1/R (learned)")
     a("--epochs", type=int, check=POSITIVE)
     a("--batch-size", type=int, check=POSITIVE, help="global batch, over all ranks and accumulation steps")
-    a("--micro-batch", type=int, check=POSITIVE, help="per-device batch; accumulate gradients up to --batch-size")
+    a("--micro-batch", type=int, check=POSITIVE,
+      help="per-device batch; accumulate gradients up to --batch-size")
     a("--lr", type=float, check=POSITIVE, help="peak lr")
     a("--min-lr", type=float, check=NON_NEGATIVE)
     a("--warmup-epochs", type=float, check=NON_NEGATIVE)
-    a("--schedule", choices=["deit", "cosine"], help="deit: DeiT's per-epoch scheduler (one epoch late); cosine: "
-                                                     "reaches --min-lr at the last step")
+    a("--schedule", choices=["deit", "cosine"],
+      help="deit: DeiT's per-epoch scheduler (one epoch late); cosine: reaches --min-lr at the last step")
     a("--weight-decay", type=float, check=NON_NEGATIVE)
     a("--drop-path", type=float, check=FRACTION)
     a("--mixup", type=float, check=NON_NEGATIVE, help="MixUp alpha (0: off)")
@@ -173,19 +185,26 @@ def get_args(argv=None):
     a("--randaug", type=int, check=(lambda v: 0 <= v <= 10, "in 0..10 (timm's magnitude scale; DeiT uses 9)"),
       help="RandAugment magnitude 0..10, 2 ops (0: off)")
     a("--erasing", type=float, check=PROBABILITY, help="random erasing probability")
-    a("--hflip", type=float, check=PROBABILITY, help="horizontal flip probability (0 for digits, text, signs)")
-    a("--crop-padding", type=int, check=NON_NEGATIVE, help="small images: pixels of padding for the random crop (0: no crop)")
+    a("--hflip", type=float, check=PROBABILITY,
+      help="horizontal flip probability (0 for digits, text, signs)")
+    a("--crop-padding", type=int, check=NON_NEGATIVE,
+      help="small images: pixels of padding for the random crop (0: no crop)")
     a("--pad-mode", choices=["zeros", "reflect"], help="how --crop-padding pads")
     a("--repeated-aug", type=int, check=POSITIVE, help="DeiT's repeated augmentation: copies of each image")
-    a("--amp", default=None, choices=["bf16", "fp16", "none"], help="default: bf16 on GPUs that have it, else fp16; none on CPU")
+    a("--amp", default=None, choices=["bf16", "fp16", "none"],
+      help="default: bf16 on GPUs that have it, else fp16; none on CPU")
     a("--compile", action="store_true", help="torch.compile each block (compiles once, whatever the depth)")
-    a("--grad-ckpt", action="store_true", help="activation checkpointing of every block application and mixer")
+    a("--grad-ckpt", action="store_true",
+      help="activation checkpointing of every block application and mixer")
     a("--init-from", default=None, help="DeiT/timm/SR-ViT checkpoint to warm-start the blocks from")
     a("--out-dir", default=None, help="default runs/<data>-<model>-R<depth>-<mixer>-<share>-s<seed>")
-    a("--resume", default="auto", help="checkpoint to resume from; 'auto': <out-dir>/last.pt if it exists; 'no'")
-    a("--save-every", type=int, check=POSITIVE, help="also save last.pt every N optimizer steps (long epochs)")
+    a("--resume", default="auto",
+      help="checkpoint to resume from; 'auto': <out-dir>/last.pt if it exists; 'no'")
+    a("--save-every", type=int, check=POSITIVE,
+      help="also save last.pt every N optimizer steps (long epochs)")
     a("--seed", type=int, default=0)
-    a("--workers", type=int, check=NON_NEGATIVE, help="data-loading processes per rank (default: this node's cores / its ranks, <= 8)")
+    a("--workers", type=int, check=NON_NEGATIVE,
+      help="data-loading processes per rank (default: this node's cores / its ranks, <= 8)")
     a("--log-interval", type=int, check=POSITIVE, help="steps between progress lines (default: 10 per epoch)")
     a("--device", default=None, help="default: cuda if available, else cpu")
     args = p.parse_args(argv)
@@ -193,7 +212,8 @@ def get_args(argv=None):
     args.data = args.data or ("folder" if args.data_path else "imagenet")
     args.recipe = choose_recipe(args)
     own_size = args.img_size is None and args.recipe == "small-images" and args.data in ("folder", "imagenet")
-    if own_size:                                             # the folder's own size (at most 64 px): no resizing
+    # the folder's own size (at most 64 px): no resizing
+    if own_size:
         args.img_size = min(*image_size(train_dir(args)), 64)
     args.from_recipe = []                                    # what the recipe set (the start-up line says)
     for key, value in {**RECIPES[args.recipe], **model_dims(args)}.items():
@@ -230,10 +250,10 @@ def build_model(args, num_classes):
     torch.manual_seed(args.seed)         # identical initial weights on every rank
     try:
         return srvit.SRViT(srvit.SRViTConfig(
-            img_size=args.img_size, patch_size=args.patch_size, num_classes=num_classes, embed_dim=args.embed_dim,
-            num_layers=args.num_layers, num_heads=args.num_heads, depth=args.depth, mixer=args.mixer, share=args.share,
-            router_init=args.router_init, init=args.init, step_scale=args.step_scale,
-            loop_scale=args.loop_scale, drop_path_rate=args.drop_path,
+            img_size=args.img_size, patch_size=args.patch_size, num_classes=num_classes,
+            embed_dim=args.embed_dim, num_layers=args.num_layers, num_heads=args.num_heads, depth=args.depth,
+            mixer=args.mixer, share=args.share, router_init=args.router_init, init=args.init,
+            step_scale=args.step_scale, loop_scale=args.loop_scale, drop_path_rate=args.drop_path,
             grad_checkpointing=args.grad_ckpt))
     except ValueError as e:
         raise UserError(f"cannot build the model: {e}", shared=True) from None
@@ -348,9 +368,10 @@ def seed_device(seed, device):
 
 
 def checkpoint(run):
-    return {"model": run.raw_model.state_dict(), "config": asdict(run.raw_model.config), "optimizer": run.optimizer.state_dict(),
-            "scaler": run.scaler.state_dict(), **asdict(run.progress), "metrics": (run.progress.records or [None])[-1],
-            "args": vars(run.args), "dataset": {"train_images": run.n_train, "classes": run.classes}}
+    return {"model": run.raw_model.state_dict(), "config": asdict(run.raw_model.config),
+            "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+            **asdict(run.progress), "metrics": (run.progress.records or [None])[-1], "args": vars(run.args),
+            "dataset": {"train_images": run.n_train, "classes": run.classes}}
 
 
 def save_last(run):
@@ -369,16 +390,18 @@ def check_finite(bad_step, epoch, run):
     if run.env.ddp:
         dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
     if bad_step.item() >= 0:                            # checked before anything is saved
-        kept = (f"the last good checkpoint is kept in {run.out.last}" if run.out and os.path.exists(run.out.last)
+        saved = run.out and os.path.exists(run.out.last)
+        kept = (f"the last good checkpoint is kept in {run.out.last}" if saved
                 else "no checkpoint had been written yet")
-        raise UserError(f"loss became NaN or infinite at step {bad_step.item()} (epoch {epoch + 1}); stopped, {kept}. "
-                        f"Try a lower --lr, or --amp bf16/none", shared=True)
+        raise UserError(f"loss became NaN or infinite at step {bad_step.item()} (epoch {epoch + 1}); "
+                        f"stopped, {kept}. Try a lower --lr, or --amp bf16/none", shared=True)
 
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, matched against the device
 # name, most specific first: an "H100 PCIe" is not an H100 SXM. The one MFU denominator, whatever --amp is.
-PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12), ("H200", 989e12),
-             ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("RTX 4090", 165e12), ("L4", 121e12)]
+PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12),
+             ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("RTX 4090", 165e12),
+             ("L4", 121e12)]
 
 
 def peak_flops(device):
@@ -395,10 +418,11 @@ def mfu(gmacs, images_per_s, peak_flops):
 def loader_remedy(args, device):
     """What can make the loader keep up, for the loader and device this run has."""
     if use_memory(args):
-        return "the in-memory loader crops and flips on the device: a larger --batch-size amortises its launches"
+        return ("the in-memory loader crops and flips on the device: a larger --batch-size amortises its "
+                "launches")
     if use_device(args, device):
-        return ("decoding and augmentation run on the GPU, so more workers cannot help; a larger --micro-batch "
-                "amortises the per-batch launches")
+        return ("decoding and augmentation run on the GPU, so more workers cannot help; a larger "
+                "--micro-batch amortises the per-batch launches")
     if device.type == "cuda" and args.data != "fake":
         return "--loader device moves decoding and augmentation to the GPU"
     return "more --workers would help, if this node has the cores"
@@ -415,18 +439,21 @@ def log_progress(run, epoch, loss_sum, log_from):
     args, env, step = run.args, run.env, run.progress.step
     t_log, steps_done, loss_done, wait_done = log_from
     ips = (step - steps_done) * args.batch_size / max(time.time() - t_log, 1e-9)
-    waited = (run.data_wait - wait_done) / max(time.time() - t_log, 1e-9)     # share of the time spent on data
+    # share of the time spent on data
+    waited = (run.data_wait - wait_done) / max(time.time() - t_log, 1e-9)
     # (not on an epoch's first line: it includes the loader workers' start)
     if waited > 0.25 and not run.loader_told and steps_done != run.epoch_start:
         run.loader_told = True
         hint = loader_remedy(args, env.device)
-        env.log(f"the loader bounds this run: {waited:.0%} of the time went to waiting for batches; the model alone "
-                f"would take about {ips / (1 - min(waited, 0.99)):,.0f} img/s against the {ips:,.0f} it gets ({hint})")
+        env.log(f"the loader bounds this run: {waited:.0%} of the time went to waiting for batches; the "
+                f"model alone would take about {ips / (1 - min(waited, 0.99)):,.0f} img/s against the "
+                f"{ips:,.0f} it gets ({hint})")
     left = (args.epochs - epoch) * run.steps_per_epoch - step
     util = f" | MFU {mfu(run.gmacs, ips / env.world, run.peak):.1%}" if run.peak else ""
     env.log(f"epoch {epoch + 1}/{args.epochs} | step {step}/{run.steps_per_epoch} | "
-            f"loss {(loss_sum - loss_done) / max(step - steps_done, 1):.4f} | lr {run.optimizer.param_groups[0]['lr']:.2e} | "
-            f"{ips:,.0f} img/s{util} | eta {fmt_time(left * args.batch_size / max(ips, 1e-9))} (+ evaluation)")
+            f"loss {(loss_sum - loss_done) / max(step - steps_done, 1):.4f} | lr "
+            f"{run.optimizer.param_groups[0]['lr']:.2e} | {ips:,.0f} img/s{util} | eta "
+            f"{fmt_time(left * args.batch_size / max(ips, 1e-9))} (+ evaluation)")
     return time.time(), step, loss_sum, run.data_wait
 
 
@@ -434,7 +461,8 @@ def train_step(run, batches, gstep):
     """One optimizer step over env.accum micro-batches; returns the step's loss, a device scalar,
     and the first non-finite step as bad (or -1)."""
     args, env = run.args, run.env
-    step_loss, bad = torch.zeros((), device=env.device), torch.full((), -1, device=env.device, dtype=torch.long)
+    step_loss = torch.zeros((), device=env.device)
+    bad = torch.full((), -1, device=env.device, dtype=torch.long)
     for micro_step in range(env.accum):
         t_wait = time.perf_counter()
         try:
@@ -486,9 +514,10 @@ def train_one_epoch(run, epoch):
             step_loss, bad = train_step(run, batches, gstep)
         except LoaderGone:                 # this step cannot finish: save the one before it
             if env.ddp:                    # ...unless other ranks are past it: they cannot agree on a step
-                raise Stopped(f"stopped by {signal.Signals(run.stop.signum).name}; a loader worker of this rank died "
-                              f"with it, before the ranks agreed where to stop: nothing saved, the last checkpoint "
-                              f"is kept. Re-run the same command to resume", 143, shared=False) from None
+                raise Stopped(f"stopped by {signal.Signals(run.stop.signum).name}; a loader worker of this "
+                              f"rank died with it, before the ranks agreed where to stop: nothing saved, "
+                              f"the last checkpoint is kept. Re-run the same command to resume", 143,
+                              shared=False) from None
             run.optimizer.zero_grad(set_to_none=True)
             prog.loss_sum, prog.elapsed = loss_sum.item(), run.clock()
             save_last(run)
@@ -500,7 +529,8 @@ def train_one_epoch(run, epoch):
             check_finite(bad_step, epoch, run)
             log_from = log_progress(run, epoch, loss_sum.item(), log_from)
         stop = run.stop.requested(env, prog.step)
-        if stop or (args.save_every and (gstep + 1) % args.save_every == 0 and prog.step < run.steps_per_epoch):
+        save_now = args.save_every and (gstep + 1) % args.save_every == 0 and prog.step < run.steps_per_epoch
+        if stop or save_now:
             check_finite(bad_step, epoch, run)                           # never save a NaN model
             prog.loss_sum, prog.elapsed = mean_over_ranks(loss_sum.clone(), env).item(), run.clock()
             save_last(run)
@@ -517,13 +547,15 @@ def batch_metrics(logits, y):
     """(correct@1, correct@5, summed loss, count) of one batch, float64: (B, classes), (B,) -> (4,)."""
     logits = logits.float()
     top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices         # (B, 5)
+    count = torch.tensor(len(y), device=y.device)
     return torch.stack([(top5[:, 0] == y).sum(), (top5 == y[:, None]).any(1).sum(),
-                        F.cross_entropy(logits, y, reduction="sum"), torch.tensor(len(y), device=y.device)]).double()
+                        F.cross_entropy(logits, y, reduction="sum"), count]).double()
 
 
 def summarize_metrics(sums):
     c1, c5, loss, n = sums.tolist()
-    return {"top1": 100 * c1 / max(n, 1), "top5": 100 * c5 / max(n, 1), "val_loss": loss / max(n, 1), "val_images": int(n)}
+    return {"top1": 100 * c1 / max(n, 1), "top5": 100 * c5 / max(n, 1), "val_loss": loss / max(n, 1),
+            "val_images": int(n)}
 
 
 @torch.no_grad()
@@ -554,8 +586,10 @@ def setup(args, env):
     train_loader, val_loader, classes, n_train = build_loaders(args, env)
     steps = len(train_loader) // env.accum
     if steps == 0:
-        raise UserError(f"an epoch has fewer than one step of {args.batch_size} images; lower --batch-size", shared=True)
-    model = build_model(args, len(classes)).to(env.device)    # on the device first: the optimizer state follows it
+        raise UserError(f"an epoch has fewer than one step of {args.batch_size} images; lower --batch-size",
+                        shared=True)
+    # on the device first: the optimizer state follows it
+    model = build_model(args, len(classes)).to(env.device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999),
                                   fused=env.device.type == "cuda")
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.amp == "fp16")
@@ -579,7 +613,8 @@ def setup(args, env):
         raise
     if args.compile:
         compile_blocks(model)
-    wrapped = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.ddp else model
+    wrapped = DDP(model,
+                  device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.ddp else model
     run = Run(args, env, wrapped, optimizer, scaler, train_loader, steps, len(classes), raw_model=model,
               val_loader=val_loader, classes=classes, n_train=n_train, out=out, progress=progress,
               log_interval=args.log_interval or max(1, steps // 10), gmacs=srvit.forward_gmacs(model),
@@ -593,8 +628,9 @@ def start_metrics(run):
         prog, model = run.progress, run.raw_model
         run.out.repair_metrics(prog.epoch, prog.records)
         run.out.append_metrics({"type": "run", "args": vars(run.args), "config": asdict(model.config),
-                                "params": srvit.count_params(model), "gmacs": run.gmacs, "world_size": run.env.world,
-                                "device": str(run.env.device), "start_epoch": prog.epoch, "start_step": prog.step})
+                                "params": srvit.count_params(model), "gmacs": run.gmacs,
+                                "world_size": run.env.world, "device": str(run.env.device),
+                                "start_epoch": prog.epoch, "start_step": prog.step})
 
 
 def describe(run):
@@ -603,25 +639,30 @@ def describe(run):
     if prog.epoch or prog.step:
         steps = f" and {prog.step} steps" if prog.step else ""
         best = f"best top-1 {prog.best_top1:.2f}" if prog.records else "not evaluated yet"
-        env.log(f"resumed from {run.out.last if args.resume == 'auto' else args.resume}: {prog.epoch} epochs{steps} "
-                f"done, {best}")
+        env.log(f"resumed from {run.out.last if args.resume == 'auto' else args.resume}: {prog.epoch} "
+                f"epochs{steps} done, {best}")
         if run.saved_epochs not in (None, args.epochs):
-            env.log(f"--epochs {args.epochs} (the run was started with {run.saved_epochs}): the learning rate "
-                    f"follows the cosine over {args.epochs} epochs from here, {run.optimizer.param_groups[0]['lr']:.3g} "
-                    f"then, {lr_at(prog.epoch * run.steps_per_epoch + prog.step, run.steps_per_epoch, args):.3g} now")
+            env.log(f"--epochs {args.epochs} (the run was started with {run.saved_epochs}): the learning "
+                    f"rate follows the cosine over {args.epochs} epochs from here, "
+                    f"{run.optimizer.param_groups[0]['lr']:.3g} then, "
+                    f"{lr_at(prog.epoch * run.steps_per_epoch + prog.step, run.steps_per_epoch, args):.3g} "
+                    f"now")
     where = f" from {args.data_path}" if args.data_path else ""
-    env.log(f"data {args.data}{where}: {run.n_train:,} train images, {run.num_classes} classes, {args.img_size} px | "
-            f"recipe {args.recipe}: {plural(args.epochs, 'epoch')}, batch {args.batch_size} = {env.world} x "
-            f"{env.micro} x {env.accum} accum, lr {args.lr:.3g}, init {args.init} | {loader_name(args, run.env.device)}")
+    env.log(f"data {args.data}{where}: {run.n_train:,} train images, {run.num_classes} classes, "
+            f"{args.img_size} px | recipe {args.recipe}: {plural(args.epochs, 'epoch')}, batch "
+            f"{args.batch_size} = {env.world} x {env.micro} x {env.accum} accum, lr {args.lr:.3g}, init "
+            f"{args.init} | {loader_name(args, run.env.device)}")
     given = [k for k in ("epochs", "batch_size", "lr", "warmup_epochs", "img_size") if k in args.from_recipe]
+    recipe_warmup = RECIPES[args.recipe]["warmup_epochs"]
+    clipped = "warmup_epochs" in given and args.warmup_epochs != recipe_warmup
     if given:
         env.log(f"from the {args.recipe} recipe (flags override it): "
                 + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k):g}" for k in given)
-                + (f" (its {plural(RECIPES[args.recipe]['warmup_epochs'], 'warm-up epoch')}, clipped to a fifth of the run)"
-                   if "warmup_epochs" in given and args.warmup_epochs != RECIPES[args.recipe]["warmup_epochs"] else ""))
-    env.log(f"SR-ViT D={c.embed_dim} L={c.num_layers} heads={c.num_heads} patch={c.patch_size} R={c.depth} mixer={c.mixer} "
-            f"share={c.share}: {srvit.count_params(run.raw_model):,} params, {run.gmacs:.3g} GMACs/image | "
-            f"{env.device} {args.amp} | {args.out_dir}")
+                + (f" (its {plural(recipe_warmup, 'warm-up epoch')}, clipped to a fifth of the run)"
+                   if clipped else ""))
+    env.log(f"SR-ViT D={c.embed_dim} L={c.num_layers} heads={c.num_heads} patch={c.patch_size} R={c.depth} "
+            f"mixer={c.mixer} share={c.share}: {srvit.count_params(run.raw_model):,} params, "
+            f"{run.gmacs:.3g} GMACs/image | {env.device} {args.amp} | {args.out_dir}")
     if prog.epoch >= args.epochs:
         env.log(f"all {args.epochs} epochs are done already; nothing to train")
 
@@ -631,13 +672,15 @@ def end_epoch(run, epoch, metrics, start_step):
     args, prog, seconds = run.args, run.progress, time.time() - run.t_epoch
     is_best = metrics["top1"] > prog.best_top1
     prog.best_top1 = max(prog.best_top1, metrics["top1"])
-    record = {"type": "epoch", "epoch": epoch + 1, "train_loss": prog.loss_sum / run.steps_per_epoch, **metrics,
-              "best_top1": prog.best_top1, "lr": run.optimizer.param_groups[0]["lr"], "epoch_time": seconds,
-              "elapsed": prog.elapsed, "images_per_s": (run.steps_per_epoch - start_step) * args.batch_size / seconds}
+    record = {"type": "epoch", "epoch": epoch + 1, "train_loss": prog.loss_sum / run.steps_per_epoch,
+              **metrics, "best_top1": prog.best_top1, "lr": run.optimizer.param_groups[0]["lr"],
+              "epoch_time": seconds, "elapsed": prog.elapsed,
+              "images_per_s": (run.steps_per_epoch - start_step) * args.batch_size / seconds}
     prog.epoch, prog.step, prog.loss_sum, prog.records = epoch + 1, 0, 0.0, prog.records + [record]
     run.env.log(f"epoch {epoch + 1}/{args.epochs} | train loss {record['train_loss']:.4f} | "
-                f"val top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} loss {metrics['val_loss']:.4f} | "
-                f"best {prog.best_top1:.2f} | {fmt_time(seconds)}{cpu_decode_note(run.train_loader)}")
+                f"val top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} loss "
+                f"{metrics['val_loss']:.4f} | best {prog.best_top1:.2f} | "
+                f"{fmt_time(seconds)}{cpu_decode_note(run.train_loader)}")
     if run.env.master:
         run.out.end_epoch(checkpoint(run), is_best)
 
@@ -664,7 +707,8 @@ def main(argv=None):
                 end_epoch(run, epoch, metrics, start_step)
                 if run.stop.requested(env) and epoch + 1 < args.epochs:
                     raise stop_message(run, f"after epoch {epoch + 1}")
-        env.log(f"done: best top-1 {prog.best_top1:.2f}, {fmt_time(prog.elapsed)} training time, checkpoints in {args.out_dir}")
+        env.log(f"done: best top-1 {prog.best_top1:.2f}, {fmt_time(prog.elapsed)} training time, "
+                f"checkpoints in {args.out_dir}")
         if env.ddp:
             run.model = None             # DDP's reducer holds gloo/NCCL work objects: free them first
             dist.barrier()               # no rank tears down while another still talks to it

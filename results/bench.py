@@ -145,7 +145,8 @@ def bench_variants(cfg, depth):
     which separates what weight sharing costs from what the routers cost."""
     variants = {"srvit": cfg}
     if depth > 1:
-        variants["unshared"] = srvit.SRViTConfig(**{**cfg.__dict__, "depth": 1, "num_layers": cfg.num_layers * depth})
+        variants["unshared"] = srvit.SRViTConfig(**{**cfg.__dict__, "depth": 1,
+                                                    "num_layers": cfg.num_layers * depth})
         if cfg.mixer == "soft":
             variants["no_mixer"] = srvit.SRViTConfig(**{**cfg.__dict__, "mixer": "last"})
     return variants
@@ -163,15 +164,18 @@ def bench_row(args, depth, batch, device, amp, peak, ceiling):
     rounds = {v: [] for v in variants}
     for _ in range(args.rounds):
         for v, c in variants.items():
-            rounds[v].append(bench_model(c, batch, device, amp, args.compile, args.iters, args.compile_backend))
+            rounds[v].append(bench_model(c, batch, device, amp, args.compile, args.iters,
+                                         args.compile_backend))
     m = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for v, rs in rounds.items()}
-    row = {"depth": depth, **m["srvit"], "compiled_graphs_min": min(r["compiled_graphs"] for rs in rounds.values() for r in rs)}
+    row = {"depth": depth, **m["srvit"],
+           "compiled_graphs_min": min(r["compiled_graphs"] for rs in rounds.values() for r in rs)}
     row["mfu"] = train.mfu(row["gmacs"], row["train_img_s"], peak) if peak else None
     row["of_achievable"] = train.mfu(row["gmacs"], row["train_img_s"], ceiling)
     if "unshared" in m:
         u = m["unshared"]
-        row.update(unshared_params=u["params"], unshared_gmacs=u["gmacs"], unshared_train_img_s=u["train_img_s"],
-                   train_ratio=row["train_img_s"] / u["train_img_s"], mixer_gmacs=row["gmacs"] - u["gmacs"])
+        row.update(unshared_params=u["params"], unshared_gmacs=u["gmacs"],
+                   unshared_train_img_s=u["train_img_s"], train_ratio=row["train_img_s"] / u["train_img_s"],
+                   mixer_gmacs=row["gmacs"] - u["gmacs"])
     if "no_mixer" in m:
         row.update(no_mixer_train_img_s=m["no_mixer"]["train_img_s"],
                    sharing_ratio=m["no_mixer"]["train_img_s"] / m["unshared"]["train_img_s"],
@@ -186,38 +190,45 @@ def bench(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     ceiling, peak = matmul_ceiling(device, train.AMP_DTYPES[amp]), train.peak_flops(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"bench on {name}, {amp}, batch {batch}, compile={args.compile}, grad-ckpt={args.grad_ckpt}; MFU is of the "
-          f"datasheet dense bf16 peak ({f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown for this device'}); "
-          f"achievable: a large {amp} matmul runs at {ceiling / 1e12:.3g} TFLOP/s here")
+    cpu = f"CPU, {torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    print(f"bench on {name}, {amp}, batch {batch}, compile={args.compile}, grad-ckpt={args.grad_ckpt}; MFU "
+          f"is of the datasheet dense bf16 peak "
+          f"({f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown for this device'}); achievable: a large "
+          f"{amp} matmul runs at {ceiling / 1e12:.3g} TFLOP/s here")
     results = [bench_row(args, depth, batch, device, amp, peak, ceiling) for depth in args.depth]
     print_bench(results)
     if args.json:
-        write_json(args.json, {"device": name, "amp": amp, "batch": batch, "compile": args.compile, "grad_ckpt": args.grad_ckpt,
-                               "peak_flops": peak, "matmul_ceiling_flops": ceiling, "results": results})
+        write_json(args.json, {"device": name, "amp": amp, "batch": batch, "compile": args.compile,
+                               "grad_ckpt": args.grad_ckpt, "peak_flops": peak,
+                               "matmul_ceiling_flops": ceiling, "results": results})
     return results
 
 
 def print_bench(results):
-    print("\n| R | params | GMACs | mixer GMACs | train img/s | infer img/s | peak mem GiB | saved activations MiB (fp32) | MFU "
-          "| of achievable | train vs unshared ViT (L x R blocks) | sharing alone (mixer 'last') vs unshared | mixers' share of train time "
-          "| first step s (compiles with --compile) | compiled graphs |")
+    print("\n| R | params | GMACs | mixer GMACs | train img/s | infer img/s | peak mem GiB | saved "
+          "activations MiB (fp32) | MFU | of achievable | train vs unshared ViT (L x R blocks) | sharing "
+          "alone (mixer 'last') vs unshared | mixers' share of train time | first step s (compiles with "
+          "--compile) | compiled graphs |")
     print("|---" * 15 + "|")
     for r in results:
         mem = "-" if math.isnan(r["peak_mem_gib"]) else f"{r['peak_mem_gib']:.2f}"
-        ratio = (f"{r['train_ratio']:.3f} (unshared: {r['unshared_params']:,} params, {r['unshared_train_img_s']:,.1f} img/s)"
+        ratio = (f"{r['train_ratio']:.3f} (unshared: {r['unshared_params']:,} params, "
+                 f"{r['unshared_train_img_s']:,.1f} img/s)"
                  if "train_ratio" in r else "-")
         sharing = f"{r['sharing_ratio']:.3f}" if "sharing_ratio" in r else "-"
         mixer_t = f"{r['mixer_time_share']:.1%}" if "mixer_time_share" in r else "-"
         util = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
-        print(f"| {r['depth']} | {r['params']:,} | {r['gmacs']:.3g} | {r.get('mixer_gmacs', 0):.3g} | {r['train_img_s']:,.1f} | "
-              f"{r['infer_img_s']:,.1f} | {mem} | {r['saved_mib']:.1f} | {util} | {r['of_achievable']:.1%} | {ratio} | "
-              f"{sharing} | {mixer_t} | {r['first_step_s']:.1f} | {r['compiled_graphs_min']} |")
+        print(f"| {r['depth']} | {r['params']:,} | {r['gmacs']:.3g} | {r.get('mixer_gmacs', 0):.3g} | "
+              f"{r['train_img_s']:,.1f} | {r['infer_img_s']:,.1f} | {mem} | {r['saved_mib']:.1f} | {util} | "
+              f"{r['of_achievable']:.1%} | {ratio} | {sharing} | {mixer_t} | {r['first_step_s']:.1f} | "
+              f"{r['compiled_graphs_min']} |")
 
 
 def model_overrides(args):
     """The model flags given on the command line, as keywords for srvit.srvit()."""
-    return {k: getattr(args, k) for k in ("embed_dim", "num_layers", "num_heads", "img_size", "patch_size", "num_classes")
+    return {k: getattr(args, k) for k in ("embed_dim", "num_layers", "num_heads", "img_size", "patch_size",
+                                          "num_classes")
             if getattr(args, k) is not None}
 
 
@@ -236,15 +247,19 @@ def activations(args):
         row = {"depth": depth}
         for ckpt in (False, True):
             torch.manual_seed(0)
-            model = srvit.srvit(args.model, depth=depth, mixer=args.mixer, share=args.share, grad_checkpointing=ckpt, **overrides)
+            model = srvit.srvit(args.model, depth=depth, mixer=args.mixer, share=args.share,
+                                grad_checkpointing=ckpt, **overrides)
             row["ckpt" if ckpt else "plain"] = saved_activation_mib(model, x) / batch
         rows.append(row)
     base = rows[0]["plain"]
-    print(f"saved activations per training image (MiB, fp32), {args.model} {overrides or ''} mixer={args.mixer}")
-    print("| R | without --grad-ckpt | with --grad-ckpt | saved by checkpointing | with --grad-ckpt vs R=1 without |")
+    print(f"saved activations per training image (MiB, fp32), {args.model} {overrides or ''} "
+          f"mixer={args.mixer}")
+    print("| R | without --grad-ckpt | with --grad-ckpt | saved by checkpointing | with --grad-ckpt vs R=1 "
+          "without |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['depth']} | {r['plain']:.1f} | {r['ckpt']:.1f} | {1 - r['ckpt'] / r['plain']:.0%} | {r['ckpt'] / base:.2f}x |")
+        print(f"| {r['depth']} | {r['plain']:.1f} | {r['ckpt']:.1f} | {1 - r['ckpt'] / r['plain']:.0%} | "
+              f"{r['ckpt'] / base:.2f}x |")
     if args.json:
         write_json(args.json, rows)
     return rows
@@ -256,17 +271,20 @@ def activations(args):
 def loader_setups(args, depth, device):
     """For each loader: train.py's batches, model and optimizer of the same run, as train.py builds them."""
     flags = ["--data", args.data or "cifar10", "--subset", str(args.bench_images), "--val-subset", "10",
-             "--workers", str(args.workers), "--batch-size", str(args.batch_size or 128), "--mixer", args.mixer,
-             "--share", args.share]
-    flags += [a for k in ("model", "data_path", "embed_dim", "num_layers", "num_heads", "patch_size", "img_size")
+             "--workers", str(args.workers), "--batch-size", str(args.batch_size or 128), "--mixer",
+             args.mixer, "--share", args.share]
+    flags += [a for k in ("model", "data_path", "embed_dim", "num_layers", "num_heads", "patch_size",
+                          "img_size")
               if getattr(args, k) is not None for a in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
     setups = {}
     for loader in ("memory", "pil"):
         targs = train.get_args(flags + ["--loader", loader, "--depth", str(depth)])
-        env = SimpleNamespace(rank=0, world=1, micro=targs.batch_size, device=device, log=lambda *a, **k: None)
+        env = SimpleNamespace(rank=0, world=1, micro=targs.batch_size, device=device, log=lambda *a,
+                              **k: None)
         batches, _, classes, _ = loaders.build_loaders(targs, env)
         model = train.build_model(targs, len(classes)).to(device)
-        setups[loader] = (batches, model, torch.optim.AdamW(train.param_groups(model, 0.05), lr=1e-3), targs.batch_size)
+        setups[loader] = (batches, model, torch.optim.AdamW(train.param_groups(model, 0.05), lr=1e-3),
+                          targs.batch_size)
     return setups
 
 
@@ -298,13 +316,15 @@ def bench_loader(args):
         ms = {loader: 1e3 * statistics.median(t) for loader, t in times.items()}
         results.append({"depth": depth, "memory_ms_per_image": ms["memory"], "pil_ms_per_image": ms["pil"],
                         "speedup": ms["pil"] / ms["memory"]})
-    print("\n| R | ms per image, in-memory loader | ms per image, PIL loader | speed-up of whole training steps |")
+    print("\n| R | ms per image, in-memory loader | ms per image, PIL loader | speed-up of whole training "
+          "steps |")
     print("|---|---|---|---|")
     for r in results:
-        print(f"| {r['depth']} | {r['memory_ms_per_image']:.3f} | {r['pil_ms_per_image']:.3f} | {r['speedup']:.2f}x |")
+        print(f"| {r['depth']} | {r['memory_ms_per_image']:.3f} | {r['pil_ms_per_image']:.3f} | "
+              f"{r['speedup']:.2f}x |")
     if args.json:
-        write_json(args.json, {"device": str(device), "threads": torch.get_num_threads(), "workers": args.workers,
-                               "results": results})
+        write_json(args.json, {"device": str(device), "threads": torch.get_num_threads(),
+                               "workers": args.workers, "results": results})
     return results
 
 
@@ -319,9 +339,11 @@ def imagenet_like_folder(root, n, g):
         for c in range(2):
             os.makedirs(os.path.join(root, split, f"c{c}"), exist_ok=True)
             for i in range(count // 2):
-                smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 12, 16, generator=g) * 255, (375, 500), mode="bicubic")
+                colours = torch.rand(1, 3, 12, 16, generator=g) * 255
+                smooth = F.interpolate(colours, (375, 500), mode="bicubic")
                 pixels = (smooth[0] + 24 * torch.randn(3, 375, 500, generator=g)).clamp(0, 255).byte()
-                Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(os.path.join(root, split, f"c{c}", f"{i}.jpg"), quality=90)
+                path = os.path.join(root, split, f"c{c}", f"{i}.jpg")
+                Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(path, quality=90)
     return root
 
 
@@ -335,24 +357,27 @@ def loader_cpu(args):
     g = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data_path or imagenet_like_folder(tmp, args.bench_images, g)
-        env = SimpleNamespace(rank=0, world=1, micro=args.batch_size or 64, device=torch.device("cpu"), log=lambda *a: None)
+        env = SimpleNamespace(rank=0, world=1, micro=args.batch_size or 64, device=torch.device("cpu"),
+                              log=lambda *a: None)
         by_path = {}
         for loader in ("pil", "device"):
-            targs = train.get_args(["--data-path", root, "--recipe", "deit", "--loader", loader, "--workers", "0",
-                                    "--batch-size", str(env.micro)])
+            targs = train.get_args(["--data-path", root, "--recipe", "deit", "--loader", loader, "--workers",
+                                    "0", "--batch-size", str(env.micro)])
             by_path[loader] = loaders.build_loaders(targs, env)[0]
         collate = {"pil": loaders.collate_erased, "device": by_path["device"].augment.collate}
         datasets = {"pil": by_path["pil"].dataset, "device": by_path["device"].loader.dataset}
         keys = list(by_path["pil"].sampler)[:args.bench_images // env.micro * env.micro]
-        kb = statistics.mean(os.path.getsize(os.path.join(root, "train", c, f)) / 1e3
-                             for c in os.listdir(os.path.join(root, "train")) for f in os.listdir(os.path.join(root, "train", c)))
-        print(f"loader-cpu: {len(keys)} training images of {root if args.data_path else 'synthetic 500 x 375 JPEGs'} "
-              f"({kb:.0f} KB on average), batches of {env.micro}, {args.rounds} rounds, medians, one thread")
+        train_files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, "train")) for f in fs]
+        kb = statistics.mean(os.path.getsize(f) / 1e3 for f in train_files)
+        print(f"loader-cpu: {len(keys)} training images of "
+              f"{root if args.data_path else 'synthetic 500 x 375 JPEGs'} ({kb:.0f} KB on average), batches "
+              f"of {env.micro}, {args.rounds} rounds, medians, one thread")
         times = {"pil": [], "device": [], "device_side": []}
         for _ in range(args.rounds):
             for name, data in datasets.items():
                 t0 = time.process_time()
-                batches = [collate[name]([data[k] for k in keys[b:b + env.micro]]) for b in range(0, len(keys), env.micro)]
+                batches = [collate[name]([data[k] for k in keys[b:b + env.micro]])
+                           for b in range(0, len(keys), env.micro)]
                 times[name].append((time.process_time() - t0) / len(keys))
             t0 = time.process_time()
             for batch in batches:                           # the device path's batches of this round
@@ -360,12 +385,14 @@ def loader_cpu(args):
             times["device_side"].append((time.process_time() - t0) / len(keys))
     ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     result = {"pil_worker_ms_per_image": ms["pil"], "device_worker_ms_per_image": ms["device"],
-              "device_side_cpu_ms_per_image": ms["device_side"], "worker_time_ratio": ms["device"] / ms["pil"],
-              "images": len(keys), "mean_kb": kb}
+              "device_side_cpu_ms_per_image": ms["device_side"],
+              "worker_time_ratio": ms["device"] / ms["pil"], "images": len(keys), "mean_kb": kb}
     print("\n| CPU ms per training image | PIL path (--loader pil) | --loader device |")
     print("|---|---|---|")
-    print(f"| in a loader worker | {ms['pil']:.2f} | {ms['device']:.2f} ({ms['device'] / ms['pil']:.0%} of the PIL path's) |")
-    print(f"| in the training process (on a GPU machine: on the GPU) | 0 | {ms['device_side']:.2f} (decode + augment) |")
+    print(f"| in a loader worker | {ms['pil']:.2f} | {ms['device']:.2f} ({ms['device'] / ms['pil']:.0%} of "
+          f"the PIL path's) |")
+    print(f"| in the training process (on a GPU machine: on the GPU) | 0 | {ms['device_side']:.2f} (decode "
+          f"+ augment) |")
     if args.json:
         write_json(args.json, {"device": "cpu", "threads": torch.get_num_threads(), **result})
     return result
@@ -412,8 +439,8 @@ def device_path_counts(args):
         root = imagenet_like_folder(tmp, 2 * batch, torch.Generator().manual_seed(0))
         env = SimpleNamespace(rank=0, world=1, micro=batch, device=torch.device("cpu"), log=lambda *a: None)
         for n in (batch, 2 * batch):
-            targs = mod_train.get_args(["--data-path", root, "--recipe", "deit", "--loader", "device", "--workers", "0",
-                                        "--batch-size", str(n)])
+            targs = mod_train.get_args(["--data-path", root, "--recipe", "deit", "--loader", "device",
+                                        "--workers", "0", "--batch-size", str(n)])
             env.micro = n
             loader = mod_loaders.build_loaders(targs, env)[0]
             items = [loader.loader.dataset[key] for key in list(loader.sampler)[:n]]
@@ -421,18 +448,20 @@ def device_path_counts(args):
             packed = collate(items)
             loader.on_device(copy.deepcopy(packed))                            # warm-up: lazy set-up
             packed = copy.deepcopy(packed)                                     # (older code edits its batch)
-            decode = count_ops(lambda: loader.augment.decode(torch.split(packed[0], packed[1]), packed[-1]))[0]
+            files = torch.split(packed[0], packed[1])
+            decode = count_ops(lambda: loader.augment.decode(files, packed[-1]))[0]
             ops, from_python = count_ops(lambda: loader.on_device(packed))
             ops -= decode            # one op per file on a CPU, one per batch on a GPU: counted apart
             x = torch.randn(n, 3, 8, 8)
             y = torch.randint(0, 10, (n,))
             mix_ops, mix_python = count_ops(lambda: mod_loaders.mix_batch(x, y, targs, 10))
-            rows.append({"batch": n, "ops": ops, "decode_ops": decode, "from_python": from_python, "mix_ops": mix_ops,
-                         "mix_from_python": mix_python})
+            rows.append({"batch": n, "ops": ops, "decode_ops": decode, "from_python": from_python,
+                         "mix_ops": mix_ops, "mix_from_python": mix_python})
     small, big = rows
     per_sample = (big["ops"] - small["ops"]) / (big["batch"] - small["batch"])
-    print(f"count-ops: the device path's decode + augmentation of one batch of {batch} generated 500 x 375 JPEGs "
-          f"(DeiT's recipe) on the CPU, under a dispatch mode, decoding apart; code: {args.code or 'this tree'}\n")
+    print(f"count-ops: the device path's decode + augmentation of one batch of {batch} generated 500 x 375 "
+          f"JPEGs (DeiT's recipe) on the CPU, under a dispatch mode, decoding apart; code: "
+          f"{args.code or 'this tree'}\n")
     print("| batch | augmentation ops | decoding ops (CPU) | tensors from Python data | MixUp/CutMix ops | "
           "tensors from Python data |\n|---|---|---|---|---|---|")
     for r in rows:
@@ -452,13 +481,17 @@ def get_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--bench", action="store_true", help="benchmark speed, memory and MFU")
-    a("--activations", action="store_true", help="MiB saved for backward per image, without and with --grad-ckpt")
+    a("--activations", action="store_true",
+      help="MiB saved for backward per image, without and with --grad-ckpt")
     a("--bench-loader", action="store_true", help="training steps fed by the in-memory vs the PIL loader")
-    a("--loader-cpu", action="store_true", help="CPU time per image in the loader workers: PIL path vs --loader device")
-    a("--count-ops", action="store_true", help="ops and tensors from Python data per batch of the device path")
+    a("--loader-cpu", action="store_true",
+      help="CPU time per image in the loader workers: PIL path vs --loader device")
+    a("--count-ops", action="store_true",
+      help="ops and tensors from Python data per batch of the device path")
     a("--code", default=None, help="--count-ops: a folder with another version of loaders.py and train.py")
     a("--bench-images", type=int, default=5120, help="--bench-loader, --loader-cpu: training images to load")
-    a("--data", default=None, choices=["imagenet", "cifar10", "cifar100", "folder", "fake"], help="--bench-loader's data")
+    a("--data", default=None, choices=["imagenet", "cifar10", "cifar100", "folder", "fake"],
+      help="--bench-loader's data")
     a("--data-path", default=None)
     a("--json", default=None, help="also write the numbers to this JSON file")
     a("--model", default=None, choices=list(srvit.PRESETS),
@@ -480,8 +513,8 @@ def get_args(argv=None):
     a("--workers", type=int, default=2)
     args = p.parse_args(argv)
     if sum((args.bench, args.bench_loader, args.activations, args.loader_cpu, args.count_ops)) != 1:
-        raise UserError("give exactly one of --bench, --bench-loader, --activations, --loader-cpu, --count-ops "
-                        "(python results/bench.py -h lists the options)")
+        raise UserError("give exactly one of --bench, --bench-loader, --activations, --loader-cpu, "
+                        "--count-ops (python results/bench.py -h lists the options)")
     plumbing.check_device(args.device)
     if min(args.depth) < 1:
         raise UserError(f"--depth takes recursion depths >= 1, got {args.depth}")

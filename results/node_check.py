@@ -88,7 +88,8 @@ class Report:
 def machine(report, args, device):
     report.section("machine", "Machine", ["what", "value", "what it means for a run"])
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    report.row("machine", "torch / torchvision", f"{torch.__version__} / {__import__('torchvision').__version__}",
+    report.row("machine", "torch / torchvision",
+               f"{torch.__version__} / {__import__('torchvision').__version__}",
                "train.py needs torch >= 2.7")
     report.row("machine", "CUDA (torch) / driver", f"{torch.version.cuda} / {driver_version()}",
                "the driver must be at least the CUDA version torch was built for")
@@ -104,7 +105,8 @@ def machine(report, args, device):
     need = loaders.shm_in_flight(workers, 64, 224, ranks)
     have = shutil.disk_usage("/dev/shm").total if os.path.isdir("/dev/shm") else None
     report.row("machine", "/dev/shm", f"{have / 2**30:.1f} GiB" if have else "none",
-               f"the loaders hold about {need / 2**30:.2f} GiB in flight on this node", ok=have is None or have >= need,
+               f"the loaders hold about {need / 2**30:.2f} GiB in flight on this node",
+               ok=have is None or have >= need,
                fix="run the container with --ipc=host or --shm-size=16g, or lower --workers")
     nccl = ".".join(map(str, torch.cuda.nccl.version())) if gpus else "-"
     report.row("machine", "NCCL", nccl, "multi-GPU runs use NCCL" if gpus else "no GPU: ranks use gloo")
@@ -143,18 +145,21 @@ def decode_check(report, args, device, root):
                 corrupt |= not pending()          # the other work's result, checked after the decode
             for g, w in zip(got, want[start:start + len(batch)]):
                 diff = (g.cpu().int() - w.int()).abs()
-                worst, total, pixels = max(worst, int(diff.max())), total + float(diff.sum()), pixels + diff.numel()
+                worst, total, pixels = max(worst,
+                                           int(diff.max())), total + float(diff.sum()), pixels + diff.numel()
         ok = worst <= DECODE_TOLERANCE and not corrupt
         what = "corrupted the other work's tensors" if corrupt else f"within {DECODE_TOLERANCE}"
         report.row("decode", case, len(files), worst, total / pixels, "ok" if ok else what, ok=ok,
-                   fix="the device path's decode is not safe on this node: train with --loader pil, and report "
-                       "the torch and torchvision versions")
-    report.row("decode", "images decoded on the CPU (nvJPEG refused them)", augment.cpu_decoded, "-", "-", "counted")
+                   fix="the device path's decode is not safe on this node: train with --loader pil, and "
+                       "report the torch and torchvision versions")
+    report.row("decode", "images decoded on the CPU (nvJPEG refused them)", augment.cpu_decoded, "-", "-",
+               "counted")
 
 
 def gpu_work(device):
-    """Queue work on the current stream that reads a tensor, then free the tensor: memory a decode must not
-    reuse while the work is queued. Returns a check, called after the decode, that the work's result is right."""
+    """Queue work on the current stream that reads a tensor, then free the tensor: memory a decode must
+    not reuse while the work is queued. Returns a check, called after the decode, that the work's result
+    is right."""
     if device.type != "cuda":
         return None
     x = torch.full((4096, 4096), 1.0 / 4096, device=device)
@@ -175,11 +180,12 @@ def speed(report, args, device, root):
     amp = "bf16" if device.type == "cuda" else "none"
     for depth in args.depth:
         for compiled in (False, True):
-            flags = ["--data-path", root, "--recipe", "deit", "--depth", str(depth), "--batch-size", str(args.batch),
-                     "--workers", str(args.workers), "--amp", amp, "--device", str(device), "--subset",
-                     str(args.images)] + (["--model", "small"] if not args.small else SMALL_MODEL)
+            flags = ["--data-path", root, "--recipe", "deit", "--depth", str(depth), "--batch-size",
+                     str(args.batch), "--workers", str(args.workers), "--amp", amp, "--device", str(device),
+                     "--subset", str(args.images)] + (["--model", "small"] if not args.small else SMALL_MODEL)
             targs = train.get_args(flags)
-            env = SimpleNamespace(rank=0, world=1, micro=args.batch, accum=1, device=device, log=lambda *a: None)
+            env = SimpleNamespace(rank=0, world=1, micro=args.batch, accum=1, device=device,
+                                  log=lambda *a: None)
             loader = loaders.build_loaders(targs, env)[0]
             model = train.build_model(targs, 1000).to(device)
             if compiled:
@@ -252,16 +258,18 @@ def ddp_check(report, args, device, tmp):
     """torchrun with 2 ranks: save every step, SIGTERM once last.pt exists, resume, exit 0."""
     report.section("ddp", "DDP: 2 ranks, SIGTERM, resume", ["step", "exit code", "seconds", "result"])
     out = os.path.join(tmp, "ddp-run")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(ROOT, "train.py"),
-           "--data", "fake", "--num-classes", "10", "--subset", "512", "--val-subset", "64", "--img-size", "32",
-           "--patch-size", "8", "--embed-dim", "32", "--num-layers", "2", "--num-heads", "2", "--depth", "2",
-           "--batch-size", "32", "--epochs", "2", "--workers", "0", "--save-every", "1", "--out-dir", out,
-           "--device", device.type]
+    train_py = os.path.join(ROOT, "train.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", train_py,
+           "--data", "fake", "--num-classes", "10", "--subset", "512", "--val-subset", "64", "--img-size",
+           "32", "--patch-size", "8", "--embed-dim", "32", "--num-layers", "2", "--num-heads", "2",
+           "--depth", "2", "--batch-size", "32", "--epochs", "2", "--workers", "0", "--save-every", "1",
+           "--out-dir", out, "--device", device.type]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     t0 = time.time()
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                              start_new_session=True)
-    while not os.path.exists(os.path.join(out, "last.pt")) and first.poll() is None and time.time() - t0 < 300:
+    while not os.path.exists(os.path.join(out,
+                                          "last.pt")) and first.poll() is None and time.time() - t0 < 300:
         time.sleep(0.2)
     if first.poll() is None:
         os.killpg(first.pid, signal.SIGTERM)             # as Slurm does: the whole process group
@@ -286,8 +294,8 @@ def tail(log):
 def tests(report, args):
     report.section("tests", "The test suite on this machine", ["command", "exit code", "seconds", "result"])
     t0 = time.time()
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "test_srvit.py"], cwd=ROOT, capture_output=True,
-                         text=True)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "test_srvit.py"], cwd=ROOT,
+                         capture_output=True, text=True)
     last = (run.stdout.strip().splitlines() or ["no output"])[-1]
     report.row("tests", "python -m pytest -q test_srvit.py", run.returncode, round(time.time() - t0), last,
                ok=run.returncode == 0, fix="the failing tests are named in the pytest output")
@@ -300,7 +308,8 @@ def get_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="node-check", help="folder for node-check.md and node-check.json")
     p.add_argument("--small", action="store_true", help="small sizes (a CPU): a tiny model, few images")
-    p.add_argument("--skip", nargs="*", default=[], choices=["decode", "speed", "ddp"], help="sections to leave out")
+    p.add_argument("--skip", nargs="*", default=[], choices=["decode", "speed", "ddp"],
+                   help="sections to leave out")
     p.add_argument("--tests", action="store_true", help="also run the test suite (minutes)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests use 'eager')")
     p.add_argument("--device", default=None, help="default: cuda if there is one, else cpu")
@@ -309,16 +318,19 @@ def get_args(argv=None):
     args.images = 32 if small else 512             # generated JPEGs (500 x 375, about 100 KB)
     args.decode_batch, args.batch = (8, 4) if small else (128, 256)
     args.iters, args.depth, args.epochs = (2 if small else 20), [1, 4], 300
-    args.workers = 0 if small else min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 8)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    args.workers = 0 if small else min(8, cores)
     return args
 
 
 def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device or plumbing.check_device(None))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
-    print(f"node check on {name}: sections machine, "
-          f"{', '.join(s for s in ('decode', 'speed', 'ddp') if s not in args.skip)}{', tests' if args.tests else ''}")
+    cpu = f"CPU ({platform.processor() or 'cpu'})"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    sections = ["machine", *(s for s in ("decode", "speed", "ddp") if s not in args.skip)]
+    sections += ["tests"] * args.tests
+    print(f"node check on {name}: sections {', '.join(sections)}")
     report = Report(args.out)
     with tempfile.TemporaryDirectory() as tmp:
         machine(report, args, device)

@@ -26,9 +26,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 import srvit
 from loaders import Normalize, OnDevice, build_dataset, mean_std, normalize_image, transforms
-from plumbing import (ArgumentParser, UserError, check_device, cli, first_line, fmt_time, json_row,
-                      read_checkpoint)
-from train import MAY_CHANGE, amp_context, batch_metrics, summarize_metrics
+from plumbing import (ArgumentParser, UserError, check_device, checkpoint_of, cli, first_line, fmt_time,
+                      json_row, read_checkpoint, save_file, write_json)
+from train import MAY_CHANGE, amp_context, evaluate
 
 # The paper's ImageNet-1K top-1, all that its abstract (arXiv 2607.00774) gives: SR-ViT-S at R = 1, 4; DeiT-B.
 PAPER = {"srvit_s": {1: 79.83, 4: 82.48}, "deit_b": 81.8}
@@ -77,28 +77,27 @@ def classify(model, image, k=5):
 
 @torch.no_grad()
 def run_split(model, loader, device, autocast, steps=None, progress=None):
-    """One pass: top-1, top-5, loss (train.batch_metrics, as training counts them), and per mixer the mean
-    weight of each step and entropy over all tokens. progress: a label, said on stderr every ~10%."""
-    sums = torch.zeros(4, device=device, dtype=torch.float64)      # correct@1, correct@5, loss, count
-    w_sum, ent_sum, tokens, t0 = 0, 0, 0, time.time()
-    for b, (x, y) in enumerate(loader, 1):
-        with autocast:
-            logits, mix = model(x.to(device), steps=steps, return_mix=True)
-        sums += batch_metrics(logits, y.to(device))
+    """One pass of training's evaluation (train.evaluate): top-1, top-5, loss, and per mixer the mean weight
+    of each step and the entropy over all tokens. progress: a label, said on stderr every ~10%."""
+    seen = {"weights": 0, "entropy": 0, "tokens": 0}
+
+    def watch(mix):
         if mix:
-            w = torch.stack(mix).float()                             # (mixers, B, T, k)
-            w_sum = w_sum + w.sum(dim=(1, 2))                        # (mixers, k)
-            ent_sum = ent_sum - (w * w.clamp_min(1e-12).log()).sum(-1).sum(dim=(1, 2))   # (mixers,)
-            tokens += w.shape[1] * w.shape[2]
-        if progress and b < len(loader) and b % max(1, len(loader) // 10) == 0:
-            print(f"  {progress}: {b}/{len(loader)} batches, {sums[3].item() / (time.time() - t0):,.0f} "
-                  f"images/s, eta {fmt_time((time.time() - t0) * (len(loader) / b - 1))}", file=sys.stderr)
-    m = summarize_metrics(sums)       # (an empty split cannot get here: build_dataset refuses it)
+            w = torch.stack(mix).float()                                  # (mixers, B, T, k)
+            seen["weights"] = seen["weights"] + w.sum(dim=(1, 2))         # (mixers, k)
+            seen["entropy"] = seen["entropy"] - (w * w.clamp_min(1e-12).log()).sum(-1).sum(dim=(1, 2))
+            seen["tokens"] += w.shape[1] * w.shape[2]
+    def say(line):
+        print("  " + line.replace("evaluating", progress, 1), file=sys.stderr)
+    t0 = time.time()
+    m = evaluate(model, loader, device, autocast, steps, log=say if progress else None,
+                 every=max(1, len(loader) // 10), watch=watch)
+    model.eval()
     out = {"top1": m["top1"], "top5": m["top5"], "loss": m["val_loss"], "images": m["val_images"],
            "images_per_s": m["val_images"] / (time.time() - t0)}
-    if tokens:
-        out["step_weights"] = (w_sum / tokens).tolist()              # [mixer - 1][step - 1]
-        out["entropy"] = (ent_sum / tokens).tolist()                 # [mixer - 1], nats; uniform = log k
+    if seen["tokens"]:
+        out["step_weights"] = (seen["weights"] / seen["tokens"]).tolist()    # [mixer - 1][step - 1]
+        out["entropy"] = (seen["entropy"] / seen["tokens"]).tolist()         # [mixer - 1], nats
     return out
 
 
@@ -143,22 +142,16 @@ def evaluate_checkpoint(args):
     print(f"top-1 {r['top1']:.2f} | top-5 {r['top5']:.2f} | loss {r['loss']:.4f} | {r['images_per_s']:,.0f} "
           f"images/s (with data loading) | {r['params']:,} params | {r['gmacs']:.3g} GMACs/image")
     if "step_weights" in r:
-        print(f"\nMixture weights ({cfg.mixer}), mean over validation tokens; entropy (uniform "
-              f"{math.log(r['steps']):.3f} nats)")
-        steps_header = " | ".join(f"step {k + 1}" for k in range(r["steps"]))
-        print(f"| | {steps_header} | entropy |\n" + "|---" * (r["steps"] + 2) + "|")
-        for i, (w, e) in enumerate(zip(r["step_weights"], r["entropy"])):
-            print(f"| mixer {i + 1} | " + " | ".join(f"{v:.3f}" for v in w) + f" | {abs(e):.3f} |")
+        print_mixture_weights(r, cfg.mixer)
     if args.steps == "all":
         passes = [run_split(model, loader, device, autocast, k, progress=f"steps {k}")
                   for k in range(1, cfg.depth)] + [r]
         r["anytime"] = [{"steps": k, "top1": p["top1"], "top5": p["top5"],
-                         "gmacs": srvit.forward_gmacs(model, steps=k)}
-                        for k, p in enumerate(passes, 1)]
-        print("\nAnytime inference: the first k steps of the same model\n| steps k | top-1 | top-5 | GMACs "
-              "|\n|---|---|---|---|")
-        row_format = "| {steps} | {top1:.2f} | {top5:.2f} | {gmacs:.3g} |"
-        print("\n".join(row_format.format(**row) for row in r["anytime"]))
+                         "gmacs": srvit.forward_gmacs(model, steps=k)} for k, p in enumerate(passes, 1)]
+        print("\nAnytime inference: the first k steps of the same model\n| steps k | top-1 | top-5 | GMACs |")
+        print("|---|---|---|---|")
+        for row in r["anytime"]:
+            print("| {steps} | {top1:.2f} | {top5:.2f} | {gmacs:.3g} |".format(**row))
     if args.maps:
         # spread over the split
         picks = sorted({i * len(val) // args.maps_images for i in range(args.maps_images)})
@@ -171,24 +164,14 @@ def evaluate_checkpoint(args):
     return r
 
 
-def write_json(path, obj):
-    save_file(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
-
-
-def save_file(path, write):
-    """write(tmp) then rename to path: the work is done by now, so a failed write (a full disk, a folder
-    that cannot be made) is one line that names the file, and never leaves half a file at `path`."""
-    tmp = f"{path}.tmp{os.path.splitext(path)[1]}"            # (Pillow picks the format by the extension)
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, ValueError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UserError(f"could not write {path} ({first_line(e)}); choose another path or free "
-                        f"space") from None
-    print(f"wrote {path}")
+def print_mixture_weights(r, mixer):
+    """The table of each mixer's mean weight per step and its entropy (uniform: log k nats)."""
+    print(f"\nMixture weights ({mixer}), mean over validation tokens; entropy (uniform "
+          f"{math.log(r['steps']):.3f} nats)")
+    print("| | " + " | ".join(f"step {k + 1}" for k in range(r["steps"])) + " | entropy |")
+    print("|---" * (r["steps"] + 2) + "|")
+    for i, (w, e) in enumerate(zip(r["step_weights"], r["entropy"])):
+        print(f"| mixer {i + 1} | " + " | ".join(f"{v:.3f}" for v in w) + f" | {abs(e):.3f} |")
 
 
 # ----------------------------------------------------------------------------------------
@@ -486,15 +469,8 @@ def get_args(argv=None):
         raise UserError("give exactly one of --checkpoint, --curve (eval.py -h lists the options)")
     check_device(args.device)
     check_at_least(args, maps_images=1, batch_size=1, val_subset=1, workers=0)
-    if args.checkpoint and os.path.isdir(args.checkpoint):      # a run's folder: its best checkpoint
-        found = [os.path.join(args.checkpoint, n) for n in ("best.pt", "last.pt")
-                 if os.path.isfile(os.path.join(args.checkpoint, n))]
-        if not found:
-            raise UserError(f"--checkpoint {args.checkpoint} is a folder without best.pt or last.pt; "
-                            f"pass a checkpoint file train.py wrote")
-        print(f"{args.checkpoint} is a run's folder: evaluating its {os.path.basename(found[0])}",
-              file=sys.stderr)
-        args.checkpoint = found[0]
+    if args.checkpoint:
+        args.checkpoint = checkpoint_of(args.checkpoint)
     return args
 
 

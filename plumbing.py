@@ -337,6 +337,38 @@ class OutDir:
 # ----------------------------------------------------------------------------------------
 # Resuming: read the checkpoint, compare it with this run, restore it, agree over the ranks
 
+def checkpoint_of(path):
+    """A checkpoint file, or a run's folder: its best.pt (else last.pt), said on stderr."""
+    if not os.path.isdir(path):
+        return path
+    found = [os.path.join(path, n) for n in ("best.pt", "last.pt") if os.path.isfile(os.path.join(path, n))]
+    if not found:
+        raise UserError(f"--checkpoint {path} is a folder without best.pt or last.pt; pass a checkpoint file "
+                        f"train.py wrote")
+    print(f"{path} is a run's folder: evaluating its {os.path.basename(found[0])}", file=sys.stderr)
+    return found[0]
+
+
+def write_json(path, obj):
+    save_file(path, lambda tmp: open(tmp, "w").write(json.dumps(obj, indent=1)))
+
+
+def save_file(path, write):
+    """write(tmp), then rename it to path: a result written after the work is done (a table, a picture)
+    fails in one line that names the file (a full disk, a folder that cannot be made), never half a file."""
+    tmp = f"{path}.tmp{os.path.splitext(path)[1]}"            # (Pillow picks the format by the extension)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, ValueError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not write {path} ({first_line(e)}); choose another path or free "
+                        f"space") from None
+    print(f"wrote {path}")
+
+
 def read_checkpoint(path):
     """A train.py checkpoint as a dict (the one reader, shared with eval.py): a one-line UserError
     for a missing file, a file that is not whole, or one that train.py did not write."""

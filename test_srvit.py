@@ -2009,9 +2009,13 @@ def test_notebook_section_runs_alone_after_the_setup(name, notebook_setup, tmp_p
 def test_the_files_a_reader_opens_first_stay_within_their_budgets():
     """train.py reads in one sitting (the loop; loaders.py and plumbing.py hold the rest), and so do
     eval.py and the README; srvit.py imports only torch and the standard library."""
-    budgets = {"train.py": 650, "eval.py": 400, "README.md": 300}
+    budgets = {"train.py": 750, "eval.py": 500, "README.md": 400}
     lines = {name: len(open(os.path.join(HERE, name)).read().splitlines()) for name in budgets}
     assert all(lines[name] <= budget for name, budget in budgets.items()), lines
+    code = ["srvit.py", "train.py", "eval.py", "loaders.py", "plumbing.py", "results/bench.py", "results/node_check.py"]
+    wide = [f"{name}:{n}" for name in code for n, line in enumerate(open(os.path.join(HERE, name)), 1)
+            if len(line.rstrip("\n")) > 110]
+    assert wide == [], wide                                                    # no line packed past 110 columns
     imports = set(re.findall(r"^\s*(?:import|from) (\w+)", open(os.path.join(HERE, "srvit.py")).read(), re.M))
     assert imports <= {"torch", *sys.stdlib_module_names}, imports
 
@@ -2070,7 +2074,7 @@ def test_eval_val_subset_takes_trainings_subset_and_progress_stays_out_of_stdout
                                           want["top5"]) and res["loss"] == pytest.approx(want["val_loss"])
     out, err = capsys.readouterr()
     # progress on stderr
-    assert "evaluating: 4/8 batches" in err and "images/s, eta" in err and "batches" not in out
+    assert "evaluating: batch 4/8" in err and "images/s | eta" in err and "batch" not in out
     # mixers counted from 1
     assert "| mixer 1 |" in out and "| mixer 2 |" in out and "| 0 |" not in out
     assert "batches" not in (tmp_path / "eval.json").read_text()
@@ -2361,8 +2365,8 @@ def test_torn_and_blank_metrics_lines_are_read_and_repaired(tmp_path):
 def test_a_failed_write_after_the_work_is_one_line_and_leaves_no_file(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(plumbing.UserError, match=r"could not write .*file/out.json"):
-        srvit_eval.write_json(str(tmp_path / "file" / "out.json"), {"a": 1})
-    srvit_eval.write_json(str(tmp_path / "ok.json"), {"a": 1})
+        plumbing.write_json(str(tmp_path / "file" / "out.json"), {"a": 1})
+    plumbing.write_json(str(tmp_path / "ok.json"), {"a": 1})
     assert sorted(os.listdir(tmp_path)) == ["file", "ok.json"]                  # no .tmp left behind
 
 

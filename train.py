@@ -559,19 +559,25 @@ def summarize_metrics(sums):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, autocast, steps=None, log=None):
-    """Top-1, top-5 and loss over the whole split, each sample counted once over all ranks. With
-    `log`, a progress line every 10 s: a CPU takes minutes over 10,000 images."""
+def evaluate(model, loader, device, autocast, steps=None, log=None, every=None, watch=None):
+    """Top-1, top-5 and loss over the whole split, each sample counted once over all ranks (the one
+    evaluation loop; eval.py uses it too). With `log`, a progress line every 10 s (a CPU takes minutes
+    over 10,000 images), or every `every` batches; `watch(mix)` sees each batch's mixture weights."""
     model.eval()
     sums = torch.zeros(4, device=device, dtype=torch.float64)   # correct@1, correct@5, loss, count
     t0 = t_log = time.time()
     for b, (x, y) in enumerate(loader, start=1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
-            sums += batch_metrics(model(x, steps=steps), y)
-        if log and time.time() - t_log > 10 and b < len(loader):
+            logits, mix = model(x, steps=steps, return_mix=True)
+        sums += batch_metrics(logits, y)
+        if watch:
+            watch(mix)
+        due = (b % every == 0) if every else time.time() - t_log > 10
+        if log and due and b < len(loader):
             t_log, rate = time.time(), b / (time.time() - t0)
-            log(f"evaluating: batch {b}/{len(loader)} | eta {fmt_time((len(loader) - b) / rate)}")
+            log(f"evaluating: batch {b}/{len(loader)}, {rate * len(y):,.0f} images/s | "
+                f"eta {fmt_time((len(loader) - b) / rate)}")
     if dist.is_initialized():
         dist.all_reduce(sums)
     model.train()

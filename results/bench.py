@@ -33,7 +33,8 @@ import loaders  # noqa: E402
 import plumbing  # noqa: E402
 import srvit  # noqa: E402
 import train  # noqa: E402
-from eval import check_at_least, write_json  # noqa: E402
+from eval import check_at_least  # noqa: E402
+from plumbing import write_json  # noqa: E402
 from plumbing import UserError  # noqa: E402
 from train import amp_context  # noqa: E402
 

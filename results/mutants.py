@@ -1,0 +1,137 @@
+"""
+How the test suite was checked: plant one-line bugs, one at a time, in a copy of the repository, and see
+whether the suite fails. A bug the suite lets pass marks a test that is missing or cannot fail.
+
+    python results/mutants.py                      # every bug below; writes results/mutants.md
+    python results/mutants.py --only softmor-pairs-weights-with-other-steps
+    python results/mutants.py --list
+
+Each bug is (name, file, the line as it is, the line as planted). The copy is made from the files git
+tracks; the suite runs with -x (it stops at the first failing test) and, by default, without the
+end-to-end tests whose names say slow (-k "not slow"), so a caught bug costs seconds to minutes and a
+bug that survives costs the whole suite.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+BUGS = [
+    # the five that passed the whole suite before the method's tests by value
+    ("softmor-pairs-weights-with-other-steps", "srvit.py",
+     "out = sum(a[..., r, None] * h for r, h in enumerate(hs))",
+     "out = sum(a[..., (r + 1) % k, None] * h for r, h in enumerate(hs))"),
+    ("anytime-takes-the-last-k-step-biases", "srvit.py",
+     "scores = scores + self.step_bias[:k].float()", "scores = scores + self.step_bias[-k:].float()"),
+    ("warm-start-transposes-the-position-grid", "srvit.py",
+     "grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, D)",
+     "grid = grid.permute(0, 3, 2, 1).reshape(1, new * new, D)"),
+    ("resume-under-accumulation-restarts-at-the-wrong-batch", "train.py",
+     "run.train_loader.set_epoch(epoch, start_batch=prog.step * env.accum)",
+     "run.train_loader.set_epoch(epoch, start_batch=prog.step)"),
+    ("drop-path-schedule-not-linear", "srvit.py",
+     "self.drop_path_rates = [cfg.drop_path_rate * i / max(n - 1, 1) for i in range(n)]",
+     "self.drop_path_rates = [cfg.drop_path_rate * (i / max(n - 1, 1)) ** 2 for i in range(n)]"),
+    # our own
+    ("router-without-its-layernorm", "srvit.py",
+     "hidden = self.router.act(self.router.fc1(self.norm(h)))",
+     "hidden = self.router.act(self.router.fc1(h))"),
+    ("attention-without-the-1/sqrt(d)-scale", "srvit.py",
+     "x = F.scaled_dot_product_attention(q, k, v)", "x = F.scaled_dot_product_attention(q, k, v, scale=1.0)"),
+    ("tanh-gelu", "srvit.py", "self.act = nn.GELU()", 'self.act = nn.GELU(approximate="tanh")'),
+    ("layernorm-eps-1e-5", "srvit.py",
+     "self.norm1 = nn.LayerNorm(dim, eps=1e-6)", "self.norm1 = nn.LayerNorm(dim, eps=1e-5)"),
+    ("mean-mixer-divides-by-k-plus-1", "srvit.py",
+     "return sum(hs) / k, hs[0].new_full((B, T, k), 1.0 / k, dtype=torch.float32)",
+     "return sum(hs) / (k + 1), hs[0].new_full((B, T, k), 1.0 / k, dtype=torch.float32)"),
+    ("step-scale-of-the-first-application-everywhere", "srvit.py",
+     "out = h + self.step_scale[app] * (out - h)", "out = h + self.step_scale[0] * (out - h)"),
+    ("loop-scale-by-blocks-not-steps", "srvit.py",
+     "attn_scale = mlp_scale = 1.0 / self.config.depth",
+     "attn_scale = mlp_scale = 1.0 / self.config.num_layers"),
+    ("erasing-box-one-row-too-tall", "loaders.py",
+     "rows = (r >= top[:, None]) & (r < (top + height)[:, None])",
+     "rows = (r >= top[:, None]) & (r <= (top + height)[:, None])"),
+    ("normalise-twice-by-255", "loaders.py",
+     "return (x.float() - self.mean) / self.std", "return (x.float() / 255 - self.mean) / self.std"),
+    ("mixup-partner-is-the-neighbour", "loaders.py", "partner = x.flip(0)", "partner = x.roll(1, 0)"),
+    ("warm-up-starts-at-zero", "train.py",
+     "return 1e-6 + (args.lr - 1e-6) * epoch / args.warmup_epochs",
+     "return args.lr * epoch / args.warmup_epochs"),
+    ("training-loss-without-label-smoothing", "train.py",
+     "loss = F.cross_entropy(run.model(x), y, label_smoothing=args.smoothing)",
+     "loss = F.cross_entropy(run.model(x), y)"),
+    ("metrics-repair-drops-the-last-finished-epoch", "plumbing.py",
+     'if row["epoch"] > done or row["epoch"] in seen:', 'if row["epoch"] >= done or row["epoch"] in seen:'),
+]
+
+
+def plant(bug, dest):
+    """A copy of the tracked files in dest with the bug's line changed (it must occur exactly once)."""
+    name, path, old, new = bug
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
+    files = listed.stdout.split()
+    for f in files:
+        os.makedirs(os.path.join(dest, os.path.dirname(f)), exist_ok=True)
+        if os.path.isfile(os.path.join(ROOT, f)):
+            shutil.copy2(os.path.join(ROOT, f), os.path.join(dest, f))
+    text = open(os.path.join(dest, path)).read()
+    if text.count(old) != 1:
+        raise SystemExit(f"{name}: the line to change occurs {text.count(old)} times in {path}, not once")
+    open(os.path.join(dest, path), "w").write(text.replace(old, new))
+
+
+def run_suite(dest, keyword, timeout):
+    """(caught, seconds, first failing test or '')."""
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "test_srvit.py"]
+    cmd += ["-k", keyword] if keyword else []
+    try:
+        res = subprocess.run(cmd, cwd=dest, capture_output=True, text=True, timeout=timeout,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    except subprocess.TimeoutExpired:
+        return None, time.time() - t0, "timed out"
+    failed = [line.split()[1] for line in res.stdout.splitlines() if line.startswith("FAILED ")]
+    return res.returncode != 0, time.time() - t0, (failed[0].split("::")[-1] if failed else "")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="*", help="names of the bugs to plant (default: all)")
+    p.add_argument("--list", action="store_true", help="list the bugs and stop")
+    p.add_argument("-k", dest="keyword", default="not slow", help="pytest -k expression ('' runs every test)")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per suite run")
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "mutants.md"))
+    args = p.parse_args(argv)
+    bugs = [b for b in BUGS if not args.only or b[0] in args.only]
+    if args.list or not bugs:
+        print("\n".join(f"{name}: {path}: {old!r} -> {new!r}" for name, path, old, new in BUGS))
+        return 0
+    rows = []
+    for i, bug in enumerate(bugs, 1):
+        with tempfile.TemporaryDirectory() as dest:
+            plant(bug, dest)
+            caught, seconds, test = run_suite(dest, args.keyword, args.timeout)
+        verdict = "caught" if caught else ("survived" if caught is False else "timed out")
+        rows.append((bug[0], bug[1], verdict, test, seconds))
+        print(f"[{i}/{len(bugs)}] {bug[0]}: {verdict} {test} ({seconds:.0f} s)", flush=True)
+    caught = sum(r[2] == "caught" for r in rows)
+    with open(args.out, "w") as f:
+        f.write(f"# Planted bugs against the test suite\n\n`python results/mutants.py` (suite run with -x"
+                f"{f' -k {args.keyword!r}' if args.keyword else ''}): {caught} of {len(rows)} planted bugs "
+                f"make the suite fail.\n\n")
+        f.write("| bug | file | result | first failing test | seconds |\n|---|---|---|---|---|\n")
+        for name, path, verdict, test, seconds in rows:
+            f.write(f"| {name} | {path} | {verdict} | {test or '-'} | {seconds:.0f} |\n")
+    print(f"{caught} of {len(rows)} caught; wrote {args.out}")
+    return 0 if caught == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

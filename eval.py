@@ -317,8 +317,8 @@ def read_run(folder):
 # Settings that do not change a run's result (train.MAY_CHANGE: workers, device, ...; not --epochs,
 # which may change on resume but changes the result), or that the
 # curve shows in columns of their own (R, mixer, sharing, seed), or that name nothing measured.
-NOT_RESULT = (MAY_CHANGE - {"epochs"}) | {"seed", "depth", "mixer", "share", "recipe", "drop_path_rate",
-                                          "grad_checkpointing"}
+NOT_RESULT = (MAY_CHANGE - {"epochs", "init_from"}) | {"seed", "depth", "mixer", "share", "recipe",
+                                                     "drop_path_rate", "grad_checkpointing"}
 SHORT = {"num_layers": "L", "embed_dim": "D", "num_heads": "heads", "patch_size": "patch", "img_size": "px",
          "batch_size": "batch"}
 
@@ -331,6 +331,8 @@ def run_settings(config, args):
     settings = {SHORT.get(k, k): v for k, v in settings.items() if k not in NOT_RESULT}
     if args.get("data_path"):
         settings["data"] = f"{args['data']}:{Path(args['data_path']).name}"
+    if args.get("init_from"):                      # a warm start is another run than one from scratch
+        settings["init_from"] = Path(args["init_from"]).name
     if config["depth"] == 1:                       # no mixer: its settings change nothing
         settings.pop("router_init", None)
     return settings

@@ -792,7 +792,7 @@ def autocontrast(x):
     image = x.float()
     low, high = image.amin(dim=(-2, -1), keepdim=True), image.amax(dim=(-2, -1), keepdim=True)
     flat = high == low                                           # a constant channel stays as it is
-    scale = torch.where(flat, 1.0, (high - low) / 255)
+    scale = torch.where(flat, 1.0, (high - low) * (1.0 / 255))                  # (as torchvision rounds it)
     return image.sub_(torch.where(flat, 0.0, low)).div_(scale).clamp_(0, 255).to(torch.uint8)
 
 

@@ -74,10 +74,12 @@ def cli(main_fn, argv=None,
         if not e.shared or rank == 0:
             where = f" (rank {rank})" if world > 1 and not e.shared else ""
             print(f"error{where}: {user_error_message(e)}", file=sys.stderr)
-        elif world > 1:
+        elif world > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
             # Rank 0 says it. Had this rank exited first, torchrun would end rank 0 before it printed
-            # (1 run in 6 with a bad flag); torchrun ends this one once rank 0 has exited.
+            # (1 run in 6 with a bad flag); torchrun ends this one once rank 0 has exited. Should
+            # rank 0 not have met the error (another node's disk), this rank says it after the wait.
             time.sleep(SHARED_ERROR_WAIT)
+            print(f"error (rank {rank}): {user_error_message(e)}", file=sys.stderr)
         return 2
     except Stopped as e:
         if not e.shared or rank == 0:
@@ -378,8 +380,8 @@ def read_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         best = os.path.join(os.path.dirname(path), "best.pt")
-        keep = (f"; best.pt beside it may be whole: --resume {best} resumes from it and keeps the run's "
-                f"metrics"
+        keep = (f"; best.pt beside it may be whole: --resume {best} resumes from its epoch (the epochs "
+                f"after it are trained again)"
                 if os.path.basename(path) == "last.pt" and os.path.isfile(best) else "")
         raise UserError(f"cannot read {path} ({type(e).__name__}): it is not a whole checkpoint of train.py "
                         f"(last.pt or best.pt of a run){keep}") from None
@@ -416,8 +418,9 @@ def restore(args, out, model, optimizer, scaler, n_train, may_change):
     path = out.last if args.resume in ("auto", "no") else args.resume
     if args.resume == "no":
         if os.path.exists(out.last):
-            raise UserError(f"--resume no, but {out.path} holds a checkpoint; delete {out.last} or pass "
-                            f"another --out-dir (nothing is overwritten)", shared=True)
+            raise UserError(f"--resume no, but {out.path} holds a checkpoint; pass another --out-dir for a "
+                            f"new run (nothing is overwritten)", shared=True)
+        check_no_rows(out)
         return {}
     if not os.path.isfile(path):
         if args.resume != "auto":

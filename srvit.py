@@ -179,7 +179,7 @@ class Block(nn.Module):
 #    a (B, T, k)) with out_t = sum_r a_{r,t} h_{r,t}. Returning a for all three makes them
 #    comparable in plots. The steps stay a list: stacking them into one (B, T, k, D) tensor
 #    costs a copy, and the weighted sum as k fused multiply-adds is several times faster on a
-#    CPU than the batched matmul an einsum turns into (eval.py --bench measures the mixers).
+#    CPU than the batched matmul an einsum turns into.
 
 class SoftMixer(nn.Module):
     """SoftMoR.  s_{r,t} = g(LayerNorm(h_{r,t})) + b_r,   a_{.,t} = softmax_r(s_{.,t}),

@@ -1023,7 +1023,7 @@ def test_startup_line_names_data_size_recipe_epochs_and_batch(tmp_path, capsys):
     train.main(FAKE + ["--depth", "1", "--epochs", "1", "--out-dir", str(tmp_path / "run")])
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("data "))
     for fragment in ("data fake", "256 train images", "10 classes", "32 px", "recipe small-images",
-                     "1 epochs", "batch 32", "init torch"):
+                     "1 epoch,", "batch 32", "init torch"):
         assert fragment in line, (fragment, line)
 
 
@@ -1111,7 +1111,7 @@ def test_evaluation_shows_progress_on_long_splits(monkeypatch):
     lines = []
     metrics = train.evaluate(tiny(), batches, torch.device("cpu"), train.nullcontext(), log=lines.append)
     assert metrics["val_images"] == 20 and lines and all(l.startswith("evaluating: batch ") for l in lines)
-    assert "/5 | eta 0:00:" in lines[0]
+    assert "/5, " in lines[0] and "images/s | eta 0:00:" in lines[0]
 
 
 def test_explicit_model_flag_wins_and_names_say_what_was_built():
@@ -2250,7 +2250,7 @@ def test_slow_node_check_runs_every_section_on_a_cpu_and_reports_failures(tmp_pa
     report = node_check.main(["--small", "--out", str(tmp_path), "--skip", "speed", "ddp", "--device", "cpu"])
     md = (tmp_path / "node-check.md").read_text()
     assert "check(s) FAILED" in md and "FAIL: " in md and "--shm-size" in md and "--loader pil" in md
-    assert len(report.failures) == 3                       # /dev/shm, and both decode cases
+    assert len(report.failures) == 2                       # /dev/shm, and the decode against the CPU
 
 
 # ----------------------------------------------------------------------------------------

@@ -336,10 +336,6 @@ class Run:
     log_interval: int = 100
     gmacs: float = 0.0
     peak: float = None
-    t_epoch: float = 0.0                   # when this epoch started (for the training clock)
-    data_wait: float = 0.0                 # seconds spent waiting for batches (the loader's share)
-    loader_told: bool = False              # the loader-bound line is printed once
-    epoch_start: int = 0                   # the step this epoch's loop started from (0, or a resume's)
     saved_epochs: int = None               # --epochs of the checkpoint resumed from
 
     def __post_init__(self):
@@ -347,11 +343,22 @@ class Run:
         self.autocast = amp_context(self.env.device, self.args.amp)
         self.mixing = self.args.mixup > 0 or self.args.cutmix > 0
         self.stop = self.stop or StopRequest()
-        self.elapsed0 = self.progress.elapsed
 
-    def clock(self):
+
+@dataclass
+class EpochClock:
+    """What one epoch's loop measures and does not save: when it started, the training seconds before
+    it, the step it started from (0, or a resume's), the seconds spent waiting for batches, and whether
+    it said that the loader bounds the run."""
+    elapsed_before: float = 0.0
+    first_step: int = 0
+    start: float = field(default_factory=time.time)
+    data_wait: float = 0.0
+    loader_told: bool = False
+
+    def training_seconds(self):
         """Training seconds so far, this epoch's included."""
-        return self.elapsed0 + time.time() - self.t_epoch
+        return self.elapsed_before + time.time() - self.start
 
 
 class LoaderGone(Exception):
@@ -434,16 +441,16 @@ def cpu_decode_note(loader):
     return f" | {n:,} images decoded on the CPU (nvJPEG refused them)" if n else ""
 
 
-def log_progress(run, epoch, loss_sum, log_from):
+def log_progress(run, epoch, loss_sum, log_from, clock):
     """One progress line: loss since the last line, lr, speed, MFU on known GPUs, eta."""
     args, env, step = run.args, run.env, run.progress.step
     t_log, steps_done, loss_done, wait_done = log_from
     ips = (step - steps_done) * args.batch_size / max(time.time() - t_log, 1e-9)
     # share of the time spent on data
-    waited = (run.data_wait - wait_done) / max(time.time() - t_log, 1e-9)
+    waited = (clock.data_wait - wait_done) / max(time.time() - t_log, 1e-9)
     # (not on an epoch's first line: it includes the loader workers' start)
-    if waited > 0.25 and not run.loader_told and steps_done != run.epoch_start:
-        run.loader_told = True
+    if waited > 0.25 and not clock.loader_told and steps_done != clock.first_step:
+        clock.loader_told = True
         hint = loader_remedy(args, env.device)
         env.log(f"the loader bounds this run: {waited:.0%} of the time went to waiting for batches; the "
                 f"model alone would take about {ips / (1 - min(waited, 0.99)):,.0f} img/s against the "
@@ -454,10 +461,10 @@ def log_progress(run, epoch, loss_sum, log_from):
             f"loss {(loss_sum - loss_done) / max(step - steps_done, 1):.4f} | lr "
             f"{run.optimizer.param_groups[0]['lr']:.2e} | {ips:,.0f} img/s{util} | eta "
             f"{fmt_time(left * args.batch_size / max(ips, 1e-9))} (+ evaluation)")
-    return time.time(), step, loss_sum, run.data_wait
+    return time.time(), step, loss_sum, clock.data_wait
 
 
-def train_step(run, batches, gstep):
+def train_step(run, batches, gstep, clock):
     """One optimizer step over env.accum micro-batches; returns the step's loss, a device scalar,
     and the first non-finite step as bad (or -1)."""
     args, env = run.args, run.env
@@ -467,7 +474,7 @@ def train_step(run, batches, gstep):
         t_wait = time.perf_counter()
         try:
             x, y = next(batches)
-            run.data_wait += time.perf_counter() - t_wait
+            clock.data_wait += time.perf_counter() - t_wait
         except Exception:
             if not run.stop.signum:
                 raise
@@ -492,7 +499,7 @@ def train_step(run, batches, gstep):
     return step_loss, bad
 
 
-def train_one_epoch(run, epoch):
+def train_one_epoch(run, epoch, clock=None):
     """Train epoch `epoch` from optimizer step run.progress.step on (0, or where a stopped run
     saved). Returns True if a signal asked to stop before the epoch's end."""
     args, env, prog = run.args, run.env, run.progress
@@ -501,7 +508,8 @@ def train_one_epoch(run, epoch):
     batches = iter(run.train_loader)
     loss_sum = torch.tensor(prog.loss_sum, device=env.device)       # sum of this epoch's step losses
     bad_step = torch.full((), -1, device=env.device, dtype=torch.long)
-    log_from, run.epoch_start = (time.time(), prog.step, prog.loss_sum, run.data_wait), prog.step
+    clock = clock or EpochClock(prog.elapsed, prog.step)
+    log_from = (time.time(), prog.step, prog.loss_sum, clock.data_wait)
     for step in range(prog.step, run.steps_per_epoch):
         # Every random draw of this step (MixUp, drop path) follows from (seed, epoch, rank,
         # step), and every augmentation from its sample's position: a run resumed at any step
@@ -511,7 +519,7 @@ def train_one_epoch(run, epoch):
         for g in run.optimizer.param_groups:
             g["lr"] = lr_at(gstep, run.steps_per_epoch, args)
         try:
-            step_loss, bad = train_step(run, batches, gstep)
+            step_loss, bad = train_step(run, batches, gstep, clock)
         except LoaderGone:                 # this step cannot finish: save the one before it
             if env.ddp:                    # ...unless other ranks are past it: they cannot agree on a step
                 raise Stopped(f"stopped by {signal.Signals(run.stop.signum).name}; a loader worker of this "
@@ -519,7 +527,7 @@ def train_one_epoch(run, epoch):
                               f"the last checkpoint is kept. Re-run the same command to resume", 143,
                               shared=False) from None
             run.optimizer.zero_grad(set_to_none=True)
-            prog.loss_sum, prog.elapsed = loss_sum.item(), run.clock()
+            prog.loss_sum, prog.elapsed = loss_sum.item(), clock.training_seconds()
             save_last(run)
             return True
         loss_sum += step_loss
@@ -527,12 +535,13 @@ def train_one_epoch(run, epoch):
         prog.step = step + 1
         if prog.step % run.log_interval == 0 or prog.step == run.steps_per_epoch:
             check_finite(bad_step, epoch, run)
-            log_from = log_progress(run, epoch, loss_sum.item(), log_from)
+            log_from = log_progress(run, epoch, loss_sum.item(), log_from, clock)
         stop = run.stop.requested(env, prog.step)
         save_now = args.save_every and (gstep + 1) % args.save_every == 0 and prog.step < run.steps_per_epoch
         if stop or save_now:
             check_finite(bad_step, epoch, run)                           # never save a NaN model
-            prog.loss_sum, prog.elapsed = mean_over_ranks(loss_sum.clone(), env).item(), run.clock()
+            prog.loss_sum = mean_over_ranks(loss_sum.clone(), env).item()
+            prog.elapsed = clock.training_seconds()
             save_last(run)
             if stop:
                 return True
@@ -605,7 +614,8 @@ def setup(args, env):
         clipped = {"warmup_epochs"} & set(args.from_recipe)
         saved = restore(args, out, model, optimizer, scaler, n_train, MAY_CHANGE | clipped)
         if clipped and "args" in saved:
-            args.warmup_epochs = saved["args"].get("warmup_epochs", args.warmup_epochs)
+            warmup = saved["args"].get("warmup_epochs", args.warmup_epochs)
+            args.warmup_epochs = warmup if warmup < args.epochs else args.epochs / 5   # (--epochs shrank)
         progress = Progress(**{f.name: saved[f.name] for f in fields(Progress) if f.name in saved})
         saved_epochs = saved.get("args", {}).get("epochs")
         del saved                   # the weights and AdamW state: not held through compile and DDP
@@ -673,9 +683,9 @@ def describe(run):
         env.log(f"all {args.epochs} epochs are done already; nothing to train")
 
 
-def end_epoch(run, epoch, metrics, start_step):
+def end_epoch(run, epoch, metrics, clock):
     """The epoch's row: logged, then saved in the order a kill can be repaired from (OutDir)."""
-    args, prog, seconds = run.args, run.progress, time.time() - run.t_epoch
+    args, prog, seconds, start_step = run.args, run.progress, time.time() - clock.start, clock.first_step
     is_best = metrics["top1"] > prog.best_top1
     prog.best_top1 = max(prog.best_top1, metrics["top1"])
     record = {"type": "epoch", "epoch": epoch + 1, "train_loss": prog.loss_sum / run.steps_per_epoch,
@@ -705,12 +715,12 @@ def main(argv=None):
         prog = run.progress
         with run.stop:
             for epoch in range(prog.epoch, args.epochs):
-                run.t_epoch, run.elapsed0, start_step = time.time(), prog.elapsed, prog.step
-                if train_one_epoch(run, epoch):
+                clock = EpochClock(prog.elapsed, prog.step)
+                if train_one_epoch(run, epoch, clock):
                     raise stop_message(run, f"at epoch {epoch + 1}, step {prog.step}/{run.steps_per_epoch}")
-                prog.elapsed = run.clock()
+                prog.elapsed = clock.training_seconds()
                 metrics = evaluate(run.raw_model, run.val_loader, env.device, run.autocast, log=env.log)
-                end_epoch(run, epoch, metrics, start_step)
+                end_epoch(run, epoch, metrics, clock)
                 if run.stop.requested(env) and epoch + 1 < args.epochs:
                     raise stop_message(run, f"after epoch {epoch + 1}")
         env.log(f"done: best top-1 {prog.best_top1:.2f}, {fmt_time(prog.elapsed)} training time, "

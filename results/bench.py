@@ -349,6 +349,16 @@ def imagenet_like_folder(root, n, g):
 
 
 def loader_cpu(args):
+    """time_loader_workers with one thread, as a loader worker has (DataLoader sets it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return time_loader_workers(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def time_loader_workers(args):
     """What one loader worker does per training image, in CPU seconds of this process (time.process_time),
     for DeiT's recipe at 224 px: the PIL path (read, decode, crop, flip, RandAugment, normalise, erase,
     collate) and --loader device's worker side (read the file, draw the augmentation, collate). The

@@ -1,0 +1,123 @@
+"""Where recursion pays: the map study's reading, from the files `study.sh collect` leaves here and the
+6-block runs of the deep2 study (the same recipe, model and budget; results/cifar10-deep2).
+
+    python results/cifar10-map/summarize.py > results/cifar10-map/summary.md
+    python results/cifar10-map/summarize.py --plot assets/map.png
+
+Run names are L<blocks>-R<depth>-<mixer>[-<loop scale>][-<other>]-s<seed>; deep2's R1, R4-last, R4-soft
+and R4-mean are L6-R1, L6-R4-last, L6-R4-soft and L6-R4-mean here. For each configuration: finished
+seeds, final top-1 and training loss, and the gaps that decide the question, paired by seed: against
+R=1 and against plain recursion (R=4, last) with the same number of blocks, with a 95% t-interval of
+the mean difference where there are two seeds or more.
+"""
+import re
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "cifar10-deep"))
+from summarize import fmt_range, interval, load_runs, paired, reading  # noqa: E402
+
+DEEP2 = {"R1": "L6-R1", "R4-last": "L6-R4-last", "R4-soft": "L6-R4-soft", "R4-mean": "L6-R4-mean"}
+NAME = re.compile(r"L(\d+)-R(\d+)(?:-(.*))?$")
+
+
+def all_runs():
+    runs = load_runs(HERE)
+    deep2 = load_runs(HERE.parent / "cifar10-deep2")
+    runs.update({DEEP2[c]: seeds for c, seeds in deep2.items() if c in DEEP2})
+    return dict(sorted(runs.items(), key=lambda kv: key_of(kv[0])))
+
+
+def key_of(config):
+    """(blocks, variant, depth) from a configuration's name; variant '' for R=1."""
+    m = NAME.match(config)
+    return (int(m[1]), m[3] or "", int(m[2])) if m else (99, config, 0)
+
+
+def gap(runs, a, b):
+    seeds, diffs = paired(runs, a, b)
+    if not seeds:
+        return "-"
+    ci = interval(diffs)
+    shown = f" ({ci[0]:+.2f} to {ci[1]:+.2f})" if ci else ""
+    n = f"{len(seeds)} seed{'s' * (len(seeds) > 1)}"
+    return f"{statistics.mean(diffs):+.2f}{shown}, {n}: {reading(diffs, ci)}"
+
+
+def table(runs):
+    print("| configuration | blocks L | R | seeds | final top-1 | final train loss | vs R=1, same L | "
+          "vs plain recursion (R=4 last), same L |")
+    print("|---|---|---|---|---|---|---|---|")
+    for config, seeds in runs.items():
+        blocks, variant, depth = key_of(config)
+        top1 = [r["top1"] for r in seeds.values()]
+        loss = statistics.mean(r["train_loss"] for r in seeds.values())
+        base, plain = f"L{blocks}-R1", f"L{blocks}-R4-last"
+        print(f"| {config} | {blocks} | {depth} | {', '.join(map(str, sorted(seeds)))} | {fmt_range(top1)} | "
+              f"{loss:.3f} | {gap(runs, config, base) if config != base else '-'} | "
+              f"{gap(runs, config, plain) if config not in (base, plain) else '-'} |")
+
+
+COLOURS = {"last": (31, 119, 180), "soft": (214, 39, 40), "mean": (44, 160, 44), "soft-fixed": (255, 127, 14),
+           "last-fixed": (23, 190, 207), "soft-learned": (148, 103, 189)}
+
+
+def plot(runs, path):
+    """Three panels: top-1 against R (a line per L and variant, from its R=1); the gap to R=1 of the same
+    L against L, with its interval; final training loss against L."""
+    from PIL import Image
+    sys.path.insert(0, str(HERE.parents[1]))
+    from eval import draw_lines
+    mean = lambda config, key="top1": statistics.mean(r[key] for r in runs[config].values())
+    variants = sorted({key_of(c)[1] for c in runs} - {""}, key=lambda v: (v not in COLOURS, v))
+    colour = lambda v: COLOURS.get(v, (120, 120, 120))
+    curve, gaps, losses = [], [], []
+    blocks = sorted({key_of(c)[0] for c in runs if key_of(c)[0] < 99})
+    for variant in variants:
+        for b in blocks:
+            points = [(d, mean(c)) for c in runs for bb, v, d in [key_of(c)] if bb == b and v == variant]
+            if points and f"L{b}-R1" in runs:
+                line = [(1, mean(f"L{b}-R1"))] + sorted(points)
+                curve.append((f"L{b} {variant}", line, colour(variant), True))
+        gap_points, loss_points = [], []
+        for b in blocks:
+            config = f"L{b}-R4-{variant}"
+            if config in runs and f"L{b}-R1" in runs:
+                _, diffs = paired(runs, config, f"L{b}-R1")
+                if diffs:
+                    ci = interval(diffs)
+                    gap_points.append((b, statistics.mean(diffs)) + (ci if ci else ()))
+            if config in runs:
+                loss_points.append((b, mean(config, "train_loss")))
+        if gap_points:
+            gaps.append((f"R4 {variant}", gap_points, colour(variant), True))
+        if loss_points:
+            losses.append((f"R4 {variant}", loss_points, colour(variant), True))
+    losses.append(("R1", [(b, mean(f"L{b}-R1", "train_loss")) for b in blocks if f"L{b}-R1" in runs],
+                   (0, 0, 0), True))
+    panels = [Image.new("RGB", (620, 400), "white") for _ in range(3)]
+    draw_lines(panels[0], curve, "Top-1 against R, per blocks L and variant", "recursion depth R", "top-1 %",
+               [1, 2, 3, 4])
+    draw_lines(panels[1], gaps, "R=4 minus R=1, same L and seed (bars: 95% interval)", "blocks L", "points",
+               blocks)
+    draw_lines(panels[2], losses, "Final training loss", "blocks L", "loss", blocks)
+    canvas = Image.new("RGB", (1860, 400), "white")
+    for i, panel in enumerate(panels):
+        canvas.paste(panel, (620 * i, 0))
+    canvas.save(path)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def main(argv):
+    runs = all_runs()
+    if argv[:1] == ["--plot"]:
+        return plot(runs, argv[1])
+    print("Where recursion pays: CIFAR-10, width 64, 4 heads, patch 8, 15 epochs (the deep2 recipe); "
+          "finished runs by configuration, gaps paired by seed\n")
+    table(runs)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -194,7 +194,8 @@ def gpu_work(device):
 # speed
 
 def speed(report, args, device, root):
-    report.section("speed", "Speed: SR-ViT-S, one device",
+    model = "a tiny model (--small: width 32, 2 blocks, patch 32)" if args.small else "SR-ViT-S"
+    report.section("speed", f"Speed: {model}, one device, batch {args.batch}",
                    ["R", "compile", "model alone img/s", "loader + model img/s", "loader's share", "MFU",
                     f"{args.epochs} ImageNet epochs on {max(torch.cuda.device_count(), 1)} device(s)"])
     amp = "bf16" if device.type == "cuda" else "none"
@@ -348,7 +349,7 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device or plumbing.check_device(None))
-    cpu = f"CPU ({platform.processor() or 'cpu'})"
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     sections = ["machine", *(s for s in ("decode", "speed", "ddp") if s not in args.skip)]
     sections += ["tests"] * args.tests

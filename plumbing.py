@@ -38,9 +38,10 @@ class UserError(Exception):
     """Bad input: printed as one line with what to do, exit code 2, no traceback. `shared`: every
     rank hits it alike, so rank 0 alone prints it; otherwise each failing rank says so."""
 
-    def __init__(self, message, shared=False):
+    def __init__(self, message, shared=False, agreed=False):
         super().__init__(message)
         self.shared = shared
+        self.agreed = agreed      # the ranks exchanged it (on_all_ranks): rank 0 surely has it too
 
 
 class Stopped(Exception):
@@ -79,7 +80,8 @@ def cli(main_fn, argv=None,
             # (1 run in 6 with a bad flag); torchrun ends this one once rank 0 has exited. Should
             # rank 0 not have met the error (another node's disk), this rank says it after the wait.
             time.sleep(SHARED_ERROR_WAIT)
-            print(f"error (rank {rank}): {user_error_message(e)}", file=sys.stderr)
+            if not e.agreed:
+                print(f"error (rank {rank}): {user_error_message(e)}", file=sys.stderr)
         return 2
     except Stopped as e:
         if not e.shared or rank == 0:
@@ -141,19 +143,20 @@ class Env:
             print(*a, **k)
 
 
-def init_distributed(args):
-    """Rank, world size and device from torchrun's environment; one process without it."""
+def init_distributed(batch_size, micro_batch=None, device=None):
+    """Rank, world size and device from torchrun's environment; one process without it. The global
+    batch_size is split over the ranks, and over micro-batches of micro_batch if given."""
     env = os.environ
     rank, world, local = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
     # Batch bookkeeping: global batch = world x micro-batch x accumulation steps.
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes; choose "
+    if batch_size % world:
+        raise UserError(f"--batch-size {batch_size} is not divisible by the {world} processes; choose "
                         f"a multiple of {world}", shared=True)
-    micro = args.micro_batch or args.batch_size // world
-    if (args.batch_size // world) % micro:
+    micro = micro_batch or batch_size // world
+    if (batch_size // world) % micro:
         raise UserError(f"--micro-batch {micro} does not divide the per-process batch "
-                        f"{args.batch_size // world}", shared=True)
-    cuda = check_device(args.device) == "cuda"
+                        f"{batch_size // world}", shared=True)
+    cuda = check_device(device) == "cuda"
     if world > 1:
         # One GPU per rank, over NCCL. More ranks on a node than GPUs (a check on a one-GPU machine):
         # the ranks share the GPUs and talk over gloo, which NCCL does not allow; slow, but it runs.
@@ -163,14 +166,19 @@ def init_distributed(args):
         if cuda:
             torch.cuda.set_device(device)
     else:
-        device = torch.device(args.device or ("cuda" if cuda else "cpu"))
-    if args.amp is None:   # native bf16 only (compute capability 8+): V100 and T4 emulate it, slowly
-        native_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
-        args.amp = "none" if device.type == "cpu" else ("bf16" if native_bf16 else "fp16")
+        device = torch.device(device or ("cuda" if cuda else "cpu"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cpu_group = dist.new_group(backend="gloo") if world > 1 and cuda else None
-    return Env(rank, world, device, micro, args.batch_size // world // micro, cpu_group)
+    return Env(rank, world, device, micro, batch_size // world // micro, cpu_group)
+
+
+def default_amp(device):
+    """bf16 where the GPU computes it natively (compute capability 8+; V100 and T4 emulate it, slowly),
+    else fp16 on a GPU, none on a CPU."""
+    if device.type == "cpu":
+        return "none"
+    return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
 
 
 def check_device(name):
@@ -203,7 +211,7 @@ def on_all_ranks(env, fn, *a):
         failed = next(((r, e) for r, e in enumerate(errors) if e), None)
         if failed:
             where = f" (rank {failed[0]})" if failed[0] != env.rank or env.rank else ""
-            raise UserError(failed[1] + where, shared=True)
+            raise UserError(failed[1] + where, shared=True, agreed=True)
     elif error:
         raise UserError(error, shared=True)
     return result
@@ -473,22 +481,22 @@ def json_row(line):
     return row if isinstance(row, dict) else None
 
 
-def agree_on_progress(run):
+def agree_on_progress(env, progress, out_dir):
     """Every rank must start where rank 0 does. With node-local disks only the first node holds
     last.pt: the other nodes would start afresh, their AdamW state and step apart from rank 0's, and
     the run would drift, then hang when rank 0 finishes first. Refuse instead, on every rank."""
-    if not run.env.ddp:
+    if not env.ddp:
         return
-    mine = (run.progress.epoch, run.progress.step, socket.gethostname())
-    seen = [None] * run.env.world
-    dist.all_gather_object(seen, mine, group=run.env.cpu_group)
+    mine = (progress.epoch, progress.step, socket.gethostname())
+    seen = [None] * env.world
+    dist.all_gather_object(seen, mine, group=env.cpu_group)
     behind = [(r, s) for r, s in enumerate(seen) if s[:2] != seen[0][:2]]
     if behind:
         (r, (e, s, host)), (e0, s0, host0) = behind[0], seen[0]
         raise UserError(f"the ranks do not agree where the run stands: rank 0 ({host0}) resumes at epoch "
-                        f"{e0} step {s0}, rank {r} ({host}) at epoch {e} step {s} from {run.args.out_dir}. "
+                        f"{e0} step {s0}, rank {r} ({host}) at epoch {e} step {s} from {out_dir}. "
                         f"Give every node the same --out-dir on a shared disk, or copy rank 0's out-dir to "
-                        f"every node", shared=True)
+                        f"every node", shared=True, agreed=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -545,9 +553,10 @@ def quiet_worker_deaths():
             continue
 
 
-def stop_message(run, where):
-    if run.env.ddp:
+def stop_message(env, signum, saved, where):
+    """The Stopped error after a signal (signum) stopped the run `where`, with `saved` written."""
+    if env.ddp:
         dist.barrier()               # no rank exits (and gets torchrun's SIGKILL) while rank 0 still saves
-    name = signal.Signals(run.stop.signum).name
-    return Stopped(f"stopped by {name} {where}; saved {run.out.last}. Re-run the same command to resume",
-                   130 if run.stop.signum == signal.SIGINT else 143)
+    name = signal.Signals(signum).name
+    return Stopped(f"stopped by {name} {where}; saved {saved}. Re-run the same command to resume",
+                   130 if signum == signal.SIGINT else 143)

@@ -39,7 +39,7 @@ import srvit
 from loaders import (build_dataset, build_loaders, image_size, loader_name, mix_batch, seed_for, train_dir,
                      use_device, use_memory)
 from plumbing import (ArgumentParser, Env, OutDir, StopRequest, Stopped, UserError, agree_on_progress, cli,
-                      fmt_time, init_distributed, on_all_ranks, plural, restore, stop_message)
+                      default_amp, fmt_time, init_distributed, on_all_ranks, plural, restore, stop_message)
 
 # ----------------------------------------------------------------------------------------
 # Recipes and arguments
@@ -401,7 +401,8 @@ def check_finite(bad_step, epoch, run):
         kept = (f"the last good checkpoint is kept in {run.out.last}" if saved
                 else "no checkpoint had been written yet")
         raise UserError(f"loss became NaN or infinite at step {bad_step.item()} (epoch {epoch + 1}); "
-                        f"stopped, {kept}. Try a lower --lr, or --amp bf16/none", shared=True)
+                        f"stopped, {kept}. Try a lower --lr, or --amp bf16/none", shared=True,
+                        agreed=True)
 
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, matched against the device
@@ -659,10 +660,7 @@ def describe(run):
                 f"epochs{steps} done, {best}")
         if run.saved_epochs not in (None, args.epochs):
             env.log(f"--epochs {args.epochs} (the run was started with {run.saved_epochs}): the learning "
-                    f"rate follows the cosine over {args.epochs} epochs from here, "
-                    f"{run.optimizer.param_groups[0]['lr']:.3g} then, "
-                    f"{lr_at(prog.epoch * run.steps_per_epoch + prog.step, run.steps_per_epoch, args):.3g} "
-                    f"now")
+                    f"rate follows the cosine over {args.epochs} epochs from the resumed step on")
     where = f" from {args.data_path}" if args.data_path else ""
     env.log(f"data {args.data}{where}: {run.n_train:,} train images, {run.num_classes} classes, "
             f"{args.img_size} px | recipe {args.recipe}: {plural(args.epochs, 'epoch')}, batch "
@@ -703,13 +701,14 @@ def end_epoch(run, epoch, metrics, clock):
 
 def main(argv=None):
     args = get_args(argv)
-    env = init_distributed(args)
+    env = init_distributed(args.batch_size, args.micro_batch, args.device)
+    args.amp = args.amp or default_amp(env.device)
     run = None
     try:
         if env.ddp and args.data.startswith("cifar"):    # one download, not one per rank into the same folder
             on_all_ranks(env, lambda: env.master and build_dataset(args, "train", None))
         run = on_all_ranks(env, setup, args, env)
-        agree_on_progress(run)
+        agree_on_progress(env, run.progress, args.out_dir)
         start_metrics(run)
         describe(run)
         prog = run.progress
@@ -717,12 +716,13 @@ def main(argv=None):
             for epoch in range(prog.epoch, args.epochs):
                 clock = EpochClock(prog.elapsed, prog.step)
                 if train_one_epoch(run, epoch, clock):
-                    raise stop_message(run, f"at epoch {epoch + 1}, step {prog.step}/{run.steps_per_epoch}")
+                    where = f"at epoch {epoch + 1}, step {prog.step}/{run.steps_per_epoch}"
+                    raise stop_message(env, run.stop.signum, run.out.last, where)
                 prog.elapsed = clock.training_seconds()
                 metrics = evaluate(run.raw_model, run.val_loader, env.device, run.autocast, log=env.log)
                 end_epoch(run, epoch, metrics, clock)
                 if run.stop.requested(env) and epoch + 1 < args.epochs:
-                    raise stop_message(run, f"after epoch {epoch + 1}")
+                    raise stop_message(env, run.stop.signum, run.out.last, f"after epoch {epoch + 1}")
         env.log(f"done: best top-1 {prog.best_top1:.2f}, {fmt_time(prog.elapsed)} training time, "
                 f"checkpoints in {args.out_dir}")
         if env.ddp:

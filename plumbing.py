@@ -385,14 +385,13 @@ def read_checkpoint(path):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+        ckpt = srvit.read_weights(path)
+    except ValueError as e:
         best = os.path.join(os.path.dirname(path), "best.pt")
         keep = (f"; best.pt beside it may be whole: --resume {best} resumes from its epoch (the epochs "
                 f"after it are trained again)"
                 if os.path.basename(path) == "last.pt" and os.path.isfile(best) else "")
-        raise UserError(f"cannot read {path} ({type(e).__name__}): it is not a whole checkpoint of train.py "
-                        f"(last.pt or best.pt of a run){keep}") from None
+        raise UserError(f"{e} A train.py checkpoint is a run's last.pt or best.pt{keep}") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise UserError(f"{path} is not a train.py checkpoint (no 'config'); for DeiT/timm weights use "
                         f"train.py --init-from, or srvit.load_pretrained in Python")
@@ -447,9 +446,9 @@ def restore(args, out, model, optimizer, scaler, n_train, may_change):
     if os.path.exists(out.best) and os.path.abspath(path) != os.path.abspath(out.best):
         # a kill between best.pt and last.pt: best.pt is ahead of last.pt's record
         try:
-            best = torch.load(out.best, map_location="cpu", weights_only=True, mmap=True)
+            best = srvit.read_weights(out.best)
             best_top1 = (best.get("metrics") or {}).get("top1", 0.0)
-        except Exception as e:
+        except (ValueError, AttributeError) as e:
             raise UserError(f"cannot read {out.best} ({type(e).__name__}) beside a whole {path}: move it "
                             f"aside (mv {out.best} {out.best}.bad) and re-run; the next best epoch writes a "
                             f"new one",

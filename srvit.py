@@ -31,6 +31,7 @@ Shapes: B images, C channels, D width, p patch size, N = (H/p)(W/p) patches, T =
 
 import math
 import os
+import zipfile
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -473,14 +474,7 @@ def load_pretrained(model, checkpoint, verbose=True):
     of the checkpoint that were not used. Raises ValueError for a checkpoint of another width,
     patch size or number of blocks."""
     if isinstance(checkpoint, (str, os.PathLike)):
-        if not os.path.isfile(checkpoint):
-            raise ValueError(f"checkpoint file not found: {checkpoint}")
-        try:
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"could not read {checkpoint} as tensors only ({type(e).__name__}). If you "
-                             f"trust the file, load it with torch.load(..., weights_only=False) and pass its "
-                             f"state dict.") from None
+        checkpoint = read_weights(checkpoint)
     state = clean_state_dict(checkpoint)
     own = model.state_dict()
     cfg = model.config
@@ -516,6 +510,22 @@ def load_pretrained(model, checkpoint, verbose=True):
         print(f"load_pretrained: loaded {len(load)} tensors; left new: {len(result['new'])} "
               f"{result['new'][:4]}{'...' if len(result['new']) > 4 else ''}; unused: {result['unused'][:4]}")
     return result
+
+
+def read_weights(path):
+    """A checkpoint file read as tensors only (torch.load's weights_only: no code runs), on the CPU. The one
+    reader of checkpoint files (train.py's resume and eval.py use it too); a ValueError says why not."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if zipfile.is_zipfile(path) and "weights_only" in str(e):   # whole, with Python objects in it
+            raise ValueError(f"{path} holds Python objects besides tensors ({type(e).__name__}). If you "
+                             f"trust the file, load it with torch.load(..., weights_only=False) and pass its "
+                             f"state dict.") from None
+        raise ValueError(f"cannot read {path} ({type(e).__name__}): it is not a whole PyTorch checkpoint "
+                         f"(cut short, or another kind of file)") from None
 
 
 def resize_pos_embed(pos_embed, num_patches):

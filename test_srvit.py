@@ -2312,7 +2312,7 @@ def test_a_truncated_last_pt_points_at_best_pt_and_a_fresh_start_keeps_the_rows(
     data = open(last, "rb").read()
     with open(last, "wb") as f:
         f.write(data[:len(data) // 2])
-    message = user_error(args + ["--epochs", "2"], "not a whole checkpoint", f"--resume {out}/best.pt")
+    message = user_error(args + ["--epochs", "2"], "not a whole PyTorch checkpoint", f"--resume {out}/best.pt")
     assert "delete" not in message
     os.remove(last)                                          # what the old message told the user to do
     user_error(args + ["--epochs", "2"], "holds 1 epoch of metrics but no last.pt", "best.pt")
@@ -2421,11 +2421,23 @@ def test_eval_takes_a_run_folder_as_its_best_checkpoint(trained_runs, capsys):
     assert "is a run's folder: evaluating its best.pt" in capsys.readouterr().err
 
 
+def test_a_corrupt_warm_start_file_is_not_told_to_load_with_weights_only_false(tmp_path):
+    ckpt = tmp_path / "deit.pth"
+    torch.save({"model": tiny().state_dict()}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:200])                          # cut short
+    with pytest.raises(ValueError, match="not a whole PyTorch checkpoint") as e:
+        srvit.load_pretrained(tiny(), str(ckpt))
+    assert "weights_only=False" not in str(e.value)
+    torch.save({"model": tiny().state_dict(), "extra": SimpleNamespace(a=1)}, ckpt)   # whole, with an object
+    with pytest.raises(ValueError, match="weights_only=False"):
+        srvit.load_pretrained(tiny(), str(ckpt))
+
+
 def test_a_file_that_is_not_a_checkpoint_says_what_was_expected(tmp_path):
     picture = tmp_path / "cat.jpg"
     smooth_image(torch.Generator().manual_seed(0), 20, 20).save(picture)
     for load in (plumbing.read_checkpoint, srvit_eval.load_model):
-        with pytest.raises(plumbing.UserError, match="not a whole checkpoint of train.py") as e:
+        with pytest.raises(plumbing.UserError, match="not a whole PyTorch checkpoint") as e:
             load(str(picture))
         assert "delete" not in str(e.value)
 

@@ -331,6 +331,49 @@ def test_step_scale_scales_each_applications_update(share):
     torch.testing.assert_close(h2, h1 + 0.5 * (f(h1) - h1))
 
 
+def test_loop_scale_leaves_r1_a_deit_and_is_opt_in():
+    x = images()
+    plain = tiny(depth=1).eval()
+    for kind in ("fixed", "learned"):
+        scaled = tiny(depth=1, loop_scale=kind).eval()
+        scaled.load_state_dict(plain.state_dict(), strict=False)        # the same weights (learned: 1/1)
+        assert torch.equal(scaled(x), plain(x)), kind
+    assert tiny(depth=4).loop_scale is None and tiny(depth=4).config.loop_scale == "none"
+    args = train.get_args(FAST + ["--data", "fake", "--depth", "4", "--loop-scale", "fixed"])
+    assert train.build_model(args, 10).config.loop_scale == "fixed"
+
+
+@pytest.mark.parametrize("share", ["block", "stack"])
+def test_fixed_loop_scale_scales_each_looped_residual_branch_by_1_over_r(share):
+    # Written out: x <- x + attn(LN1(x)) / R, then x <- x + mlp(LN2(x)) / R, at every application.
+    R = 4
+    model = randomise_mixers(tiny(depth=R, share=share, loop_scale="fixed", init="torch").eval())
+
+    def scaled_block(block, h):
+        h = h + block.attn(block.norm1(h)) / R
+        return h + block.mlp(block.norm2(h)) / R
+    want_model = copy.deepcopy(model)
+    for b in want_model.blocks:
+        b.forward = (lambda blk: lambda h, *a: scaled_block(blk, h))(b)
+    want_model.config.loop_scale = "none"                                  # the by-hand blocks scale already
+    x = images(2)
+    for k in (1, 2, 4):
+        torch.testing.assert_close(model(x, steps=k), softmor_by_hand(want_model, x, k)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_learned_loop_scale_starts_at_1_over_r_per_branch_and_is_not_decayed():
+    fixed, learned = tiny(depth=4, loop_scale="fixed").eval(), tiny(depth=4, loop_scale="learned").eval()
+    learned.load_state_dict(fixed.state_dict(), strict=False)
+    assert learned.loop_scale.shape == (2 * 4, 2, 32) and torch.all(learned.loop_scale == 0.25)
+    torch.testing.assert_close(learned(images()), fixed(images()), atol=0, rtol=0)
+    with torch.no_grad():                              # application 1's MLP branch alone made 3x larger
+        learned.loop_scale[1, 1] *= 3
+    assert (learned(images()) - fixed(images())).abs().max() > 1e-4
+    decay, no_decay = train.param_groups(learned, 0.05)
+    assert any(p is learned.loop_scale for p in no_decay["params"])
+    assert not any(p is learned.loop_scale for p in decay["params"])
+
+
 def test_soft_mixer_learns_token_dependent_weights():
     model = tiny(depth=3)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

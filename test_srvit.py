@@ -752,6 +752,27 @@ def test_train_one_epoch_runs_on_its_own():
     assert 0.8 * before < state["loss_sum"] / 3 < before + 0.05
 
 
+def test_a_training_step_takes_the_label_smoothed_loss_of_its_micro_batches_and_steps_adamw():
+    # One step of 2 micro-batches, by value: the loss it reports is the mean of the two label-smoothed
+    # cross entropies at the weights before the step, and the weights move as one AdamW step on their
+    # mean gradient (drop path 0, fixed seed).
+    args = train.get_args(FAST + ["--data", "fake", "--depth", "2", "--epochs", "1", "--smoothing", "0.3"])
+    env = plumbing.Env(device=torch.device("cpu"), accum=2, micro=4)
+    model, twin = tiny(depth=2), tiny(depth=2)
+    batches = [(images(4, seed=s), torch.arange(4) + s) for s in (1, 2)]
+    opt = torch.optim.AdamW(train.param_groups(model, 0.05), lr=1e-3)
+    run = train.Run(args, env, model, opt, torch.amp.GradScaler("cpu", enabled=False), None, steps_per_epoch=1,
+                    num_classes=10)
+    loss, bad = train.train_step(run, iter(batches), 0, train.EpochClock())
+    losses = [F.cross_entropy(twin(x), y, label_smoothing=0.3) for x, y in batches]
+    assert loss.item() == pytest.approx((losses[0].item() + losses[1].item()) / 2, rel=1e-6) and bad.item() == -1
+    twin_opt = torch.optim.AdamW(train.param_groups(twin, 0.05), lr=1e-3)
+    (sum(losses) / 2).backward()
+    twin_opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_a_lagging_loader_is_named_once_as_the_bound():
     import time
     args = train.get_args(FAST + ["--data", "fake", "--depth", "1", "--epochs", "1"])

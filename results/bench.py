@@ -435,8 +435,8 @@ def count_ops(fn):
 
 def device_path_counts(args):
     """Ops and tensors from Python data of one batch's decode + augmentation on the device (the loader
-    workers' part is not counted: it runs on other cores), at --batch-size and at twice it; the
-    difference gives the cost of each extra sample. --code DIR measures that folder's loaders.py."""
+    workers' part is not counted: it runs on other cores), at --batch-size, twice and four times it;
+    the differences give the cost of each extra sample. --code DIR measures that folder's loaders.py."""
     import copy
     import importlib
     import tempfile
@@ -447,9 +447,9 @@ def device_path_counts(args):
     mod_loaders, mod_train = importlib.import_module("loaders"), importlib.import_module("train")
     batch, rows = args.batch_size or 128, []
     with tempfile.TemporaryDirectory() as tmp:
-        root = imagenet_like_folder(tmp, 2 * batch, torch.Generator().manual_seed(0))
+        root = imagenet_like_folder(tmp, 4 * batch, torch.Generator().manual_seed(0))
         env = SimpleNamespace(rank=0, world=1, micro=batch, device=torch.device("cpu"), log=lambda *a: None)
-        for n in (batch, 2 * batch):
+        for n in (batch, 2 * batch, 4 * batch):
             targs = mod_train.get_args(["--data-path", root, "--recipe", "deit", "--loader", "device",
                                         "--workers", "0", "--batch-size", str(n)])
             env.micro = n
@@ -468,8 +468,8 @@ def device_path_counts(args):
             mix_ops, mix_python = count_ops(lambda: mod_loaders.mix_batch(x, y, targs, 10))
             rows.append({"batch": n, "ops": ops, "decode_ops": decode, "from_python": from_python,
                          "mix_ops": mix_ops, "mix_from_python": mix_python})
-    small, big = rows
-    per_sample = (big["ops"] - small["ops"]) / (big["batch"] - small["batch"])
+    slope = lambda a, b: (b["ops"] - a["ops"]) / (b["batch"] - a["batch"])
+    per_sample, saturated = slope(rows[0], rows[1]), slope(rows[1], rows[2])
     print(f"count-ops: the device path's decode + augmentation of one batch of {batch} generated 500 x 375 "
           f"JPEGs (DeiT's recipe) on the CPU, under a dispatch mode, decoding apart; code: "
           f"{args.code or 'this tree'}\n")
@@ -478,8 +478,10 @@ def device_path_counts(args):
     for r in rows:
         print(f"| {r['batch']} | {r['ops']} | {r['decode_ops']} | {r['from_python']} | {r['mix_ops']} | "
               f"{r['mix_from_python']} |")
-    print(f"\nops per extra sample: {per_sample:.2f}")
-    result = {"rows": rows, "ops_per_extra_sample": per_sample, "code": args.code or "tree"}
+    print(f"\nops per extra sample: {per_sample:.2f} from {batch} to {2 * batch}, {saturated:.2f} from "
+          f"{2 * batch} to {4 * batch} (where every op group is drawn in both)")
+    result = {"rows": rows, "ops_per_extra_sample": per_sample, "ops_per_extra_sample_saturated": saturated,
+              "code": args.code or "tree"}
     if args.json:
         write_json(args.json, result)
     return result

@@ -22,7 +22,8 @@ import srvit
 from srvit import SRViT, load_pretrained, srvit_base, srvit_small, srvit_tiny
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CIFAR = os.path.join(HERE, "..", "shared", "data", "cifar10")
+# Real CIFAR-10 as JPEG folders, where the notebook looks for it: $SRVIT_DATA, else the repository's data/cifar10.
+CIFAR = os.environ.get("SRVIT_DATA") or os.path.join(HERE, "data", "cifar10")
 # A minimal 32 px model: 17 tokens, width 32. Tests build it with different depths/mixers.
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, num_layers=2, num_heads=2, num_classes=10)
 
@@ -1559,9 +1560,8 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     root = make_image_folder(tmp_path / "data", n=4)
     with open(os.path.join(root, "train", "cat", "broken.jpg"), "wb") as f:
         f.write(b"not a jpeg")
-    res = run_train(["--data", "folder", "--data-path", root, "--epochs", "1", "--loader",
-                     "pil"] + FAST[:-6] +
-                    ["--batch-size", "3", "--workers", "2"])
+    res = run_train(["--data", "folder", "--data-path", root, "--epochs", "1", "--loader", "pil"] + FAST[:-6] +
+                    ["--batch-size", "3", "--workers", "2", "--out-dir", str(tmp_path / "run")])
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.startswith("error: cannot read image") and "broken.jpg" in res.stderr and res.stderr.count("\n") == 1
 
@@ -1712,7 +1712,7 @@ def build_like(state):
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(CIFAR, "train")),
-                    reason="../shared/data/cifar10 is not present (real-data check)")
+                    reason="no CIFAR-10 folder: set SRVIT_DATA to one with train/ and test/ (real-data check)")
 def test_learns_real_cifar10_subset(tmp_path):
     out = str(tmp_path / "run")
     train.main(["--data", "cifar10", "--data-path", CIFAR, "--device", "cpu", "--subset", "4000",
@@ -1956,10 +1956,10 @@ def test_classroom_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     import sys
     from PIL import Image
 
-    data = os.environ.get("SRVIT_DATA") or CIFAR
+    data = CIFAR
     if not os.path.isdir(os.path.join(data, "train")):
-        pytest.skip(f"no local CIFAR-10 folder (set SRVIT_DATA, or put train/ and test/ in {CIFAR}); "
-                    f"this test does not download data")
+        pytest.skip("no local CIFAR-10 folder (set SRVIT_DATA to one with train/ and test/, or put them in "
+                    "data/cifar10); this test does not download data")
     folder = os.path.join(HERE, "notebooks")
     with open(os.path.join(folder, "classroom.ipynb")) as f:
         nb = json.load(f)
@@ -2043,10 +2043,10 @@ def run_cells(cells, ns, where):
 
 @pytest.fixture(scope="module")
 def notebook_setup(tmp_path_factory):
-    data = os.environ.get("SRVIT_DATA") or CIFAR
+    data = CIFAR
     if not os.path.isdir(os.path.join(data, "train")):
-        pytest.skip(f"no local CIFAR-10 folder (set SRVIT_DATA, or put train/ and test/ in {CIFAR}); "
-                    f"this test does not download data")
+        pytest.skip("no local CIFAR-10 folder (set SRVIT_DATA to one with train/ and test/, or put them in "
+                    "data/cifar10); this test does not download data")
     mp = pytest.MonkeyPatch()
     mp.setenv("SRVIT_NOTEBOOK", "quick")
     mp.setenv("SRVIT_DATA", os.path.abspath(data))

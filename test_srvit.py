@@ -2279,6 +2279,7 @@ def test_the_loader_bound_line_names_a_remedy_that_fits_the_loader():
     assert "--batch-size" in train.loader_remedy(train.get_args(["--data", "cifar10"]), cuda)
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 8 worker processes")     # (none start)
 def test_a_small_dev_shm_is_named_at_start(tmp_path, monkeypatch):
     root = make_image_folder(tmp_path / "data", n=8, size=100)
     args = train.get_args(["--data-path", root, "--loader", "pil", "--workers", "8", "--batch-size", "4"])

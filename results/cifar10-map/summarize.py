@@ -42,8 +42,9 @@ def gap(runs, a, b):
         return "-"
     ci = interval(diffs)
     shown = f" ({ci[0]:+.2f} to {ci[1]:+.2f})" if ci else ""
-    n = f"{len(seeds)} seed{'s' * (len(seeds) > 1)}"
-    return f"{statistics.mean(diffs):+.2f}{shown}, {n}: {reading(diffs, ci)}"
+    if len(seeds) == 1:
+        return f"{diffs[0]:+.2f} (one seed: not settled)"
+    return f"{statistics.mean(diffs):+.2f}{shown}, {len(seeds)} seeds: {reading(diffs, ci)}"
 
 
 def table(runs):

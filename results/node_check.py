@@ -42,7 +42,7 @@ import loaders  # noqa: E402
 import plumbing  # noqa: E402
 import srvit  # noqa: E402
 import train  # noqa: E402
-from bench import imagenet_like_folder  # noqa: E402
+from bench import imagenet_like_folder, sync, timed  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167          # ImageNet-1K training images: one epoch
 DECODE_MEAN_TOLERANCE = 2.0         # mean pixel difference (0..255) nvJPEG vs libjpeg may show
@@ -238,18 +238,6 @@ def training_step(model, opt, autocast):
     return step
 
 
-def timed(fn, device, iters):
-    """Seconds per call of fn, after two warm-up calls (compilation, lazy set-up)."""
-    for _ in range(2):
-        fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / iters
-
-
 def loader_and_model(loader, step, device, iters, batch):
     """img/s of whole training steps fed by train.py's loader (its first batches are a warm-up)."""
     epochs = iter(range(10**6))
@@ -267,11 +255,6 @@ def loader_and_model(loader, step, device, iters, batch):
         step(*next(stream))
     sync(device)
     return iters * batch / (time.perf_counter() - t0)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------------------

@@ -2096,7 +2096,7 @@ def test_notebook_section_runs_alone_after_the_setup(name, notebook_setup, tmp_p
 def test_the_files_a_reader_opens_first_stay_within_their_budgets():
     """train.py reads in one sitting (the loop; loaders.py and plumbing.py hold the rest), and so do
     eval.py and the README; srvit.py imports only torch and the standard library."""
-    budgets = {"train.py": 750, "eval.py": 500, "README.md": 400}
+    budgets = {"train.py": 750, "eval.py": 500, "README.md": 300}
     lines = {name: len(open(os.path.join(HERE, name)).read().splitlines()) for name in budgets}
     assert all(lines[name] <= budget for name, budget in budgets.items()), lines
     code = ["srvit.py", "train.py", "eval.py", "loaders.py", "plumbing.py", "results/bench.py", "results/node_check.py",

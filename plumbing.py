@@ -238,6 +238,8 @@ class OutDir:
         """Create the folder, take its lock, and delete the *.tmp files a killed run left."""
         if not self.master:
             return self
+        self.made = [p for p in (self.path, self.metrics, os.path.join(self.path, "train.lock"))
+                     if not os.path.exists(p)]
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as e:
@@ -281,6 +283,18 @@ class OutDir:
         if self.lock_file:
             self.lock_file.close()          # closing drops the flock
             self.lock_file = None
+
+    def close(self):
+        """Release the lock. A run that saved no checkpoint (it failed before its first save) takes away
+        what it made (its folder, lock, and metrics file with only its start-up row), so a failed start
+        leaves the out-dir as it found it."""
+        if self.master and not any(map(os.path.exists, (self.last, self.best))):
+            for path in reversed(getattr(self, "made", [])):
+                try:
+                    os.rmdir(path) if path == self.path else os.remove(path)
+                except OSError:             # a folder someone put files into meanwhile: kept
+                    pass
+        self.release()
 
     def save(self, ckpt, path):
         """Write to path.tmp, then rename: a kill leaves the old file or the new one, never half."""

@@ -1089,6 +1089,8 @@ def test_startup_line_names_data_size_recipe_epochs_and_batch(tmp_path, capsys):
     for fragment in ("data fake", "256 train images", "10 classes", "32 px", "recipe small-images",
                      "1 epoch,", "batch 32", "init torch"):
         assert fragment in line, (fragment, line)
+    train.main(FAKE + ["--depth", "2", "--loop-scale", "fixed", "--epochs", "1", "--out-dir", str(tmp_path / "r2")])
+    assert "R=2 mixer=soft share=block loop-scale=fixed:" in capsys.readouterr().out
 
 
 def test_init_is_a_recipe_setting_and_deit_keeps_timms():
@@ -2568,3 +2570,28 @@ def test_a_resume_before_the_first_evaluation_says_so(tmp_path, monkeypatch, cap
     train.main(args)
     said = capsys.readouterr().out
     assert "1 steps done, not evaluated yet" in said or "1 step done, not evaluated yet" in said, said
+
+
+@pytest.mark.parametrize("loader", ["pil", "device", "memory"])
+def test_a_broken_validation_image_stops_the_run_at_start_not_after_an_epoch(tmp_path, monkeypatch, loader):
+    root = make_image_folder(tmp_path / "data", n=4, size=72 if loader == "device" else 32)
+    (tmp_path / "data" / "val" / "dog" / "zz-broken.jpg").write_bytes(b"not a JPEG")
+    trained = []
+    monkeypatch.setattr(train, "train_one_epoch", lambda *a: trained.append(1))
+    user_error(["--data-path", root, "--device", "cpu", "--loader", loader, "--batch-size", "4",
+                "--workers", "0", "--out-dir", str(tmp_path / "run")], "cannot read image", "zz-broken.jpg")
+    assert not trained
+
+
+def test_a_run_that_fails_before_its_first_save_leaves_the_out_dir_as_it_found_it(tmp_path):
+    root = make_image_folder(tmp_path / "data", n=4)
+    (tmp_path / "data" / "train" / "dog" / "zz-broken.jpg").write_bytes(b"not a JPEG")   # found mid-epoch
+    argv = ["--data-path", root, "--device", "cpu", "--loader", "pil", "--batch-size", "4", "--workers", "0"]
+    fresh = tmp_path / "fresh"
+    user_error(argv + ["--out-dir", str(fresh)], "cannot read image", "zz-broken.jpg")
+    assert not fresh.exists()
+    mine = tmp_path / "mine"                          # a folder of the user's: only what the run made goes
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    user_error(argv + ["--out-dir", str(mine)], "zz-broken.jpg")
+    assert sorted(os.listdir(mine)) == ["notes.txt"]

@@ -626,7 +626,7 @@ def setup(args, env):
             except ValueError as e:
                 raise UserError(f"--init-from {args.init_from}: {e}", shared=True) from None
     except BaseException:
-        out.release()               # now, not when the traceback's frames are collected
+        out.close()                 # now, not when the traceback's frames are collected
         raise
     if args.compile:
         compile_blocks(model)
@@ -674,8 +674,10 @@ def describe(run):
                 + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k):g}" for k in given)
                 + (f" (its {plural(recipe_warmup, 'warm-up epoch')}, clipped to a fifth of the run)"
                    if clipped else ""))
+    beyond = {"loop-scale": c.loop_scale != "none" and c.loop_scale, "step-scale": c.step_scale}
     env.log(f"SR-ViT D={c.embed_dim} L={c.num_layers} heads={c.num_heads} patch={c.patch_size} R={c.depth} "
-            f"mixer={c.mixer} share={c.share}: {srvit.count_params(run.raw_model):,} params, "
+            f"mixer={c.mixer} share={c.share}{''.join(f' {k}={v}' for k, v in beyond.items() if v)}: "
+            f"{srvit.count_params(run.raw_model):,} params, "
             f"{run.gmacs:.3g} GMACs/image | {env.device} {args.amp} | {args.out_dir}")
     if prog.epoch >= args.epochs:
         env.log(f"all {args.epochs} epochs are done already; nothing to train")
@@ -733,7 +735,7 @@ def main(argv=None):
         return run.raw_model
     finally:
         if run and run.out:
-            run.out.release()
+            run.out.close()
 
 
 if __name__ == "__main__":

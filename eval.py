@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import srvit
 from loaders import Normalize, OnDevice, build_dataset, mean_std, normalize_image, transforms
-from plumbing import (ArgumentParser, UserError, check_device, checkpoint_of, cli, first_line, fmt_time,
+from runtime import (ArgumentParser, UserError, check_device, checkpoint_of, cli, first_line, fmt_time,
                       json_row, read_checkpoint, save_file, write_json)
 from train import MAY_CHANGE, amp_context, evaluate
 

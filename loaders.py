@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from plumbing import UserError
+from runtime import UserError
 
 MEAN_STD = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
             "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}

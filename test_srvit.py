@@ -650,10 +650,10 @@ def test_cost_table_runs():
 
 
 # ----------------------------------------------------------------------------------------
-# train.py, loaders.py, plumbing.py
+# train.py, loaders.py, runtime.py
 
 import loaders  # noqa: E402
-import plumbing  # noqa: E402
+import runtime  # noqa: E402
 import train  # noqa: E402
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still work, and the
@@ -708,9 +708,9 @@ def make_image_folder(root, splits=("train", "val"), classes=("cat", "dog"), n=1
 
 def user_error(argv, *fragments):
     """Run train.main in-process and return the UserError's message (the line the CLI prints)."""
-    with pytest.raises(plumbing.UserError) as e:
+    with pytest.raises(runtime.UserError) as e:
         train.main(argv)
-    message = plumbing.user_error_message(e.value)
+    message = runtime.user_error_message(e.value)
     for fragment in fragments:
         assert fragment in message, message
     return message
@@ -735,7 +735,7 @@ def test_train_one_epoch_runs_on_its_own():
     # The loop is testable without main(): a model, a loader, an optimizer and the run's settings.
     # A loader that yields a fixed batch, and an optimizer with lr 0 except through lr_at.
     args = train.get_args(FAST + ["--data", "fake", "--depth", "2", "--epochs", "1", "--warmup-epochs", "0"])
-    env = plumbing.Env(device=torch.device("cpu"), accum=2, micro=4)
+    env = runtime.Env(device=torch.device("cpu"), accum=2, micro=4)
     model = tiny(depth=2)
     x, y = images(4), torch.arange(4)
     batches = type("Fixed", (), {"set_epoch": lambda self, e, start_batch=0: None,
@@ -756,7 +756,7 @@ def test_a_training_step_takes_the_label_smoothed_loss_of_its_micro_batches_and_
     # cross entropies at the weights before the step, and the weights move as one AdamW step on their
     # mean gradient (drop path 0, fixed seed).
     args = train.get_args(FAST + ["--data", "fake", "--depth", "2", "--epochs", "1", "--smoothing", "0.3"])
-    env = plumbing.Env(device=torch.device("cpu"), accum=2, micro=4)
+    env = runtime.Env(device=torch.device("cpu"), accum=2, micro=4)
     model, twin = tiny(depth=2), tiny(depth=2)
     batches = [(images(4, seed=s), torch.arange(4) + s) for s in (1, 2)]
     opt = torch.optim.AdamW(train.param_groups(model, 0.05), lr=1e-3)
@@ -784,7 +784,7 @@ def test_a_lagging_loader_is_named_once_as_the_bound(monkeypatch):
             yield x, y
     lines = []
     for loader, told in ((slow, True), (lambda: iter([(x, y)] * 8), False)):
-        env = plumbing.Env(device=torch.device("cpu"), micro=4)
+        env = runtime.Env(device=torch.device("cpu"), micro=4)
         env.log = lines.append
         batches = type("Batches", (), {"set_epoch": lambda self, e, start_batch=0: None,
                                        "__iter__": lambda self: loader()})()
@@ -983,7 +983,7 @@ def test_device_path_decodes_greyscale_cmyk_and_png_as_pil_does():
         assert got.dtype == torch.uint8 and torch.equal(got, want), fmt
         if mode == "I;16":                      # scaled to 8 bits, not clipped at 255 (a white picture)
             assert (got[0].int() - grey.int()).abs().max() <= 1
-    with pytest.raises(plumbing.UserError, match="cannot read image broken.jpg"):
+    with pytest.raises(runtime.UserError, match="cannot read image broken.jpg"):
         aug.decode([torch.tensor([0xFF, 0xD8, 1, 2], dtype=torch.uint8)], ["broken.jpg"])
 
 
@@ -1309,7 +1309,7 @@ def test_resume_under_gradient_accumulation_repeats_the_uninterrupted_run(tmp_pa
         return lr_at(*a)
     monkeypatch.setattr(train, "lr_at", signal_at_step_3)
     cut = str(tmp_path / "cut")
-    with pytest.raises(plumbing.Stopped):
+    with pytest.raises(runtime.Stopped):
         train.main(args + ["--out-dir", cut])
     assert torch.load(os.path.join(cut, "last.pt"), weights_only=True)["step"] == 3
     monkeypatch.setattr(train, "lr_at", lr_at)
@@ -1332,7 +1332,7 @@ def test_sigterm_mid_epoch_saves_and_resume_repeats_the_uninterrupted_run(tmp_pa
         return lr_at(*a)
     monkeypatch.setattr(train, "lr_at", signal_at_step_5)
     cut = str(tmp_path / "cut")
-    with pytest.raises(plumbing.Stopped) as stop:
+    with pytest.raises(runtime.Stopped) as stop:
         train.main(args + ["--out-dir", cut])
     assert stop.value.code == 143 and "stopped by SIGTERM at epoch 1, step 5/8" in str(stop.value)
     ckpt = torch.load(os.path.join(cut, "last.pt"), weights_only=True)
@@ -1345,8 +1345,8 @@ def test_sigterm_mid_epoch_saves_and_resume_repeats_the_uninterrupted_run(tmp_pa
 
 def test_save_every_writes_mid_epoch_checkpoints(tmp_path, monkeypatch):
     saved = []
-    save = plumbing.OutDir.save
-    monkeypatch.setattr(plumbing.OutDir, "save", lambda self, ckpt, path: (saved.append((ckpt["epoch"], ckpt["step"])), save(self, ckpt, path)))
+    save = runtime.OutDir.save
+    monkeypatch.setattr(runtime.OutDir, "save", lambda self, ckpt, path: (saved.append((ckpt["epoch"], ckpt["step"])), save(self, ckpt, path)))
     train.main(FAKE + ["--depth", "1", "--epochs", "1", "--save-every", "3", "--out-dir",
                        str(tmp_path / "run")])
     assert saved[:2] == [(0, 3), (0, 6)] and saved[-1] == (1, 0)
@@ -1360,18 +1360,18 @@ def test_kill_between_checkpoint_and_metrics_row_loses_nothing(tmp_path, monkeyp
     args = FAKE + ["--depth", "1", "--epochs", "3"]
     train.main(args + ["--out-dir", str(tmp_path / "whole")])
     cut = str(tmp_path / "cut")
-    append = plumbing.OutDir.append_metrics
+    append = runtime.OutDir.append_metrics
 
     def crash_on_epoch_2(self, row):     # last.pt of epoch 2 is renamed into place; its row is not written
         if row.get("epoch") == 2:
             raise Crash
         append(self, row)
-    monkeypatch.setattr(plumbing.OutDir, "append_metrics", crash_on_epoch_2)
+    monkeypatch.setattr(runtime.OutDir, "append_metrics", crash_on_epoch_2)
     with pytest.raises(Crash):
         train.main(args + ["--out-dir", cut])
     with open(os.path.join(cut, "last.pt.tmp"), "wb") as f:       # and a leftover from a kill mid-write
         f.write(b"half")
-    monkeypatch.setattr(plumbing.OutDir, "append_metrics", append)
+    monkeypatch.setattr(runtime.OutDir, "append_metrics", append)
     train.main(args + ["--out-dir", cut])
     assert epoch_rows(cut) == epoch_rows(str(tmp_path / "whole"))    # every epoch exactly once
     assert not [f for f in os.listdir(cut) if f.endswith(".tmp")]
@@ -1384,20 +1384,20 @@ def test_kill_between_best_and_last_keeps_the_best_model(tmp_path, monkeypatch):
     scores = iter([10.0, 30.0, 15.0, 20.0])           # killed run: epochs 1, 2; resumed run: epochs 2, 3
     evaluate = train.evaluate
     monkeypatch.setattr(train, "evaluate", lambda *a, **k: {**evaluate(*a, **k), "top1": next(scores)})
-    out, save = str(tmp_path / "run"), plumbing.OutDir.save
+    out, save = str(tmp_path / "run"), runtime.OutDir.save
 
     def crash_after_best_of_epoch_2(self, ckpt, path):
         save(self, ckpt, path)
         if ckpt["epoch"] == 2 and path == self.best:
             raise Crash
-    monkeypatch.setattr(plumbing.OutDir, "save", crash_after_best_of_epoch_2)
+    monkeypatch.setattr(runtime.OutDir, "save", crash_after_best_of_epoch_2)
     args = FAKE + ["--depth", "1", "--epochs", "3", "--out-dir", out]
     with pytest.raises(Crash):
         train.main(args)
     # best.pt is ahead of it
     assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["epoch"] == 1
     killed_best = torch.load(os.path.join(out, "best.pt"), weights_only=True)
-    monkeypatch.setattr(plumbing.OutDir, "save", save)
+    monkeypatch.setattr(runtime.OutDir, "save", save)
     train.main(args)
     best = torch.load(os.path.join(out, "best.pt"), weights_only=True)
     assert (best["epoch"], best["metrics"]["top1"]) == (2, 30.0)
@@ -1411,7 +1411,7 @@ def epochs_done(out):
 
 
 def test_metrics_repair_keeps_old_rows_and_drops_a_torn_line(tmp_path):
-    out = plumbing.OutDir(str(tmp_path), master=True)
+    out = runtime.OutDir(str(tmp_path), master=True)
     rows = [{"type": "run"}] + [{"type": "epoch", "epoch": e} for e in (1, 2, 2, 3)]
     with open(out.metrics, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -1454,14 +1454,14 @@ def test_kill_9_then_resume_repeats_the_uninterrupted_run_and_no_lock_is_left(tm
     # The run kills itself with SIGKILL at the start of epoch 2's step 4 (2 param groups: lr_at runs twice
     # per step), after epoch 1's checkpoint: an exact point, whatever the machine's speed.
     kill_at = 2 * (8 + 3) + 1
-    script = ("import os, signal, sys, train, plumbing\n"
+    script = ("import os, signal, sys, train, runtime\n"
               "real, calls = train.lr_at, []\n"
               "def lr_at(*a):\n"
               "    calls.append(1)\n"
               f"    if len(calls) == {kill_at}: os.kill(os.getpid(), signal.SIGKILL)\n"
               "    return real(*a)\n"
               "train.lr_at = lr_at\n"
-              "sys.exit(plumbing.cli(train.main, sys.argv[1:]))\n")
+              "sys.exit(runtime.cli(train.main, sys.argv[1:]))\n")
     threads = str(torch.get_num_threads())     # as in this process, so the sums round alike
     proc = subprocess.run([sys.executable, "-c", script, *args, "--out-dir", cut], capture_output=True, text=True,
                           cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": threads}, timeout=600)
@@ -1528,9 +1528,9 @@ def test_full_disk_leaves_the_previous_checkpoint_and_no_tmp(tmp_path, monkeypat
 
 
 def test_a_write_error_without_a_message_still_gives_one_line(tmp_path, monkeypatch):
-    out = plumbing.OutDir(str(tmp_path), master=True)
+    out = runtime.OutDir(str(tmp_path), master=True)
     monkeypatch.setattr(torch, "save", lambda obj, f: (_ for _ in ()).throw(OSError()))
-    with pytest.raises(plumbing.UserError, match=r"could not write .*last\.pt \(OSError\); is the disk full"):
+    with pytest.raises(runtime.UserError, match=r"could not write .*last\.pt \(OSError\); is the disk full"):
         out.save({"x": 1}, os.path.join(str(tmp_path), "last.pt"))
 
 
@@ -1569,24 +1569,24 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
 
 
 def test_every_rank_reports_its_own_failure(capsys):
-    e = plumbing.UserError("cannot read image x.jpg")
+    e = runtime.UserError("cannot read image x.jpg")
     for rank, printed in (("0", True), ("3", True)):
         os.environ.update(RANK=rank, WORLD_SIZE="4")
         try:
-            code = plumbing.cli(lambda argv: (_ for _ in ()).throw(e))
+            code = runtime.cli(lambda argv: (_ for _ in ()).throw(e))
         finally:
             os.environ.pop("RANK"), os.environ.pop("WORLD_SIZE")
         assert code == 2 and f"error (rank {rank}): cannot read image x.jpg" in capsys.readouterr().err
     os.environ.update(RANK="3", WORLD_SIZE="4")
     try:   # an error every rank hits alike is printed once, by rank 0
-        assert plumbing.cli(lambda argv: (_ for _ in ()).throw(plumbing.UserError("bad flag", shared=True))) == 2
+        assert runtime.cli(lambda argv: (_ for _ in ()).throw(runtime.UserError("bad flag", shared=True))) == 2
     finally:
         os.environ.pop("RANK"), os.environ.pop("WORLD_SIZE")
     assert capsys.readouterr().err == ""
     os.environ.update(RANK="3", WORLD_SIZE="4")
     try:   # a stop only this rank knows the reason for (its loader worker died): it says so itself
-        assert plumbing.cli(lambda argv: (_ for _ in ()).throw(plumbing.Stopped("stopped by SIGTERM; a " "worker died", 143, shared=False))) == 143
-        assert plumbing.cli(lambda argv: (_ for _ in ()).throw(plumbing.Stopped("stopped by SIGTERM at step " "10", 143))) == 143
+        assert runtime.cli(lambda argv: (_ for _ in ()).throw(runtime.Stopped("stopped by SIGTERM; a " "worker died", 143, shared=False))) == 143
+        assert runtime.cli(lambda argv: (_ for _ in ()).throw(runtime.Stopped("stopped by SIGTERM at step " "10", 143))) == 143
     finally:
         os.environ.pop("RANK"), os.environ.pop("WORLD_SIZE")
     assert capsys.readouterr().err == "(rank 3) stopped by SIGTERM; a worker died\n"
@@ -1698,7 +1698,7 @@ def test_sigterm_to_a_ddp_job_stops_every_rank_at_the_same_agreed_step(tmp_path)
             job.kill()
     err = err_file.read_text()
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
-    assert ckpt["epoch"] == 0 and ckpt["step"] % plumbing.StopRequest.EVERY == 0 and ckpt["step"] > 0, (ckpt["step"], err[-2000:])
+    assert ckpt["epoch"] == 0 and ckpt["step"] % runtime.StopRequest.EVERY == 0 and ckpt["step"] > 0, (ckpt["step"], err[-2000:])
     assert f"stopped by SIGTERM at epoch 1, step {ckpt['step']}/" in err and "died" not in err, err[-2000:]
     # torchrun itself got the signal too: its one traceback is its own SignalException, none is ours.
     assert job.returncode != 0 and err.count("Traceback") == err.count("SignalException: Process"), err[-2000:]
@@ -1799,7 +1799,7 @@ def test_eval_refuses_foreign_and_broken_checkpoints(trained_runs, tmp_path):
     torch.save(ckpt, tmp_path / "other.pt")
     for name, message in [("timm_style.pth", "not a train.py checkpoint"), ("half.pt", "cannot read"),
                           ("other.pt", "does not hold an SR-ViT"), ("missing.pt", "checkpoint not found")]:
-        with pytest.raises(plumbing.UserError, match=message):
+        with pytest.raises(runtime.UserError, match=message):
             srvit_eval.main(["--checkpoint", str(tmp_path / name)])
 
 
@@ -1810,7 +1810,7 @@ def test_eval_refuses_foreign_and_broken_checkpoints(trained_runs, tmp_path):
     (["--batch-size", "0"], "--batch-size must be >= 1"),
 ])
 def test_eval_bad_flags_give_one_clear_message(trained_runs, tmp_path, flags, message):
-    with pytest.raises(plumbing.UserError, match=message):
+    with pytest.raises(runtime.UserError, match=message):
         srvit_eval.main(["--checkpoint", str(trained_runs / "R3" / "last.pt"), "--workers", "0"] + flags)
 
 
@@ -2096,12 +2096,12 @@ def test_notebook_section_runs_alone_after_the_setup(name, notebook_setup, tmp_p
 
 
 def test_the_files_a_reader_opens_first_stay_within_their_budgets():
-    """train.py reads in one sitting (the loop; loaders.py and plumbing.py hold the rest), and so do
+    """train.py reads in one sitting (the loop; loaders.py and runtime.py hold the rest), and so do
     eval.py and the README; srvit.py imports only torch and the standard library."""
     budgets = {"train.py": 750, "eval.py": 500, "README.md": 300}
     lines = {name: len(open(os.path.join(HERE, name)).read().splitlines()) for name in budgets}
     assert all(lines[name] <= budget for name, budget in budgets.items()), lines
-    code = ["srvit.py", "train.py", "eval.py", "loaders.py", "plumbing.py", "results/bench.py", "results/node_check.py",
+    code = ["srvit.py", "train.py", "eval.py", "loaders.py", "runtime.py", "results/bench.py", "results/node_check.py",
             "results/mutants.py"]
     wide = [f"{name}:{n}" for name in code for n, line in enumerate(open(os.path.join(HERE, name)), 1)
             if len(line.rstrip("\n")) > 110]
@@ -2191,7 +2191,7 @@ def test_weight_maps_number_mixers_from_1_and_do_not_paint_uniform_weights_as_a_
     # block 1's mixer is mixer 1
     assert "mixer 1 of 2" in srvit_eval.draw_maps(fresh, x, mixer=1).info["title"]
     for bad in (0, 3, -3):
-        with pytest.raises(plumbing.UserError, match=r"this model has 2 mixers, numbered 1\.\.2"):
+        with pytest.raises(runtime.UserError, match=r"this model has 2 mixers, numbered 1\.\.2"):
             srvit_eval.draw_maps(fresh, x, mixer=bad)
 
 
@@ -2299,12 +2299,12 @@ def test_a_small_dev_shm_is_named_at_start(tmp_path, monkeypatch):
 
 def test_an_out_dir_without_file_locks_is_named_as_such(tmp_path, monkeypatch):
     import errno
-    out = plumbing.OutDir(str(tmp_path / "run"), master=True)
+    out = runtime.OutDir(str(tmp_path / "run"), master=True)
 
     def no_locks(f, op):
         raise OSError(errno.ENOLCK, "No locks available")
-    monkeypatch.setattr(plumbing.fcntl, "flock", no_locks)
-    with pytest.raises(plumbing.UserError, match="does not support file locks .*local disk") as e:
+    monkeypatch.setattr(runtime.fcntl, "flock", no_locks)
+    with pytest.raises(runtime.UserError, match="does not support file locks .*local disk") as e:
         out.open()
     assert "in use" not in str(e.value) and out.lock_file is None
 
@@ -2351,7 +2351,7 @@ def test_the_device_loader_names_an_empty_a_dangling_or_an_unreadable_file(tmp_p
     os.symlink(tmp_path / "gone.jpg", tmp_path / "dangling.jpg")
     os.mkdir(tmp_path / "folder.jpg")                                   # read() of a folder fails too
     for name in ("empty.jpg", "dangling.jpg", "folder.jpg"):
-        with pytest.raises(plumbing.UserError, match=f"cannot read image .*{name}.*delete or replace"):
+        with pytest.raises(runtime.UserError, match=f"cannot read image .*{name}.*delete or replace"):
             loaders.read_encoded(str(tmp_path / name))
 
 
@@ -2378,9 +2378,9 @@ def test_hidden_folders_are_not_classes(tmp_path):
 
 
 def test_class_mismatch_names_the_classes(tmp_path):
-    with pytest.raises(plumbing.UserError, match="only in train: cat; only in validation: cow"):
+    with pytest.raises(runtime.UserError, match="only in train: cat; only in validation: cow"):
         loaders.check_same_classes(["cat", "dog"], ["cow", "dog"], str(tmp_path))
-    with pytest.raises(plumbing.UserError, match="the same classes in another order"):
+    with pytest.raises(runtime.UserError, match="the same classes in another order"):
         loaders.check_same_classes(["cat", "dog"], ["dog", "cat"], str(tmp_path))
 
 
@@ -2416,14 +2416,14 @@ def test_an_out_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
 
     def no_space(path, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(plumbing, "open", no_space, raising=False)     # the lock file cannot be made
-    with pytest.raises(plumbing.UserError, match="cannot write in --out-dir .*No space left"):
-        plumbing.OutDir(str(tmp_path / "run"), master=True).open()
+    monkeypatch.setattr(runtime, "open", no_space, raising=False)     # the lock file cannot be made
+    with pytest.raises(runtime.UserError, match="cannot write in --out-dir .*No space left"):
+        runtime.OutDir(str(tmp_path / "run"), master=True).open()
 
 
 def test_a_full_disk_while_appending_a_metrics_row_leaves_no_torn_row(tmp_path, monkeypatch):
     import errno
-    out = plumbing.OutDir(str(tmp_path), master=True)
+    out = runtime.OutDir(str(tmp_path), master=True)
     out.append_metrics({"type": "epoch", "epoch": 1})
     before = open(out.metrics).read()
     real_write = os.write
@@ -2431,14 +2431,14 @@ def test_a_full_disk_while_appending_a_metrics_row_leaves_no_torn_row(tmp_path, 
     def half_then_full(fd, data):
         real_write(fd, data[:len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(plumbing.os, "write", half_then_full)
-    with pytest.raises(plumbing.UserError, match="could not write .*metrics.jsonl .*disk full"):
+    monkeypatch.setattr(runtime.os, "write", half_then_full)
+    with pytest.raises(runtime.UserError, match="could not write .*metrics.jsonl .*disk full"):
         out.append_metrics({"type": "epoch", "epoch": 2})
     assert open(out.metrics).read() == before
 
 
 def test_torn_and_blank_metrics_lines_are_read_and_repaired(tmp_path):
-    out = plumbing.OutDir(str(tmp_path / "run"), master=True)
+    out = runtime.OutDir(str(tmp_path / "run"), master=True)
     os.makedirs(out.path)
     rows = [{"type": "run", "args": {}, "config": {}}, {"type": "epoch", "epoch": 1, "top1": 10.0}]
     with open(out.metrics, "w") as f:
@@ -2450,14 +2450,14 @@ def test_torn_and_blank_metrics_lines_are_read_and_repaired(tmp_path):
         # a blank line, a kill mid-row: --curve reads on
         f.write('\n{"type": "epo')
     assert srvit_eval.read_run(str(tmp_path / "R1"))["final_top1"] == 66.96
-    assert [plumbing.json_row(line) for line in ("", "{", "[1]", '{"a": 1}')] == [None, None, None, {"a": 1}]
+    assert [runtime.json_row(line) for line in ("", "{", "[1]", '{"a": 1}')] == [None, None, None, {"a": 1}]
 
 
 def test_a_failed_write_after_the_work_is_one_line_and_leaves_no_file(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(plumbing.UserError, match=r"could not write .*file/out.json"):
-        plumbing.write_json(str(tmp_path / "file" / "out.json"), {"a": 1})
-    plumbing.write_json(str(tmp_path / "ok.json"), {"a": 1})
+    with pytest.raises(runtime.UserError, match=r"could not write .*file/out.json"):
+        runtime.write_json(str(tmp_path / "file" / "out.json"), {"a": 1})
+    runtime.write_json(str(tmp_path / "ok.json"), {"a": 1})
     assert sorted(os.listdir(tmp_path)) == ["file", "ok.json"]                  # no .tmp left behind
 
 
@@ -2467,7 +2467,7 @@ def test_a_failed_write_after_the_work_is_one_line_and_leaves_no_file(tmp_path):
 def test_argparse_errors_are_one_line_with_help(capsys):
     for argv, fragment in ((["--depth", "two"], "--depth: invalid int value: 'two'"),
                            (["--mixer", "softmax"], "--mixer: invalid choice: 'softmax'")):
-        assert plumbing.cli(train.main, argv) == 2
+        assert runtime.cli(train.main, argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and fragment in err and "--help" in err and "usage" not in err, err
 
@@ -2526,8 +2526,8 @@ def test_a_corrupt_warm_start_file_is_not_told_to_load_with_weights_only_false(t
 def test_a_file_that_is_not_a_checkpoint_says_what_was_expected(tmp_path):
     picture = tmp_path / "cat.jpg"
     smooth_image(torch.Generator().manual_seed(0), 20, 20).save(picture)
-    for load in (plumbing.read_checkpoint, srvit_eval.load_model):
-        with pytest.raises(plumbing.UserError, match="not a whole PyTorch checkpoint") as e:
+    for load in (runtime.read_checkpoint, srvit_eval.load_model):
+        with pytest.raises(runtime.UserError, match="not a whole PyTorch checkpoint") as e:
             load(str(picture))
         assert "delete" not in str(e.value)
 
@@ -2563,7 +2563,7 @@ def test_a_resume_before_the_first_evaluation_says_so(tmp_path, monkeypatch, cap
             os.kill(os.getpid(), signal.SIGTERM)
         return lr_at(*a)
     monkeypatch.setattr(train, "lr_at", signal_at_step_1)
-    with pytest.raises(plumbing.Stopped):
+    with pytest.raises(runtime.Stopped):
         train.main(args)
     monkeypatch.setattr(train, "lr_at", lr_at)
     capsys.readouterr()

@@ -16,9 +16,8 @@ Re-running the same command resumes from <out-dir>/last.pt; SIGTERM or Ctrl-C sa
 The file reads top to bottom, each function after the ones it calls: recipes and arguments, a
 note on the data, model and optimizer, the training step and epoch, evaluation, and last `main`,
 the epoch loop, after its set-up and end-of-epoch steps. Two files hold what a first reading
-can skip: loaders.py (datasets, the seeded sampler, the three loaders, MixUp/CutMix) and
-plumbing.py (one-line errors, distributed set-up, the out-dir and its checkpoints, resuming,
-stopping on a signal).
+can skip: loaders.py (datasets, the seeded sampler, the three loaders, MixUp/CutMix) and runtime.py
+(one-line errors, distributed set-up, the out-dir and its checkpoints, resuming, stopping).
 """
 
 import argparse
@@ -38,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import srvit
 from loaders import (build_dataset, build_loaders, image_size, loader_name, mix_batch, seed_for, train_dir,
                      use_device, use_memory)
-from plumbing import (ArgumentParser, Env, OutDir, StopRequest, Stopped, UserError, agree_on_progress, cli,
+from runtime import (ArgumentParser, Env, OutDir, StopRequest, Stopped, UserError, agree_on_progress, cli,
                       default_amp, fmt_time, init_distributed, on_all_ranks, plural, restore, stop_message)
 
 # ----------------------------------------------------------------------------------------
@@ -80,7 +79,7 @@ MAY_CHANGE = {"workers", "device", "compile", "grad_ckpt", "micro_batch", "log_i
 
 def choose_recipe(args):
     """--recipe, else --img-size (<= 64 px: small-images), else the data: CIFAR is small, ImageNet
-    and fake data are not, and a folder tells by the size of its first training image."""
+    and fake data are not, and a folder tells by the size of its training images (image_size)."""
     if args.recipe != "auto":
         return args.recipe
     if args.img_size is not None:

@@ -30,12 +30,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import loaders  # noqa: E402
-import plumbing  # noqa: E402
+import runtime  # noqa: E402
 import srvit  # noqa: E402
 import train  # noqa: E402
 from eval import check_at_least  # noqa: E402
-from plumbing import write_json  # noqa: E402
-from plumbing import UserError  # noqa: E402
+from runtime import write_json  # noqa: E402
+from runtime import UserError  # noqa: E402
 from train import amp_context  # noqa: E402
 
 
@@ -185,7 +185,7 @@ def bench_row(args, depth, batch, device, amp, peak, ceiling):
 
 
 def bench(args):
-    device = torch.device(args.device or plumbing.check_device(None))
+    device = torch.device(args.device or runtime.check_device(None))
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     batch = args.batch_size or (256 if device.type == "cuda" else 32)
     if device.type == "cuda":
@@ -294,7 +294,7 @@ def bench_loader(args):
     in-memory loader and by the PIL loader, alternated over rounds; medians. With --workers 0
     everything runs in this one process, so the ratio is the saving in CPU time per image; with
     workers the PIL path moves its decoding to other cores (on a GPU machine, the usual bound)."""
-    device = torch.device(args.device or plumbing.check_device(None))
+    device = torch.device(args.device or runtime.check_device(None))
     print(f"bench-loader on {device}, {torch.get_num_threads()} threads, --workers {args.workers}: "
           f"{args.iters} steps per measurement, {args.rounds} rounds, medians")
     results = []
@@ -442,7 +442,7 @@ def device_path_counts(args):
     import tempfile
     if args.code:
         sys.path.insert(0, os.path.abspath(args.code))
-        for name in ("plumbing", "srvit", "loaders", "train"):
+        for name in ("runtime", "plumbing", "srvit", "loaders", "train"):   # (older commits: plumbing)
             sys.modules.pop(name, None)
     mod_loaders, mod_train = importlib.import_module("loaders"), importlib.import_module("train")
     batch, rows = args.batch_size or 128, []
@@ -490,7 +490,7 @@ def device_path_counts(args):
 # ----------------------------------------------------------------------------------------
 
 def get_args(argv=None):
-    p = plumbing.ArgumentParser(prog=os.path.relpath(__file__, ROOT), description=__doc__,
+    p = runtime.ArgumentParser(prog=os.path.relpath(__file__, ROOT), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--bench", action="store_true", help="benchmark speed, memory and MFU")
@@ -528,7 +528,7 @@ def get_args(argv=None):
     if sum((args.bench, args.bench_loader, args.activations, args.loader_cpu, args.count_ops)) != 1:
         raise UserError("give exactly one of --bench, --bench-loader, --activations, --loader-cpu, "
                         "--count-ops (python results/bench.py -h lists the options)")
-    plumbing.check_device(args.device)
+    runtime.check_device(args.device)
     if min(args.depth) < 1:
         raise UserError(f"--depth takes recursion depths >= 1, got {args.depth}")
     check_at_least(args, batch_size=1, iters=1, rounds=1, bench_images=1, workers=0)
@@ -547,4 +547,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(plumbing.cli(main, interrupted="interrupted"))     # bad input: one line, exit 2
+    sys.exit(runtime.cli(main, interrupted="interrupted"))     # bad input: one line, exit 2

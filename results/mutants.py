@@ -67,7 +67,7 @@ BUGS = [
     ("training-loss-without-label-smoothing", "train.py",
      "loss = F.cross_entropy(run.model(x), y, label_smoothing=args.smoothing)",
      "loss = F.cross_entropy(run.model(x), y)"),
-    ("metrics-repair-drops-the-last-finished-epoch", "plumbing.py",
+    ("metrics-repair-drops-the-last-finished-epoch", "runtime.py",
      'if row["epoch"] > done or row["epoch"] in seen:', 'if row["epoch"] >= done or row["epoch"] in seen:'),
 ]
 

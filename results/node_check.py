@@ -39,7 +39,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import loaders  # noqa: E402
-import plumbing  # noqa: E402
+import runtime  # noqa: E402
 import srvit  # noqa: E402
 import train  # noqa: E402
 from bench import imagenet_like_folder, sync, timed  # noqa: E402
@@ -310,7 +310,7 @@ def tests(report, args):
 # ----------------------------------------------------------------------------------------
 
 def get_args(argv=None):
-    p = plumbing.ArgumentParser(prog=os.path.relpath(__file__, ROOT), description=__doc__,
+    p = runtime.ArgumentParser(prog=os.path.relpath(__file__, ROOT), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="node-check", help="folder for node-check.md and node-check.json")
     p.add_argument("--small", action="store_true", help="small sizes (a CPU): a tiny model, few images")
@@ -331,7 +331,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    device = torch.device(args.device or plumbing.check_device(None))
+    device = torch.device(args.device or runtime.check_device(None))
     cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     sections = ["machine", *(s for s in ("decode", "speed", "ddp") if s not in args.skip)]
@@ -356,4 +356,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(plumbing.cli(main, interrupted="interrupted"))
+    sys.exit(runtime.cli(main, interrupted="interrupted"))

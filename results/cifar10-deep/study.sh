@@ -26,7 +26,7 @@ PLAN=${STUDY_PLAN:-$OUT/plan.txt}                     # the runs: name, then the
 TAG=${OUT##*/cifar10-}                                  # deep, deep2: the plots' names
 L2_OUT=$ROOT/results/cifar10-L2
 FROZEN=${STUDY_FROZEN:-}                                # a commit whose code every run uses
-CODE="train.py srvit.py loaders.py plumbing.py"         # train.py and what it imports (older commits: the first two)
+CODE="train.py srvit.py loaders.py runtime.py plumbing.py"   # train.py and what it imports (older: plumbing.py)
 mkdir -p "$STUDY/runs"
 EPOCHS=15
 COMMON="--data cifar10 --embed-dim 64 --num-layers 6 --num-heads 4 --patch-size 8 --batch-size 128 --lr 1e-3 \

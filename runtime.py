@@ -1,8 +1,8 @@
 """
-The plumbing of train.py that a first reading can skip: one-line errors and exit codes, the
-distributed set-up, the out-dir (checkpoints, metrics.jsonl, the lock), resuming, and stopping on
-a signal. eval.py and results/bench.py use its errors, `cli` and `check_device` too; eval.py also
-its checkpoint reader.
+What a training run needs around its loop, and a first reading of train.py can skip: one-line errors
+and exit codes, the distributed set-up, the out-dir (checkpoints, metrics.jsonl, the lock),
+resuming, and stopping on a signal. eval.py and results/bench.py use its errors, `cli` and
+`check_device` too; eval.py also its checkpoint reader.
 
 What it guarantees (each has its test in test_srvit.py): bad input is one line and exit code 2 on
 every rank; checkpoints are whole whatever kills the run; metrics.jsonl holds each finished epoch

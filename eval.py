@@ -441,28 +441,28 @@ def plot_curve(groups, path=None, paper=False):
 
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--checkpoint", help="train.py checkpoint to evaluate")
-    a("--curve", nargs="+", help="run folders (with metrics.jsonl) for the depth-curve table")
-    a("--data", default=None, choices=["imagenet", "cifar10", "cifar100", "folder", "fake"])
-    a("--data-path", default=None)
-    a("--val-subset", type=int, default=None,
-      help="the first N validation images of train.py's fixed permutation")
-    a("--steps", default=None,
-      help="'all': the anytime table for k = 1..R; a number k: evaluate the first k steps only")
-    a("--maps", default=None, help="PNG file for the SoftMoR weight maps")
-    a("--maps-images", type=int, default=4)
-    a("--maps-mixer", type=int, default=-1,
-      help="which mixer to draw: 1..L (block sharing has one per block), -1 the last")
-    a("--maps-relative", action="store_true",
-      help="colours from the smallest to the largest weight shown, not 0..1")
-    a("--plot", default=None, help="PNG file for the depth curve")
-    a("--paper", action="store_true", help="add the paper's ImageNet points as a second panel")
-    a("--json", default=None, help="also write the numbers to this JSON file")
-    a("--batch-size", type=int, default=None)
-    a("--amp", default=None, choices=["bf16", "fp16", "none"])
-    a("--device", default=None)
-    a("--workers", type=int, default=2)
+    flag = p.add_argument
+    flag("--checkpoint", help="train.py checkpoint to evaluate")
+    flag("--curve", nargs="+", help="run folders (with metrics.jsonl) for the depth-curve table")
+    flag("--data", default=None, choices=["imagenet", "cifar10", "cifar100", "folder", "fake"])
+    flag("--data-path", default=None)
+    flag("--val-subset", type=int, default=None,
+         help="the first N validation images of train.py's fixed permutation")
+    flag("--steps", default=None,
+         help="'all': the anytime table for k = 1..R; a number k: evaluate the first k steps only")
+    flag("--maps", default=None, help="PNG file for the SoftMoR weight maps")
+    flag("--maps-images", type=int, default=4)
+    flag("--maps-mixer", type=int, default=-1,
+         help="which mixer to draw: 1..L (block sharing has one per block), -1 the last")
+    flag("--maps-relative", action="store_true",
+         help="colours from the smallest to the largest weight shown, not 0..1")
+    flag("--plot", default=None, help="PNG file for the depth curve")
+    flag("--paper", action="store_true", help="add the paper's ImageNet points as a second panel")
+    flag("--json", default=None, help="also write the numbers to this JSON file")
+    flag("--batch-size", type=int, default=None)
+    flag("--amp", default=None, choices=["bf16", "fp16", "none"])
+    flag("--device", default=None)
+    flag("--workers", type=int, default=2)
     args, unknown = p.parse_known_args(argv)
     if unknown:                 # --bench, --activations and --bench-loader moved to results/bench.py
         raise UserError(f"unrecognized arguments: {' '.join(unknown)} (eval.py -h lists the options; "

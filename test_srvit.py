@@ -1,6 +1,7 @@
 """Tests for SR-ViT: python -m pytest -q test_srvit.py  (a few minutes on a 2-core CPU)."""
 
 import copy
+import glob
 import itertools
 import json
 import math
@@ -22,7 +23,8 @@ import srvit
 from srvit import SRViT, load_pretrained, srvit_base, srvit_small, srvit_tiny
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Real CIFAR-10 as JPEG folders, where the notebook looks for it: $SRVIT_DATA, else the repository's data/cifar10.
+# Real CIFAR-10 as JPEG folders, where the notebook looks for it: $SRVIT_DATA, else the
+# repository's data/cifar10.
 CIFAR = os.environ.get("SRVIT_DATA") or os.path.join(HERE, "data", "cifar10")
 # A minimal 32 px model: 17 tokens, width 32. Tests build it with different depths/mixers.
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, num_layers=2, num_heads=2, num_classes=10)
@@ -41,7 +43,8 @@ def bench_script():
     """results/bench.py, the benchmarks (a script beside its outputs, not a package), as a module."""
     if "srvit_bench" not in sys.modules:
         import importlib.util
-        spec = importlib.util.spec_from_file_location("srvit_bench", os.path.join(HERE, "results", "bench.py"))
+        spec = importlib.util.spec_from_file_location("srvit_bench",
+                                                      os.path.join(HERE, "results", "bench.py"))
         sys.modules["srvit_bench"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules["srvit_bench"])
     return sys.modules["srvit_bench"]
@@ -153,7 +156,8 @@ def softmor_by_hand(model, x, k):
     def mix(mixer, hs):
         g = mixer.router
         normed = [F.layer_norm(h, h.shape[-1:], mixer.norm.weight, mixer.norm.bias, 1e-6) for h in hs]
-        scores = [g.fc2(F.gelu(g.fc1(n))) + mixer.step_bias[r] for r, n in enumerate(normed)]   # k x (B, T, 1)
+        # k x (B, T, 1)
+        scores = [g.fc2(F.gelu(g.fc1(n))) + mixer.step_bias[r] for r, n in enumerate(normed)]
         weights = torch.softmax(torch.cat(scores, -1), -1)                               # (B, T, k)
         return sum(weights[..., r:r + 1] * h for r, h in enumerate(hs)), weights
     t, mixes = embed(model, x), []
@@ -205,7 +209,8 @@ def test_a_plain_vit_forward_written_out_equals_r1_at_logits_of_order_one():
     t = torch.cat([model.cls_token.expand(B, -1, -1), t], 1) + model.pos_embed               # (B, T, D)
     for blk in model.blocks:
         y = F.layer_norm(t, (D,), blk.norm1.weight, blk.norm1.bias, 1e-6)
-        q, k, v = (y @ blk.attn.qkv.weight.T + blk.attn.qkv.bias).view(B, -1, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+        qkv = (y @ blk.attn.qkv.weight.T + blk.attn.qkv.bias).view(B, -1, 3, heads, D // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
         # (B, heads, T, T)
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D // heads), -1)
         t = t + ((att @ v).transpose(1, 2).reshape(B, -1, D) @ blk.attn.proj.weight.T + blk.attn.proj.bias)
@@ -359,7 +364,8 @@ def test_fixed_loop_scale_scales_each_looped_residual_branch_by_1_over_r(share):
     want_model.config.loop_scale = "none"                                  # the by-hand blocks scale already
     x = images(2)
     for k in (1, 2, 4):
-        torch.testing.assert_close(model(x, steps=k), softmor_by_hand(want_model, x, k)[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(x, steps=k), softmor_by_hand(want_model, x, k)[0],
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_learned_loop_scale_starts_at_1_over_r_per_branch_and_is_not_decayed():
@@ -419,7 +425,8 @@ def plain_vit(state, x, num_heads):
     i = 0
     while f"blocks.{i}.norm1.weight" in s:
         p = f"blocks.{i}."
-        q, k, v = lin(ln(t, p + "norm1"), p + "attn.qkv").reshape(B, T, 3, num_heads, D // num_heads).unbind(2)
+        qkv = lin(ln(t, p + "norm1"), p + "attn.qkv")
+        q, k, v = qkv.reshape(B, T, 3, num_heads, D // num_heads).unbind(2)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))                      # (B, H, T, d)
         a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D // num_heads), -1) @ v
         t = t + lin(a.transpose(1, 2).reshape(B, T, D), p + "attn.proj")
@@ -504,7 +511,8 @@ def saved_mib(**kw):
 def test_grad_ckpt_also_checkpoints_the_routers():
     # With --grad-ckpt, R=4 soft kept 3x the activations of R=4 plain recursion (24.2 vs 8.1 MiB with
     # the weights counted), because the routers' LayerNorm/fc1/GELU outputs were stored per step.
-    last, soft = saved_mib(depth=4, mixer="last", grad_checkpointing=True), saved_mib(depth=4, grad_checkpointing=True)
+    last = saved_mib(depth=4, mixer="last", grad_checkpointing=True)
+    soft = saved_mib(depth=4, grad_checkpointing=True)
     assert soft / last < 1.25                     # 8.1 vs 6.9 MiB of activations
     assert soft < 0.15 * saved_mib(depth=4)       # vs 91 MiB without checkpointing
 
@@ -529,7 +537,8 @@ def test_trace_returns_every_step_and_the_anytime_logits():
     model = tiny(depth=3).eval()
     x = images()
     t = model.trace(x)
-    assert len(t["steps"]) == 2 and [len(s) for s in t["steps"]] == [3, 3] and t["steps"][0][0].shape == (2, 17, 32)
+    assert len(t["steps"]) == 2 and [len(s) for s in t["steps"]] == [3, 3]
+    assert t["steps"][0][0].shape == (2, 17, 32)
     torch.testing.assert_close(t["logits"], model(x))
     for k, logits in enumerate(t["anytime"], start=1):
         torch.testing.assert_close(logits, model(x, steps=k))
@@ -725,7 +734,8 @@ def test_train_on_fake_data_writes_metrics_and_checkpoints(tmp_path):
     assert [r["epoch"] for r in epochs] == [1, 2] and all(r["val_images"] == 64 for r in epochs)
     assert all(math.isfinite(r["train_loss"]) and 0 <= r["top1"] <= r["top5"] <= 100 for r in epochs)
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
-    assert ckpt["epoch"] == 2 and ckpt["config"]["depth"] == 2 and os.path.isfile(os.path.join(out, "best.pt"))
+    assert ckpt["epoch"] == 2 and ckpt["config"]["depth"] == 2
+    assert os.path.isfile(os.path.join(out, "best.pt"))
     assert ckpt["records"] == epochs and ckpt["dataset"]["classes"][:2] == ["class 0", "class 1"]
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     assert_same_weights(ckpt["model"], model.state_dict())
@@ -760,11 +770,12 @@ def test_a_training_step_takes_the_label_smoothed_loss_of_its_micro_batches_and_
     model, twin = tiny(depth=2), tiny(depth=2)
     batches = [(images(4, seed=s), torch.arange(4) + s) for s in (1, 2)]
     opt = torch.optim.AdamW(train.param_groups(model, 0.05), lr=1e-3)
-    run = train.Run(args, env, model, opt, torch.amp.GradScaler("cpu", enabled=False), None, steps_per_epoch=1,
-                    num_classes=10)
+    run = train.Run(args, env, model, opt, torch.amp.GradScaler("cpu", enabled=False), None,
+                    steps_per_epoch=1, num_classes=10)
     loss, bad = train.train_step(run, iter(batches), 0, train.EpochClock())
     losses = [F.cross_entropy(twin(x), y, label_smoothing=0.3) for x, y in batches]
-    assert loss.item() == pytest.approx((losses[0].item() + losses[1].item()) / 2, rel=1e-6) and bad.item() == -1
+    assert loss.item() == pytest.approx((losses[0].item() + losses[1].item()) / 2, rel=1e-6)
+    assert bad.item() == -1
     twin_opt = torch.optim.AdamW(train.param_groups(twin, 0.05), lr=1e-3)
     (sum(losses) / 2).backward()
     twin_opt.step()
@@ -790,8 +801,9 @@ def test_a_lagging_loader_is_named_once_as_the_bound(monkeypatch):
                                        "__iter__": lambda self: loader()})()
         model = tiny(depth=1)
         model.register_forward_hook(lambda *a: now.__setitem__(0, now[0] + 0.05))
-        run = train.Run(args, env, model, torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cpu", enabled=False),
-                        batches, steps_per_epoch=8, num_classes=10, log_interval=2)
+        run = train.Run(args, env, model, torch.optim.AdamW(model.parameters()),
+                        torch.amp.GradScaler("cpu", enabled=False), batches, steps_per_epoch=8,
+                        num_classes=10, log_interval=2)
         train.train_one_epoch(run, 0, train.EpochClock(start=0.0))
         bound = [line for line in lines if line.startswith("the loader bounds this run")]
         assert len(bound) == (1 if told else 0), lines
@@ -890,7 +902,8 @@ def test_device_path_draws_exactly_what_the_pil_path_draws(flags):
         return lambda *a, **k: (seen.__setitem__(key, keep(a, k, out := fn(*a, **k))), out)[1]
     for n, t in enumerate(pil.transforms):
         if isinstance(t, v2.RandomResizedCrop):
-            t.make_params = recording("box", t.make_params, lambda a, k, p: (p["top"], p["left"], p["height"], p["width"]))
+            t.make_params = recording("box", t.make_params,
+                                      lambda a, k, p: (p["top"], p["left"], p["height"], p["width"]))
         elif isinstance(t, v2.RandomHorizontalFlip):
             t.transform = recording("flip", t.transform, lambda a, k, out: True)
         elif isinstance(t, v2.RandomApply):
@@ -899,11 +912,13 @@ def test_device_path_draws_exactly_what_the_pil_path_draws(flags):
                                                            k, out: (a[1], a[2]))
     if eraser:
         eraser.make_params = recording("erase", eraser.make_params,
-                                       lambda a, k, p: p["v"] is not None and (p["i"], p["j"], p["h"], p["w"], p["v"]))
+                                       lambda a, k, p: p["v"] is not None and (p["i"], p["j"], p["h"], p["w"],
+                                                                               p["v"]))
     slots = [n for n, t in enumerate(pil.transforms) if isinstance(t, v2.RandomApply)]
     g = torch.Generator().manual_seed(3)
     for seed in range(40):
-        image = smooth_image(g, int(torch.randint(60, 300, (1,), generator=g)), int(torch.randint(60, 300, (1,), generator=g)))
+        image = smooth_image(g, int(torch.randint(60, 300, (1,), generator=g)),
+                             int(torch.randint(60, 300, (1,), generator=g)))
         seen.clear()
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
@@ -913,7 +928,8 @@ def test_device_path_draws_exactly_what_the_pil_path_draws(flags):
         assert box == seen["box"] and flip == seen.get("flip", False)
         assert [op1, op2] == [seen.get(n) for n in slots] + [None] * (2 - len(slots))
         want = seen.get("erase") or None
-        assert (erase is None) == (want is None) and (erase is None or (erase[:4] == want[:4] and torch.equal(erase[4], want[4])))
+        assert (erase is None) == (want is None)
+        assert erase is None or (erase[:4] == want[:4] and torch.equal(erase[4], want[4]))
 
 
 def test_device_path_draws_and_augments_as_the_pil_path():
@@ -923,14 +939,15 @@ def test_device_path_draws_and_augments_as_the_pil_path():
     std = torch.tensor(loaders.MEAN_STD["imagenet"][1]).view(3, 1, 1)
     g, diffs = torch.Generator().manual_seed(1), []
     for seed in range(24):
-        image = smooth_image(g, int(torch.randint(100, 200, (1,), generator=g)), int(torch.randint(100, 200, (1,), generator=g)))
+        image = smooth_image(g, int(torch.randint(100, 200, (1,), generator=g)),
+                             int(torch.randint(100, 200, (1,), generator=g)))
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
             pixels, box = pil(image), loaders.draw_erasing(loaders.eraser(args), 96)   # as a PIL worker does
         # (3, 96, 96)
         want = loaders.erase(loaders.normalize_image(pixels[None], 96), *loaders.erasing_table([box]))[0]
-        got, other = (aug(aug.decode([encoded(image, "PNG")], ["x"]), [aug.draw(s, image.height, image.width)])[0]
-                      for s in (seed, seed + 1000))
+        got, other = (aug(aug.decode([encoded(image, "PNG")], ["x"]),
+                          [aug.draw(s, image.height, image.width)])[0] for s in (seed, seed + 1000))
         diffs.append((((want - got) * std * 255).abs().mean().item(),
                       ((want - other) * std * 255).abs().mean().item()))
     assert max(d for d, _ in diffs) <= 2.0, diffs
@@ -947,7 +964,8 @@ def test_loader_auto_is_the_device_path_on_gpus_for_image_files(tmp_path):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     args = train.get_args(["--data-path", root])
     assert args.recipe == "deit" and loaders.use_device(args, cuda) and not loaders.use_device(args, cpu)
-    assert loaders.loader_name(args, cuda) == "device loader" and loaders.loader_name(args, cpu) == "PIL loader"
+    assert loaders.loader_name(args, cuda) == "device loader"
+    assert loaders.loader_name(args, cpu) == "PIL loader"
     # no files to read
     assert not loaders.use_device(train.get_args(["--data", "fake"]), cuda)
     # small: in memory
@@ -968,7 +986,8 @@ def test_device_path_decodes_greyscale_cmyk_and_png_as_pil_does():
     from PIL import Image
     for mode, fmt in (("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "JPEG"), ("RGB", "PNG")):
         data = encoded(smooth_image(g, 40, 50, mode), fmt)
-        want = torch.from_numpy(np.array(Image.open(io.BytesIO(data.numpy().tobytes())).convert("RGB"))).permute(2, 0, 1)
+        pil_rgb = Image.open(io.BytesIO(data.numpy().tobytes())).convert("RGB")
+        want = torch.from_numpy(np.array(pil_rgb)).permute(2, 0, 1)
         (got,) = aug.decode([data], ["x"])
         assert got.shape == (3, 40, 50) and (got.int() - want.int()).abs().max() <= 1, (mode, fmt)
     # what decode_image rejects
@@ -978,7 +997,8 @@ def test_device_path_decodes_greyscale_cmyk_and_png_as_pil_does():
         if mode == "I;16":                                          # the full 16-bit range: grey x 257
             image = Image.fromarray(grey.numpy().astype(np.uint16) * 257)
         data = encoded(image, fmt)
-        want = torch.from_numpy(np.array(loaders.to_rgb(Image.open(io.BytesIO(data.numpy().tobytes()))))).permute(2, 0, 1)
+        pil_rgb = loaders.to_rgb(Image.open(io.BytesIO(data.numpy().tobytes())))
+        want = torch.from_numpy(np.array(pil_rgb)).permute(2, 0, 1)
         (got,) = aug.decode([data], ["x"])
         assert got.dtype == torch.uint8 and torch.equal(got, want), fmt
         if mode == "I;16":                      # scaled to 8 bits, not clipped at 255 (a white picture)
@@ -995,7 +1015,8 @@ def test_device_path_applies_each_sample_its_own_ops_and_a_resumed_epoch_repeats
                            "--patch-size", "16", "--batch-size", "8", "--workers", "0"])
     env = SimpleNamespace(rank=0, world=1, micro=8, device=torch.device("cpu"), log=lambda *a: None)
     loader, _, classes, n = loaders.build_loaders(args, env)
-    assert isinstance(loader, loaders.DeviceLoader) and classes == ["cat", "dog"] and n == 32 and len(loader) == 4
+    assert isinstance(loader, loaders.DeviceLoader) and classes == ["cat", "dog"]
+    assert n == 32 and len(loader) == 4
     loader.set_epoch(1)
     whole = list(loader)
     loader.set_epoch(1, start_batch=2)
@@ -1027,7 +1048,8 @@ def test_crop_padding_and_hflip_switch_off_and_flip_exactly():
         padded = F.pad(x[i], (2, 2, 2, 2))
         assert any(torch.equal(cropped[i], padded[:, r:r + 8, c:c + 8]) for r in range(5) for c in range(5))
     args = train.get_args(FAST + ["--hflip", "0", "--crop-padding", "0"])
-    assert "RandomCrop" not in str(loaders.transforms(args, True)) and "p=0" in str(loaders.transforms(args, True))
+    assert "RandomCrop" not in str(loaders.transforms(args, True))
+    assert "p=0" in str(loaders.transforms(args, True))
 
 
 def test_reflect_padding_crops_windows_of_the_mirrored_image():
@@ -1045,18 +1067,22 @@ def test_bare_command_trains_the_papers_setting_or_names_the_missing_folder(tmp_
     # The README's `torchrun --nproc_per_node=8 train.py --depth 4`: SR-ViT-S at R=4, DeiT's recipe, ImageNet.
     monkeypatch.chdir(tmp_path)
     message = user_error(["--depth", "4"], "data/imagenet/train not found", "--data-path", "--data cifar10")
-    assert "\n" not in message and not os.path.exists(tmp_path / "data") and not os.path.exists(tmp_path / "runs")
+    assert "\n" not in message
+    assert not os.path.exists(tmp_path / "data") and not os.path.exists(tmp_path / "runs")
     make_image_folder(tmp_path / "data" / "imagenet", n=1, size=80)
     args = train.get_args(["--depth", "4"])
     assert (args.data, args.recipe, args.img_size, args.patch_size) == ("imagenet", "deit", 224, 16)
     assert (args.embed_dim, args.num_layers, args.num_heads, args.depth) == (384, 12, 6, 4)       # SR-ViT-S
-    assert (args.epochs, args.batch_size, args.lr, args.init, args.schedule) == (300, 1024, 1e-3, "timm", "deit")
+    assert (args.epochs, args.batch_size, args.lr, args.init,
+            args.schedule) == (300, 1024, 1e-3, "timm", "deit")
 
 
 def test_the_recipe_follows_a_folders_image_size(tmp_path):
-    big, small = make_image_folder(tmp_path / "big", n=1, size=300), make_image_folder(tmp_path / "small", n=1, size=28)
+    big = make_image_folder(tmp_path / "big", n=1, size=300)
+    small = make_image_folder(tmp_path / "small", n=1, size=28)
     args = train.get_args(["--data-path", big, "--depth", "4"])      # 300 px JPEGs: DeiT at 224, not 32 px
-    assert (args.data, args.recipe, args.img_size, args.mixup, args.randaug) == ("folder", "deit", 224, 0.8, 9)
+    assert (args.data, args.recipe, args.img_size, args.mixup,
+            args.randaug) == ("folder", "deit", 224, 0.8, 9)
     args = train.get_args(["--data-path", small])                     # 28 px: small images, at their own size
     assert (args.recipe, args.img_size, args.patch_size, args.init) == ("small-images", 28, 4, "torch")
     odd = make_image_folder(tmp_path / "odd", n=1, size=30)          # 30 px: the largest size patch 4 divides
@@ -1089,7 +1115,8 @@ def test_startup_line_names_data_size_recipe_epochs_and_batch(tmp_path, capsys):
     for fragment in ("data fake", "256 train images", "10 classes", "32 px", "recipe small-images",
                      "1 epoch,", "batch 32", "init torch"):
         assert fragment in line, (fragment, line)
-    train.main(FAKE + ["--depth", "2", "--loop-scale", "fixed", "--epochs", "1", "--out-dir", str(tmp_path / "r2")])
+    train.main(FAKE + ["--depth", "2", "--loop-scale", "fixed", "--epochs", "1", "--out-dir",
+                       str(tmp_path / "r2")])
     assert "R=2 mixer=soft share=block loop-scale=fixed:" in capsys.readouterr().out
 
 
@@ -1112,7 +1139,8 @@ def test_step_scale_is_a_flag_kept_in_the_config_and_not_decayed():
     model = train.build_model(args, 10)
     assert model.config.step_scale and model.step_scale.shape == (args.num_layers * 2, args.embed_dim)
     decay, no_decay = train.param_groups(model, 0.05)
-    assert any(p is model.step_scale for p in no_decay["params"]) and not any(p is model.step_scale for p in decay["params"])
+    assert any(p is model.step_scale for p in no_decay["params"])
+    assert not any(p is model.step_scale for p in decay["params"])
     assert not train.get_args(FAST + ["--depth", "2"]).step_scale
 
 
@@ -1229,7 +1257,8 @@ def test_mixup_and_cutmix_follow_timm():
     mixed, target = loaders.mix_batch(x, y, SimpleNamespace(mixup=0.0, cutmix=1.0), 8)
     from_partner = (mixed != x).any(1).float().mean().item()    # share of pixels pasted from the partner
     assert target[0, 7].item() == pytest.approx(from_partner, abs=1e-6)
-    torch.testing.assert_close(target, (1 - from_partner) * F.one_hot(y, 8) + from_partner * F.one_hot(y.flip(0), 8))
+    want = (1 - from_partner) * F.one_hot(y, 8) + from_partner * F.one_hot(y.flip(0), 8)
+    torch.testing.assert_close(target, want)
 
 
 def test_randaugment_and_erasing_match_deits_strength():
@@ -1265,7 +1294,8 @@ def test_deit_224px_pil_path_runs_on_a_generated_folder(tmp_path):
                 "--epochs", "1", "--workers", "0", "--out-dir", out])
     run, epoch = read_metrics(out)
     a = run["args"]
-    assert (a["randaug"], a["erasing"], a["mixup"], a["cutmix"], a["repeated_aug"], a["loader"]) == (9, 0.25, 0.8, 1.0, 3, "auto")
+    assert (a["randaug"], a["erasing"], a["mixup"], a["cutmix"], a["repeated_aug"],
+            a["loader"]) == (9, 0.25, 0.8, 1.0, 3, "auto")
     assert epoch["val_images"] == 12 and math.isfinite(epoch["train_loss"])
 
 
@@ -1346,7 +1376,9 @@ def test_sigterm_mid_epoch_saves_and_resume_repeats_the_uninterrupted_run(tmp_pa
 def test_save_every_writes_mid_epoch_checkpoints(tmp_path, monkeypatch):
     saved = []
     save = runtime.OutDir.save
-    monkeypatch.setattr(runtime.OutDir, "save", lambda self, ckpt, path: (saved.append((ckpt["epoch"], ckpt["step"])), save(self, ckpt, path)))
+    monkeypatch.setattr(runtime.OutDir, "save",
+                        lambda self, ckpt, path: (saved.append((ckpt["epoch"], ckpt["step"])),
+                                                  save(self, ckpt, path)))
     train.main(FAKE + ["--depth", "1", "--epochs", "1", "--save-every", "3", "--out-dir",
                        str(tmp_path / "run")])
     assert saved[:2] == [(0, 3), (0, 6)] and saved[-1] == (1, 0)
@@ -1429,8 +1461,8 @@ def test_second_run_is_refused_while_the_first_holds_the_out_dir(tmp_path):
     first = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "train.py"), *FAKE, "--subset",
                               "2048", "--epochs", "50", "--loader", "pil", "--workers", "1", "--out-dir",
                               out], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                             start_new_session=True)
+                             stderr=subprocess.PIPE, text=True, cwd=HERE,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     try:
         for line in first.stdout:
             if line.startswith("epoch 1/50 | step"):
@@ -1463,8 +1495,8 @@ def test_kill_9_then_resume_repeats_the_uninterrupted_run_and_no_lock_is_left(tm
               "train.lr_at = lr_at\n"
               "sys.exit(runtime.cli(train.main, sys.argv[1:]))\n")
     threads = str(torch.get_num_threads())     # as in this process, so the sums round alike
-    proc = subprocess.run([sys.executable, "-c", script, *args, "--out-dir", cut], capture_output=True, text=True,
-                          cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": threads}, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", script, *args, "--out-dir", cut], capture_output=True,
+                          text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": threads}, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert [r[0] for r in epoch_rows(cut)] == [1] and os.path.exists(os.path.join(cut, "train.lock"))
     train.main(args + ["--out-dir", cut])            # the dead run's lock does not block
@@ -1540,7 +1572,8 @@ def test_a_write_error_without_a_message_still_gives_one_line(tmp_path, monkeypa
                                                             "--micro-batch must be > 0"),
     (["--num-heads", "0"], "--num-heads must be > 0"), (["--patch-size", "0"], "--patch-size must be > 0"),
     (["--repeated-aug", "0"], "--repeated-aug must be > 0"), (["--workers", "-1"], "--workers must be >= 0"),
-    (["--epochs", "0"], "--epochs must be > 0"), (["--lr", "0"], "--lr must be > 0"), (["--hflip", "1.5"], "--hflip must be in " "[0, 1]"),
+    (["--epochs", "0"], "--epochs must be > 0"), (["--lr", "0"], "--lr must be > 0"),
+    (["--hflip", "1.5"], "--hflip must be in [0, 1]"),
     (["--depth", "0"], "--depth must be > 0"), (["--patch-size", "5"], "not divisible by patch_size 5"),
     (["--randaug", "31"], "--randaug must be in 0..10"), (["--loader", "memory", "--randaug", "9"],
                                                           "--loader memory"),
@@ -1562,10 +1595,11 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     root = make_image_folder(tmp_path / "data", n=4)
     with open(os.path.join(root, "train", "cat", "broken.jpg"), "wb") as f:
         f.write(b"not a jpeg")
-    res = run_train(["--data", "folder", "--data-path", root, "--epochs", "1", "--loader", "pil"] + FAST[:-6] +
-                    ["--batch-size", "3", "--workers", "2", "--out-dir", str(tmp_path / "run")])
+    res = run_train(["--data", "folder", "--data-path", root, "--epochs", "1", "--loader", "pil"] +
+                    FAST[:-6] + ["--batch-size", "3", "--workers", "2", "--out-dir", str(tmp_path / "run")])
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
-    assert res.stderr.startswith("error: cannot read image") and "broken.jpg" in res.stderr and res.stderr.count("\n") == 1
+    assert res.stderr.startswith("error: cannot read image") and "broken.jpg" in res.stderr
+    assert res.stderr.count("\n") == 1
 
 
 def test_every_rank_reports_its_own_failure(capsys):
@@ -1579,14 +1613,17 @@ def test_every_rank_reports_its_own_failure(capsys):
         assert code == 2 and f"error (rank {rank}): cannot read image x.jpg" in capsys.readouterr().err
     os.environ.update(RANK="3", WORLD_SIZE="4")
     try:   # an error every rank hits alike is printed once, by rank 0
-        assert runtime.cli(lambda argv: (_ for _ in ()).throw(runtime.UserError("bad flag", shared=True))) == 2
+        shared_error = runtime.UserError("bad flag", shared=True)
+        assert runtime.cli(lambda argv: (_ for _ in ()).throw(shared_error)) == 2
     finally:
         os.environ.pop("RANK"), os.environ.pop("WORLD_SIZE")
     assert capsys.readouterr().err == ""
     os.environ.update(RANK="3", WORLD_SIZE="4")
     try:   # a stop only this rank knows the reason for (its loader worker died): it says so itself
-        assert runtime.cli(lambda argv: (_ for _ in ()).throw(runtime.Stopped("stopped by SIGTERM; a " "worker died", 143, shared=False))) == 143
-        assert runtime.cli(lambda argv: (_ for _ in ()).throw(runtime.Stopped("stopped by SIGTERM at step " "10", 143))) == 143
+        own_stop = runtime.Stopped("stopped by SIGTERM; a worker died", 143, shared=False)
+        assert runtime.cli(lambda argv: (_ for _ in ()).throw(own_stop)) == 143
+        shared_stop = runtime.Stopped("stopped by SIGTERM at step 10", 143)
+        assert runtime.cli(lambda argv: (_ for _ in ()).throw(shared_stop)) == 143
     finally:
         os.environ.pop("RANK"), os.environ.pop("WORLD_SIZE")
     assert capsys.readouterr().err == "(rank 3) stopped by SIGTERM; a worker died\n"
@@ -1607,7 +1644,8 @@ def test_torchrun_with_accumulation_equals_one_process_and_exits_0(tmp_path):
         out = str(tmp_path / f"ddp{attempt}")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                os.path.join(HERE, "train.py"), *flags, "--micro-batch", "4", "--out-dir", out]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert res.returncode == 0, res.stderr[-3000:]
         assert res.stdout.count("val top-1") == 1 and "2 x 4 x 2 accum" in res.stdout     # only rank 0 logs
         ddp = weights(os.path.join(out, "last.pt"))
@@ -1629,7 +1667,8 @@ def test_torchrun_with_accumulation_equals_one_process_and_exits_0(tmp_path):
                                          torch.load(path, weights_only=True)["optimizer"]["state"].values()])
         m_ddp, m_one = moment(os.path.join(out, "last.pt")), moment(str(tmp_path / "single" / "last.pt"))
         assert (m_ddp - m_one).abs().max() < 1e-4 * m_one.abs().max(), (m_ddp - m_one).abs().max()
-        assert read_metrics(out)[1]["train_loss"] == pytest.approx(read_metrics(str(tmp_path / "single"))[1]["train_loss"])
+        ddp_loss = read_metrics(out)[1]["train_loss"]
+        assert ddp_loss == pytest.approx(read_metrics(str(tmp_path / "single"))[1]["train_loss"])
         assert read_metrics(out)[1]["val_images"] == 7             # 7 images over 2 ranks, each counted once
     moved = max((single[k] - start[k]).abs().max().item() for k in single)
     assert moved > 1e-3                          # a real step (lr 1e-2), far above the tolerance
@@ -1662,10 +1701,12 @@ def test_two_nodes_with_local_disks_refuse_a_restart_instead_of_hanging(tmp_path
             for p in procs:
                 p.kill()
     assert [code for code, _ in launch(0)] == [0, 0]
-    assert os.path.isfile(tmp_path / "node0" / "run" / "last.pt") and not os.path.exists(tmp_path / "node1" / "run")
+    assert os.path.isfile(tmp_path / "node0" / "run" / "last.pt")
+    assert not os.path.exists(tmp_path / "node1" / "run")
     (code0, err0), (code1, err1) = launch(1)
     # Each worker exits 2; torchrun itself then exits 1 and names the worker's exit code.
-    assert code0 != 0 and code1 != 0 and all(re.search(r"exitcode\s*:\s*2", e) for e in (err0, err1)), (err0, err1)
+    assert code0 != 0 and code1 != 0, (err0, err1)
+    assert all(re.search(r"exitcode\s*:\s*2", e) for e in (err0, err1)), (err0, err1)
     assert "the ranks do not agree where the run stands: rank 0" in err0 and "rank 1" in err0
     for err in (err0, err1):       # the one traceback is torchrun's own report of the failed worker
         assert err.count("Traceback") <= err.count("ChildFailedError"), err
@@ -1698,10 +1739,12 @@ def test_sigterm_to_a_ddp_job_stops_every_rank_at_the_same_agreed_step(tmp_path)
             job.kill()
     err = err_file.read_text()
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
-    assert ckpt["epoch"] == 0 and ckpt["step"] % runtime.StopRequest.EVERY == 0 and ckpt["step"] > 0, (ckpt["step"], err[-2000:])
+    assert ckpt["epoch"] == 0 and ckpt["step"] % runtime.StopRequest.EVERY == 0, (ckpt["step"], err[-2000:])
+    assert ckpt["step"] > 0, (ckpt["step"], err[-2000:])
     assert f"stopped by SIGTERM at epoch 1, step {ckpt['step']}/" in err and "died" not in err, err[-2000:]
     # torchrun itself got the signal too: its one traceback is its own SignalException, none is ours.
-    assert job.returncode != 0 and err.count("Traceback") == err.count("SignalException: Process"), err[-2000:]
+    assert job.returncode != 0, err[-2000:]
+    assert err.count("Traceback") == err.count("SignalException: Process"), err[-2000:]
 
 
 def build_like(state):
@@ -1714,7 +1757,8 @@ def build_like(state):
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(CIFAR, "train")),
-                    reason="no CIFAR-10 folder: set SRVIT_DATA to one with train/ and test/ (real-data check)")
+                    reason="no CIFAR-10 folder: set SRVIT_DATA to one with train/ and test/ "
+                           "(real-data check)")
 def test_learns_real_cifar10_subset(tmp_path):
     out = str(tmp_path / "run")
     train.main(["--data", "cifar10", "--data-path", CIFAR, "--device", "cpu", "--subset", "4000",
@@ -1767,7 +1811,8 @@ def test_eval_checkpoint_anytime_table_and_maps(trained_runs, tmp_path):
     assert res["images"] == 64 and res["top1"] == pytest.approx(saved["top1"])
     assert [r["steps"] for r in res["anytime"]] == [1, 2, 3]
     g = [r["gmacs"] for r in res["anytime"]]
-    assert g[0] < g[1] and g[2] - g[1] == pytest.approx(g[1] - g[0])      # each step adds one pass of the blocks
+    # each step adds one pass of the blocks
+    assert g[0] < g[1] and g[2] - g[1] == pytest.approx(g[1] - g[0])
     # the table's step weights and entropies: the model's own, over the 64 validation images
     model, saved_ckpt = srvit_eval.load_checkpoint(ckpt)
     targs = SimpleNamespace(**{**saved_ckpt["args"], "img_size": 32})
@@ -1775,7 +1820,8 @@ def test_eval_checkpoint_anytime_table_and_maps(trained_runs, tmp_path):
     with torch.no_grad():
         _, mix = model(loaders.normalize_image(torch.stack([v[0] for v in val]), 32), return_mix=True)
     for i, w in enumerate(mix):                                            # (64, T, 3)
-        torch.testing.assert_close(torch.tensor(res["step_weights"][i]), w.mean(dim=(0, 1)), atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(res["step_weights"][i]), w.mean(dim=(0, 1)),
+                                   atol=1e-5, rtol=0)
         entropy = -(w * w.clamp_min(1e-12).log()).sum(-1).mean()
         assert res["entropy"][i] == pytest.approx(entropy.item(), abs=1e-5)
     with Image.open(tmp_path / "maps.png") as im:      # 4 rows of (label, image + 3 steps at 112 px)
@@ -1898,7 +1944,8 @@ def test_bench_numbers_are_finite_and_consistent(tmp_path):
     # 4x the blocks, 1x embed and head
     assert 3.0 < (r4["gmacs"] - r4["mixer_gmacs"]) / r1["gmacs"] < 4.0
     unshared = srvit.SRViT(img_size=32, patch_size=8, embed_dim=32, num_layers=8, num_heads=2, num_classes=10)
-    assert r4["unshared_gmacs"] == pytest.approx(srvit.forward_gmacs(unshared))     # 2 blocks x 4 steps, unshared
+    # 2 blocks x 4 steps, unshared
+    assert r4["unshared_gmacs"] == pytest.approx(srvit.forward_gmacs(unshared))
     assert r4["unshared_params"] > r4["params"] and "sharing_ratio" not in r1
     assert r4["saved_mib"] > r1["saved_mib"] > 0
     assert os.path.isfile(tmp_path / "bench.json")
@@ -1910,13 +1957,16 @@ def test_loader_cpu_bench_times_the_workers_of_both_paths(tmp_path, monkeypatch)
     # side decodes every image once. Times are only checked to be measured.
     decoded = {"pil": 0, "device": 0}
     read_image, cpu_decode = loaders.read_image, loaders.cpu_decode
-    monkeypatch.setattr(loaders, "read_image", lambda p: (decoded.__setitem__("pil", decoded["pil"] + 1), read_image(p))[1])
+    monkeypatch.setattr(loaders, "read_image",
+                        lambda p: (decoded.__setitem__("pil", decoded["pil"] + 1), read_image(p))[1])
     monkeypatch.setattr(loaders, "cpu_decode",
-                        lambda d, p: (decoded.__setitem__("device", decoded["device"] + 1), cpu_decode(d, p))[1])
+                        lambda d, p: (decoded.__setitem__("device", decoded["device"] + 1),
+                                      cpu_decode(d, p))[1])
     r = bench_script().main(["--loader-cpu", "--bench-images", "8", "--batch-size", "4", "--rounds", "1",
                              "--json", str(tmp_path / "loader.json")])
     assert r["images"] == 8 and decoded == {"pil": 8, "device": 8}
-    assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("pil_worker_ms_per_image", "device_worker_ms_per_image",
+    assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("pil_worker_ms_per_image",
+                                                          "device_worker_ms_per_image",
                                                           "device_side_cpu_ms_per_image"))
     assert json.load(open(tmp_path / "loader.json")) == {"device": "cpu", "threads": 1, **r}
 
@@ -2000,7 +2050,8 @@ def test_classroom_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert all(row["images"] == budget["val_images"] for row in table)
     assert table[0]["gmacs"] < table[-1]["gmacs"]
     # the race: R=1 and three mixers at R=compare_depth, each with a finished run
-    assert sorted(ns["groups"]) == sorted([("", 1, "-", "-")] + [("", budget["compare_depth"], m, "block") for m in ("last", "mean", "soft")])
+    assert sorted(ns["groups"]) == sorted([("", 1, "-", "-")] + [("", budget["compare_depth"], m, "block")
+                                                                 for m in ("last", "mean", "soft")])
     assert all(r["finished"] for r in ns["results"].values())
     # classify: k (name, probability) pairs, most likely first, names from the checkpoint
     guess = ns["guess"]
@@ -2075,7 +2126,8 @@ def run_section(name, setup_ns, runs):
 
 
 def test_notebook_has_its_sections_and_a_small_shipped_checkpoint():
-    assert len(NOTEBOOK_SETUP) == 4, f"setup = imports, budget, data, helpers; found {len(NOTEBOOK_SETUP)} cells"
+    assert len(NOTEBOOK_SETUP) == 4, ("setup = imports, budget, data, helpers; "
+                                      f"found {len(NOTEBOOK_SETUP)} cells")
     assert {"1", "2", "3", "4.1", "4.2", "4.3", "4.4", "4.5", "4.6", "4.7"} <= set(NOTEBOOK_SECTIONS)
     assert os.path.getsize(SHIPPED) < 1_000_000
     model = srvit_eval.load_model(SHIPPED)
@@ -2101,11 +2153,12 @@ def test_the_files_a_reader_opens_first_stay_within_their_budgets():
     budgets = {"train.py": 750, "eval.py": 500, "README.md": 300}
     lines = {name: len(open(os.path.join(HERE, name)).read().splitlines()) for name in budgets}
     assert all(lines[name] <= budget for name, budget in budgets.items()), lines
-    code = ["srvit.py", "train.py", "eval.py", "loaders.py", "runtime.py", "results/bench.py", "results/node_check.py",
-            "results/mutants.py"]
-    wide = [f"{name}:{n}" for name in code for n, line in enumerate(open(os.path.join(HERE, name)), 1)
+    code = sorted(glob.glob(os.path.join(HERE, "*.py"))                 # every Python file of the product
+                  + glob.glob(os.path.join(HERE, "results", "**", "*.py"), recursive=True))
+    assert len(code) >= 10 and os.path.join(HERE, "results", "bench.py") in code, code
+    wide = [f"{os.path.relpath(name, HERE)}:{n}" for name in code for n, line in enumerate(open(name), 1)
             if len(line.rstrip("\n")) > 110]
-    assert wide == [], wide                                                    # no line packed past 110 columns
+    assert wide == [], wide                  # no line packed past 110 columns
     imports = set(re.findall(r"^\s*(?:import|from) (\w+)", open(os.path.join(HERE, "srvit.py")).read(), re.M))
     assert imports <= {"torch", *sys.stdlib_module_names}, imports
 
@@ -2149,7 +2202,8 @@ def test_classify_takes_a_path_or_an_image_and_rounds_to_4_decimals(trained_runs
     assert len(from_image) == 4 and all(p == round(p, 4) and isinstance(name, str) for name, p in from_image)
 
 
-def test_eval_val_subset_takes_trainings_subset_and_progress_stays_out_of_stdout(trained_runs, tmp_path, capsys):
+def test_eval_val_subset_takes_trainings_subset_and_progress_stays_out_of_stdout(trained_runs, tmp_path,
+                                                                                  capsys):
     from contextlib import nullcontext
     ckpt = str(trained_runs / "R3" / "last.pt")
     res = srvit_eval.main(["--checkpoint", ckpt, "--device", "cpu", "--val-subset", "16", "--batch-size",
@@ -2158,7 +2212,8 @@ def test_eval_val_subset_takes_trainings_subset_and_progress_stays_out_of_stdout
     # the same 16 images as train.py --val-subset 16 picks, scored as train.py scores them
     targs = SimpleNamespace(**{**torch.load(ckpt, weights_only=True)["args"], "val_subset": 16})
     val, _ = loaders.build_dataset(targs, "val", loaders.transforms(targs, train=False))
-    batches = loaders.OnDevice(torch.utils.data.DataLoader(val, 8), loaders.Normalize(*loaders.mean_std(32), "cpu"))
+    batches = loaders.OnDevice(torch.utils.data.DataLoader(val, 8),
+                               loaders.Normalize(*loaders.mean_std(32), "cpu"))
     want = train.evaluate(srvit_eval.load_model(ckpt), batches, torch.device("cpu"), nullcontext())
     assert (res["top1"], res["top5"]) == (want["top1"],
                                           want["top5"]) and res["loss"] == pytest.approx(want["val_loss"])
@@ -2197,8 +2252,10 @@ def test_weight_maps_number_mixers_from_1_and_do_not_paint_uniform_weights_as_a_
 
 def test_curve_plot_gives_every_line_its_own_colour_and_says_how_many_runs(monkeypatch):
     drawn = []
-    monkeypatch.setattr(srvit_eval, "draw_lines", lambda panel, series, title, *a: drawn.append((series, title)))
-    groups = {("", 1, "-", "-"): [46.3, 46.9], ("", 4, "soft", "block"): [53.0], ("", 4, "last", "block"): [54.5],
+    monkeypatch.setattr(srvit_eval, "draw_lines",
+                        lambda panel, series, title, *a: drawn.append((series, title)))
+    groups = {("", 1, "-", "-"): [46.3, 46.9], ("", 4, "soft", "block"): [53.0],
+              ("", 4, "last", "block"): [54.5],
               ("", 4, "soft", "stack"): [54.9], ("drop_path=0.1", 4, "soft", "block"): [53.0],
               ("router_init=last", 4, "soft", "block"): [54.0], ("L=2", 1, "-", "-"): [52.8]}
     srvit_eval.plot_curve(groups, paper=True)
@@ -2277,7 +2334,8 @@ def test_the_loader_bound_line_names_a_remedy_that_fits_the_loader():
     deit = train.get_args(["--data", "imagenet", "--loader", "device"])
     assert "more workers cannot help" in train.loader_remedy(deit, cuda)
     deit.loader = "pil"
-    assert "--loader device" in train.loader_remedy(deit, cuda) and "--workers" in train.loader_remedy(deit, cpu)
+    assert "--loader device" in train.loader_remedy(deit, cuda)
+    assert "--workers" in train.loader_remedy(deit, cpu)
     assert "--batch-size" in train.loader_remedy(train.get_args(["--data", "cifar10"]), cuda)
 
 
@@ -2336,7 +2394,8 @@ def test_slow_node_check_runs_every_section_on_a_cpu_and_reports_failures(tmp_pa
     # A failing check is marked, with what to do: a corrupting decode, a small /dev/shm.
     monkeypatch.setattr(node_check.shutil, "disk_usage", lambda path: SimpleNamespace(total=2**20))
     decode = loaders.DeviceAugment.decode
-    monkeypatch.setattr(loaders.DeviceAugment, "decode", lambda self, *a: [im // 2 for im in decode(self, *a)])
+    monkeypatch.setattr(loaders.DeviceAugment, "decode",
+                        lambda self, *a: [im // 2 for im in decode(self, *a)])
     report = node_check.main(["--small", "--out", str(tmp_path), "--skip", "speed", "ddp", "--device", "cpu"])
     md = (tmp_path / "node-check.md").read_text()
     assert "check(s) FAILED" in md and "FAIL: " in md and "--shm-size" in md and "--loader pil" in md
@@ -2402,7 +2461,8 @@ def test_a_truncated_last_pt_points_at_best_pt_and_a_fresh_start_keeps_the_rows(
     data = open(last, "rb").read()
     with open(last, "wb") as f:
         f.write(data[:len(data) // 2])
-    message = user_error(args + ["--epochs", "2"], "not a whole PyTorch checkpoint", f"--resume {out}/best.pt")
+    message = user_error(args + ["--epochs", "2"], "not a whole PyTorch checkpoint",
+                         f"--resume {out}/best.pt")
     assert "delete" not in message
     os.remove(last)                                          # what the old message told the user to do
     user_error(args + ["--epochs", "2"], "holds 1 epoch of metrics but no last.pt", "best.pt")

@@ -124,7 +124,8 @@ def check_args(args):
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    def a(name, check=None, **kw):
+    def flag(name, check=None, **kw):
+        """p.add_argument; the help gains each recipe's value (or the default); check_args runs `check`."""
         key = name[2:].replace("-", "_")
         if key in RECIPES["deit"] or key == "lr":      # say what each recipe puts there
             d, s = RECIPES["deit"].get(key, "5e-4 x batch / 512"), RECIPES["small-images"].get(key)
@@ -135,77 +136,76 @@ def get_args(argv=None):
         if check:
             CHECKS[key] = check
         p.add_argument(name, **kw)
-    a("--data", default=None, choices=["imagenet", "cifar10", "cifar100", "folder", "fake"],
-      help="default: folder when --data-path is given, else imagenet (from ./data/imagenet)")
-    a("--data-path", default=None, help="folder with train/ and val/ (or test/), one folder per class inside")
-    a("--recipe", default="auto", choices=["auto", *RECIPES],
-      help="auto: deit for images > 64 px, else small-images")
-    a("--subset", type=int, check=POSITIVE, help="use only this many training images (quick runs)")
-    a("--val-subset", type=int, check=POSITIVE, help="use only this many validation images")
-    a("--num-classes", type=int, check=POSITIVE, help="for --data fake (default 1000)")
-    a("--loader", default="auto", choices=["auto", "memory", "pil", "device"],
-      help="memory: small images decoded once, augmented on the device (auto for <= 64 px); pil: workers "
-           "decode and augment (auto on CPUs); device: workers read files, the device decodes and augments "
-           "(auto on GPUs)")
-    a("--model", default=None, choices=list(srvit.PRESETS),
-      help="a DeiT preset (12 blocks); other flags override it")
-    a("--embed-dim", type=int, check=POSITIVE, help="[deit: 384 (DeiT-S); small-images: 192]")
-    a("--num-layers", type=int, check=POSITIVE, help="[deit: 12; small-images: 6]")
-    a("--num-heads", type=int, check=POSITIVE, help="[deit: 6; small-images: 3]")
-    a("--img-size", type=int, check=POSITIVE, help="small-images from a folder: its images' size")
-    a("--patch-size", type=int, check=POSITIVE)
-    a("--depth", type=int, default=2, check=POSITIVE, help="recursion steps R")
-    a("--mixer", default="soft", choices=srvit.MIXERS)
-    a("--share", default="block", choices=srvit.SHARES)
-    a("--router-init", default="uniform", choices=["uniform", "last"],
-      help="fresh soft mixer: uniform, or 0.9 on the last step")
-    a("--init", choices=srvit.INITS, help="weights: timm (DeiT's std 0.02) or torch (fan-in scaled)")
-    a("--step-scale", action="store_true",
-      help="beyond our reading of the paper (README): a learned per-channel scale on each block "
-           "application's update, 1 at the start")
-    a("--loop-scale", default="none", choices=srvit.LOOP_SCALES,
-      help="beyond our reading of the paper (README): a looped block's residual branches times 1/R (fixed), "
-           "or by learned per-channel scales starting at 1/R (learned)")
-    a("--epochs", type=int, check=POSITIVE)
-    a("--batch-size", type=int, check=POSITIVE, help="global batch, over all ranks and accumulation steps")
-    a("--micro-batch", type=int, check=POSITIVE,
-      help="per-device batch; accumulate gradients up to --batch-size")
-    a("--lr", type=float, check=POSITIVE, help="peak lr")
-    a("--min-lr", type=float, check=NON_NEGATIVE)
-    a("--warmup-epochs", type=float, check=NON_NEGATIVE)
-    a("--schedule", choices=["deit", "cosine"],
-      help="deit: DeiT's per-epoch scheduler (one epoch late); cosine: reaches --min-lr at the last step")
-    a("--weight-decay", type=float, check=NON_NEGATIVE)
-    a("--drop-path", type=float, check=FRACTION)
-    a("--mixup", type=float, check=NON_NEGATIVE, help="MixUp alpha (0: off)")
-    a("--cutmix", type=float, check=NON_NEGATIVE, help="CutMix alpha (0: off)")
-    a("--smoothing", type=float, check=FRACTION)
-    a("--clip-grad", type=float, check=POSITIVE, help="clip the gradient norm (DeiT: off)")
-    a("--randaug", type=int, check=(lambda v: 0 <= v <= 10, "in 0..10 (timm's magnitude scale; DeiT uses 9)"),
-      help="RandAugment magnitude 0..10, 2 ops (0: off)")
-    a("--erasing", type=float, check=PROBABILITY, help="random erasing probability")
-    a("--hflip", type=float, check=PROBABILITY,
-      help="horizontal flip probability (0 for digits, text, signs)")
-    a("--crop-padding", type=int, check=NON_NEGATIVE,
-      help="small images: pixels of padding for the random crop (0: no crop)")
-    a("--pad-mode", choices=["zeros", "reflect"], help="how --crop-padding pads")
-    a("--repeated-aug", type=int, check=POSITIVE, help="DeiT's repeated augmentation: copies of each image")
-    a("--amp", default=None, choices=["bf16", "fp16", "none"],
-      help="default: bf16 on GPUs that have it, else fp16; none on CPU")
-    a("--compile", action="store_true", help="torch.compile each block (compiles once, whatever the depth)")
-    a("--grad-ckpt", action="store_true",
-      help="activation checkpointing of every block application and mixer")
-    a("--init-from", default=None, help="DeiT/timm/SR-ViT checkpoint to warm-start the blocks from")
-    a("--out-dir", default=None, help="default runs/<data>-<model>-R<depth>-<mixer>-<share>-s<seed>")
-    a("--resume", default="auto",
-      help="checkpoint to resume from; 'auto': <out-dir>/last.pt if it exists; 'no'")
-    a("--save-every", type=int, check=POSITIVE,
-      help="also save last.pt every N optimizer steps (long epochs)")
-    a("--seed", type=int, default=0)
-    a("--workers", type=int, check=NON_NEGATIVE,
-      help="data-loading processes per rank (default: this node's cores / its ranks, <= 8)")
-    a("--log-interval", type=int, check=POSITIVE, help="steps between progress lines (default: 10 per epoch)")
-    a("--device", default=None, help="default: cuda if available, else cpu")
+    flag("--data", default=None, choices=["imagenet", "cifar10", "cifar100", "folder", "fake"],
+         help="default: folder when --data-path is given, else imagenet (from ./data/imagenet)")
+    flag("--data-path", default=None, help="holds train/ and val/ (or test/), one folder per class")
+    flag("--recipe", default="auto", choices=["auto", *RECIPES],
+         help="auto: deit for images > 64 px, else small-images")
+    flag("--subset", type=int, check=POSITIVE, help="use only this many training images (quick runs)")
+    flag("--val-subset", type=int, check=POSITIVE, help="use only this many validation images")
+    flag("--num-classes", type=int, check=POSITIVE, help="for --data fake (default 1000)")
+    flag("--loader", default="auto", choices=["auto", "memory", "pil", "device"],
+         help="memory: small images decoded once, augmented on the device (auto for <= 64 px); pil: "
+              "workers decode and augment (auto on CPUs); device: workers read files, the device decodes "
+              "and augments (auto on GPUs)")
+    flag("--model", default=None, choices=list(srvit.PRESETS),
+         help="a DeiT preset (12 blocks); other flags override it")
+    flag("--embed-dim", type=int, check=POSITIVE, help="[deit: 384 (DeiT-S); small-images: 192]")
+    flag("--num-layers", type=int, check=POSITIVE, help="[deit: 12; small-images: 6]")
+    flag("--num-heads", type=int, check=POSITIVE, help="[deit: 6; small-images: 3]")
+    flag("--img-size", type=int, check=POSITIVE, help="small-images from a folder: its images' size")
+    flag("--patch-size", type=int, check=POSITIVE)
+    flag("--depth", type=int, default=2, check=POSITIVE, help="recursion steps R")
+    flag("--mixer", default="soft", choices=srvit.MIXERS)
+    flag("--share", default="block", choices=srvit.SHARES)
+    flag("--router-init", default="uniform", choices=["uniform", "last"],
+         help="fresh soft mixer: uniform, or 0.9 on the last step")
+    flag("--init", choices=srvit.INITS, help="weights: timm (DeiT's std 0.02) or torch (fan-in scaled)")
+    flag("--step-scale", action="store_true",
+         help="beyond our reading of the paper (README): a learned per-channel scale on each block "
+              "application's update, 1 at the start")
+    flag("--loop-scale", default="none", choices=srvit.LOOP_SCALES,
+         help="beyond our reading of the paper (README): a looped block's residual branches times 1/R "
+              "(fixed), or by learned per-channel scales starting at 1/R (learned)")
+    flag("--epochs", type=int, check=POSITIVE)
+    flag("--batch-size", type=int, check=POSITIVE, help="global batch, over all ranks and accumulation steps")
+    flag("--micro-batch", type=int, check=POSITIVE,
+         help="per-device batch; accumulate gradients up to --batch-size")
+    flag("--lr", type=float, check=POSITIVE, help="peak lr")
+    flag("--min-lr", type=float, check=NON_NEGATIVE)
+    flag("--warmup-epochs", type=float, check=NON_NEGATIVE)
+    flag("--schedule", choices=["deit", "cosine"],
+         help="deit: DeiT's per-epoch scheduler (one epoch late); cosine: reaches --min-lr at the last step")
+    flag("--weight-decay", type=float, check=NON_NEGATIVE)
+    flag("--drop-path", type=float, check=FRACTION)
+    flag("--mixup", type=float, check=NON_NEGATIVE, help="MixUp alpha (0: off)")
+    flag("--cutmix", type=float, check=NON_NEGATIVE, help="CutMix alpha (0: off)")
+    flag("--smoothing", type=float, check=FRACTION)
+    flag("--clip-grad", type=float, check=POSITIVE, help="clip the gradient norm (DeiT: off)")
+    flag("--randaug", type=int, check=(lambda v: 0 <= v <= 10, "in 0..10 (timm's magnitudes; DeiT uses 9)"),
+         help="RandAugment magnitude 0..10, 2 ops (0: off)")
+    flag("--erasing", type=float, check=PROBABILITY, help="random erasing probability")
+    flag("--hflip", type=float, check=PROBABILITY,
+         help="horizontal flip probability (0 for digits, text, signs)")
+    flag("--crop-padding", type=int, check=NON_NEGATIVE,
+         help="small images: pixels of padding for the random crop (0: no crop)")
+    flag("--pad-mode", choices=["zeros", "reflect"], help="how --crop-padding pads")
+    flag("--repeated-aug", type=int, check=POSITIVE, help="DeiT's repeated augmentation: copies per image")
+    flag("--amp", default=None, choices=["bf16", "fp16", "none"],
+         help="default: bf16 on GPUs that have it, else fp16; none on CPU")
+    flag("--compile", action="store_true", help="torch.compile each block (once, whatever the depth)")
+    flag("--grad-ckpt", action="store_true",
+         help="activation checkpointing of every block application and mixer")
+    flag("--init-from", default=None, help="DeiT/timm/SR-ViT checkpoint to warm-start the blocks from")
+    flag("--out-dir", default=None, help="default runs/<data>-<model>-R<depth>-<mixer>-<share>-s<seed>")
+    flag("--resume", default="auto",
+         help="checkpoint to resume from; 'auto': <out-dir>/last.pt if it exists; 'no'")
+    flag("--save-every", type=int, check=POSITIVE, help="also save last.pt every N steps (long epochs)")
+    flag("--seed", type=int, default=0)
+    flag("--workers", type=int, check=NON_NEGATIVE,
+         help="data-loading processes per rank (default: this node's cores / its ranks, <= 8)")
+    flag("--log-interval", type=int, check=POSITIVE, help="steps per progress line (default: 10 per epoch)")
+    flag("--device", default=None, help="default: cuda if available, else cpu")
     args = p.parse_args(argv)
 
     args.data = args.data or ("folder" if args.data_path else "imagenet")

@@ -492,38 +492,38 @@ def device_path_counts(args):
 def get_args(argv=None):
     p = runtime.ArgumentParser(prog=os.path.relpath(__file__, ROOT), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--bench", action="store_true", help="benchmark speed, memory and MFU")
-    a("--activations", action="store_true",
-      help="MiB saved for backward per image, without and with --grad-ckpt")
-    a("--bench-loader", action="store_true", help="training steps fed by the in-memory vs the PIL loader")
-    a("--loader-cpu", action="store_true",
-      help="CPU time per image in the loader workers: PIL path vs --loader device")
-    a("--count-ops", action="store_true",
-      help="ops and tensors from Python data per batch of the device path")
-    a("--code", default=None, help="--count-ops: a folder with another version of loaders.py and train.py")
-    a("--bench-images", type=int, default=5120, help="--bench-loader, --loader-cpu: training images to load")
-    a("--data", default=None, choices=["imagenet", "cifar10", "cifar100", "folder", "fake"],
-      help="--bench-loader's data")
-    a("--data-path", default=None)
-    a("--json", default=None, help="also write the numbers to this JSON file")
-    a("--model", default=None, choices=list(srvit.PRESETS),
-      help="a DeiT preset (--bench, --activations: default small; --bench-loader: train.py's default for "
-                                                  "the data; --loader-cpu times loaders only)")
-    a("--depth", type=int, nargs="+", default=[1, 2, 3, 4])
-    a("--mixer", default="soft", choices=srvit.MIXERS)
-    a("--share", default="block", choices=srvit.SHARES)
-    for flag in ("--embed-dim", "--num-layers", "--num-heads", "--img-size", "--patch-size", "--num-classes"):
-        a(flag, type=int, default=None)
-    a("--batch-size", type=int, default=None)
-    a("--amp", default=None, choices=["bf16", "fp16", "none"])
-    a("--compile", action="store_true")
-    a("--compile-backend", default="inductor", help="torch.compile backend for --bench (tests use 'eager')")
-    a("--grad-ckpt", action="store_true")
-    a("--iters", type=int, default=10, help="timed iterations per measurement")
-    a("--rounds", type=int, default=3, help="alternating measurement rounds (median kept)")
-    a("--device", default=None)
-    a("--workers", type=int, default=2)
+    flag = p.add_argument
+    flag("--bench", action="store_true", help="benchmark speed, memory and MFU")
+    flag("--activations", action="store_true",
+         help="MiB saved for backward per image, without and with --grad-ckpt")
+    flag("--bench-loader", action="store_true", help="training steps fed by the in-memory vs the PIL loader")
+    flag("--loader-cpu", action="store_true",
+         help="CPU time per image in the loader workers: PIL path vs --loader device")
+    flag("--count-ops", action="store_true",
+         help="ops and tensors from Python data per batch of the device path")
+    flag("--code", default=None, help="--count-ops: a folder with another version of loaders.py and train.py")
+    flag("--bench-images", type=int, default=5120, help="--bench-loader, --loader-cpu: images to load")
+    flag("--data", default=None, choices=["imagenet", "cifar10", "cifar100", "folder", "fake"],
+         help="--bench-loader's data")
+    flag("--data-path", default=None)
+    flag("--json", default=None, help="also write the numbers to this JSON file")
+    flag("--model", default=None, choices=list(srvit.PRESETS),
+         help="a DeiT preset (--bench, --activations: default small; --bench-loader: train.py's default "
+              "for the data; --loader-cpu times loaders only)")
+    flag("--depth", type=int, nargs="+", default=[1, 2, 3, 4])
+    flag("--mixer", default="soft", choices=srvit.MIXERS)
+    flag("--share", default="block", choices=srvit.SHARES)
+    for name in ("--embed-dim", "--num-layers", "--num-heads", "--img-size", "--patch-size", "--num-classes"):
+        flag(name, type=int, default=None)
+    flag("--batch-size", type=int, default=None)
+    flag("--amp", default=None, choices=["bf16", "fp16", "none"])
+    flag("--compile", action="store_true")
+    flag("--compile-backend", default="inductor", help="torch.compile backend (tests use 'eager')")
+    flag("--grad-ckpt", action="store_true")
+    flag("--iters", type=int, default=10, help="timed iterations per measurement")
+    flag("--rounds", type=int, default=3, help="alternating measurement rounds (median kept)")
+    flag("--device", default=None)
+    flag("--workers", type=int, default=2)
     args = p.parse_args(argv)
     if sum((args.bench, args.bench_loader, args.activations, args.loader_cpu, args.count_ops)) != 1:
         raise UserError("give exactly one of --bench, --bench-loader, --activations, --loader-cpu, "

@@ -118,7 +118,8 @@ def comparison_table(runs):
         ci = interval(diffs)
         per_seed = ", ".join(f"s{s}: {d:+.2f}" for s, d in zip(seeds, diffs))
         shown = f"{ci[0]:+.2f} to {ci[1]:+.2f}" if ci else "-"
-        print(f"| {a} | {b} | {question} | {per_seed} | {statistics.mean(diffs):+.2f} | {shown} | {reading(diffs, ci)} |")
+        mean = statistics.mean(diffs)
+        print(f"| {a} | {b} | {question} | {per_seed} | {mean:+.2f} | {shown} | {reading(diffs, ci)} |")
 
 
 def weights_table(runs):
@@ -130,13 +131,16 @@ def weights_table(runs):
         steps = len(evaluated[0]["weights"][0])
         print(f"\n{config}: mean weight of each step over the test tokens, averaged over {len(evaluated)} "
               f"seed(s) (uniform: {1 / steps:.2f} each); entropy in nats (uniform: {math.log(steps):.3f})\n")
-        print("| block | " + " | ".join(f"step {k + 1}" for k in range(steps)) + " | entropy | heaviest step per seed |")
+        step_cols = " | ".join(f"step {k + 1}" for k in range(steps))
+        print(f"| block | {step_cols} | entropy | heaviest step per seed |")
         print("|---" * (steps + 3) + "|")
         for block in range(len(evaluated[0]["weights"])):
             mean_w = [statistics.mean(r["weights"][block][k] for r in evaluated) for k in range(steps)]
             entropy = statistics.mean(r["entropy"][block] for r in evaluated)
-            heaviest = ", ".join(str(1 + max(range(steps), key=r["weights"][block].__getitem__)) for r in evaluated)
-            print(f"| {block + 1} | " + " | ".join(f"{w:.3f}" for w in mean_w) + f" | {entropy:.3f} | {heaviest} |")
+            heaviest = ", ".join(str(1 + max(range(steps), key=r["weights"][block].__getitem__))
+                                 for r in evaluated)
+            cells = " | ".join(f"{w:.3f}" for w in mean_w)
+            print(f"| {block + 1} | {cells} | {entropy:.3f} | {heaviest} |")
 
 
 def anytime_table(runs):
@@ -168,19 +172,22 @@ def plot_epochs(runs, path):
     epochs = range(1, 1 + min(len(r["per_epoch"]) for seeds in runs.values() for r in seeds.values()))
     colour = lambda c: COLOURS.get(c, (120, 120, 120))
     label = lambda c, n: f"{c} ({n} seed{'s' * (n > 1)})"
-    left = [(label(c, len(seeds)), [(e, statistics.mean(r["per_epoch"][e] for r in seeds.values())) for e in epochs],
-             colour(c), True) for c, seeds in runs.items()]
+    def mean_curve(seeds):   # [(epoch, top-1 averaged over the seeds)]
+        return [(e, statistics.mean(r["per_epoch"][e] for r in seeds.values())) for e in epochs]
+    left = [(label(c, len(seeds)), mean_curve(seeds), colour(c), True) for c, seeds in runs.items()]
     right = []
     for c, seeds in runs.items():
         shared = sorted(set(seeds) & set(runs.get("R1", {}))) if c != "R1" else []
         if shared:
-            gap = [(e, statistics.mean(seeds[s]["per_epoch"][e] - runs["R1"][s]["per_epoch"][e] for s in shared))
+            gap = [(e, statistics.mean(seeds[s]["per_epoch"][e] - runs["R1"][s]["per_epoch"][e]
+                                       for s in shared))
                    for e in epochs if e >= 2]
             right.append((label(c, len(shared)), gap, colour(c), True))
     panels = [Image.new("RGB", (620, 380), "white"), Image.new("RGB", (620, 380), "white")]
     draw_lines(panels[0], left, "Top-1 after each epoch (mean over seeds)", "epoch", "top-1 %", list(epochs))
     if right:
-        draw_lines(panels[1], right, "Top-1 minus R=1's, same seed and epoch", "epoch", "points", list(epochs)[1:])
+        draw_lines(panels[1], right, "Top-1 minus R=1's, same seed and epoch", "epoch", "points",
+                   list(epochs)[1:])
     canvas = Image.new("RGB", (1240, 380), "white")
     canvas.paste(panels[0], (0, 0))
     canvas.paste(panels[1], (620, 0))

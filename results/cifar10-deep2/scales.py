@@ -20,7 +20,8 @@ def main(paths):
         for l in range(L):
             cells = " | ".join(f"{g[l * R + r].mean():.2f} +/- {g[l * R + r].std():.2f}" for r in range(R))
             print(f"| {name} | {l + 1} | {cells} |")
-        spread.append(f"- {name}: every g in {g.min():.2f} to {g.max():.2f}, mean |g - 1| {(g - 1).abs().mean():.3f}")
+        spread.append(f"- {name}: every g in {g.min():.2f} to {g.max():.2f}, "
+                      f"mean |g - 1| {(g - 1).abs().mean():.3f}")
     print("\n" + "\n".join(spread))
 
 

@@ -10,7 +10,8 @@ import statistics
 HERE = os.path.dirname(os.path.abspath(__file__))
 ORDER = ["old", "init", "reflect", "cosine", "init+reflect", "new"]
 WHAT = {"old": "the old recipe: timm init, zero padding, DeiT schedule", "init": "init torch only",
-        "reflect": "reflect padding only", "cosine": "cosine schedule only", "init+reflect": "init torch + reflect",
+        "reflect": "reflect padding only", "cosine": "cosine schedule only",
+        "init+reflect": "init torch + reflect",
         "new": "all three (the new recipe)"}
 
 
@@ -31,7 +32,8 @@ def main():
             runs.setdefault(config, {})[int(seed)] = (args, epochs[5])
     print("R=1, 6 blocks of width 64, 4 heads, patch 8, CIFAR-10, 5 epochs, batch 128, AdamW lr 1e-3; "
           "test top-1 after epoch 5 (10,000 test images)\n")
-    print("| run | init | padding | schedule | top-1 seed 0 | top-1 seed 1 | mean | vs old (same seeds) | train loss |")
+    print("| run | init | padding | schedule | top-1 seed 0 | top-1 seed 1 | mean | vs old (same seeds) "
+          "| train loss |")
     print("|---|---|---|---|---|---|---|---|---|")
     old = runs.get("old", {})
     for config in ORDER + sorted(set(runs) - set(ORDER)):
@@ -44,8 +46,8 @@ def main():
         cells = [f"{top1[s]:.2f}" if s in top1 else "-" for s in (0, 1)]
         gap = f"{statistics.mean(paired):+.2f}" if paired and config != "old" else "-"
         loss = statistics.mean(r["train_loss"] for _, r in seeds.values())
-        print(f"| {WHAT.get(config, config)} | {args['init']} | {args['pad_mode']} | {args['schedule']} | {cells[0]} | "
-              f"{cells[1]} | {statistics.mean(top1.values()):.2f} | {gap} | {loss:.3f} |")
+        print(f"| {WHAT.get(config, config)} | {args['init']} | {args['pad_mode']} | {args['schedule']} "
+              f"| {cells[0]} | {cells[1]} | {statistics.mean(top1.values()):.2f} | {gap} | {loss:.3f} |")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 import srvit
 from loaders import Normalize, OnDevice, build_dataset, mean_std, normalize_image, transforms
 from runtime import (ArgumentParser, UserError, check_device, checkpoint_of, cli, first_line, fmt_time,
-                      json_row, read_checkpoint, save_file, write_json)
+                     json_row, read_checkpoint, save_file, write_json)
 from train import MAY_CHANGE, amp_context, evaluate
 
 # The paper's ImageNet-1K top-1, all that its abstract (arXiv 2607.00774) gives: SR-ViT-S at R = 1, 4; DeiT-B.

@@ -197,9 +197,10 @@ def check_device(name):
     return kind
 
 
-def on_all_ranks(env, fn, *a):
+def on_all_ranks(env, fn, *a, undo=None):
     """Run fn on every rank; if it fails on any, every rank raises that rank's error (so no
-    rank waits forever for a collective that another rank never reaches)."""
+    rank waits forever for a collective that another rank never reaches). A rank where fn
+    succeeded first calls undo(its result), if given."""
     result, error = None, None
     try:
         result = fn(*a)
@@ -210,6 +211,8 @@ def on_all_ranks(env, fn, *a):
         dist.all_gather_object(errors, error, group=env.cpu_group)     # gloo: a 30-minute timeout
         failed = next(((r, e) for r, e in enumerate(errors) if e), None)
         if failed:
+            if undo and error is None:
+                undo(result)
             where = f" (rank {failed[0]})" if failed[0] != env.rank or env.rank else ""
             raise UserError(failed[1] + where, shared=True, agreed=True)
     elif error:
@@ -238,8 +241,11 @@ class OutDir:
         """Create the folder, take its lock, and delete the *.tmp files a killed run left."""
         if not self.master:
             return self
-        self.made = [p for p in (self.path, self.metrics, os.path.join(self.path, "train.lock"))
-                     if not os.path.exists(p)]
+        folders, folder = [], os.path.abspath(self.path)
+        while not os.path.exists(folder):            # the out-dir and each parent folder it needs
+            folders, folder = [folder] + folders, os.path.dirname(folder)
+        self.made = folders + [p for p in (self.metrics, os.path.join(self.path, "train.lock"))
+                               if not os.path.exists(p)]
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as e:
@@ -284,14 +290,14 @@ class OutDir:
             self.lock_file.close()          # closing drops the flock
             self.lock_file = None
 
-    def close(self):
-        """Release the lock. A run that saved no checkpoint (it failed before its first save) takes away
-        what it made (its folder, lock, and metrics file with only its start-up row), so a failed start
-        leaves the out-dir as it found it."""
-        if self.master and not any(map(os.path.exists, (self.last, self.best))):
+    def close(self, failed):
+        """Release the lock. A run that failed before its first checkpoint takes away what it made: the
+        lock, a metrics file it started (with only its start-up row), its folder and the parent folders
+        it created, so a failed start leaves no trace. What was there before it started stays."""
+        if failed and self.master and not any(map(os.path.exists, (self.last, self.best))):
             for path in reversed(getattr(self, "made", [])):
                 try:
-                    os.rmdir(path) if path == self.path else os.remove(path)
+                    os.rmdir(path) if os.path.isdir(path) else os.remove(path)
                 except OSError:             # a folder someone put files into meanwhile: kept
                     pass
         self.release()

@@ -1115,9 +1115,9 @@ def test_startup_line_names_data_size_recipe_epochs_and_batch(tmp_path, capsys):
     for fragment in ("data fake", "256 train images", "10 classes", "32 px", "recipe small-images",
                      "1 epoch,", "batch 32", "init torch"):
         assert fragment in line, (fragment, line)
-    train.main(FAKE + ["--depth", "2", "--loop-scale", "fixed", "--epochs", "1", "--out-dir",
+    train.main(FAKE + ["--depth", "2", "--loop-scale", "fixed", "--step-scale", "--epochs", "1", "--out-dir",
                        str(tmp_path / "r2")])
-    assert "R=2 mixer=soft share=block loop-scale=fixed:" in capsys.readouterr().out
+    assert "R=2 mixer=soft share=block loop-scale=fixed step-scale:" in capsys.readouterr().out
 
 
 def test_init_is_a_recipe_setting_and_deit_keeps_timms():
@@ -2655,3 +2655,20 @@ def test_a_run_that_fails_before_its_first_save_leaves_the_out_dir_as_it_found_i
     (mine / "notes.txt").write_text("keep")
     user_error(argv + ["--out-dir", str(mine)], "zz-broken.jpg")
     assert sorted(os.listdir(mine)) == ["notes.txt"]
+    user_error(argv + ["--out-dir", str(tmp_path / "new" / "deeper" / "run")], "zz-broken.jpg")
+    assert not (tmp_path / "new").exists()                # and the parent folders it made for itself
+
+
+def test_slow_a_failed_start_on_another_rank_leaves_no_out_dir_on_rank_0(tmp_path):
+    # Rank 1's share of the validation files holds the broken one (the odd indices: cat/1.jpg), so
+    # rank 0 sets up (folder, lock) and learns of the failure only when the ranks compare results.
+    root = make_image_folder(tmp_path / "data", n=4)
+    (tmp_path / "data" / "val" / "cat" / "1.jpg").write_bytes(b"not a JPEG")
+    out = tmp_path / "runs" / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "train.py"), "--data-path", root, "--device", "cpu", "--loader", "pil",
+           *FAST, "--batch-size", "4", "--workers", "0", "--out-dir", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode != 0 and "cannot read image" in res.stderr and "(rank 1)" in res.stderr, res.stderr
+    assert not (tmp_path / "runs").exists(), os.listdir(tmp_path / "runs")

@@ -38,7 +38,7 @@ import srvit
 from loaders import (build_dataset, build_loaders, image_size, loader_name, mix_batch, seed_for, train_dir,
                      use_device, use_memory)
 from runtime import (ArgumentParser, Env, OutDir, StopRequest, Stopped, UserError, agree_on_progress, cli,
-                      default_amp, fmt_time, init_distributed, on_all_ranks, plural, restore, stop_message)
+                     default_amp, fmt_time, init_distributed, on_all_ranks, plural, restore, stop_message)
 
 # ----------------------------------------------------------------------------------------
 # Recipes and arguments
@@ -625,13 +625,11 @@ def setup(args, env):
             except ValueError as e:
                 raise UserError(f"--init-from {args.init_from}: {e}", shared=True) from None
     except BaseException:
-        out.close()                 # now, not when the traceback's frames are collected
+        out.close(failed=True)      # now, not when the traceback's frames are collected
         raise
     if args.compile:
         compile_blocks(model)
-    wrapped = DDP(model,
-                  device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.ddp else model
-    run = Run(args, env, wrapped, optimizer, scaler, train_loader, steps, len(classes), raw_model=model,
+    run = Run(args, env, model, optimizer, scaler, train_loader, steps, len(classes), raw_model=model,
               val_loader=val_loader, classes=classes, n_train=n_train, out=out, progress=progress,
               log_interval=args.log_interval or max(1, steps // 10), gmacs=srvit.forward_gmacs(model),
               peak=peak_flops(env.device), saved_epochs=saved_epochs)
@@ -673,9 +671,9 @@ def describe(run):
                 + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k):g}" for k in given)
                 + (f" (its {plural(recipe_warmup, 'warm-up epoch')}, clipped to a fifth of the run)"
                    if clipped else ""))
-    beyond = {"loop-scale": c.loop_scale != "none" and c.loop_scale, "step-scale": c.step_scale}
+    beyond = [f"loop-scale={c.loop_scale}"] * (c.loop_scale != "none") + ["step-scale"] * c.step_scale
     env.log(f"SR-ViT D={c.embed_dim} L={c.num_layers} heads={c.num_heads} patch={c.patch_size} R={c.depth} "
-            f"mixer={c.mixer} share={c.share}{''.join(f' {k}={v}' for k, v in beyond.items() if v)}: "
+            f"mixer={c.mixer} share={c.share}{''.join(' ' + b for b in beyond)}: "
             f"{srvit.count_params(run.raw_model):,} params, "
             f"{run.gmacs:.3g} GMACs/image | {env.device} {args.amp} | {args.out_dir}")
     if prog.epoch >= args.epochs:
@@ -708,7 +706,9 @@ def main(argv=None):
     try:
         if env.ddp and args.data.startswith("cifar"):    # one download, not one per rank into the same folder
             on_all_ranks(env, lambda: env.master and build_dataset(args, "train", None))
-        run = on_all_ranks(env, setup, args, env)
+        run = on_all_ranks(env, setup, args, env, undo=lambda ready: ready.out.close(failed=True))
+        if env.ddp:          # only once every rank has set up: DDP's constructor talks to every rank
+            run.model = DDP(run.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         agree_on_progress(env, run.progress, args.out_dir)
         start_metrics(run)
         describe(run)
@@ -734,7 +734,7 @@ def main(argv=None):
         return run.raw_model
     finally:
         if run and run.out:
-            run.out.close()
+            run.out.close(failed=sys.exc_info()[0] is not None)
 
 
 if __name__ == "__main__":

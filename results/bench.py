@@ -491,7 +491,7 @@ def device_path_counts(args):
 
 def get_args(argv=None):
     p = runtime.ArgumentParser(prog=os.path.relpath(__file__, ROOT), description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     flag = p.add_argument
     flag("--bench", action="store_true", help="benchmark speed, memory and MFU")
     flag("--activations", action="store_true",

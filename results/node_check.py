@@ -311,7 +311,7 @@ def tests(report, args):
 
 def get_args(argv=None):
     p = runtime.ArgumentParser(prog=os.path.relpath(__file__, ROOT), description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="node-check", help="folder for node-check.md and node-check.json")
     p.add_argument("--small", action="store_true", help="small sizes (a CPU): a tiny model, few images")
     p.add_argument("--skip", nargs="*", default=[], choices=["decode", "speed", "ddp"],

@@ -1629,6 +1629,22 @@ def test_every_rank_reports_its_own_failure(capsys):
     assert capsys.readouterr().err == "(rank 3) stopped by SIGTERM; a worker died\n"
 
 
+def test_on_all_ranks_undoes_what_this_rank_set_up_when_another_rank_failed(monkeypatch):
+    # Two ranks: rank 1 fails (a bad file in its share), rank 0 set up (an out-dir). Both raise
+    # rank 1's error; rank 0 first undoes its own set-up; rank 1 has nothing to undo.
+    failure = "cannot read image val/cat/1.jpg (not a JPEG)"
+    monkeypatch.setattr(runtime.dist, "all_gather_object",
+                        lambda errors, mine, group=None: errors.__setitem__(slice(None), [None, failure]))
+    for rank, fn, undone_after in ((0, lambda: "rank 0's run", ["rank 0's run"]),
+                                   (1, lambda: (_ for _ in ()).throw(runtime.UserError(failure)), [])):
+        undone = []
+        env = SimpleNamespace(ddp=True, world=2, rank=rank, cpu_group=None)
+        with pytest.raises(runtime.UserError, match=re.escape(failure)) as raised:
+            runtime.on_all_ranks(env, fn, undo=undone.append)
+        assert undone == undone_after and raised.value.agreed
+        assert str(raised.value) == failure + " (rank 1)"          # whose file it is
+
+
 def test_torchrun_with_accumulation_equals_one_process_and_exits_0(tmp_path):
     # One optimizer step of 2 ranks x micro-batch 4 x 2 accumulation steps = the same global batch
     # of 16 in one process; no MixUp, drop path or augmentation. Run twice: a finished DDP run

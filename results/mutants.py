@@ -69,6 +69,14 @@ BUGS = [
      "loss = F.cross_entropy(run.model(x), y)"),
     ("metrics-repair-drops-the-last-finished-epoch", "runtime.py",
      'if row["epoch"] > done or row["epoch"] in seen:', 'if row["epoch"] >= done or row["epoch"] in seen:'),
+    ("failed-start-cleanup-ignores-the-checkpoints", "runtime.py",
+     "if failed and self.master and not any(map(os.path.exists, (self.last, self.best))):",
+     "if failed and self.master:"),
+    ("a-rank-that-set-up-keeps-it-when-another-failed", "runtime.py",
+     "            if undo and error is None:\n                undo(result)\n", ""),
+    ("validation-headers-checked-on-the-device-path-only", "loaders.py",
+     "if not memory:                   # (the memory path decodes every image now anyway)",
+     "if on_device:"),
 ]
 
 

@@ -66,22 +66,30 @@ COLOURS = {"last": (31, 119, 180), "soft": (214, 39, 40), "mean": (44, 160, 44),
 
 
 def plot(runs, path):
-    """Three panels: top-1 against R (a line per L and variant, from its R=1); the gap to R=1 of the same
-    L against L, with its interval; final training loss against L."""
+    """Three panels against the number of blocks L: top-1 of R=1 and of each R=4 variant (mean over
+    seeds, whiskers from the lowest seed to the highest); the gap to R=1 of the same L and seed, with
+    its 95% interval; the final training loss."""
     from PIL import Image
     sys.path.insert(0, str(HERE.parents[1]))
     from eval import draw_lines
     mean = lambda config, key="top1": statistics.mean(r[key] for r in runs[config].values())
     variants = sorted({key_of(c)[1] for c in runs} - {""}, key=lambda v: (v not in COLOURS, v))
     colour = lambda v: COLOURS.get(v, (120, 120, 120))
-    curve, gaps, losses = [], [], []
     blocks = sorted({key_of(c)[0] for c in runs if key_of(c)[0] < 99})
-    for variant in variants:
+
+    def top1_points(config_of):   # [(L, mean top-1, lowest seed, highest seed)] where the run exists
+        points = []
         for b in blocks:
-            points = [(d, mean(c)) for c in runs for bb, v, d in [key_of(c)] if bb == b and v == variant]
-            if points and f"L{b}-R1" in runs:
-                line = [(1, mean(f"L{b}-R1"))] + sorted(points)
-                curve.append((f"L{b} {variant}", line, colour(variant), True))
+            if config_of(b) in runs:
+                top1 = [r["top1"] for r in runs[config_of(b)].values()]
+                points.append((b, statistics.mean(top1)) + ((min(top1), max(top1)) if len(top1) > 1 else ()))
+        return points
+    curve = [("R1", top1_points(lambda b: f"L{b}-R1"), (0, 0, 0), True)]
+    gaps, losses = [], []
+    for variant in variants:
+        r4 = top1_points(lambda b: f"L{b}-R4-{variant}")
+        if r4:
+            curve.append((f"R4 {variant}", r4, colour(variant), True))
         gap_points, loss_points = [], []
         for b in blocks:
             config = f"L{b}-R4-{variant}"
@@ -99,8 +107,8 @@ def plot(runs, path):
     losses.append(("R1", [(b, mean(f"L{b}-R1", "train_loss")) for b in blocks if f"L{b}-R1" in runs],
                    (0, 0, 0), True))
     panels = [Image.new("RGB", (620, 400), "white") for _ in range(3)]
-    draw_lines(panels[0], curve, "Top-1 against R, per blocks L and variant", "recursion depth R", "top-1 %",
-               [1, 2, 3, 4])
+    draw_lines(panels[0], curve, "Top-1 at R=1 and R=4 (bars: lowest to highest seed)", "blocks L",
+               "top-1 %", blocks)
     draw_lines(panels[1], gaps, "R=4 minus R=1, same L and seed (bars: 95% interval)", "blocks L", "points",
                blocks)
     draw_lines(panels[2], losses, "Final training loss", "blocks L", "loss", blocks)

@@ -400,8 +400,7 @@ def check_finite(bad_step, epoch, run):
         kept = (f"the last good checkpoint is kept in {run.out.last}" if saved
                 else "no checkpoint had been written yet")
         raise UserError(f"loss became NaN or infinite at step {bad_step.item()} (epoch {epoch + 1}); "
-                        f"stopped, {kept}. Try a lower --lr, or --amp bf16/none", shared=True,
-                        agreed=True)
+                        f"stopped, {kept}. Try a lower --lr, or --amp bf16/none", shared=True, agreed=True)
 
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, matched against the device
@@ -702,7 +701,7 @@ def main(argv=None):
     args = get_args(argv)
     env = init_distributed(args.batch_size, args.micro_batch, args.device)
     args.amp = args.amp or default_amp(env.device)
-    run = None
+    run, failed = None, True
     try:
         if env.ddp and args.data.startswith("cifar"):    # one download, not one per rank into the same folder
             on_all_ranks(env, lambda: env.master and build_dataset(args, "train", None))
@@ -731,10 +730,11 @@ def main(argv=None):
             dist.barrier()               # no rank tears down while another still talks to it
             dist.destroy_process_group()
         run.raw_model.classes = run.classes
+        failed = False
         return run.raw_model
     finally:
         if run and run.out:
-            run.out.close(failed=sys.exc_info()[0] is not None)
+            run.out.close(failed)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "cifar10-deep"))
-from summarize import fmt_range, interval, load_runs, paired, reading  # noqa: E402
+from summarize import fmt_range, interval, load_runs, paired, read_rows, reading  # noqa: E402
 
 DEEP2 = {"R1": "L6-R1", "R4-last": "L6-R4-last", "R4-soft": "L6-R4-soft", "R4-mean": "L6-R4-mean"}
+EPOCHS = 15                      # every run's budget (study.sh)
 NAME = re.compile(r"L(\d+)-R(\d+)(?:-(.*))?$")
 
 
@@ -59,6 +60,24 @@ def table(runs):
         print(f"| {config} | {blocks} | {depth} | {', '.join(map(str, sorted(seeds)))} | {fmt_range(top1)} | "
               f"{loss:.3f} | {gap(runs, config, base) if config != base else '-'} | "
               f"{gap(runs, config, plain) if config not in (base, plain) else '-'} |")
+
+
+def plan_state():
+    """Each run of plan.txt, in order, with its state: finished (and its top-1), the epochs it holds so
+    far, or not started."""
+    print("\n## The plan, run by run\n\n| run | flags | state |\n|---|---|---|")
+    for line in (HERE / "plan.txt").read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, flags = line.split(None, 1)
+        metrics = HERE / name / "metrics.jsonl"
+        epochs = [r for r in read_rows(metrics) if r.get("type") == "epoch"] if metrics.exists() else []
+        budget = EPOCHS
+        if epochs and epochs[-1]["epoch"] == budget:
+            state = f"finished: top-1 {epochs[-1]['top1']:.2f}"
+        else:
+            state = f"{epochs[-1]['epoch']} of {budget} epochs so far" if epochs else "not started"
+        print(f"| {name} | `{flags.split('#')[0].strip()}` | {state} |")
 
 
 COLOURS = {"last": (31, 119, 180), "soft": (214, 39, 40), "mean": (44, 160, 44), "soft-fixed": (255, 127, 14),
@@ -126,6 +145,7 @@ def main(argv):
     print("Where recursion pays: CIFAR-10, width 64, 4 heads, patch 8, 15 epochs (the deep2 recipe); "
           "finished runs by configuration, gaps paired by seed\n")
     table(runs)
+    plan_state()
 
 
 if __name__ == "__main__":

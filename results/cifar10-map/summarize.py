@@ -84,10 +84,35 @@ COLOURS = {"last": (31, 119, 180), "soft": (214, 39, 40), "mean": (44, 160, 44),
            "last-fixed": (23, 190, 207), "soft-learned": (148, 103, 189)}
 
 
+def r1_anchor(blocks, variant):
+    """The R=1 run a variant's depth curve starts from: plain R=1, or R=1 with the same learning rate."""
+    other = [part for part in variant.split("-")[1:] if part not in ("fixed", "learned", "stack")]
+    return "-".join([f"L{blocks}-R1"] + other)
+
+
+def depth_curves(runs, blocks, variants, colour):
+    """Top-1 against R at one L: R=1 (black), and one line per variant from its R=1 run through every R
+    it was run at (mean over seeds; whiskers from the lowest seed to the highest)."""
+    def point(config, depth):
+        top1 = [r["top1"] for r in runs[config].values()]
+        return (depth, statistics.mean(top1)) + ((min(top1), max(top1)) if len(top1) > 1 else ())
+    curves = []
+    if f"L{blocks}-R1" in runs:
+        curves.append(("R1", [point(f"L{blocks}-R1", 1)], (0, 0, 0), True))
+    for variant in variants:
+        configs = [(f"L{blocks}-R{depth}-{variant}", depth) for depth in (2, 3, 4)]
+        deeper = [point(config, depth) for config, depth in configs if config in runs]
+        anchor = r1_anchor(blocks, variant)
+        if deeper and anchor in runs:
+            start = point(anchor, 1)[:2]   # the R=1 run's whisker is drawn once, by its own series
+            curves.append((variant, [start] + deeper, colour(variant), True))
+    return curves
+
+
 def plot(runs, path):
-    """Three panels against the number of blocks L: top-1 of R=1 and of each R=4 variant (mean over
+    """First row, against the number of blocks L: top-1 of R=1 and of each R=4 variant (mean over
     seeds, whiskers from the lowest seed to the highest); the gap to R=1 of the same L and seed, with
-    its 95% interval; the final training loss."""
+    its 95% interval; the final training loss. Second row, one panel per L: top-1 against R."""
     from PIL import Image
     sys.path.insert(0, str(HERE.parents[1]))
     from eval import draw_lines
@@ -131,9 +156,15 @@ def plot(runs, path):
     draw_lines(panels[1], gaps, "R=4 minus R=1, same L and seed (bars: 95% interval)", "blocks L", "points",
                blocks)
     draw_lines(panels[2], losses, "Final training loss", "blocks L", "loss", blocks)
-    canvas = Image.new("RGB", (1860, 400), "white")
+    canvas = Image.new("RGB", (1860, 800), "white")
     for i, panel in enumerate(panels):
         canvas.paste(panel, (620 * i, 0))
+    width = 1860 // len(blocks)
+    for i, b in enumerate(blocks):     # the second row: top-1 against R, one panel per L
+        panel = Image.new("RGB", (width, 400), "white")
+        draw_lines(panel, depth_curves(runs, b, variants, colour), f"L={b}: top-1 against R",
+                   "recursion depth R", "top-1 %", [1, 2, 3, 4])
+        canvas.paste(panel, (width * i, 400))
     canvas.save(path)
     print(f"wrote {path}", file=sys.stderr)
 

@@ -554,6 +554,8 @@ def forward_gmacs(model, steps=None):
     with torch.device("meta"):   # count on a shape-only copy: no memory, no arithmetic, and the
         model = SRViT(cfg)        # same attention formula whatever kernel the real device picks
         x = torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size)
+    model.requires_grad_(False)   # the counter's module hooks expect a graph behind any tensor that
+                                  # requires grad; a learned scale's slice would have none
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(x, steps=steps)

@@ -606,6 +606,16 @@ def test_forward_gmacs_grow_with_depth():
     assert 3.9 < g[1] / g[0] < 4.0                 # blocks x4; the patch embedding and head once
 
 
+def test_forward_gmacs_count_every_model_option():
+    # The branch and step scales are elementwise: they add no multiply-accumulates that are counted.
+    cfg = dict(img_size=32, patch_size=8, embed_dim=64, num_heads=2, num_layers=2, depth=3, num_classes=10)
+    for share in ("block", "stack"):
+        plain = srvit.forward_gmacs(SRViT(srvit.SRViTConfig(**cfg, share=share)))
+        for option in (dict(loop_scale="fixed"), dict(loop_scale="learned"), dict(step_scale=True)):
+            scaled = SRViT(srvit.SRViTConfig(**cfg, share=share, **option))
+            assert srvit.forward_gmacs(scaled) == plain, (share, option)
+
+
 # ----------------------------------------------------------------------------------------
 # Warm start from a ViT checkpoint
 

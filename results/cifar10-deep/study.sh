@@ -44,6 +44,10 @@ freeze_code() {   # $STUDY/code: the code the runs use, and its commit; on a new
     git -C "$ROOT" cat-file -e "$FROZEN:$f" 2>/dev/null && git -C "$ROOT" show "$FROZEN:$f" > "$STUDY/code/$f"
   done
   echo "$FROZEN" > "$STUDY/code/COMMIT"
+  if [ -f "$OUT/frozen.patch" ]; then   # fixes to the frozen code that change no number (the patch says which)
+    patch -s -p1 -d "$STUDY/code" < "$OUT/frozen.patch" || { rm -rf "$STUDY/code"; echo "cannot apply $OUT/frozen.patch"; exit 2; }
+    echo "$FROZEN + ${OUT#"$ROOT"/}/frozen.patch" > "$STUDY/code/COMMIT"
+  fi
   local n f
   while read -r n f; do
     [[ -z $n || $n == \#* ]] && continue

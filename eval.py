@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import srvit
-from loaders import Normalize, OnDevice, build_dataset, mean_std, normalize_image, transforms
+from loaders import Normalize, OnDevice, build_dataset, mean_std, normalize_image, to_rgb, transforms
 from runtime import (ArgumentParser, UserError, check_device, checkpoint_of, cli, first_line, fmt_time,
                      json_row, read_checkpoint, save_file, write_json)
 from train import MAY_CHANGE, amp_context, evaluate
@@ -59,7 +59,7 @@ def preprocess(model, image):
     """A PIL image -> the (1, 3, S, S) tensor the model takes: training's evaluation transform."""
     size = model.config.img_size
     return normalize_image(transforms(argparse.Namespace(img_size=size),
-                                      train=False)(image.convert("RGB"))[None], size)
+                                      train=False)(to_rgb(image))[None], size)
 
 
 @torch.no_grad()

@@ -119,8 +119,11 @@ def mean_std(img_size):
 
 
 def class_folders():
-    """torchvision's ImageFolder, without hidden folders (.ipynb_checkpoints, .Trash) as classes."""
+    """torchvision's ImageFolder, without what is not a picture of a class: hidden folders as classes
+    or inside them (.ipynb_checkpoints, .Trash), hidden files (macOS's ._x.jpg beside x.jpg, which
+    torchvision takes for a JPEG), and a folder reached again through a link (a loop)."""
     from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import has_file_allowed_extension
 
     class ClassFolders(ImageFolder):
         def find_classes(self, directory):
@@ -129,7 +132,34 @@ def class_folders():
             if not classes:
                 raise FileNotFoundError(f"no class folders in {directory}")
             return classes, {name: i for i, name in enumerate(classes)}
+
+        @staticmethod
+        def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+            is_picture = is_valid_file or (lambda path: has_file_allowed_extension(path, extensions))
+            samples = [(path, index) for name, index in sorted(class_to_idx.items())
+                       for path in pictures_in(os.path.join(directory, name), is_picture)]
+            found = {index for _, index in samples}
+            empty = sorted(name for name, index in class_to_idx.items() if index not in found)
+            if empty and not allow_empty:
+                raise FileNotFoundError(f"no pictures in the class folder(s) {', '.join(empty)}")
+            return samples
     return ClassFolders
+
+
+def pictures_in(folder, is_picture):
+    """The files under folder that is_picture accepts, in torchvision's order (by folder, then name),
+    without hidden files and folders, each folder walked once however many links lead to it."""
+    walked, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:               # a link back to a folder already walked: no pictures twice, no loop
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        walked.append((root, sorted(f for f in files if not f.startswith("."))))
+    return [os.path.join(root, f) for root, files in sorted(walked) for f in files
+            if is_picture(os.path.join(root, f))]
 
 
 def ClassFolders(*a, **k):       # (the class is made on first use: torchvision is imported lazily here)
@@ -239,7 +269,8 @@ def check_headers(data):
 
 def unreadable(path, e):
     """The one-line error for an image file that does not decode (every loader path says the same)."""
-    return UserError(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace the file")
+    return UserError(f"cannot read image {path} ({type(e).__name__}: {e}); replace it, or move it out of "
+                     f"the data folder")
 
 
 def numpy_rgb(data, path):

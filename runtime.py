@@ -280,14 +280,22 @@ class OutDir:
                                 f"(NFS with lockd, Lustre mounted with -o flock)") from None
             raise UserError(f"{self.path} is in use by a running train.py ({holder}); wait for it, stop it, "
                             f"or pass another --out-dir", shared=True) from None
-        self.lock_file.truncate(0)
-        self.lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
-                             f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        self.lock_file.flush()
+        try:                                  # the holder's name, for another run's refusal
+            self.lock_file.truncate(0)
+            self.lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            self.lock_file.flush()
+        except OSError as e:                  # a full disk
+            self.release()
+            raise UserError(f"cannot write in --out-dir {self.path} ({e.strerror}); free space, or choose "
+                            f"another folder") from None
 
     def release(self):
         if self.lock_file:
-            self.lock_file.close()          # closing drops the flock
+            try:
+                self.lock_file.close()      # closing drops the flock, even where flushing fails
+            except OSError:
+                pass
             self.lock_file = None
 
     def close(self, failed):
@@ -359,9 +367,15 @@ class OutDir:
             keep.append(line)
         keep += [json.dumps(r) + "\n" for r in records if r["epoch"] <= done and r["epoch"] not in seen]
         if keep != lines:
-            with open(self.metrics + ".tmp", "w") as f:
-                f.writelines(keep)
-            os.replace(self.metrics + ".tmp", self.metrics)
+            try:                             # to .tmp, then renamed: on a full disk the old file stays whole
+                with open(self.metrics + ".tmp", "w") as f:
+                    f.writelines(keep)
+                os.replace(self.metrics + ".tmp", self.metrics)
+            except OSError as e:
+                if os.path.exists(self.metrics + ".tmp"):
+                    os.remove(self.metrics + ".tmp")
+                raise UserError(f"could not rewrite {self.metrics} ({e.strerror}); is the disk full? Nothing "
+                                f"is lost: free space and re-run the same command") from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -380,7 +394,10 @@ def checkpoint_of(path):
 
 
 def write_json(path, obj):
-    save_file(path, lambda tmp: open(tmp, "w").write(json.dumps(obj, indent=1)))
+    def write(tmp):
+        with open(tmp, "w") as f:        # closed before the rename: a full disk fails here, not after
+            f.write(json.dumps(obj, indent=1))
+    save_file(path, write)
 
 
 def save_file(path, write):

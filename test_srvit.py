@@ -1,6 +1,7 @@
 """Tests for SR-ViT: python -m pytest -q test_srvit.py  (a few minutes on a 2-core CPU)."""
 
 import copy
+import errno
 import glob
 import itertools
 import json
@@ -2382,7 +2383,6 @@ def test_a_small_dev_shm_is_named_at_start(tmp_path, monkeypatch):
 
 
 def test_an_out_dir_without_file_locks_is_named_as_such(tmp_path, monkeypatch):
-    import errno
     out = runtime.OutDir(str(tmp_path / "run"), master=True)
 
     def no_locks(f, op):
@@ -2436,7 +2436,7 @@ def test_the_device_loader_names_an_empty_a_dangling_or_an_unreadable_file(tmp_p
     os.symlink(tmp_path / "gone.jpg", tmp_path / "dangling.jpg")
     os.mkdir(tmp_path / "folder.jpg")                                   # read() of a folder fails too
     for name in ("empty.jpg", "dangling.jpg", "folder.jpg"):
-        with pytest.raises(runtime.UserError, match=f"cannot read image .*{name}.*delete or replace"):
+        with pytest.raises(runtime.UserError, match=f"cannot read image .*{name}.*move it out of the data"):
             loaders.read_encoded(str(tmp_path / name))
 
 
@@ -2498,7 +2498,6 @@ def test_a_truncated_last_pt_points_at_best_pt_and_a_fresh_start_keeps_the_rows(
 
 
 def test_an_out_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
-    import errno
 
     def no_space(path, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -2508,7 +2507,6 @@ def test_an_out_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
 
 
 def test_a_full_disk_while_appending_a_metrics_row_leaves_no_torn_row(tmp_path, monkeypatch):
-    import errno
     out = runtime.OutDir(str(tmp_path), master=True)
     out.append_metrics({"type": "epoch", "epoch": 1})
     before = open(out.metrics).read()
@@ -2545,6 +2543,93 @@ def test_a_failed_write_after_the_work_is_one_line_and_leaves_no_file(tmp_path):
         runtime.write_json(str(tmp_path / "file" / "out.json"), {"a": 1})
     runtime.write_json(str(tmp_path / "ok.json"), {"a": 1})
     assert sorted(os.listdir(tmp_path)) == ["file", "ok.json"]                  # no .tmp left behind
+
+
+class FullDiskFile:
+    """A file on a full disk, as Python's buffered files meet it: write() fills a buffer and returns;
+    the flush that puts it on disk writes half and fails, and so does close(), which still closes."""
+    def __init__(self, path, mode="r", *a, **k):
+        self.file, self.pending = open(path, mode, *a, **k), ""
+
+    def write(self, text):
+        self.pending += text
+        return len(text)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        if self.pending:
+            self.file.write(self.pending[:len(self.pending) // 2])
+            self.file.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self):
+        try:
+            self.flush()
+        finally:
+            self.file.close()
+
+    def __getattr__(self, name):          # fileno, seek, read, truncate: the real file's
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def test_a_full_disk_found_when_a_file_is_closed_is_one_line_and_loses_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "open", FullDiskFile, raising=False)
+    # a result written after the work: no half a JSON renamed into place
+    with pytest.raises(runtime.UserError, match=r"could not write .*out.json .*No space left"):
+        runtime.write_json(str(tmp_path / "out.json"), {"rows": list(range(100))})
+    assert os.listdir(tmp_path) == []
+    # the lock's holder line: one line, and the lock is let go
+    out = runtime.OutDir(str(tmp_path / "run"), master=True)
+    with pytest.raises(runtime.UserError, match="cannot write in --out-dir .*No space left"):
+        out.open()
+    import fcntl
+    with open(tmp_path / "run" / "train.lock") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)                         # free again
+    # resume's repair of metrics.jsonl: the old file stays whole, no .tmp beside it
+    rows = [{"type": "epoch", "epoch": 1}, {"type": "epoch", "epoch": 2}]
+    with open(out.metrics, "w") as f:
+        f.write(json.dumps(rows[0]) + "\n")
+    with pytest.raises(runtime.UserError, match="could not rewrite .*metrics.jsonl .*Nothing is lost"):
+        out.repair_metrics(2, rows)
+    assert open(out.metrics).read() == json.dumps(rows[0]) + "\n"
+    assert sorted(os.listdir(out.path)) == ["metrics.jsonl", "train.lock"]
+
+
+def test_class_folders_skip_hidden_files_and_folders_and_walk_a_link_loop_once(tmp_path):
+    from PIL import Image
+    want = []
+    for index, name in enumerate(("cat", "dog")):
+        os.makedirs(tmp_path / name / "more")
+        for i, sub in enumerate(("", "", "more")):
+            path = str(tmp_path / name / sub / f"{i}.png")
+            Image.new("RGB", (8, 8)).save(path)
+            want.append((path, index))
+        (tmp_path / name / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")     # macOS's metadata
+        os.makedirs(tmp_path / name / ".ipynb_checkpoints")
+        Image.new("RGB", (8, 8)).save(tmp_path / name / ".ipynb_checkpoints" / "0-checkpoint.png")
+        os.symlink("..", tmp_path / name / "more" / "loop")                    # more/loop -> the class folder
+    samples = loaders.ClassFolders(str(tmp_path)).samples
+    assert sorted(samples) == sorted(want), samples
+    assert [os.path.dirname(p) for p, _ in samples] == sorted(os.path.dirname(p) for p, _ in samples)
+
+
+def test_classify_reads_a_16_bit_picture_as_its_8_bit_twin():
+    from PIL import Image
+    model = tiny(depth=1)
+    grey = np.linspace(0, 255, 32 * 32).round().astype(np.uint8).reshape(32, 32)
+    eight, sixteen = Image.fromarray(grey), Image.fromarray(grey.astype(np.uint16) * 257)
+    assert sixteen.mode.startswith("I")
+    x8, x16 = srvit_eval.preprocess(model, eight), srvit_eval.preprocess(model, sixteen)
+    assert (x8 - x16).abs().max() < 1e-6                                  # (white, unscaled: about 3)
 
 
 # ----------------------------------------------------------------------------------------

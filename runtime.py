@@ -428,7 +428,8 @@ def read_checkpoint(path):
         keep = (f"; best.pt beside it may be whole: --resume {best} resumes from its epoch (the epochs "
                 f"after it are trained again)"
                 if os.path.basename(path) == "last.pt" and os.path.isfile(best) else "")
-        raise UserError(f"{e} A train.py checkpoint is a run's last.pt or best.pt{keep}") from None
+        said = str(e).rstrip(".")
+        raise UserError(f"{said}. A train.py checkpoint is a run's last.pt or best.pt{keep}") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise UserError(f"{path} is not a train.py checkpoint (no 'config'); for DeiT/timm weights use "
                         f"train.py --init-from, or srvit.load_pretrained in Python")

@@ -2487,8 +2487,8 @@ def test_a_truncated_last_pt_points_at_best_pt_and_a_fresh_start_keeps_the_rows(
     data = open(last, "rb").read()
     with open(last, "wb") as f:
         f.write(data[:len(data) // 2])
-    message = user_error(args + ["--epochs", "2"], "not a whole PyTorch checkpoint",
-                         f"--resume {out}/best.pt")
+    message = user_error(args + ["--epochs", "2"], "not a whole PyTorch checkpoint (cut short, or another kind "
+                         "of file). A train.py checkpoint", f"--resume {out}/best.pt")
     assert "delete" not in message
     os.remove(last)                                          # what the old message told the user to do
     user_error(args + ["--epochs", "2"], "holds 1 epoch of metrics but no last.pt", "best.pt")
@@ -2740,7 +2740,10 @@ def test_a_resume_before_the_first_evaluation_says_so(tmp_path, monkeypatch, cap
     capsys.readouterr()
     train.main(args)
     said = capsys.readouterr().out
-    assert "1 steps done, not evaluated yet" in said or "1 step done, not evaluated yet" in said, said
+    assert ": 0 epochs and 1 step done, not evaluated yet" in said, said
+    subsets = ([], ["--subset", "64"], ["--val-subset", "32"], ["--subset", "64", "--val-subset", "32"])
+    names = {train.get_args(["--data", "fake"] + extra).out_dir for extra in subsets}
+    assert len(names) == 4, names                  # a quick run on subsets keeps apart from the real run
 
 
 @pytest.mark.parametrize("loader", ["pil", "device", "memory"])

@@ -211,8 +211,7 @@ def get_args(argv=None):
     args.data = args.data or ("folder" if args.data_path else "imagenet")
     args.recipe = choose_recipe(args)
     own_size = args.img_size is None and args.recipe == "small-images" and args.data in ("folder", "imagenet")
-    # the folder's own size (at most 64 px): no resizing
-    if own_size:
+    if own_size:                                             # the folder's own size (<= 64 px): no resizing
         args.img_size = min(*image_size(train_dir(args)), 64)
     args.from_recipe = []                                    # what the recipe set (the start-up line says)
     for key, value in {**RECIPES[args.recipe], **model_dims(args)}.items():
@@ -229,6 +228,7 @@ def get_args(argv=None):
     check_args(args)
     if args.out_dir is None:      # named for what makes runs differ, so a quick --subset run is kept apart
         subset = f"-n{args.subset}" if args.subset else ""
+        subset += f"-v{args.val_subset}" if args.val_subset else ""
         name = f"{args.data}-{model_name(args)}-R{args.depth}-{args.mixer}-{args.share}{subset}-s{args.seed}"
         args.out_dir = os.path.join("runs", name)
     return args
@@ -650,10 +650,10 @@ def describe(run):
     """The start-up lines: where the run resumes, then what it trains, on what, with which recipe."""
     args, env, c, prog = run.args, run.env, run.raw_model.config, run.progress
     if prog.epoch or prog.step:
-        steps = f" and {prog.step} steps" if prog.step else ""
+        steps = f" and {plural(prog.step, 'step')}" if prog.step else ""
         best = f"best top-1 {prog.best_top1:.2f}" if prog.records else "not evaluated yet"
-        env.log(f"resumed from {run.out.last if args.resume == 'auto' else args.resume}: {prog.epoch} "
-                f"epochs{steps} done, {best}")
+        env.log(f"resumed from {run.out.last if args.resume == 'auto' else args.resume}: "
+                f"{plural(prog.epoch, 'epoch')}{steps} done, {best}")
         if run.saved_epochs not in (None, args.epochs):
             env.log(f"--epochs {args.epochs} (the run was started with {run.saved_epochs}): the learning "
                     f"rate follows the cosine over {args.epochs} epochs from the resumed step on")

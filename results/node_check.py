@@ -1,6 +1,6 @@
 """
 The node check: on a new machine, run this first. In a few minutes it says whether the GPU path of
-train.py works on this node and how fast it is, and writes a report a lab can paste into an issue:
+train.py works on this node and how fast it is, and writes a report a lab can paste into a bug report:
 node-check.md (a table per section, failures marked FAIL with what to do) and node-check.json.
 
     python results/node_check.py                        # on a GPU node: about 5-10 minutes on one GPU

@@ -251,6 +251,44 @@ def test_a_resized_position_embedding_keeps_rows_as_rows():
     torch.testing.assert_close(new[..., 1], new[..., 1][:1, :].expand(8, 8))        # constant down a column
     assert (new[1:, 0, 0] > new[:-1, 0, 0]).all() and (new[0, 1:, 1] > new[0, :-1, 1]).all()
 
+
+def bicubic_matrix(old, new, a=-0.75):
+    """(new, old): the bicubic resize of one axis written out as timm and PyTorch do it: Keys' cubic
+    with a = -0.75 over the 4 nearest source pixels, half-pixel centres (align_corners=False), the
+    edge pixels repeated past the border."""
+    def keys(d):
+        d = abs(d)
+        return ((a + 2) * d - (a + 3)) * d * d + 1 if d <= 1 else ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    m = torch.zeros(new, old, dtype=torch.float64)
+    for i in range(new):
+        source = (i + 0.5) * old / new - 0.5                  # where output pixel i sits on the old grid
+        base = math.floor(source)
+        for offset in (-1, 0, 1, 2):
+            m[i, min(max(base + offset, 0), old - 1)] += keys(source - (base + offset))
+    return m
+
+
+def test_a_resized_position_embedding_is_the_bicubic_resize_written_out():
+    g = torch.Generator().manual_seed(0)
+    for old, new in ((4, 7), (14, 24), (7, 4)):                 # larger, DeiT's 224 -> 384, smaller
+        pos = torch.randn(1, 1 + old * old, 3, generator=g)
+        out = srvit.resize_pos_embed(pos, new * new)                                   # (1, 1 + new^2, 3)
+        m = bicubic_matrix(old, new)
+        for c in range(3):
+            want = m @ pos[0, 1:, c].double().view(old, old) @ m.T                      # (new, new)
+            torch.testing.assert_close(out[0, 1:, c].view(new, new).double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_drop_path_drops_whole_samples_and_scales_the_kept_ones_by_1_over_keep():
+    x = torch.randn(4000, 3, 2, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    out = srvit.drop_path(x, 0.25, training=True)
+    kept = (out != 0).flatten(1).any(1)                                                  # (B,)
+    assert torch.equal(out[kept], x[kept] / 0.75) and torch.equal(out[~kept], torch.zeros_like(x[~kept]))
+    assert 0.72 < kept.float().mean() < 0.78                                             # keep 0.75
+    assert torch.equal(srvit.drop_path(x, 0.25, training=False), x)
+
+
 def embed(model, x):
     t = model.patch_embed(x)
     return torch.cat([model.cls_token.expand(len(x), -1, -1), t], 1) + model.pos_embed
@@ -380,6 +418,31 @@ def test_learned_loop_scale_starts_at_1_over_r_per_branch_and_is_not_decayed():
     decay, no_decay = train.param_groups(learned, 0.05)
     assert any(p is learned.loop_scale for p in no_decay["params"])
     assert not any(p is learned.loop_scale for p in decay["params"])
+
+
+@pytest.mark.parametrize("share", ["block", "stack"])
+def test_learned_loop_scale_gives_each_branch_of_each_application_its_own_scale(share):
+    # Application i (counted in the order the applications run): x <- x + s[i, 0] * attn(LN1(x)),
+    # then x <- x + s[i, 1] * mlp(LN2(x)), per channel.
+    R = 3
+    model = randomise_mixers(tiny(depth=R, share=share, loop_scale="learned", init="torch").eval())
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(2)
+        model.loop_scale.copy_(2 * torch.rand(model.loop_scale.shape, generator=g))
+    scales, applied = model.loop_scale.detach(), []                                    # (L*R, 2, D)
+
+    def scaled_block(block, h):
+        attn_scale, mlp_scale = scales[len(applied)]
+        applied.append(block)
+        h = h + attn_scale * block.attn(block.norm1(h))
+        return h + mlp_scale * block.mlp(block.norm2(h))
+    want_model = copy.deepcopy(model)
+    for b in want_model.blocks:
+        b.forward = (lambda blk: lambda h, *a: scaled_block(blk, h))(b)
+    x = images(2)
+    want = softmor_by_hand(want_model, x, R)[0]
+    assert len(applied) == len(scales)
+    torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
 
 
 def test_soft_mixer_learns_token_dependent_weights():
@@ -736,10 +799,17 @@ def user_error(argv, *fragments):
     return message
 
 
-def test_train_on_fake_data_writes_metrics_and_checkpoints(tmp_path):
+def test_train_on_fake_data_writes_metrics_and_checkpoints(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
-    model = train.main(FAKE + ["--depth", "2", "--epochs", "2", "--out-dir", out])
+    seeds, seed_device = [], train.seed_device
+    monkeypatch.setattr(train, "seed_device", lambda seed, dev: (seeds.append(seed), seed_device(seed, dev)))
+    argv = FAKE + ["--depth", "2", "--epochs", "2", "--out-dir", out]
+    model = train.main(argv)
     rows = read_metrics(out)
+    args, steps = train.get_args(argv), 256 // 32
+    for r in (r for r in rows if r["type"] == "epoch"):     # the lr of the epoch's last step, over all epochs
+        assert r["lr"] == pytest.approx(train.lr_at(r["epoch"] * steps - 1, steps, args), rel=1e-9), r
+    assert len(seeds) == 2 * steps and len(set(seeds)) == len(seeds)                # each step its own draws
     assert rows[0]["type"] == "run" and rows[0]["params"] == srvit.count_params(model)
     epochs = [r for r in rows if r["type"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2] and all(r["val_images"] == 64 for r in epochs)
@@ -750,6 +820,17 @@ def test_train_on_fake_data_writes_metrics_and_checkpoints(tmp_path):
     assert ckpt["records"] == epochs and ckpt["dataset"]["classes"][:2] == ["class 0", "class 1"]
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     assert_same_weights(ckpt["model"], model.state_dict())
+
+
+def test_top1_top5_and_loss_of_a_batch_by_hand():
+    logits = torch.tensor([[5.0, 4, 3, 2, 1, 0],          # label 0: first
+                           [0.0, 1, 2, 3, 4, 5],          # label 1: fifth (in the top 5, not first)
+                           [0.0, 5, 1, 1, 1, 1]])         # label 0: last (in neither)
+    y = torch.tensor([0, 1, 0])
+    loss = sum(torch.logsumexp(logits[i], 0) - logits[i, y[i]] for i in range(3)).item()
+    got = train.summarize_metrics(train.batch_metrics(logits, y))
+    assert got["top1"] == pytest.approx(100 / 3) and got["top5"] == pytest.approx(200 / 3)
+    assert got["val_loss"] == pytest.approx(loss / 3) and got["val_images"] == 3
 
 
 def test_train_one_epoch_runs_on_its_own():
@@ -1237,6 +1318,9 @@ def test_random_streams_of_seeds_epochs_and_ranks_never_collide():
     order = lambda seed, epoch: (s := loaders.RepeatedAugSampler(1000, 0, 1, 1, seed), s.set_epoch(epoch),
                                  s.indices())[-1]
     assert not torch.equal(order(0, 100), order(1, 0)) and torch.equal(order(0, 100), order(0, 100))
+    for epoch in range(3):                   # each epoch its own order, a permutation of all samples
+        assert not torch.equal(order(0, epoch), order(0, epoch + 1)), epoch
+        assert torch.equal(order(0, epoch).sort().values, torch.arange(1000))
 
 
 def test_mixup_partner_is_another_image_at_every_world_size():
@@ -2487,8 +2571,8 @@ def test_a_truncated_last_pt_points_at_best_pt_and_a_fresh_start_keeps_the_rows(
     data = open(last, "rb").read()
     with open(last, "wb") as f:
         f.write(data[:len(data) // 2])
-    message = user_error(args + ["--epochs", "2"], "not a whole PyTorch checkpoint (cut short, or another kind "
-                         "of file). A train.py checkpoint", f"--resume {out}/best.pt")
+    message = user_error(args + ["--epochs", "2"], "not a whole PyTorch checkpoint (cut short, or another "
+                         "kind of file). A train.py checkpoint", f"--resume {out}/best.pt")
     assert "delete" not in message
     os.remove(last)                                          # what the old message told the user to do
     user_error(args + ["--epochs", "2"], "holds 1 epoch of metrics but no last.pt", "best.pt")

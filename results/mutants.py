@@ -77,6 +77,26 @@ BUGS = [
     ("validation-headers-checked-on-the-device-path-only", "loaders.py",
      "if not memory:                   # (the memory path decodes every image now anyway)",
      "if on_device:"),
+    # a second round, from a reading of the suite for bugs it could not see
+    ("learned-loop-scale-swaps-its-branches", "srvit.py",
+     "attn_scale, mlp_scale = self.loop_scale[app]", "mlp_scale, attn_scale = self.loop_scale[app]"),
+    ("position-grid-resized-bilinear", "srvit.py",
+     'mode="bicubic", align_corners=False', 'mode="bilinear", align_corners=False'),
+    ("drop-path-keeps-without-rescaling", "srvit.py", "return x * keep / (1.0 - p)", "return x * keep"),
+    ("lr-from-the-step-within-the-epoch", "train.py",
+     'g["lr"] = lr_at(gstep, run.steps_per_epoch, args)', 'g["lr"] = lr_at(step, run.steps_per_epoch, args)'),
+    ("sample-order-the-same-every-epoch", "loaders.py",
+     'seed_for("order", self.seed, self.epoch)', 'seed_for("order", self.seed)'),
+    ("step-draws-the-same-every-epoch", "train.py",
+     'seed_for("step", args.seed, epoch, env.rank, step)', 'seed_for("step", args.seed, env.rank, step)'),
+    ("top5-reports-top1", "train.py", '"top5": 100 * c5 / max(n, 1)', '"top5": 100 * c1 / max(n, 1)'),
+    ("class-folders-read-hidden-files", "loaders.py",
+     'walked.append((root, sorted(f for f in files if not f.startswith("."))))',
+     "walked.append((root, sorted(files)))"),
+    ("json-table-closed-after-its-rename", "runtime.py",
+     "        with open(tmp, \"w\") as f:        # closed before the rename: a full disk fails here, not after\n"
+     "            f.write(json.dumps(obj, indent=1))",
+     "        open(tmp, \"w\").write(json.dumps(obj, indent=1))"),
 ]
 
 

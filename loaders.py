@@ -288,6 +288,7 @@ def numpy_rgb(data, path):
 # ----------------------------------------------------------------------------------------
 # The seeded sampler: the order and each sample's augmentation follow from the seed
 
+
 def seed_for(*keys):
     """A 63-bit seed for one random stream, e.g. seed_for("aug", seed, epoch, rank, batch).
     Hashing the whole key keeps streams apart: an arithmetic mix such as seed*10000 + epoch*100
@@ -757,6 +758,8 @@ class DeviceAugment:
         if self.device.type == "cuda" and all(f[:2].tolist() == [0xFF, 0xD8] for f in files):
             try:
                 return gpu_decode(list(files), self.device, self)
+            except DEVICE_FAULTS:         # out of memory, a failing device: not the files' doing, not hidden
+                raise
             except RuntimeError:          # a JPEG nvJPEG does not take (e.g. CMYK): this batch on the CPU
                 self.cpu_decoded += len(files)
         elif self.device.type == "cuda":
@@ -853,6 +856,10 @@ def autocontrast(x):
     flat = high == low                                           # a constant channel stays as it is
     scale = torch.where(flat, 1.0, (high - low) * (1.0 / 255))                  # (as torchvision rounds it)
     return image.sub_(torch.where(flat, 0.0, low)).div_(scale).clamp_(0, 255).to(torch.uint8)
+
+
+# Errors of the device itself (subclasses of RuntimeError), which a fallback must let through
+DEVICE_FAULTS = tuple(e for e in (torch.cuda.OutOfMemoryError, getattr(torch, "AcceleratorError", None)) if e)
 
 
 def gpu_decode(files, device, augment):

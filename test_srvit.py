@@ -1071,6 +1071,17 @@ def test_device_augment_pickles_for_spawned_workers():
     assert again.draw(7, 150, 120)[:4] == aug.draw(7, 150, 120)[:4]
 
 
+def test_the_device_decode_falls_back_to_the_cpu_for_a_file_not_for_a_device_fault(monkeypatch):
+    _, aug, _ = deit_augment()
+    aug.device = torch.device("cuda")                                # (nothing reaches the device here)
+    jpeg = encoded(smooth_image(torch.Generator().manual_seed(2), 40, 50), "JPEG")
+    for fault in loaders.DEVICE_FAULTS:
+        monkeypatch.setattr(loaders, "gpu_decode", lambda *a: (_ for _ in ()).throw(fault("out of memory")))
+        with pytest.raises(fault):
+            aug.decode([jpeg], ["x.jpg"])
+    assert aug.cpu_decoded == 0 and torch.cuda.OutOfMemoryError in loaders.DEVICE_FAULTS
+
+
 def test_device_path_decodes_greyscale_cmyk_and_png_as_pil_does():
     _, aug, _ = deit_augment()
     g = torch.Generator().manual_seed(2)
@@ -1968,7 +1979,8 @@ def test_eval_refuses_foreign_and_broken_checkpoints(trained_runs, tmp_path):
 ])
 def test_eval_bad_flags_give_one_clear_message(trained_runs, tmp_path, flags, message):
     with pytest.raises(runtime.UserError, match=message):
-        srvit_eval.main(["--checkpoint", str(trained_runs / "R3" / "last.pt"), "--workers", "0"] + flags)
+        srvit_eval.main(["--checkpoint", str(trained_runs / "R3" / "last.pt"), "--workers", "0", "--device",
+                         "cpu"] + flags)
 
 
 def test_eval_cli_prints_one_line_not_the_usage():
@@ -1980,7 +1992,7 @@ def test_eval_cli_prints_one_line_not_the_usage():
 
 def test_eval_steps_k_runs_the_first_k_steps(trained_runs):
     res = srvit_eval.main(["--checkpoint", str(trained_runs / "R3" / "last.pt"), "--steps", "2", "--workers",
-                           "0"])
+                           "0", "--device", "cpu"])
     model = srvit_eval.load_model(str(trained_runs / "R3" / "last.pt"))
     assert res["steps"] == 2 and res["gmacs"] == pytest.approx(srvit.forward_gmacs(model, steps=2))
 
@@ -2502,7 +2514,8 @@ def test_slow_node_check_runs_every_section_on_a_cpu_and_reports_failures(tmp_pa
     data = json.loads((tmp_path / "node-check.json").read_text())
     assert len(data["sections"]["speed"]) == 4 and len(data["sections"]["ddp"]) == 2      # R 1, 4 x compile
     # A failing check is marked, with what to do: a corrupting decode, a small /dev/shm.
-    monkeypatch.setattr(node_check.shutil, "disk_usage", lambda path: SimpleNamespace(total=2**20))
+    small_shm = SimpleNamespace(total=2**30, free=2**20)
+    monkeypatch.setattr(node_check.shutil, "disk_usage", lambda path: small_shm)
     decode = loaders.DeviceAugment.decode
     monkeypatch.setattr(loaders.DeviceAugment, "decode",
                         lambda self, *a: [im // 2 for im in decode(self, *a)])
@@ -2510,6 +2523,51 @@ def test_slow_node_check_runs_every_section_on_a_cpu_and_reports_failures(tmp_pa
     md = (tmp_path / "node-check.md").read_text()
     assert "check(s) FAILED" in md and "FAIL: " in md and "--shm-size" in md and "--loader pil" in md
     assert len(report.failures) == 2                       # /dev/shm, and the decode against the CPU
+
+
+def node_check_script():
+    sys.path.insert(0, os.path.join(HERE, "results"))
+    import node_check
+    return node_check
+
+
+def test_node_check_reports_a_section_that_fails_and_goes_on_and_exits_1(tmp_path, monkeypatch):
+    node_check = node_check_script()
+    argv = ["--small", "--out", str(tmp_path), "--skip", "speed", "ddp", "--device", "cpu"]
+
+    def out_of_memory(report, *a):
+        report.section("decode", "Decode", ["case", "images", "largest", "mean", "result"])
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(node_check, "decode_check", out_of_memory)
+    monkeypatch.setattr(node_check, "tests", lambda report, args: report.section("tests", "Tests", ["a"]))
+    with pytest.raises(SystemExit) as e:
+        node_check.check_node(argv + ["--tests"])
+    assert e.value.code == 1
+    md = (tmp_path / "node-check.md").read_text()
+    assert "| the section stopped | - | - | - | FAIL: OutOfMemoryError: CUDA out of memory" in md
+    assert "smaller --batch" in md and "## Machine" in md and "## Tests" in md     # before and after it
+    # a section that stops the check (Ctrl-C) still leaves the report of what ran
+    monkeypatch.setattr(node_check, "decode_check", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    os.remove(tmp_path / "node-check.md")
+    with pytest.raises(KeyboardInterrupt):
+        node_check.main(argv)
+    assert "## Machine" in (tmp_path / "node-check.md").read_text()
+
+
+def test_node_check_links_each_picture_into_a_long_epoch(tmp_path):
+    node_check = node_check_script()
+    for split in ("train", "val"):
+        os.makedirs(tmp_path / "data" / split / "c0")
+        for i in range(2):
+            (tmp_path / "data" / split / "c0" / f"{i}.jpg").write_bytes(bytes([i]) * 10)
+    linked = node_check.linked_copies(str(tmp_path / "data"), 3)
+    train_files = sorted(os.listdir(os.path.join(linked, "train", "c0")))
+    assert len(train_files) == 6 and len(os.listdir(os.path.join(linked, "val", "c0"))) == 2
+    assert sorted(open(os.path.join(linked, "train", "c0", f), "rb").read() for f in train_files) == \
+        [bytes([0]) * 10] * 3 + [bytes([1]) * 10] * 3
+    args = node_check.get_args([])
+    steps = args.loader_iters + node_check.warmup_steps(args.loader_iters)
+    assert args.images * args.copies >= steps * args.batch                 # one epoch holds every timed step
 
 
 # ----------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ Sections, each on whatever the machine has (on a CPU, the CPU stands in for the 
 """
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,12 +55,27 @@ class Report:
     """The report's sections as markdown tables, and the same numbers as JSON."""
 
     def __init__(self, out):
-        self.out, self.lines, self.data, self.failures = out, [], {}, []
+        self.out, self.lines, self.data, self.failures, self.widths = out, [], {}, [], {}
 
     def section(self, name, title, header):
         self.lines += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-        self.data[name] = []
+        self.data[name], self.widths[name] = [], len(header)
         print(f"\n{title}")
+
+    def attempt(self, name, check, *a):
+        """Run one section; an error in it becomes the section's FAIL row (its traceback on stderr) and
+        the next section still runs, so one broken part of a node never hides the others."""
+        try:
+            check(self, *a)
+        except Exception as e:                  # any failure of the node's software is what we report
+            traceback.print_exc()
+            if name not in self.data:
+                self.section(name, name.capitalize(), ["error"])
+            oom = isinstance(e, torch.cuda.OutOfMemoryError)
+            fix = ("out of memory: re-run with a smaller --batch" if oom else
+                   "the traceback is on stderr; report it with this file")
+            cells = ["the section stopped"] + ["-"] * (self.widths[name] - 2)
+            self.row(name, *cells, f"{type(e).__name__}: {runtime.first_line(e)[:200]}", ok=False, fix=fix)
 
     def row(self, name, *cells, ok=True, fix=""):
         cells = [f"{c:.4g}" if isinstance(c, float) else str(c) for c in cells]
@@ -103,9 +120,10 @@ def machine(report, args, device):
     report.row("machine", "CPU cores", cores, f"{per_rank} loader workers per rank by default")
     ranks, workers = max(gpus, 1), per_rank
     need = loaders.shm_in_flight(workers, 64, 224, ranks)
-    have = shutil.disk_usage("/dev/shm").total if os.path.isdir("/dev/shm") else None
-    report.row("machine", "/dev/shm", f"{have / 2**30:.1f} GiB" if have else "none",
-               f"the loaders hold about {need / 2**30:.2f} GiB in flight on this node",
+    shm = shutil.disk_usage("/dev/shm") if os.path.isdir("/dev/shm") else None
+    have = shm and shm.free                                  # free, not total: other jobs may hold some
+    report.row("machine", "/dev/shm", f"{shm.free / 2**30:.1f} GiB free of {shm.total / 2**30:.1f}" if shm
+               else "none", f"the loaders hold about {need / 2**30:.2f} GiB in flight on this node",
                ok=have is None or have >= need,
                fix="run the container with --ipc=host or --shm-size=16g, or lower --workers")
     nccl = ".".join(map(str, torch.cuda.nccl.version())) if gpus else "-"
@@ -144,7 +162,8 @@ def decode_check(report, args, device, root):
                "ok" if ok else f"mean above {DECODE_MEAN_TOLERANCE}", ok=ok,
                fix="the device path decodes unlike the CPU here: train with --loader pil, and report "
                    "the torch and torchvision versions")
-    loaded, corrupt = decode_all(augment, files, args.decode_batch, device, gpu_work)
+    work = lambda dev, n: gpu_work(dev, n, alone[0].numel())                 # (pictures all of one size)
+    loaded, corrupt = decode_all(augment, files, args.decode_batch, device, work)
     worst, mean = differences(loaded, alone)
     ok = worst == 0 and not corrupt
     what = "corrupted the other work's tensors" if corrupt else "not the same pixels as alone"
@@ -162,7 +181,7 @@ def decode_all(augment, files, batch, device, load):
     images, corrupt = [], False
     for start in range(0, len(files), batch):
         chunk = files[start:start + batch]
-        pending = load(device) if load else None
+        pending = load(device, len(chunk)) if load else None
         images += [im.cpu() for im in augment.decode(chunk, ["generated"] * len(chunk))]
         if pending:
             corrupt |= not pending()              # the other work's result, checked after the decode
@@ -176,18 +195,22 @@ def differences(images, reference):
     return max(int(d.max()) for d in diffs), mean
 
 
-def gpu_work(device):
-    """Queue work on the current stream that reads a tensor, then free the tensor: memory a decode must
-    not reuse while the work is queued. Returns a check, called after the decode, that the work's result
-    is right."""
+def gpu_work(device, n, image_bytes):
+    """Queue work on the current stream that reads n tensors the size of a decoded picture, then free
+    them: memory that the decode's outputs must not reuse while the work is queued. Freed blocks of the
+    outputs' own size are what the caching allocator hands the decode next (a block of another size
+    sits in another pool, and the check could not fail). Returns a check, called after the decode,
+    that the work read what was written, not decoded pixels."""
     if device.type != "cuda":
         return None
     x = torch.full((4096, 4096), 1.0 / 4096, device=device)
-    y = x
-    for _ in range(20):                      # ~20 matmuls queued: milliseconds the decode may overlap
-        y = y @ x
-    del x                                    # back to the allocator's pool while the matmuls still read it
-    return lambda: abs(y[0, 0].item() - 1.0 / 4096) < 1e-4
+    delay = x
+    for _ in range(20):                      # ~20 matmuls queued ahead: milliseconds the decode may overlap
+        delay = delay @ x
+    held = [torch.full((image_bytes,), 7, dtype=torch.uint8, device=device) for _ in range(n)]
+    total = torch.stack([t.sum() for t in held]).sum()          # read after the matmuls, on this stream
+    del held                                 # back to the pool while the reads are still queued
+    return lambda: total.item() == 7 * image_bytes * n
 
 
 # ----------------------------------------------------------------------------------------
@@ -203,7 +226,8 @@ def speed(report, args, device, root):
         for compiled in (False, True):
             flags = ["--data-path", root, "--recipe", "deit", "--depth", str(depth), "--batch-size",
                      str(args.batch), "--workers", str(args.workers), "--amp", amp, "--device", str(device),
-                     "--subset", str(args.images)] + (["--model", "small"] if not args.small else SMALL_MODEL)
+                     "--subset", str(args.images * args.copies)]
+            flags += SMALL_MODEL if args.small else ["--model", "small"]
             targs = train.get_args(flags)
             env = SimpleNamespace(rank=0, world=1, micro=args.batch, accum=1, device=device,
                                   log=lambda *a: None)
@@ -216,7 +240,7 @@ def speed(report, args, device, root):
             x = torch.randn(args.batch, 3, targs.img_size, targs.img_size, device=device)
             y = torch.randint(0, 1000, (args.batch,), device=device)
             alone = args.batch / timed(lambda: step(x, y), device, args.iters)
-            full = loader_and_model(loader, step, device, args.iters, args.batch)
+            full = loader_and_model(loader, step, device, args.loader_iters, args.batch)
             gmacs, peak = srvit.forward_gmacs(model), train.peak_flops(device)
             mfu = f"{train.mfu(gmacs, alone, peak):.1%}" if peak else "-"
             gpus = max(torch.cuda.device_count(), 1)
@@ -239,22 +263,45 @@ def training_step(model, opt, autocast):
 
 
 def loader_and_model(loader, step, device, iters, batch):
-    """img/s of whole training steps fed by train.py's loader (its first batches are a warm-up)."""
-    epochs = iter(range(10**6))
+    """img/s of whole training steps fed by train.py's loader, inside one epoch, as in a long run: the
+    epoch's start (workers starting, the pipeline filling) is the warm-up and is not timed."""
+    loader.set_epoch(0)
+    stream, warmup = iter(loader), warmup_steps(iters)
+    for _ in range(warmup):
+        step(*next(stream))
+    sync(device)
+    t0, steps = time.perf_counter(), 0
+    for x, y in itertools.islice(stream, iters):
+        step(x, y)
+        steps += 1
+    sync(device)
+    if steps < iters:
+        raise RuntimeError(f"the epoch had {warmup + steps} batches, fewer than {warmup} to warm up and "
+                           f"{iters} to time")
+    return steps * batch / (time.perf_counter() - t0)
 
-    def batches():                           # epoch after epoch: a few batches per epoch at small sizes
-        for epoch in epochs:
-            loader.set_epoch(epoch)
-            yield from loader
-    stream = batches()
-    for _ in range(2):
-        step(*next(stream))
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step(*next(stream))
-    sync(device)
-    return iters * batch / (time.perf_counter() - t0)
+
+def warmup_steps(iters):
+    return max(2, iters // 5)
+
+
+def linked_copies(root, copies):
+    """root's folder with each training file there `copies` times (hard links, else symlinks): an epoch
+    long enough to time the loader inside it, at no cost of generating more pictures."""
+    if copies <= 1:
+        return root
+    linked = os.path.join(root, "linked")
+    for split in ("train", "val"):
+        for d, _, names in os.walk(os.path.join(root, split)):
+            dest = os.path.join(linked, os.path.relpath(d, root))
+            os.makedirs(dest, exist_ok=True)
+            for name in names:
+                for c in range(copies if split == "train" else 1):
+                    try:
+                        os.link(os.path.join(d, name), os.path.join(dest, f"{c}-{name}"))
+                    except OSError:              # a filesystem without hard links
+                        os.symlink(os.path.join(d, name), os.path.join(dest, f"{c}-{name}"))
+    return linked
 
 
 # ----------------------------------------------------------------------------------------
@@ -265,7 +312,8 @@ def ddp_check(report, args, device, tmp):
     report.section("ddp", "DDP: 2 ranks, SIGTERM, resume", ["step", "exit code", "seconds", "result"])
     out = os.path.join(tmp, "ddp-run")
     train_py = os.path.join(ROOT, "train.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", train_py,
+    # --standalone: a free port on this machine (torchrun's default, 29500, may be taken)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", train_py,
            "--data", "fake", "--num-classes", "10", "--subset", "512", "--val-subset", "64", "--img-size",
            "32", "--patch-size", "8", "--embed-dim", "32", "--num-layers", "2", "--num-heads", "2",
            "--depth", "2", "--batch-size", "32", "--epochs", "2", "--workers", "0", "--save-every", "1",
@@ -319,11 +367,16 @@ def get_args(argv=None):
     p.add_argument("--tests", action="store_true", help="also run the test suite (minutes)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests use 'eager')")
     p.add_argument("--device", default=None, help="default: cuda if there is one, else cpu")
+    p.add_argument("--batch", type=int, default=None,
+                   help="the speed section's batch (default 256; with --small, 4)")
     args = p.parse_args(argv)
     small = args.small
     args.images = 32 if small else 512             # generated JPEGs (500 x 375, about 100 KB)
-    args.decode_batch, args.batch = (8, 4) if small else (128, 256)
+    args.decode_batch, args.batch = (8, args.batch or 4) if small else (128, args.batch or 256)
     args.iters, args.depth, args.epochs = (2 if small else 20), [1, 4], 300
+    args.loader_iters = 2 if small else 40         # loader + model: steps timed inside one epoch
+    # each picture linked this many times: an epoch of warm-up + timed steps (12,288 at batch 256)
+    args.copies = -(-(args.loader_iters + warmup_steps(args.loader_iters)) * args.batch // args.images)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     args.workers = 0 if small else min(8, cores)
     return args
@@ -338,22 +391,30 @@ def main(argv=None):
     sections += ["tests"] * args.tests
     print(f"node check on {name}: sections {', '.join(sections)}")
     report = Report(args.out)
-    with tempfile.TemporaryDirectory() as tmp:
-        machine(report, args, device)
-        if {"decode", "speed"} - set(args.skip):
-            print(f"generating {args.images} ImageNet-sized JPEGs...")
-            root = imagenet_like_folder(tmp, args.images, torch.Generator().manual_seed(0))
-        if "decode" not in args.skip:
-            decode_check(report, args, device, root)
-        if "speed" not in args.skip:
-            speed(report, args, device, root)
-        if "ddp" not in args.skip:
-            ddp_check(report, args, device, tmp)
-        if args.tests:
-            tests(report, args)
-    report.write(name)
+    try:                                   # the report is written however the check ends (Ctrl-C too)
+        with tempfile.TemporaryDirectory() as tmp:
+            report.attempt("machine", machine, args, device)
+            if {"decode", "speed"} - set(args.skip):
+                print(f"generating {args.images} ImageNet-sized JPEGs...")
+                root = imagenet_like_folder(tmp, args.images, torch.Generator().manual_seed(0))
+            if "decode" not in args.skip:
+                report.attempt("decode", decode_check, args, device, root)
+            if "speed" not in args.skip:
+                report.attempt("speed", speed, args, device, linked_copies(root, args.copies))
+            if "ddp" not in args.skip:
+                report.attempt("ddp", ddp_check, args, device, tmp)
+            if args.tests:
+                report.attempt("tests", tests, args)
+    finally:
+        report.write(name)
     return report
 
 
+def check_node(argv=None):
+    """The command line: exit code 1 when a check failed, so that a script can tell."""
+    if main(argv).failures:
+        raise SystemExit(1)
+
+
 if __name__ == "__main__":
-    sys.exit(runtime.cli(main, interrupted="interrupted"))
+    sys.exit(runtime.cli(check_node, interrupted="interrupted"))

@@ -81,7 +81,8 @@ def plan_state():
 
 
 COLOURS = {"last": (31, 119, 180), "soft": (214, 39, 40), "mean": (44, 160, 44), "soft-fixed": (255, 127, 14),
-           "last-fixed": (23, 190, 207), "soft-learned": (148, 103, 189)}
+           "last-fixed": (23, 190, 207), "soft-learned": (148, 103, 189), "soft-fixed-stack": (140, 86, 75),
+           "soft-halflr": (227, 119, 194)}
 
 
 def r1_anchor(blocks, variant):

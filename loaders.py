@@ -156,7 +156,7 @@ def pictures_in(folder, is_picture):
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))   # (so the first of two links wins)
         walked.append((root, sorted(f for f in files if not f.startswith("."))))
     return [os.path.join(root, f) for root, files in sorted(walked) for f in files
             if is_picture(os.path.join(root, f))]
@@ -233,11 +233,12 @@ def read_image(path):
 def to_rgb(im):
     """PIL's convert("RGB"), but 16-bit greyscale (PNG, TIFF) is scaled to 8 bits first: convert clips it
     at 255, which turns nearly every such picture white."""
-    if im.mode.startswith("I"):
+    if im.mode.startswith("I") or im.mode == "F":
         import numpy as np
         from PIL import Image
-        wide = np.asarray(im).astype(np.float64)                     # 0..65535
-        im = Image.fromarray(np.clip(np.round(wide / 257), 0, 255).astype(np.uint8))
+        wide = np.asarray(im).astype(np.float64)                     # 0..65535 (or 8-bit values kept wide)
+        scale = 257 if im.mode.startswith("I;16") or wide.max() > 255 else 1
+        im = Image.fromarray(np.clip(np.round(wide / scale), 0, 255).astype(np.uint8))
     return im.convert("RGB")
 
 
@@ -758,9 +759,9 @@ class DeviceAugment:
         if self.device.type == "cuda" and all(f[:2].tolist() == [0xFF, 0xD8] for f in files):
             try:
                 return gpu_decode(list(files), self.device, self)
-            except DEVICE_FAULTS:         # out of memory, a failing device: not the files' doing, not hidden
-                raise
-            except RuntimeError:          # a JPEG nvJPEG does not take (e.g. CMYK): this batch on the CPU
+            except RuntimeError as e:     # a JPEG nvJPEG does not take (e.g. CMYK): this batch on the CPU
+                if is_device_fault(e):    # ...but out of memory or a failing device is not hidden
+                    raise
                 self.cpu_decoded += len(files)
         elif self.device.type == "cuda":
             self.cpu_decoded += len(files)
@@ -860,6 +861,15 @@ def autocontrast(x):
 
 # Errors of the device itself (subclasses of RuntimeError), which a fallback must let through
 DEVICE_FAULTS = tuple(e for e in (torch.cuda.OutOfMemoryError, getattr(torch, "AcceleratorError", None)) if e)
+
+
+def is_device_fault(e):
+    """Whether an error of the batched decode is the device's, not the files'. torchvision re-raises
+    every nvJPEG and CUDA error as a plain RuntimeError ("Error while decoding JPEG images: ..."), so
+    the message tells them apart: out of memory, a CUDA error, nvJPEG's allocator failure."""
+    said = str(e).lower()
+    return isinstance(e, DEVICE_FAULTS) or any(
+        sign in said for sign in ("out of memory", "cuda error", "allocator", "failed to synchronize"))
 
 
 def gpu_decode(files, device, augment):

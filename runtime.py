@@ -251,7 +251,11 @@ class OutDir:
         except OSError as e:
             raise UserError(f"cannot create --out-dir {self.path} ({e.strerror}); choose another "
                             f"folder") from None
-        self.lock()
+        try:
+            self.lock()
+        except UserError as e:               # a failed start leaves no trace; another run's files stay
+            self.close(failed=not e.shared)  # (shared: the out-dir is another run's, which may write now)
+            raise
         for name in os.listdir(self.path):
             if name.endswith(".tmp"):
                 os.remove(os.path.join(self.path, name))

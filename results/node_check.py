@@ -20,6 +20,7 @@ Sections, each on whatever the machine has (on a CPU, the CPU stands in for the 
 """
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -56,6 +57,7 @@ class Report:
 
     def __init__(self, out):
         self.out, self.lines, self.data, self.failures, self.widths = out, [], {}, [], {}
+        self.interrupted = None             # the section a Ctrl-C stopped
 
     def section(self, name, title, header):
         self.lines += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
@@ -63,16 +65,19 @@ class Report:
         print(f"\n{title}")
 
     def attempt(self, name, check, *a):
-        """Run one section; an error in it becomes the section's FAIL row (its traceback on stderr) and
-        the next section still runs, so one broken part of a node never hides the others."""
+        """Run one section and return what it returns; an error in it becomes the section's FAIL row (its
+        traceback on stderr) and the next section still runs, so one broken part never hides the others."""
         try:
-            check(self, *a)
+            return check(self, *a)
+        except KeyboardInterrupt:
+            self.interrupted = name
+            raise
         except Exception as e:                  # any failure of the node's software is what we report
             traceback.print_exc()
             if name not in self.data:
-                self.section(name, name.capitalize(), ["error"])
-            oom = isinstance(e, torch.cuda.OutOfMemoryError)
-            fix = ("out of memory: re-run with a smaller --batch" if oom else
+                self.section(name, name.capitalize(), ["result", "error"])
+            fix = ("out of memory: see what else holds the GPU (nvidia-smi); for the speed section, re-run "
+                   "with a smaller --batch" if "out of memory" in str(e) else
                    "the traceback is on stderr; report it with this file")
             cells = ["the section stopped"] + ["-"] * (self.widths[name] - 2)
             self.row(name, *cells, f"{type(e).__name__}: {runtime.first_line(e)[:200]}", ok=False, fix=fix)
@@ -90,6 +95,9 @@ class Report:
         os.makedirs(self.out, exist_ok=True)
         verdict = ("every check passed" if not self.failures else
                    f"{len(self.failures)} check(s) FAILED:\n" + "\n".join(f"- {f}" for f in self.failures))
+        if self.interrupted:
+            verdict = (f"INTERRUPTED in the {self.interrupted} section (the sections after it did not run); "
+                       f"{verdict}")
         head = [f"# Node check: {device}", "", f"`python results/node_check.py {' '.join(sys.argv[1:])}`, "
                 f"{time.strftime('%Y-%m-%d %H:%M')}. Result: {verdict}"]
         with open(os.path.join(self.out, "node-check.md"), "w") as f:
@@ -118,12 +126,13 @@ def machine(report, args, device):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     per_rank = max(1, min(8, cores // max(gpus, 1)))
     report.row("machine", "CPU cores", cores, f"{per_rank} loader workers per rank by default")
-    ranks, workers = max(gpus, 1), per_rank
-    need = loaders.shm_in_flight(workers, 64, 224, ranks)
+    ranks = max(gpus, 1)
+    need = loaders.shm_in_flight(per_rank, 64, 224, ranks)            # what train.py's loaders will hold
     shm = shutil.disk_usage("/dev/shm") if os.path.isdir("/dev/shm") else None
     have = shm and shm.free                                  # free, not total: other jobs may hold some
-    report.row("machine", "/dev/shm", f"{shm.free / 2**30:.1f} GiB free of {shm.total / 2**30:.1f}" if shm
-               else "none", f"the loaders hold about {need / 2**30:.2f} GiB in flight on this node",
+    size = f"{shm.free / 2**30:.1f} GiB free of {shm.total / 2**30:.1f} GiB" if shm else "none"
+    report.row("machine", "/dev/shm", size,
+               f"the loaders hold about {need / 2**30:.2f} GiB in flight on this node",
                ok=have is None or have >= need,
                fix="run the container with --ipc=host or --shm-size=16g, or lower --workers")
     nccl = ".".join(map(str, torch.cuda.nccl.version())) if gpus else "-"
@@ -197,10 +206,13 @@ def differences(images, reference):
 
 def gpu_work(device, n, image_bytes):
     """Queue work on the current stream that reads n tensors the size of a decoded picture, then free
-    them: memory that the decode's outputs must not reuse while the work is queued. Freed blocks of the
-    outputs' own size are what the caching allocator hands the decode next (a block of another size
-    sits in another pool, and the check could not fail). Returns a check, called after the decode,
-    that the work read what was written, not decoded pixels."""
+    them: memory that queued work still reads. torchvision's decoder allocates its outputs on the
+    current stream, so the caching allocator would hand it these blocks next (same stream, same pool:
+    pictures under 1 MiB and these tensors both sit in the small-block pool) and nvJPEG would write
+    them before the work read them. loaders.gpu_decode decodes under a stream of its own, whose blocks
+    are apart: with it the check passes; without it, the work reads decoded pixels, or its fills
+    overwrite the decoded pictures, and the check fails. Returns a check, called after the decode, that
+    the work read what was written."""
     if device.type != "cuda":
         return None
     x = torch.full((4096, 4096), 1.0 / 4096, device=device)
@@ -217,6 +229,7 @@ def gpu_work(device, n, image_bytes):
 # speed
 
 def speed(report, args, device, root):
+    root = linked_copies(root, args.copies)
     model = "a tiny model (--small: width 32, 2 blocks, patch 32)" if args.small else "SR-ViT-S"
     report.section("speed", f"Speed: {model}, one device, batch {args.batch}",
                    ["R", "compile", "model alone img/s", "loader + model img/s", "loader's share", "MFU",
@@ -320,25 +333,44 @@ def ddp_check(report, args, device, tmp):
            "--out-dir", out, "--device", device.type]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     t0 = time.time()
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                             start_new_session=True)
-    while not os.path.exists(os.path.join(out,
-                                          "last.pt")) and first.poll() is None and time.time() - t0 < 300:
-        time.sleep(0.2)
-    if first.poll() is None:
-        os.killpg(first.pid, signal.SIGTERM)             # as Slurm does: the whole process group
-    log, code = first.communicate(timeout=300)[0], first.returncode
+    with job(cmd, env) as first:
+        while not os.path.exists(os.path.join(out, "last.pt")) and first.poll() is None \
+                and time.time() - t0 < 300:
+            time.sleep(0.2)
+        if first.poll() is None:                 # torchrun passes it on to its ranks (a Slurm preemption)
+            os.killpg(first.pid, signal.SIGTERM)
+        log, code = first.communicate(timeout=300)[0], first.returncode
     # Each rank exits 143 with one line; torchrun, signalled too, then exits 1 with its own SignalException.
     stopped = "stopped by SIGTERM" in log and os.path.exists(os.path.join(out, "last.pt"))
     report.row("ddp", "run, then SIGTERM to torchrun and its ranks once last.pt is written", code,
                round(time.time() - t0), "every rank stopped and saved" if stopped else tail(log), ok=stopped,
                fix="see the log above; a run on this node cannot be stopped and resumed safely")
     t0 = time.time()
-    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    log = second.stdout + second.stderr
+    with job(cmd, env) as second:
+        log = second.communicate(timeout=600)[0]
     resumed = second.returncode == 0 and "resumed from" in log and "done: best top-1" in log
     report.row("ddp", "the same command again: resume to the end", second.returncode, round(time.time() - t0),
                "resumed and finished" if resumed else tail(log), ok=resumed, fix="see the log above")
+
+
+@contextlib.contextmanager
+def job(cmd, env):
+    """A torchrun job in its own process group, ended if it is still running when the block ends (a
+    timeout, Ctrl-C), so that no rank holds a GPU while the next section runs. torchrun starts each rank
+    in a session of its own: SIGTERM to torchrun, which ends its ranks (SIGKILL after 30 s), reaches
+    them where a SIGKILL to torchrun would leave them running."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def tail(log):
@@ -375,8 +407,10 @@ def get_args(argv=None):
     args.decode_batch, args.batch = (8, args.batch or 4) if small else (128, args.batch or 256)
     args.iters, args.depth, args.epochs = (2 if small else 20), [1, 4], 300
     args.loader_iters = 2 if small else 40         # loader + model: steps timed inside one epoch
-    # each picture linked this many times: an epoch of warm-up + timed steps (12,288 at batch 256)
-    args.copies = -(-(args.loader_iters + warmup_steps(args.loader_iters)) * args.batch // args.images)
+    # each picture linked this many times: an epoch of warm-up + timed steps, with 255 to spare (DeiT's
+    # repeated-augmentation sampler rounds an epoch down to a multiple of 256): 12,800 at batch 256
+    need = (args.loader_iters + warmup_steps(args.loader_iters)) * args.batch + 255
+    args.copies = -(-need // args.images)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     args.workers = 0 if small else min(8, cores)
     return args
@@ -394,13 +428,13 @@ def main(argv=None):
     try:                                   # the report is written however the check ends (Ctrl-C too)
         with tempfile.TemporaryDirectory() as tmp:
             report.attempt("machine", machine, args, device)
+            root = None
             if {"decode", "speed"} - set(args.skip):
-                print(f"generating {args.images} ImageNet-sized JPEGs...")
-                root = imagenet_like_folder(tmp, args.images, torch.Generator().manual_seed(0))
-            if "decode" not in args.skip:
+                root = report.attempt("pictures", pictures, args, tmp)
+            if "decode" not in args.skip and root:
                 report.attempt("decode", decode_check, args, device, root)
-            if "speed" not in args.skip:
-                report.attempt("speed", speed, args, device, linked_copies(root, args.copies))
+            if "speed" not in args.skip and root:
+                report.attempt("speed", speed, args, device, root)
             if "ddp" not in args.skip:
                 report.attempt("ddp", ddp_check, args, device, tmp)
             if args.tests:
@@ -408,6 +442,11 @@ def main(argv=None):
     finally:
         report.write(name)
     return report
+
+
+def pictures(report, args, tmp):
+    print(f"generating {args.images} ImageNet-sized JPEGs...")
+    return imagenet_like_folder(tmp, args.images, torch.Generator().manual_seed(0))
 
 
 def check_node(argv=None):

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 import srvit
 from loaders import Normalize, OnDevice, build_dataset, mean_std, normalize_image, to_rgb, transforms
 from runtime import (ArgumentParser, UserError, check_device, checkpoint_of, cli, first_line, fmt_time,
-                     json_row, read_checkpoint, save_file, write_json)
+                     json_row, plural, read_checkpoint, save_file, write_json)
 from train import MAY_CHANGE, amp_context, evaluate
 
 # The paper's ImageNet-1K top-1, all that its abstract (arXiv 2607.00774) gives: SR-ViT-S at R = 1, 4; DeiT-B.
@@ -134,7 +134,7 @@ def evaluate_checkpoint(args):
     # uint8 to the device, normalised there
     loader = OnDevice(batches, Normalize(*mean_std(cfg.img_size), device))
     print(f"{args.checkpoint}: SR-ViT D={cfg.embed_dim} L={cfg.num_layers} R={cfg.depth} mixer={cfg.mixer} "
-          f"share={cfg.share}, trained {ckpt.get('epoch', '?')} epochs | {len(val):,} images of {data} on "
+          f"share={cfg.share}, trained {plural(ckpt.get('epoch', 0), 'epoch')} | {len(val):,} images of {data} on "
           f"{device}")
     r = {"checkpoint": args.checkpoint, "params": srvit.count_params(model),
          "gmacs": srvit.forward_gmacs(model, steps=steps), "steps": steps or cfg.depth,

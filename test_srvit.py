@@ -2420,6 +2420,34 @@ def test_curve_plot_gives_every_line_its_own_colour_and_says_how_many_runs(monke
 # ----------------------------------------------------------------------------------------
 # The GPU path, checked where a CPU can show it, and the node check (results/node_check.py)
 
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
+                               reason="needs a CUDA GPU (the node check's --tests runs the suite there)")
+
+
+@needs_gpu
+def test_gpu_batched_decode_gives_the_cpu_decoders_pixels_within_rounding():
+    # nvJPEG and libjpeg round the inverse DCT and the colour upsampling differently: a small mean
+    # difference, never a different picture.
+    args, _, _ = deit_augment()
+    aug, g = loaders.DeviceAugment(args, torch.device("cuda")), torch.Generator().manual_seed(3)
+    files = [encoded(smooth_image(g, 375, 500)) for _ in range(8)]
+    decoded = aug.decode(files, [f"{i}.jpg" for i in range(8)])
+    assert aug.cpu_decoded == 0 and all(im.is_cuda for im in decoded)
+    for got, data in zip(decoded, files):
+        diff = (got.cpu().int() - loaders.cpu_decode(data, "x.jpg").int()).abs()
+        assert diff.float().mean() <= 2.0 and diff.max() <= 64, (diff.float().mean(), diff.max())
+
+
+@needs_gpu
+def test_gpu_run_trains_saves_and_evaluates_as_it_recorded(tmp_path):
+    out = str(tmp_path / "run")
+    on_gpu = [("cuda" if a == "cpu" else a) for a in FAKE]                         # bf16 where the GPU has it
+    train.main(on_gpu + ["--depth", "2", "--epochs", "1", "--out-dir", out])
+    saved = epoch_rows(out)[-1][3]                                                  # its top-1
+    res = srvit_eval.main(["--checkpoint", os.path.join(out, "last.pt"), "--device", "cuda", "--workers",
+                           "0"])
+    assert res["images"] == 64 and abs(res["top1"] - saved) <= 2 * 100 / 64       # two images may flip
+
 def test_every_loader_sends_uint8_through_shared_memory_and_the_device_normalises(tmp_path):
     # What loader workers hand over crosses /dev/shm: uint8 pixels (or file bytes), never float32.
     root = make_image_folder(tmp_path / "data", n=8, size=100)

@@ -133,9 +133,9 @@ def evaluate_checkpoint(args):
                                           pin_memory=device.type == "cuda")
     # uint8 to the device, normalised there
     loader = OnDevice(batches, Normalize(*mean_std(cfg.img_size), device))
+    trained = plural(ckpt.get("epoch", 0), "epoch")
     print(f"{args.checkpoint}: SR-ViT D={cfg.embed_dim} L={cfg.num_layers} R={cfg.depth} mixer={cfg.mixer} "
-          f"share={cfg.share}, trained {plural(ckpt.get('epoch', 0), 'epoch')} | {len(val):,} images of {data} "
-          f"on {device}")
+          f"share={cfg.share}, trained {trained} | {len(val):,} images of {data} on {device}")
     r = {"checkpoint": args.checkpoint, "params": srvit.count_params(model),
          "gmacs": srvit.forward_gmacs(model, steps=steps), "steps": steps or cfg.depth,
          **run_split(model, loader, device, autocast, steps, progress="evaluating")}

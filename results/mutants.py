@@ -93,9 +93,9 @@ BUGS = [
     ("class-folders-read-hidden-files", "loaders.py",
      'walked.append((root, sorted(f for f in files if not f.startswith("."))))',
      "walked.append((root, sorted(files)))"),
-    ("json-table-closed-after-its-rename", "runtime.py",
-     "        with open(tmp, \"w\") as f:        # closed before the rename: a full disk fails here, not after\n"
-     "            f.write(json.dumps(obj, indent=1))",
+    ("json-table-left-unclosed-its-flush-error-swallowed", "runtime.py",
+     "        with open(tmp, \"w\") as f:        # closed before the rename: "
+     "a full disk fails here, not after\n            f.write(json.dumps(obj, indent=1))",
      "        open(tmp, \"w\").write(json.dumps(obj, indent=1))"),
 ]
 

@@ -32,7 +32,12 @@ EPOCHS=15
 COMMON="--data cifar10 --embed-dim 64 --num-layers 6 --num-heads 4 --patch-size 8 --batch-size 128 --lr 1e-3 \
   --epochs $EPOCHS --workers 0 --log-interval 100"
 freeze_code() {   # $STUDY/code: the code the runs use, and its commit; on a new $STUDY, the plan's finished runs
-  [ -f "$STUDY/code/train.py" ] && return
+  if [ -f "$STUDY/code/train.py" ]; then
+    if [ -f "$OUT/frozen.patch" ] && ! grep -q frozen.patch "$STUDY/code/COMMIT"; then   # frozen before the patch
+      echo "warning: $STUDY/code predates $OUT/frozen.patch: patch -p1 -d $STUDY/code < $OUT/frozen.patch"
+    fi
+    return
+  fi
   mkdir -p "$STUDY/code"
   if [ -z "$FROZEN" ]; then
     for f in $CODE; do [ -f "$ROOT/$f" ] && cp "$ROOT/$f" "$STUDY/code/"; done

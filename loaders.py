@@ -17,6 +17,7 @@ and the pil and device paths draw the same crops, flips and ops for the same sam
 import hashlib
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -233,12 +234,11 @@ def read_image(path):
 def to_rgb(im):
     """PIL's convert("RGB"), but 16-bit greyscale (PNG, TIFF) is scaled to 8 bits first: convert clips it
     at 255, which turns nearly every such picture white."""
-    if im.mode.startswith("I") or im.mode == "F":
+    if im.mode.startswith("I"):                                    # (older Pillow opens 16-bit PNGs as "I")
         import numpy as np
         from PIL import Image
-        wide = np.asarray(im).astype(np.float64)                     # 0..65535 (or 8-bit values kept wide)
-        scale = 257 if im.mode.startswith("I;16") or wide.max() > 255 else 1
-        im = Image.fromarray(np.clip(np.round(wide / scale), 0, 255).astype(np.uint8))
+        wide = np.asarray(im).astype(np.float64)                     # 0..65535
+        im = Image.fromarray(np.clip(np.round(wide / 257), 0, 255).astype(np.uint8))
     return im.convert("RGB")
 
 
@@ -862,14 +862,19 @@ def autocontrast(x):
 # Errors of the device itself (subclasses of RuntimeError), which a fallback must let through
 DEVICE_FAULTS = tuple(e for e in (torch.cuda.OutOfMemoryError, getattr(torch, "AcceleratorError", None)) if e)
 
+# torchvision's "Failed to decode batch: <status>": nvJPEG's allocator (5), execution (6) and internal (8)
+# failures are the device's; a bad or unsupported JPEG (3, 4) is the file's
+NVJPEG_DEVICE_STATUS = re.compile(r"failed to [^:]*: [568]$")
 
 def is_device_fault(e):
     """Whether an error of the batched decode is the device's, not the files'. torchvision re-raises
     every nvJPEG and CUDA error as a plain RuntimeError ("Error while decoding JPEG images: ..."), so
-    the message tells them apart: out of memory, a CUDA error, nvJPEG's allocator failure."""
+    the message tells them apart: out of memory, a CUDA error, nvJPEG's status for a device failure."""
     said = str(e).lower()
-    return isinstance(e, DEVICE_FAULTS) or any(
-        sign in said for sign in ("out of memory", "cuda error", "allocator", "failed to synchronize"))
+    return (isinstance(e, DEVICE_FAULTS) or NVJPEG_DEVICE_STATUS.search(said) is not None
+            or any(sign in said for sign in ("out of memory", "cuda error", "cuda driver error",
+                                             "failed to synchronize")))
+
 
 
 def gpu_decode(files, device, augment):

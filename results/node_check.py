@@ -96,8 +96,9 @@ class Report:
         verdict = ("every check passed" if not self.failures else
                    f"{len(self.failures)} check(s) FAILED:\n" + "\n".join(f"- {f}" for f in self.failures))
         if self.interrupted:
-            verdict = (f"INTERRUPTED in the {self.interrupted} section (the sections after it did not run); "
-                       f"{verdict}")
+            where = "between sections" if self.interrupted == "between sections" else \
+                f"in the {self.interrupted} section"
+            verdict = f"INTERRUPTED {where} (the sections after it did not run); {verdict}"
         head = [f"# Node check: {device}", "", f"`python results/node_check.py {' '.join(sys.argv[1:])}`, "
                 f"{time.strftime('%Y-%m-%d %H:%M')}. Result: {verdict}"]
         with open(os.path.join(self.out, "node-check.md"), "w") as f:
@@ -327,47 +328,52 @@ def ddp_check(report, args, device, tmp):
     train_py = os.path.join(ROOT, "train.py")
     # --standalone: a free port on this machine (torchrun's default, 29500, may be taken)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", train_py,
-           "--data", "fake", "--num-classes", "10", "--subset", "512", "--val-subset", "64", "--img-size",
+           "--data", "fake", "--num-classes", "10", "--subset", "2048", "--val-subset", "64", "--img-size",
            "32", "--patch-size", "8", "--embed-dim", "32", "--num-layers", "2", "--num-heads", "2",
            "--depth", "2", "--batch-size", "32", "--epochs", "2", "--workers", "0", "--save-every", "1",
            "--out-dir", out, "--device", device.type]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     t0 = time.time()
-    with job(cmd, env) as first:
+    # 64 steps an epoch, 2 epochs: the signal lands long before the run's end, even on a fast node
+    with job(cmd, env, os.path.join(tmp, "ddp-first.log")) as first:
         while not os.path.exists(os.path.join(out, "last.pt")) and first.poll() is None \
                 and time.time() - t0 < 300:
-            time.sleep(0.2)
+            time.sleep(0.05)
         if first.poll() is None:                 # torchrun passes it on to its ranks (a Slurm preemption)
             os.killpg(first.pid, signal.SIGTERM)
-        log, code = first.communicate(timeout=300)[0], first.returncode
+        first.wait(timeout=300)
+    log, code = first.log(), first.returncode
     # Each rank exits 143 with one line; torchrun, signalled too, then exits 1 with its own SignalException.
     stopped = "stopped by SIGTERM" in log and os.path.exists(os.path.join(out, "last.pt"))
     report.row("ddp", "run, then SIGTERM to torchrun and its ranks once last.pt is written", code,
                round(time.time() - t0), "every rank stopped and saved" if stopped else tail(log), ok=stopped,
                fix="see the log above; a run on this node cannot be stopped and resumed safely")
     t0 = time.time()
-    with job(cmd, env) as second:
-        log = second.communicate(timeout=600)[0]
+    with job(cmd, env, os.path.join(tmp, "ddp-second.log")) as second:
+        second.wait(timeout=600)
+    log = second.log()
     resumed = second.returncode == 0 and "resumed from" in log and "done: best top-1" in log
     report.row("ddp", "the same command again: resume to the end", second.returncode, round(time.time() - t0),
                "resumed and finished" if resumed else tail(log), ok=resumed, fix="see the log above")
 
 
 @contextlib.contextmanager
-def job(cmd, env):
-    """A torchrun job in its own process group, ended if it is still running when the block ends (a
-    timeout, Ctrl-C), so that no rank holds a GPU while the next section runs. torchrun starts each rank
-    in a session of its own: SIGTERM to torchrun, which ends its ranks (SIGKILL after 30 s), reaches
-    them where a SIGKILL to torchrun would leave them running."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+def job(cmd, env, log_path):
+    """A torchrun job in its own process group, its output in log_path (a file: a pipe nobody reads
+    until the end fills up under NCCL_DEBUG=INFO and blocks the ranks), ended if it is still running
+    when the block ends (a timeout, Ctrl-C) so that no rank holds a GPU while the next section runs.
+    torchrun starts each rank in a session of its own: SIGTERM to torchrun, which ends its ranks
+    (SIGKILL after 30 s), reaches them where a SIGKILL to torchrun would leave them running."""
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc.log = lambda: open(log_path).read()
     try:
         yield proc
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
-                proc.communicate(timeout=60)
+                proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -439,6 +445,9 @@ def main(argv=None):
                 report.attempt("ddp", ddp_check, args, device, tmp)
             if args.tests:
                 report.attempt("tests", tests, args)
+    except KeyboardInterrupt:               # (between sections: attempt names the section it stopped)
+        report.interrupted = report.interrupted or "between sections"
+        raise
     finally:
         report.write(name)
     return report
@@ -450,7 +459,9 @@ def pictures(report, args, tmp):
 
 
 def check_node(argv=None):
-    """The command line: exit code 1 when a check failed, so that a script can tell."""
+    """The command line: exit code 1 when a check failed, so that a script can tell. SIGTERM (a job's
+    time limit, `timeout`) stops it as Ctrl-C does: the report is written, no torchrun job is left."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if main(argv).failures:
         raise SystemExit(1)
 

@@ -289,7 +289,6 @@ def numpy_rgb(data, path):
 # ----------------------------------------------------------------------------------------
 # The seeded sampler: the order and each sample's augmentation follow from the seed
 
-
 def seed_for(*keys):
     """A 63-bit seed for one random stream, e.g. seed_for("aug", seed, epoch, rank, batch).
     Hashing the whole key keeps streams apart: an arithmetic mix such as seed*10000 + epoch*100
@@ -866,6 +865,7 @@ DEVICE_FAULTS = tuple(e for e in (torch.cuda.OutOfMemoryError, getattr(torch, "A
 # failures are the device's; a bad or unsupported JPEG (3, 4) is the file's
 NVJPEG_DEVICE_STATUS = re.compile(r"failed to [^:]*: [568]$")
 
+
 def is_device_fault(e):
     """Whether an error of the batched decode is the device's, not the files'. torchvision re-raises
     every nvJPEG and CUDA error as a plain RuntimeError ("Error while decoding JPEG images: ..."), so
@@ -874,7 +874,6 @@ def is_device_fault(e):
     return (isinstance(e, DEVICE_FAULTS) or NVJPEG_DEVICE_STATUS.search(said) is not None
             or any(sign in said for sign in ("out of memory", "cuda error", "cuda driver error",
                                              "failed to synchronize")))
-
 
 
 def gpu_decode(files, device, augment):

@@ -2562,9 +2562,16 @@ def test_resume_with_more_epochs_extends_the_run(tmp_path, capsys):
     assert ckpt["epoch"] == 2 and ckpt["args"]["epochs"] == 2
 
 
-def test_slow_node_check_runs_every_section_on_a_cpu_and_reports_failures(tmp_path, monkeypatch):
-    sys.path.insert(0, os.path.join(HERE, "results"))
+def node_check_script():
+    """results/node_check.py (a script beside its outputs, not a package), as a module."""
+    if os.path.join(HERE, "results") not in sys.path:
+        sys.path.insert(0, os.path.join(HERE, "results"))
     import node_check
+    return node_check
+
+
+def test_slow_node_check_runs_every_section_on_a_cpu_and_reports_failures(tmp_path, monkeypatch):
+    node_check = node_check_script()
     roomy_shm = SimpleNamespace(total=2**36, free=2**36)                 # (this machine's own may be small)
     monkeypatch.setattr(node_check.shutil, "disk_usage", lambda path: roomy_shm)
     report = node_check.main(["--small", "--out", str(tmp_path), "--compile-backend", "eager", "--device",
@@ -2585,12 +2592,6 @@ def test_slow_node_check_runs_every_section_on_a_cpu_and_reports_failures(tmp_pa
     md = (tmp_path / "node-check.md").read_text()
     assert "check(s) FAILED" in md and "FAIL: " in md and "--shm-size" in md and "--loader pil" in md
     assert len(report.failures) == 2                       # /dev/shm, and the decode against the CPU
-
-
-def node_check_script():
-    sys.path.insert(0, os.path.join(HERE, "results"))
-    import node_check
-    return node_check
 
 
 def test_node_check_reports_a_section_that_fails_and_goes_on_and_exits_1(tmp_path, monkeypatch):

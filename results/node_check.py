@@ -57,7 +57,7 @@ class Report:
 
     def __init__(self, out):
         self.out, self.lines, self.data, self.failures, self.widths = out, [], {}, [], {}
-        self.interrupted = None             # the section a Ctrl-C stopped
+        self.interrupted = None             # where a Ctrl-C stopped the check: "in the decode section"
 
     def section(self, name, title, header):
         self.lines += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
@@ -70,7 +70,7 @@ class Report:
         try:
             return check(self, *a)
         except KeyboardInterrupt:
-            self.interrupted = name
+            self.interrupted = f"in the {name} section"
             raise
         except Exception as e:                  # any failure of the node's software is what we report
             traceback.print_exc()
@@ -96,9 +96,7 @@ class Report:
         verdict = ("every check passed" if not self.failures else
                    f"{len(self.failures)} check(s) FAILED:\n" + "\n".join(f"- {f}" for f in self.failures))
         if self.interrupted:
-            where = "between sections" if self.interrupted == "between sections" else \
-                f"in the {self.interrupted} section"
-            verdict = f"INTERRUPTED {where} (the sections after it did not run); {verdict}"
+            verdict = f"INTERRUPTED {self.interrupted} (the sections after it did not run); {verdict}"
         head = [f"# Node check: {device}", "", f"`python results/node_check.py {' '.join(sys.argv[1:])}`, "
                 f"{time.strftime('%Y-%m-%d %H:%M')}. Result: {verdict}"]
         with open(os.path.join(self.out, "node-check.md"), "w") as f:

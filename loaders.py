@@ -461,11 +461,12 @@ def check_shared_memory(workers, batch, img_size, env):
     if not workers or not os.path.isdir("/dev/shm"):
         return
     need = shm_in_flight(workers, batch, img_size, int(os.environ.get("LOCAL_WORLD_SIZE", env.world)))
-    have = shutil.disk_usage("/dev/shm").total
-    if have < need:
-        env.log(f"warning: /dev/shm holds {have / 2**20:,.0f} MiB, and the loader workers of this node will "
-                f"hold about {need / 2**20:,.0f} MiB in it: run the container with --ipc=host or "
-                f"--shm-size=16g, or lower --workers (loader workers die with 'bus error' when it is full)")
+    shm = shutil.disk_usage("/dev/shm")          # free space: other jobs of the node may already hold some
+    if shm.free < need:
+        env.log(f"warning: /dev/shm has {shm.free / 2**20:,.0f} MiB free (of {shm.total / 2**20:,.0f} MiB), "
+                f"and the loader workers of this node will hold about {need / 2**20:,.0f} MiB in it: run "
+                f"the container with --ipc=host or --shm-size=16g, free it, or lower --workers (loader "
+                f"workers die with 'bus error' when it is full)")
 
 
 def ignore_signals(worker_id):

@@ -2528,12 +2528,16 @@ def test_a_small_dev_shm_is_named_at_start(tmp_path, monkeypatch):
     args = train.get_args(["--data-path", root, "--loader", "pil", "--workers", "8", "--batch-size", "4"])
     lines = []
     env = SimpleNamespace(rank=0, world=1, micro=4, device=torch.device("cpu"), log=lines.append)
-    # Docker's 64 MB
-    monkeypatch.setattr(loaders.shutil, "disk_usage", lambda path: SimpleNamespace(total=64 * 2**20))
-    loaders.build_loaders(args, env)
-    assert any("/dev/shm holds 64 MiB" in line and "--shm-size" in line for line in lines), lines
+    # Docker's 64 MB, then 64 GB that other jobs have filled but for 64 MB, then 64 GB free
+    for total, free in ((64 * 2**20, 64 * 2**20), (64 * 2**30, 64 * 2**20)):
+        lines.clear()
+        shm = SimpleNamespace(total=total, free=free)
+        monkeypatch.setattr(loaders.shutil, "disk_usage", lambda path: shm)
+        loaders.build_loaders(args, env)
+        assert any("/dev/shm has 64 MiB free" in line and "--shm-size" in line for line in lines), lines
     lines.clear()
-    monkeypatch.setattr(loaders.shutil, "disk_usage", lambda path: SimpleNamespace(total=64 * 2**30))
+    monkeypatch.setattr(loaders.shutil, "disk_usage", lambda path: SimpleNamespace(total=64 * 2**30,
+                                                                                    free=64 * 2**30))
     loaders.build_loaders(args, env)
     assert not any("/dev/shm" in line for line in lines)
 

@@ -230,9 +230,10 @@ def gpu_work(device, n, image_bytes):
 def speed(report, args, device, root):
     root = linked_copies(root, args.copies)
     model = "a tiny model (--small: width 32, 2 blocks, patch 32)" if args.small else "SR-ViT-S"
+    devices = torch.cuda.device_count() if device.type == "cuda" else 1   # the node's ranks, one per GPU
     report.section("speed", f"Speed: {model}, one device, batch {args.batch}",
                    ["R", "compile", "model alone img/s", "loader + model img/s", "loader's share", "MFU",
-                    f"{args.epochs} ImageNet epochs on {max(torch.cuda.device_count(), 1)} device(s)"])
+                    f"{args.epochs} ImageNet epochs on {devices} device{'s' * (devices > 1)}"])
     amp = "bf16" if device.type == "cuda" else "none"
     for depth in args.depth:
         for compiled in (False, True):
@@ -255,8 +256,7 @@ def speed(report, args, device, root):
             full = loader_and_model(loader, step, device, args.loader_iters, args.batch)
             gmacs, peak = srvit.forward_gmacs(model), train.peak_flops(device)
             mfu = f"{train.mfu(gmacs, alone, peak):.1%}" if peak else "-"
-            gpus = max(torch.cuda.device_count(), 1)
-            hours = args.epochs * IMAGENET_TRAIN / (min(alone, full) * gpus) / 3600
+            hours = args.epochs * IMAGENET_TRAIN / (min(alone, full) * devices) / 3600
             report.row("speed", depth, "yes" if compiled else "no", f"{alone:,.0f}", f"{full:,.0f}",
                        f"{max(0.0, 1 - full / alone):.0%}", mfu, f"{hours:,.1f} h (derived)")
 

@@ -2,6 +2,7 @@
 
 import copy
 import errno
+import functools
 import glob
 import itertools
 import json
@@ -1467,6 +1468,33 @@ def test_resume_under_gradient_accumulation_repeats_the_uninterrupted_run(tmp_pa
     with pytest.raises(runtime.Stopped):
         train.main(args + ["--out-dir", cut])
     assert torch.load(os.path.join(cut, "last.pt"), weights_only=True)["step"] == 3
+    monkeypatch.setattr(train, "lr_at", lr_at)
+    resumed = train.main(args + ["--out-dir", cut])
+    assert epoch_rows(cut) == epoch_rows(str(tmp_path / "whole"))
+    assert_same_weights(resumed.state_dict(), whole.state_dict())
+
+
+def test_resume_in_fp16_restores_the_loss_scale(tmp_path, monkeypatch):
+    # The loss scale is training state: it sets which steps are skipped for overflowing gradients. A
+    # scale that grows after every clean step (timm's and PyTorch's default waits 2000) overflows every
+    # few steps here, so a resume that restarted from the initial scale would skip other steps.
+    growing = functools.partial(torch.amp.GradScaler, init_scale=2.0**10, growth_interval=1)
+    monkeypatch.setattr(torch.amp, "GradScaler", growing)
+    args = FAKE + ["--depth", "2", "--epochs", "2", "--amp", "fp16"]
+    whole = train.main(args + ["--out-dir", str(tmp_path / "whole")])
+    lr_at, calls = train.lr_at, []
+
+    def signal_at_step_5(*a):            # SIGTERM arrives during step 5 of epoch 1 (2 param groups)
+        calls.append(1)
+        if len(calls) == 2 * 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return lr_at(*a)
+    monkeypatch.setattr(train, "lr_at", signal_at_step_5)
+    cut = str(tmp_path / "cut")
+    with pytest.raises(runtime.Stopped):
+        train.main(args + ["--out-dir", cut])
+    scale = torch.load(os.path.join(cut, "last.pt"), weights_only=True)["scaler"]["scale"]
+    assert scale != 2.0**10                              # the scale moved before the stop
     monkeypatch.setattr(train, "lr_at", lr_at)
     resumed = train.main(args + ["--out-dir", cut])
     assert epoch_rows(cut) == epoch_rows(str(tmp_path / "whole"))

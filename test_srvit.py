@@ -2862,6 +2862,39 @@ def test_class_folders_skip_hidden_files_and_folders_and_walk_a_link_loop_once(t
     assert [os.path.dirname(p) for p, _ in samples] == sorted(os.path.dirname(p) for p, _ in samples)
 
 
+def test_two_links_to_one_folder_list_its_pictures_once_whatever_order_the_disk_lists_them(tmp_path,
+                                                                                           monkeypatch):
+    # The folder behind two links is walked once, through the first link by name: the same sample
+    # paths (so the same --subset draw and the same checkpoint's data record) on every filesystem.
+    from PIL import Image
+    os.makedirs(tmp_path / "cat" / "real")
+    Image.new("RGB", (8, 8)).save(tmp_path / "cat" / "real" / "0.png")
+    for link in ("a", "z"):
+        os.symlink("real", tmp_path / "cat" / link)
+    listed = loaders.pictures_in(str(tmp_path / "cat"), lambda path: True)
+    scandir = os.scandir
+
+    class Backwards:                        # a filesystem that lists entries in the other order
+        def __init__(self, path):
+            with scandir(path) as entries:
+                self.entries = iter(sorted(entries, key=lambda entry: entry.name, reverse=True))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return next(self.entries)
+    monkeypatch.setattr(os, "scandir", Backwards)
+    assert loaders.pictures_in(str(tmp_path / "cat"), lambda path: True) == listed
+    assert listed == [str(tmp_path / "cat" / "a" / "0.png")]
+
+
 def test_classify_reads_a_16_bit_picture_as_its_8_bit_twin():
     from PIL import Image
     model = tiny(depth=1)

@@ -12,7 +12,6 @@ are numbered 1..L (block l's mixer is mixer l), -1 the last. Benchmarks: results
 
 import argparse
 import glob
-import json
 import math
 import os
 import statistics
@@ -26,8 +25,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 import srvit
 from loaders import Normalize, OnDevice, build_dataset, mean_std, normalize_image, to_rgb, transforms
-from runtime import (ArgumentParser, UserError, check_device, checkpoint_of, cli, first_line, fmt_time,
-                     json_row, plural, read_checkpoint, save_file, write_json)
+from runtime import (BEFORE_THE_FLAG, ArgumentParser, UserError, check_device, checkpoint_of, cli, first_line,
+                     fmt_time, json_row, plural, read_checkpoint, save_file, write_json)
 from train import MAY_CHANGE, amp_context, evaluate
 
 # The paper's ImageNet-1K top-1, all that its abstract (arXiv 2607.00774) gives: SR-ViT-S at R = 1, 4; DeiT-B.
@@ -90,11 +89,10 @@ def run_split(model, loader, device, autocast, steps=None, progress=None):
     def say(line):
         print("  " + line.replace("evaluating", progress, 1), file=sys.stderr)
     t0 = time.time()
-    m = evaluate(model, loader, device, autocast, steps, log=say if progress else None,
-                 every=max(1, len(loader) // 10), watch=watch)
-    model.eval()
-    out = {"top1": m["top1"], "top5": m["top5"], "loss": m["val_loss"], "images": m["val_images"],
-           "images_per_s": m["val_images"] / (time.time() - t0)}
+    metrics = evaluate(model, loader, device, autocast, steps, log=say if progress else None,
+                       every=max(1, len(loader) // 10), watch=watch)
+    out = {"top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["val_loss"],
+           "images": metrics["val_images"], "images_per_s": metrics["val_images"] / (time.time() - t0)}
     if seen["tokens"]:
         out["step_weights"] = (seen["weights"] / seen["tokens"]).tolist()    # [mixer - 1][step - 1]
         out["entropy"] = (seen["entropy"] / seen["tokens"]).tolist()         # [mixer - 1], nats
@@ -136,21 +134,22 @@ def evaluate_checkpoint(args):
     trained = plural(ckpt.get("epoch", 0), "epoch")
     print(f"{args.checkpoint}: SR-ViT D={cfg.embed_dim} L={cfg.num_layers} R={cfg.depth} mixer={cfg.mixer} "
           f"share={cfg.share}, trained {trained} | {len(val):,} images of {data} on {device}")
-    r = {"checkpoint": args.checkpoint, "params": srvit.count_params(model),
-         "gmacs": srvit.forward_gmacs(model, steps=steps), "steps": steps or cfg.depth,
-         **run_split(model, loader, device, autocast, steps, progress="evaluating")}
-    print(f"top-1 {r['top1']:.2f} | top-5 {r['top5']:.2f} | loss {r['loss']:.4f} | {r['images_per_s']:,.0f} "
-          f"images/s (with data loading) | {r['params']:,} params | {r['gmacs']:.3g} GMACs/image")
-    if "step_weights" in r:
-        print_mixture_weights(r, cfg.mixer)
+    result = {"checkpoint": args.checkpoint, "params": srvit.count_params(model),
+              "gmacs": srvit.forward_gmacs(model, steps=steps), "steps": steps or cfg.depth,
+              **run_split(model, loader, device, autocast, steps, progress="evaluating")}
+    print("top-1 {top1:.2f} | top-5 {top5:.2f} | loss {loss:.4f} | {images_per_s:,.0f} images/s (with data "
+          "loading) | {params:,} params | {gmacs:.3g} GMACs/image".format(**result))
+    if "step_weights" in result:
+        print_mixture_weights(result, cfg.mixer)
     if args.steps == "all":
         passes = [run_split(model, loader, device, autocast, k, progress=f"steps {k}")
-                  for k in range(1, cfg.depth)] + [r]
-        r["anytime"] = [{"steps": k, "top1": p["top1"], "top5": p["top5"],
-                         "gmacs": srvit.forward_gmacs(model, steps=k)} for k, p in enumerate(passes, 1)]
+                  for k in range(1, cfg.depth)] + [result]
+        result["anytime"] = [{"steps": k, "top1": split["top1"], "top5": split["top5"],
+                              "gmacs": srvit.forward_gmacs(model, steps=k)}
+                             for k, split in enumerate(passes, 1)]
         print("\nAnytime inference: the first k steps of the same model\n| steps k | top-1 | top-5 | GMACs |")
         print("|---|---|---|---|")
-        for row in r["anytime"]:
+        for row in result["anytime"]:
             print("| {steps} | {top1:.2f} | {top5:.2f} | {gmacs:.3g} |".format(**row))
     if args.maps:
         # spread over the split
@@ -160,18 +159,18 @@ def evaluate_checkpoint(args):
         print()
         save_file(args.maps, picture.save)
     if args.json:
-        write_json(args.json, r)
-    return r
+        write_json(args.json, result)
+    return result
 
 
-def print_mixture_weights(r, mixer):
+def print_mixture_weights(result, mixer):
     """The table of each mixer's mean weight per step and its entropy (uniform: log k nats)."""
     print(f"\nMixture weights ({mixer}), mean over validation tokens; entropy (uniform "
-          f"{math.log(r['steps']):.3f} nats)")
-    print("| | " + " | ".join(f"step {k + 1}" for k in range(r["steps"])) + " | entropy |")
-    print("|---" * (r["steps"] + 2) + "|")
-    for i, (w, e) in enumerate(zip(r["step_weights"], r["entropy"])):
-        print(f"| mixer {i + 1} | " + " | ".join(f"{v:.3f}" for v in w) + f" | {abs(e):.3f} |")
+          f"{math.log(result['steps']):.3f} nats)")
+    print("| | " + " | ".join(f"step {k + 1}" for k in range(result["steps"])) + " | entropy |")
+    print("|---" * (result["steps"] + 2) + "|")
+    for i, (weights, entropy) in enumerate(zip(result["step_weights"], result["entropy"])):
+        print(f"| mixer {i + 1} | " + " | ".join(f"{w:.3f}" for w in weights) + f" | {abs(entropy):.3f} |")
 
 
 # ----------------------------------------------------------------------------------------
@@ -194,10 +193,11 @@ def font(size=13):
         return ImageFont.load_default()
 
 
-def mixer_index(mixer, n, flag="mixer="):
-    """Mixer 1..n, or -1 for the last (-2 the one before) -> its index in the model's list."""
+def mixer_index(mixer, n, named_as="mixer="):
+    """Mixer 1..n, or -1 for the last (-2 the one before) -> its index in the model's list; named_as is
+    how the caller's user wrote it (a flag, an argument)."""
     if not (1 <= mixer <= n or -n <= mixer <= -1):
-        raise UserError(f"{flag}{mixer}: this model has {n} mixers, numbered 1..{n} (or -1 for the last)"
+        raise UserError(f"{named_as}{mixer}: this model has {n} mixers, numbered 1..{n} (or -1 for the last)"
                         if n else "a depth-1 model has no mixer, so there are no weights to draw")
     return mixer - 1 if mixer > 0 else n + mixer
 
@@ -257,31 +257,32 @@ def draw_lines(panel, series, title, xlabel, ylabel, xticks):
     ys = [y for _, pts, _, _ in series for _, *y_range in pts for y in y_range]
     span = max(max(ys) - min(ys), 1.0)
     lo, hi = min(ys) - 0.15 * span, max(ys) + 0.15 * span
-    X = lambda x: left + (x - min(xticks)) / max(1, max(xticks) - min(xticks)) * (W - left - right)
-    Y = lambda y: H - bottom - (y - lo) / (hi - lo) * (H - top - bottom)
+    x_px = lambda x: left + (x - min(xticks)) / max(1, max(xticks) - min(xticks)) * (W - left - right)
+    y_px = lambda y: H - bottom - (y - lo) / (hi - lo) * (H - top - bottom)
     draw.text((left, 8), title, fill="black")
     draw.rectangle([left, top, W - right, H - bottom], outline="black")
     for x in xticks:
-        draw.line([(X(x), H - bottom), (X(x), H - bottom + 4)], fill="black")
-        draw.text((X(x) - 3, H - bottom + 6), str(x), fill="black")
-    step = 10 ** math.floor(math.log10((hi - lo) / 4))
-    step *= 5 if (hi - lo) / step > 20 else (2 if (hi - lo) / step > 8 else 1)
+        draw.line([(x_px(x), H - bottom), (x_px(x), H - bottom + 4)], fill="black")
+        draw.text((x_px(x) - 3, H - bottom + 6), str(x), fill="black")
+    step = 10 ** math.floor(math.log10((hi - lo) / 4))           # gridlines 1, 2 or 5 x 10^n apart
+    step *= next(factor for limit, factor in ((20, 5), (8, 2), (0, 1)) if (hi - lo) / step > limit)
     for y in (k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)):
-        draw.line([(left, Y(y)), (W - right, Y(y))], fill=(225, 225, 225))
-        draw.text((6, Y(y) - 6), f"{y:.1f}", fill="black")
+        draw.line([(left, y_px(y)), (W - right, y_px(y))], fill=(225, 225, 225))
+        draw.text((6, y_px(y) - 6), f"{y:.1f}", fill="black")
     draw.text((left + (W - left - right) // 2 - 20, H - 18), xlabel, fill="black")
     draw.text((6, top - 16), ylabel, fill="black")
     for i, (label, pts, col, joined) in enumerate(series):
         if joined and len(pts) > 1:
-            draw.line([(X(x), Y(y)) for x, y, *_ in sorted(pts)], fill=col, width=2)
+            draw.line([(x_px(x), y_px(y)) for x, y, *_ in sorted(pts)], fill=col, width=2)
         for x, y, *y_range in pts:
             if x is None:
-                draw.line([(left - 14, Y(y)), (left - 2, Y(y))], fill=col, width=3)
+                draw.line([(left - 14, y_px(y)), (left - 2, y_px(y))], fill=col, width=3)
             else:
-                draw.ellipse([X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4], fill=col)
+                draw.ellipse([x_px(x) - 4, y_px(y) - 4, x_px(x) + 4, y_px(y) + 4], fill=col)
             # the seeds' range, capped, a few pixels aside per series so bars do not overlap
             if y_range:
-                bar_x, low, high = X(x) + 7 * (i - (len(series) - 1) / 2), Y(y_range[0]), Y(y_range[1])
+                bar_x = x_px(x) + 7 * (i - (len(series) - 1) / 2)
+                low, high = y_px(y_range[0]), y_px(y_range[1])
                 draw.line([(bar_x, low), (bar_x, high)], fill=col, width=2)
                 for end in (low, high):
                     draw.line([(bar_x - 3, end), (bar_x + 3, end)], fill=col, width=2)
@@ -306,11 +307,13 @@ def read_run(folder):
     runs, epochs = [r for r in rows if r.get("type") == "run"], [r for r in rows if r.get("type") == "epoch"]
     if not runs or not epochs:
         return None
-    run, c, a, last = runs[-1], runs[-1]["config"], runs[-1]["args"], epochs[-1]
-    return {"run": Path(folder).name, "depth": c["depth"], "mixer": c["mixer"] if c["depth"] > 1 else "-",
-            "share": c["share"] if c["depth"] > 1 else "-", "seed": a["seed"], "params": run["params"],
-            "gmacs": run["gmacs"], "epochs": last["epoch"], "finished": last["epoch"] >= a["epochs"],
-            "settings": run_settings(c, a), "best_top1": max(e["top1"] for e in epochs),
+    run, last = runs[-1], epochs[-1]
+    config, args = run["config"], run["args"]
+    looped = config["depth"] > 1                          # (R=1 has no mixer and no sharing)
+    return {"run": Path(folder).name, "depth": config["depth"], "mixer": config["mixer"] if looped else "-",
+            "share": config["share"] if looped else "-", "seed": args["seed"], "params": run["params"],
+            "gmacs": run["gmacs"], "epochs": last["epoch"], "finished": last["epoch"] >= args["epochs"],
+            "settings": run_settings(config, args), "best_top1": max(e["top1"] for e in epochs),
             "final_top1": last["top1"], "wall_s": last["elapsed"]}
 
 
@@ -325,9 +328,10 @@ SHORT = {"num_layers": "L", "embed_dim": "D", "num_heads": "heads", "patch_size"
 
 def run_settings(config, args):
     """Every setting of a run that changes its result, beside R, mixer, sharing and seed: the model's
-    config (its defaults where an older run's lacks a field) and every training argument but those
-    in NOT_RESULT. The data folder counts by its name (the same data moves between machines)."""
-    settings = {**args, **asdict(srvit.SRViTConfig()), **config}
+    config and every training argument but those in NOT_RESULT (where an older run lacks one, what the
+    code did before the flag). The data folder counts by its name (the same data moves between
+    machines)."""
+    settings = {**BEFORE_THE_FLAG, **args, **asdict(srvit.SRViTConfig()), **config}
     settings = {SHORT.get(k, k): v for k, v in settings.items() if k not in NOT_RESULT}
     if args.get("data_path"):
         settings["data"] = f"{args['data']}:{Path(args['data_path']).name}"
@@ -374,17 +378,17 @@ def curve(args):
         runs_of.setdefault(key, {}).setdefault(r["seed"], []).append(r["final_top1"])
     for key, by_seed in runs_of.items():            # a seed run twice counts once: the mean of its runs
         groups[key] = [statistics.mean(accs) for accs in by_seed.values()]
-    shared = " ".join(f"{k}={v}" for k, v in common_settings(rows).items())
+    main_sweep = " ".join(f"{k}={v}" for k, v in common_settings(rows).items())
     print("\nFinal top-1 of finished runs by configuration: runs are grouped by every setting that changes "
-          "the "
-          f"result; the ones all rows share: {shared}. Mean over seeds; range where there are several.")
+          f"the result; the main sweep is each setting's most common value: {main_sweep}. Mean over seeds; "
+          "range where there are several.")
     print("| R | mixer | share | differs from the main sweep | seeds | final top-1 "
           "|\n|---|---|---|---|---|---|")
     for key, accs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3], kv[0][1])):
         variant, depth, mixer, share = key
         spread = f" ({min(accs):.2f}-{max(accs):.2f})" if len(accs) > 1 else ""
-        twice = [f"seed {seed} run {len(v)} times, counted once" for seed,
-                 v in runs_of[key].items() if len(v) > 1]
+        twice = [f"seed {seed} run {len(accs_of_seed)} times, counted once"
+                 for seed, accs_of_seed in runs_of[key].items() if len(accs_of_seed) > 1]
         print(f"| {depth} | {mixer} | {share} | {variant or '-'} | {len(accs)}{'; ' if twice else ''}"
               f"{'; '.join(twice)} | {statistics.mean(accs):.2f}{spread} |")
     if args.plot:
@@ -417,7 +421,9 @@ def curve_series(groups):
 def plot_curve(groups, path=None, paper=False):
     """Left: our runs (curve_series). Right, when asked: the paper's two public ImageNet points, DeiT-B's
     level."""
-    panels = [Image.new("RGB", (760, 380), "white"), Image.new("RGB", (520, 380), "white")][:1 + bool(paper)]
+    panels = [Image.new("RGB", (760, 380), "white")]
+    if paper:
+        panels.append(Image.new("RGB", (520, 380), "white"))
     several = any(len(accs) > 1 for accs in groups.values())
     seeds = "mean over seeds; bars: range over seeds" if several else "one run each"
     draw_lines(panels[0], curve_series(groups), f"Our runs: final top-1 ({seeds})", "recursion depth R",
@@ -441,28 +447,28 @@ def plot_curve(groups, path=None, paper=False):
 
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    flag = p.add_argument
-    flag("--checkpoint", help="train.py checkpoint to evaluate")
-    flag("--curve", nargs="+", help="run folders (with metrics.jsonl) for the depth-curve table")
-    flag("--data", default=None, choices=["imagenet", "cifar10", "cifar100", "folder", "fake"])
-    flag("--data-path", default=None)
-    flag("--val-subset", type=int, default=None,
-         help="the first N validation images of train.py's fixed permutation")
-    flag("--steps", default=None,
-         help="'all': the anytime table for k = 1..R; a number k: evaluate the first k steps only")
-    flag("--maps", default=None, help="PNG file for the SoftMoR weight maps")
-    flag("--maps-images", type=int, default=4)
-    flag("--maps-mixer", type=int, default=-1,
-         help="which mixer to draw: 1..L (block sharing has one per block), -1 the last")
-    flag("--maps-relative", action="store_true",
-         help="colours from the smallest to the largest weight shown, not 0..1")
-    flag("--plot", default=None, help="PNG file for the depth curve")
-    flag("--paper", action="store_true", help="add the paper's ImageNet points as a second panel")
-    flag("--json", default=None, help="also write the numbers to this JSON file")
-    flag("--batch-size", type=int, default=None)
-    flag("--amp", default=None, choices=["bf16", "fp16", "none"])
-    flag("--device", default=None)
-    flag("--workers", type=int, default=2)
+    add = p.add_argument
+    add("--checkpoint", help="train.py checkpoint to evaluate")
+    add("--curve", nargs="+", help="run folders (with metrics.jsonl) for the depth-curve table")
+    add("--data", default=None, choices=["imagenet", "cifar10", "cifar100", "folder", "fake"])
+    add("--data-path", default=None)
+    add("--val-subset", type=int, default=None,
+        help="the first N validation images of train.py's fixed permutation")
+    add("--steps", default=None,
+        help="'all': the anytime table for k = 1..R; a number k: evaluate the first k steps only")
+    add("--maps", default=None, help="PNG file for the SoftMoR weight maps")
+    add("--maps-images", type=int, default=4)
+    add("--maps-mixer", type=int, default=-1,
+        help="which mixer to draw: 1..L (block sharing has one per block), -1 the last")
+    add("--maps-relative", action="store_true",
+        help="colours from the smallest to the largest weight shown, not 0..1")
+    add("--plot", default=None, help="PNG file for the depth curve")
+    add("--paper", action="store_true", help="add the paper's ImageNet points as a second panel")
+    add("--json", default=None, help="also write the numbers to this JSON file")
+    add("--batch-size", type=int, default=None)
+    add("--amp", default=None, choices=["bf16", "fp16", "none"])
+    add("--device", default=None)
+    add("--workers", type=int, default=2)
     args, unknown = p.parse_known_args(argv)
     if unknown:                 # --bench, --activations and --bench-loader moved to results/bench.py
         raise UserError(f"unrecognized arguments: {' '.join(unknown)} (eval.py -h lists the options; "

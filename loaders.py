@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from runtime import UserError
+from runtime import UserError, launch_env
 
 MEAN_STD = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
             "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}
@@ -163,8 +163,8 @@ def pictures_in(folder, is_picture):
             if is_picture(os.path.join(root, f))]
 
 
-def ClassFolders(*a, **k):       # (the class is made on first use: torchvision is imported lazily here)
-    return class_folders()(*a, **k)
+def ClassFolders(*args, **kwargs):   # (the class is made on first use: torchvision is imported lazily here)
+    return class_folders()(*args, **kwargs)
 
 
 def transforms(args, train):
@@ -375,13 +375,34 @@ def use_device(args, device):
 
 
 def loader_name(args, device):
-    return "in memory" if use_memory(args) else "device loader" if use_device(args, device) else "PIL loader"
+    if use_memory(args):
+        return "in memory"
+    return "device loader" if use_device(args, device) else "PIL loader"
+
+
+def loader_remedy(args, device):
+    """What can make the loader keep up, for the loader and device this run has."""
+    if use_memory(args):
+        return ("the in-memory loader crops and flips on the device: a larger --batch-size amortises its "
+                "launches")
+    if use_device(args, device):
+        return ("decoding and augmentation run on the GPU, so more workers cannot help; a larger "
+                "--micro-batch amortises the per-batch launches")
+    if device.type == "cuda" and args.data != "fake":
+        return "--loader device moves decoding and augmentation to the GPU"
+    return "more --workers would help, if this node has the cores"
+
+
+def cpu_decode_note(loader):
+    """', N images decoded on the CPU ...' when the device path's nvJPEG refused files this epoch, else ''."""
+    n = getattr(getattr(loader, "augment", None), "cpu_decoded", 0)
+    return f" | {n:,} images decoded on the CPU (nvJPEG refused them)" if n else ""
 
 
 def default_workers(env):
     """This node's cores (those this process may run on) shared by this node's ranks, at most 8."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", env.world))))
+    return max(1, min(8, cores // launch_env()[3]))
 
 
 def build_loaders(args, env):
@@ -396,8 +417,9 @@ def build_loaders(args, env):
     val_set, val_classes = build_dataset(args, "val", decode if memory else transforms(args, train=False))
     check_same_classes(classes, val_classes, args.data_path)
     if len(train_set) < args.batch_size:
-        raise UserError(f"only {len(train_set)} training images for a batch of {args.batch_size}; lower "
-                        f"--batch-size")
+        whose = f" (the {args.recipe} recipe's)" if "batch_size" in getattr(args, "from_recipe", ()) else ""
+        raise UserError(f"only {len(train_set)} training images for a batch of {args.batch_size}{whose}; "
+                        f"lower --batch-size")
     val_set = torch.utils.data.Subset(val_set, range(env.rank, len(val_set), env.world))
     if not memory:                   # (the memory path decodes every image now anyway)
         check_headers(val_set)
@@ -460,7 +482,7 @@ def check_shared_memory(workers, batch, img_size, env):
     the loader workers will hold (Docker gives a container 64 MB unless told otherwise)."""
     if not workers or not os.path.isdir("/dev/shm"):
         return
-    need = shm_in_flight(workers, batch, img_size, int(os.environ.get("LOCAL_WORLD_SIZE", env.world)))
+    need = shm_in_flight(workers, batch, img_size, launch_env()[3])
     shm = shutil.disk_usage("/dev/shm")          # free space: other jobs of the node may already hold some
     if shm.free < need:
         env.log(f"warning: /dev/shm has {shm.free / 2**20:,.0f} MiB free (of {shm.total / 2**20:,.0f} MiB), "

@@ -67,7 +67,11 @@ def cli(main_fn, argv=None,
         interrupted="interrupted; the last checkpoint is whole, re-run the same command to resume"):
     """Run main_fn and turn the ways it can end into an exit code and at most one line per rank
     (eval.py and results/bench.py use it too, with their own line for Ctrl-C)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        rank, world, _, _ = launch_env()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         main_fn(argv)
         return 0
@@ -125,6 +129,30 @@ def fmt_time(s):
 # ----------------------------------------------------------------------------------------
 # Distributed: ranks, device and the batch split from torchrun's environment
 
+def launch_env():
+    """(rank, world size, local rank, ranks on this node) from torchrun's environment variables, or one
+    process's (0, 1, 0, 1) without them. Checked: a RANK left in a shell would otherwise make a run
+    that logs and saves nothing (only rank 0 does), and a WORLD_SIZE one that waits for ranks that
+    never come."""
+    env, values = os.environ, {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        if name in env and not env[name].strip().isdigit():
+            raise UserError(f"{name}={env[name]!r} in the environment is not a whole number: torchrun "
+                            f"sets it; unset it to run one process")
+        values[name] = int(env[name]) if name in env else None
+    world = 1 if values["WORLD_SIZE"] is None else values["WORLD_SIZE"]
+    rank, local = values["RANK"] or 0, values["LOCAL_RANK"] or 0
+    local_world = world if values["LOCAL_WORLD_SIZE"] is None else values["LOCAL_WORLD_SIZE"]
+    if not (0 <= rank < world and 0 <= local < local_world):
+        raise UserError(f"the environment says RANK={rank} (LOCAL_RANK={local}) of WORLD_SIZE={world} "
+                        f"(LOCAL_WORLD_SIZE={local_world}): unset RANK, WORLD_SIZE, LOCAL_RANK and "
+                        f"LOCAL_WORLD_SIZE to run one process, or start the ranks with torchrun")
+    if world > 1 and "MASTER_ADDR" not in env:
+        raise UserError(f"WORLD_SIZE={world} in the environment, but no MASTER_ADDR: start the ranks with "
+                        f"torchrun (which sets both), or unset WORLD_SIZE to run one process")
+    return rank, world, local, local_world
+
+
 @dataclass
 class Env:
     """This process's place in the run: ranks, device and the batch split."""
@@ -138,16 +166,15 @@ class Env:
     ddp = property(lambda self: self.world > 1)
     master = property(lambda self: self.rank == 0)
 
-    def log(self, *a, **k):
+    def log(self, *args, **kwargs):
         if self.master:
-            print(*a, **k)
+            print(*args, **kwargs)
 
 
 def init_distributed(batch_size, micro_batch=None, device=None):
     """Rank, world size and device from torchrun's environment; one process without it. The global
     batch_size is split over the ranks, and over micro-batches of micro_batch if given."""
-    env = os.environ
-    rank, world, local = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+    rank, world, local, local_world = launch_env()
     # Batch bookkeeping: global batch = world x micro-batch x accumulation steps.
     if batch_size % world:
         raise UserError(f"--batch-size {batch_size} is not divisible by the {world} processes; choose "
@@ -160,7 +187,7 @@ def init_distributed(batch_size, micro_batch=None, device=None):
     if world > 1:
         # One GPU per rank, over NCCL. More ranks on a node than GPUs (a check on a one-GPU machine):
         # the ranks share the GPUs and talk over gloo, which NCCL does not allow; slow, but it runs.
-        shared_gpus = cuda and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        shared_gpus = cuda and torch.cuda.device_count() < local_world
         dist.init_process_group("nccl" if cuda and not shared_gpus else "gloo")
         device = torch.device(f"cuda:{local % torch.cuda.device_count()}" if cuda else "cpu")
         if cuda:
@@ -197,13 +224,13 @@ def check_device(name):
     return kind
 
 
-def on_all_ranks(env, fn, *a, undo=None):
+def on_all_ranks(env, fn, *args, undo=None):
     """Run fn on every rank; if it fails on any, every rank raises that rank's error (so no
     rank waits forever for a collective that another rank never reaches). A rank where fn
     succeeded first calls undo(its result), if given."""
     result, error = None, None
     try:
-        result = fn(*a)
+        result = fn(*args)
     except UserError as e:
         error = str(e)
     if env.ddp:
@@ -309,7 +336,10 @@ class OutDir:
         if failed and self.master and not any(map(os.path.exists, (self.last, self.best))):
             for path in reversed(getattr(self, "made", [])):
                 try:
-                    os.rmdir(path) if os.path.isdir(path) else os.remove(path)
+                    if os.path.isdir(path):
+                        os.rmdir(path)
+                    else:
+                        os.remove(path)
                 except OSError:             # a folder someone put files into meanwhile: kept
                     pass
         self.release()
@@ -421,8 +451,9 @@ def save_file(path, write):
 
 
 def read_checkpoint(path):
-    """A train.py checkpoint as a dict (the one reader, shared with eval.py): a one-line UserError
-    for a missing file, a file that is not whole, or one that train.py did not write."""
+    """A train.py checkpoint as a dict, for train.py's resume and eval.py: srvit.read_weights (the one
+    reader of checkpoint files), its ValueError turned into a one-line UserError for a missing file, a
+    file that is not whole, or one that train.py did not write."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
@@ -440,13 +471,16 @@ def read_checkpoint(path):
     return ckpt
 
 
+# What a run trained before these flags existed did: the value its checkpoint and metrics lack.
+BEFORE_THE_FLAG = {"schedule": "deit", "pad_mode": "zeros", "init": "timm"}
+
+
 def check_same_run(path, ckpt, model, args, n_train, may_change):
     """Refuse to resume another model, other data or another recipe, naming each value that changed:
     every argument but `may_change` (train.MAY_CHANGE) is compared (keys an older checkpoint does not hold
     are not)."""
     saved_cfg = {**asdict(srvit.SRViTConfig()), **ckpt["config"]}
-    implied = {"schedule": "deit", "pad_mode": "zeros", "init": "timm"}    # what code before these flags did
-    saved = {**implied, **ckpt.get("args", {}), **ckpt.get("dataset", {})}
+    saved = {**BEFORE_THE_FLAG, **ckpt.get("args", {}), **ckpt.get("dataset", {})}
     now = {**vars(args), "train_images": n_train}
     model_keys = [k for k in asdict(model.config) if k not in ("drop_path_rate", "grad_checkpointing")]
     data_keys = ("data", "subset", "val_subset", "num_classes", "img_size", "train_images")
@@ -531,13 +565,13 @@ def agree_on_progress(env, progress, out_dir):
     mine = (progress.epoch, progress.step, socket.gethostname())
     seen = [None] * env.world
     dist.all_gather_object(seen, mine, group=env.cpu_group)
-    behind = [(r, s) for r, s in enumerate(seen) if s[:2] != seen[0][:2]]
+    behind = [(rank, where) for rank, where in enumerate(seen) if where[:2] != seen[0][:2]]
     if behind:
-        (r, (e, s, host)), (e0, s0, host0) = behind[0], seen[0]
+        (rank, (epoch, step, host)), (epoch0, step0, host0) = behind[0], seen[0]
         raise UserError(f"the ranks do not agree where the run stands: rank 0 ({host0}) resumes at epoch "
-                        f"{e0} step {s0}, rank {r} ({host}) at epoch {e} step {s} from {out_dir}. "
-                        f"Give every node the same --out-dir on a shared disk, or copy rank 0's out-dir to "
-                        f"every node", shared=True, agreed=True)
+                        f"{epoch0} step {step0}, rank {rank} ({host}) at epoch {epoch} step {step} from "
+                        f"{out_dir}. Give every node the same --out-dir on a shared disk, or copy rank 0's "
+                        f"out-dir to every node", shared=True, agreed=True)
 
 
 # ----------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import warnings
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -25,6 +26,11 @@ import srvit
 from srvit import SRViT, load_pretrained, srvit_base, srvit_small, srvit_tiny
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The end-to-end tests (torchrun, subprocesses, compilation, the node check; about half the suite's
+# time): `-m "not slow"` leaves them out for a quick loop; CI runs them all. (The mark is declared
+# here, as the suite has no configuration file.)
+warnings.filterwarnings("ignore", r"Unknown pytest\.mark\.slow", pytest.PytestUnknownMarkWarning)
+slow = pytest.mark.slow
 # Real CIFAR-10 as JPEG folders, where the notebook looks for it: $SRVIT_DATA, else the
 # repository's data/cifar10.
 CIFAR = os.environ.get("SRVIT_DATA") or os.path.join(HERE, "data", "cifar10")
@@ -153,7 +159,7 @@ def randomise_mixers(model, seed=5):
 def softmor_by_hand(model, x, k):
     """SR-ViT's forward with the first k steps, written from the README's equations:
     h_1 = f(x), h_r = f(h_{r-1}); s_{r,t} = g(LN(h_{r,t})) + b_r; a = softmax_r(s); x' = sum_r a_r h_r."""
-    cfg, R = model.config, model.config.depth
+    cfg = model.config
 
     def mix(mixer, hs):
         g = mixer.router
@@ -510,12 +516,17 @@ def test_depth_1_is_a_plain_vit():
                                    rtol=1e-4)
 
 
-@pytest.mark.parametrize("share", ["block", "stack"])
-def test_activation_checkpointing_changes_nothing(share):
+@pytest.mark.parametrize("share, scales", [("block", {}), ("stack", {}), ("block", {"loop_scale": "fixed"}),
+                                           ("block", {"loop_scale": "learned", "step_scale": True})])
+def test_activation_checkpointing_changes_nothing(share, scales):
     x, y = images(4), torch.arange(4)
     results = []
     for ckpt in (False, True):
-        model = tiny(depth=3, share=share, drop_path_rate=0.3, grad_checkpointing=ckpt)
+        model = tiny(depth=3, share=share, drop_path_rate=0.3, grad_checkpointing=ckpt, **scales)
+        with torch.no_grad():           # scales away from their start, so a dropped one shows
+            for name, p in model.named_parameters():
+                if "scale" in name:
+                    p.mul_(1.5 + torch.rand(p.shape, generator=torch.Generator().manual_seed(2)))
         torch.manual_seed(5)        # the same drop-path masks in both runs
         loss = F.cross_entropy(model(x), y)
         loss.backward()
@@ -618,6 +629,7 @@ def test_trace_returns_every_step_and_the_anytime_logits():
         torch.testing.assert_close(t["steps"][0][r], h)
 
 
+@slow
 def test_torch_compile_matches_eager():
     model = tiny(depth=2).eval()
     compiled = torch.compile(model)
@@ -732,6 +744,7 @@ def test_load_pretrained_refuses_non_vit_and_missing_file(tmp_path):
         load_pretrained(tiny(), str(tmp_path / "nope.pth"), verbose=False)
 
 
+@slow
 def test_cost_table_runs():
     out = subprocess.run([sys.executable, "srvit.py"], cwd=HERE, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
@@ -756,6 +769,20 @@ FAST = ["--img-size", "32", "--patch-size", "8", "--embed-dim", "32", "--num-lay
 # Every training test names its device: on a GPU machine the default would be cuda (bf16, GPU loaders).
 FAKE = ["--data", "fake", "--num-classes", "10", "--subset", "256", "--val-subset", "64", "--device",
         "cpu"] + FAST
+
+
+def sigterm_during_step(monkeypatch, step):
+    """SIGTERM arrives during optimizer step `step` of the run (train.lr_at runs once per parameter
+    group, two groups, at each step). Returns what takes the signal away again."""
+    lr_at, calls = train.lr_at, []
+
+    def lr_then_signal(*args):
+        calls.append(1)
+        if len(calls) == 2 * step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return lr_at(*args)
+    monkeypatch.setattr(train, "lr_at", lr_then_signal)
+    return lambda: monkeypatch.setattr(train, "lr_at", lr_at)
 
 
 def read_metrics(out_dir):
@@ -1322,12 +1349,26 @@ def test_evaluation_shows_progress_on_long_splits(monkeypatch):
     clock = itertools.count(0, 6)                       # every call to time.time() is 6 s later
     monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: next(clock)))    # train.py's clock only
     batches = [(images(64), torch.arange(64) % 10) for _ in range(5)]
-    lines = []
-    metrics = train.evaluate(tiny(), batches, torch.device("cpu"), train.nullcontext(), log=lines.append)
+    lines, model = [], tiny().eval()
+    metrics = train.evaluate(model, batches, torch.device("cpu"), train.nullcontext(), log=lines.append)
+    assert not model.training                          # left as it came (a notebook's model stays in eval)
     # a line once 10 s have passed since the last: at batch 2 (t = 12), 2 batches in 24 s, 3 to go
     assert metrics["val_images"] == 320 and lines == [
         "evaluating: batch 2/5, 5 images/s | eta 0:00:36", "evaluating: batch 3/5, 5 images/s | eta 0:00:28",
         "evaluating: batch 4/5, 4 images/s | eta 0:00:15"], lines
+
+
+def test_every_model_flag_reaches_the_model():
+    args = train.get_args(FAKE + ["--depth", "3", "--router-init", "last", "--drop-path", "0.2", "--mixer",
+                                  "soft", "--share", "stack", "--loop-scale", "fixed", "--step-scale",
+                                  "--init", "timm", "--grad-ckpt"])
+    model = train.build_model(args, 10)
+    cfg = model.config
+    assert (cfg.depth, cfg.mixer, cfg.share, cfg.loop_scale, cfg.step_scale, cfg.init, cfg.grad_checkpointing,
+            cfg.num_classes) == (3, "soft", "stack", "fixed", True, "timm", True, 10)
+    assert model.drop_path_rates[-1] == pytest.approx(0.2) and model.drop_path_rates[0] == 0.0
+    _, mix = model.eval()(images(2, size=args.img_size), return_mix=True)
+    assert torch.allclose(mix[0][..., -1], torch.tensor(0.9), atol=1e-5)         # --router-init last
 
 
 def test_explicit_model_flag_wins_and_names_say_what_was_built():
@@ -1351,6 +1392,19 @@ def test_random_streams_of_seeds_epochs_and_ranks_never_collide():
     for epoch in range(3):                   # each epoch its own order, a permutation of all samples
         assert not torch.equal(order(0, epoch), order(0, epoch + 1)), epoch
         assert torch.equal(order(0, epoch).sort().values, torch.arange(1000))
+
+
+def test_each_repeated_copy_of_an_image_is_augmented_from_its_own_seed_on_every_rank():
+    # DeiT's repeated augmentation: the 3 copies of an image land on ranks r, r+1, r+2 at one position;
+    # each must be augmented anew, so every (image, seed) of the epoch is its own draw.
+    world, seeds_of = 8, {}
+    for rank in range(world):
+        for index, seed in loaders.RepeatedAugSampler(3 * 256, rank, world, 3, seed=0):
+            seeds_of.setdefault(index, []).append(seed)
+    assert sorted(map(len, seeds_of.values()))[0] >= 2 and max(map(len, seeds_of.values())) == 3
+    assert all(len(set(seeds)) == len(seeds) for seeds in seeds_of.values())
+    every = [seed for seeds in seeds_of.values() for seed in seeds]
+    assert len(set(every)) == len(every) == 3 * 256 // world * world
 
 
 def test_mixup_partner_is_another_image_at_every_world_size():
@@ -1474,6 +1528,22 @@ def test_resume_under_gradient_accumulation_repeats_the_uninterrupted_run(tmp_pa
     assert_same_weights(resumed.state_dict(), whole.state_dict())
 
 
+def test_a_warm_start_stopped_in_its_first_epoch_resumes_without_loading_the_weights_again(tmp_path,
+                                                                                            monkeypatch):
+    train.main(FAKE + ["--depth", "1", "--epochs", "1", "--out-dir", str(tmp_path / "pretrained")])
+    args = FAKE + ["--depth", "2", "--epochs", "2", "--init-from", str(tmp_path / "pretrained" / "last.pt")]
+    whole = train.main(args + ["--out-dir", str(tmp_path / "whole")])
+    no_signal = sigterm_during_step(monkeypatch, 3)
+    cut = str(tmp_path / "cut")
+    with pytest.raises(runtime.Stopped):
+        train.main(args + ["--out-dir", cut])
+    assert torch.load(os.path.join(cut, "last.pt"), weights_only=True)["step"] == 3
+    no_signal()
+    resumed = train.main(args + ["--out-dir", cut])        # three steps of training kept, not overwritten
+    assert epoch_rows(cut) == epoch_rows(str(tmp_path / "whole"))
+    assert_same_weights(resumed.state_dict(), whole.state_dict())
+
+
 def test_resume_in_fp16_restores_the_loss_scale(tmp_path, monkeypatch):
     # The loss scale is training state: it sets which steps are skipped for overflowing gradients. A
     # scale that grows after every clean step (timm's and PyTorch's default waits 2000) overflows every
@@ -1482,20 +1552,13 @@ def test_resume_in_fp16_restores_the_loss_scale(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.amp, "GradScaler", growing)
     args = FAKE + ["--depth", "2", "--epochs", "2", "--amp", "fp16"]
     whole = train.main(args + ["--out-dir", str(tmp_path / "whole")])
-    lr_at, calls = train.lr_at, []
-
-    def signal_at_step_5(*a):            # SIGTERM arrives during step 5 of epoch 1 (2 param groups)
-        calls.append(1)
-        if len(calls) == 2 * 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return lr_at(*a)
-    monkeypatch.setattr(train, "lr_at", signal_at_step_5)
+    no_signal = sigterm_during_step(monkeypatch, 5)
     cut = str(tmp_path / "cut")
     with pytest.raises(runtime.Stopped):
         train.main(args + ["--out-dir", cut])
     scale = torch.load(os.path.join(cut, "last.pt"), weights_only=True)["scaler"]["scale"]
     assert scale != 2.0**10                              # the scale moved before the stop
-    monkeypatch.setattr(train, "lr_at", lr_at)
+    no_signal()
     resumed = train.main(args + ["--out-dir", cut])
     assert epoch_rows(cut) == epoch_rows(str(tmp_path / "whole"))
     assert_same_weights(resumed.state_dict(), whole.state_dict())
@@ -1532,9 +1595,10 @@ def test_save_every_writes_mid_epoch_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setattr(runtime.OutDir, "save",
                         lambda self, ckpt, path: (saved.append((ckpt["epoch"], ckpt["step"])),
                                                   save(self, ckpt, path)))
-    train.main(FAKE + ["--depth", "1", "--epochs", "1", "--save-every", "3", "--out-dir",
+    # every 5 optimizer steps of the run (8 an epoch), not of the epoch; and at each epoch's end
+    train.main(FAKE + ["--depth", "1", "--epochs", "2", "--save-every", "5", "--out-dir",
                        str(tmp_path / "run")])
-    assert saved[:2] == [(0, 3), (0, 6)] and saved[-1] == (1, 0)
+    assert [at for at in saved if at[1]] == [(0, 5), (1, 2), (1, 7)] and saved[-1] == (2, 0)
 
 
 class Crash(BaseException):
@@ -1607,6 +1671,7 @@ def test_metrics_repair_keeps_old_rows_and_drops_a_torn_line(tmp_path):
     assert [r.get("epoch") for r in read_metrics(str(tmp_path))] == [None, 1, 2, 3]
 
 
+@slow
 def test_second_run_is_refused_while_the_first_holds_the_out_dir(tmp_path):
     out = str(tmp_path / "run")
     # The first run uses the PIL loader with a worker process, and gets SIGTERM as Slurm sends it:
@@ -1632,6 +1697,7 @@ def test_second_run_is_refused_while_the_first_holds_the_out_dir(tmp_path):
     assert ckpt["epoch"] * 64 + ckpt["step"] > 0 and not os.path.exists(os.path.join(out, "last.pt.tmp"))
 
 
+@slow
 def test_kill_9_then_resume_repeats_the_uninterrupted_run_and_no_lock_is_left(tmp_path):
     args = FAKE + ["--depth", "2", "--epochs", "3", "--drop-path", "0.1", "--log-interval", "1"]
     train.main(args + ["--out-dir", str(tmp_path / "whole")])
@@ -1742,6 +1808,7 @@ def test_out_dir_under_a_file_is_refused(tmp_path):
     user_error(FAKE + ["--out-dir", str(tmp_path / "file" / "run")], "cannot create --out-dir")
 
 
+@slow
 def test_cli_prints_one_line_and_exits_2(tmp_path):
     # The CLI's only job beyond main(): one line on stderr, exit code 2, no traceback, also for
     # an error raised inside a loader worker (a corrupt image under --workers 2).
@@ -1755,7 +1822,8 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     assert res.stderr.count("\n") == 1
 
 
-def test_every_rank_reports_its_own_failure(capsys):
+def test_every_rank_reports_its_own_failure(capsys, monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")           # (torchrun's environment)
     e = runtime.UserError("cannot read image x.jpg")
     for rank, printed in (("0", True), ("3", True)):
         os.environ.update(RANK=rank, WORLD_SIZE="4")
@@ -1782,6 +1850,24 @@ def test_every_rank_reports_its_own_failure(capsys):
     assert capsys.readouterr().err == "(rank 3) stopped by SIGTERM; a worker died\n"
 
 
+def test_a_stray_or_broken_launch_environment_is_one_line(monkeypatch, capsys):
+    # A RANK left in a shell made a run that logged and saved nothing (only rank 0 does), exit 0.
+    ran = []
+    for env, said in (({"RANK": "1"}, "RANK=1 (LOCAL_RANK=0) of WORLD_SIZE=1"),
+                      ({"RANK": "abc"}, "RANK='abc' in the environment is not a whole number"),
+                      ({"WORLD_SIZE": "0"}, "RANK=0 (LOCAL_RANK=0) of WORLD_SIZE=0"),
+                      ({"LOCAL_WORLD_SIZE": "0"}, "(LOCAL_WORLD_SIZE=0)"),
+                      ({"RANK": "0", "WORLD_SIZE": "2"},
+                       "WORLD_SIZE=2 in the environment, but no MASTER_ADDR")):
+        with monkeypatch.context() as patched:
+            for name, value in env.items():
+                patched.setenv(name, value)
+            assert runtime.cli(ran.append) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and said in err and "torchrun" in err, (env, err)
+    assert ran == [] and runtime.launch_env() == (0, 1, 0, 1)
+
+
 def test_on_all_ranks_undoes_what_this_rank_set_up_when_another_rank_failed(monkeypatch):
     # Two ranks: rank 1 fails (a bad file in its share), rank 0 set up (an out-dir). Both raise
     # rank 1's error; rank 0 first undoes its own set-up; rank 1 has nothing to undo.
@@ -1798,6 +1884,7 @@ def test_on_all_ranks_undoes_what_this_rank_set_up_when_another_rank_failed(monk
         assert str(raised.value) == failure + " (rank 1)"          # whose file it is
 
 
+@slow
 def test_torchrun_with_accumulation_equals_one_process_and_exits_0(tmp_path):
     # One optimizer step of 2 ranks x micro-batch 4 x 2 accumulation steps = the same global batch
     # of 16 in one process; no MixUp, drop path or augmentation. Run twice: a finished DDP run
@@ -1843,6 +1930,22 @@ def test_torchrun_with_accumulation_equals_one_process_and_exits_0(tmp_path):
     assert moved > 1e-3                          # a real step (lr 1e-2), far above the tolerance
 
 
+def test_ranks_one_step_apart_refuse_to_start(monkeypatch):
+    env = SimpleNamespace(ddp=True, world=2, cpu_group=None)
+
+    def gather(seen, mine, group=None):          # rank 1's node kept an older last.pt, 3 steps behind
+        seen[:] = [(0, 3, "node0"), (0, 0, "node1")]
+    monkeypatch.setattr(runtime.dist, "all_gather_object", gather)
+    with pytest.raises(runtime.UserError, match="rank 0 .node0. resumes at epoch 0 step 3, rank 1 .node1. at "
+                                                "epoch 0 step 0"):
+        runtime.agree_on_progress(env, train.Progress(epoch=0, step=3), "run")
+    both_at_3 = [(0, 3, "node0"), (0, 3, "node1")]
+    monkeypatch.setattr(runtime.dist, "all_gather_object",
+                        lambda seen, mine, group=None: seen.__setitem__(slice(None), both_at_3))
+    runtime.agree_on_progress(env, train.Progress(epoch=0, step=3), "run")        # agreed: no error
+
+
+@slow
 def test_two_nodes_with_local_disks_refuse_a_restart_instead_of_hanging(tmp_path):
     # Two "nodes" on this machine, each with its own working folder and a relative --out-dir: only
     # rank 0 (node 0) writes last.pt. On the restart node 1 finds nothing; the ranks must refuse to
@@ -1884,6 +1987,7 @@ def test_two_nodes_with_local_disks_refuse_a_restart_instead_of_hanging(tmp_path
     assert [r["type"] for r in rows].count("run") == 1
 
 
+@slow
 def test_sigterm_to_a_ddp_job_stops_every_rank_at_the_same_agreed_step(tmp_path):
     # Slurm's SIGTERM reaches a rank and its loader workers. The workers ignore it, and the rank trains
     # on to the next step at which the ranks compare stop flags (every StopRequest.EVERY steps); every
@@ -2164,6 +2268,7 @@ def test_loader_bench_trains_the_model_it_is_given():
     assert {k: s[1].config.embed_dim for k, s in default.items()} == {"memory": 192, "pil": 192}
 
 
+@slow
 def test_compiled_bench_compiles_every_model_of_every_row():
     # 10 models (R=1; R=2..4 each with its unshared ViT and no-mixer twin): one Dynamo cache for
     # all of them reached the recompile limit at R=3, and the rest ran eagerly.
@@ -2531,9 +2636,9 @@ def test_device_path_counts_the_images_nvjpeg_refuses_and_the_epoch_line_says_so
     monkeypatch.setattr(aug, "to_device", lambda t: t)
     images = aug.decode(data, ["a.jpg", "b.jpg", "c.jpg"])
     assert aug.cpu_decoded == 3 and all(im.shape == (3, 40, 50) for im in images)
-    note = train.cpu_decode_note(SimpleNamespace(augment=aug))
+    note = loaders.cpu_decode_note(SimpleNamespace(augment=aug))
     assert note == " | 3 images decoded on the CPU (nvJPEG refused them)"
-    assert train.cpu_decode_note(SimpleNamespace()) == ""
+    assert loaders.cpu_decode_note(SimpleNamespace()) == ""
     loader = loaders.DeviceLoader(SimpleNamespace(sampler=loaders.RepeatedAugSampler(8, 0, 1, 1, 0),
                                                   batch_size=4), aug)
     loader.set_epoch(1)                                            # counted per epoch
@@ -2543,11 +2648,28 @@ def test_device_path_counts_the_images_nvjpeg_refuses_and_the_epoch_line_says_so
 def test_the_loader_bound_line_names_a_remedy_that_fits_the_loader():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     deit = train.get_args(["--data", "imagenet", "--loader", "device"])
-    assert "more workers cannot help" in train.loader_remedy(deit, cuda)
+    assert "more workers cannot help" in loaders.loader_remedy(deit, cuda)
     deit.loader = "pil"
-    assert "--loader device" in train.loader_remedy(deit, cuda)
-    assert "--workers" in train.loader_remedy(deit, cpu)
-    assert "--batch-size" in train.loader_remedy(train.get_args(["--data", "cifar10"]), cuda)
+    assert "--loader device" in loaders.loader_remedy(deit, cuda)
+    assert "--workers" in loaders.loader_remedy(deit, cpu)
+    assert "--batch-size" in loaders.loader_remedy(train.get_args(["--data", "cifar10"]), cuda)
+
+
+def test_resume_from_a_folder_or_a_missing_file_is_refused_before_the_data_is_read(tmp_path):
+    os.makedirs(tmp_path / "run")
+    for path, said in ((tmp_path / "run", "is a folder: pass the checkpoint in it, e.g. its last.pt"),
+                       (tmp_path / "run" / "last.pt", "no such file")):
+        with pytest.raises(runtime.UserError, match=re.escape(f"--resume {path}: {said}")):
+            train.get_args(["--data", "fake", "--resume", str(path)])
+
+
+def test_a_batch_larger_than_the_data_says_where_the_batch_came_from(tmp_path):
+    root = make_image_folder(tmp_path / "data", n=8, size=100)          # > 64 px: DeiT's recipe, batch 1024
+    env = SimpleNamespace(rank=0, world=1, micro=1024, device=torch.device("cpu"), log=print)
+    for flags, said in (([], "a batch of 1024 (the deit recipe's); lower --batch-size"),
+                        (["--batch-size", "32"], "a batch of 32; lower --batch-size")):
+        with pytest.raises(runtime.UserError, match=re.escape(f"only 16 training images for {said}")):
+            loaders.build_loaders(train.get_args(["--data-path", root, "--workers", "0", *flags]), env)
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 8 worker processes")     # (none start)
@@ -2592,6 +2714,8 @@ def test_resume_with_more_epochs_extends_the_run(tmp_path, capsys):
     assert "--epochs 2 (the run was started with 1)" in said and "epoch 2/2" in said
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["args"]["epochs"] == 2
+    # the recipe's 1 warm-up epoch, clipped to a fifth of the 1-epoch run, stays as the run started it
+    assert ckpt["args"]["warmup_epochs"] == pytest.approx(0.2)
 
 
 def node_check_script():
@@ -2602,6 +2726,7 @@ def node_check_script():
     return node_check
 
 
+@slow
 def test_slow_node_check_runs_every_section_on_a_cpu_and_reports_failures(tmp_path, monkeypatch):
     node_check = node_check_script()
     roomy_shm = SimpleNamespace(total=2**36, free=2**36)                 # (this machine's own may be small)
@@ -2922,7 +3047,8 @@ def test_a_shared_error_on_another_rank_waits_for_rank_0_to_say_it(monkeypatch, 
     # it only if rank 0 did not meet it (another node's disk).
     slept = []
     monkeypatch.setattr(runtime.time, "sleep", slept.append)
-    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("TORCHELASTIC_RUN_ID", "x")):
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("TORCHELASTIC_RUN_ID", "x"),
+                        ("MASTER_ADDR", "localhost")):
         monkeypatch.setenv(name, value)
 
     def failing(agreed):
@@ -2938,34 +3064,42 @@ def test_a_shared_error_on_another_rank_waits_for_rank_0_to_say_it(monkeypatch, 
     assert len(slept) == 2                                                        # rank 0 does not wait
 
 
+@slow
 def test_slow_a_shared_error_under_torchrun_reaches_the_user(tmp_path):
+    # Three runs (the lost line was seen 1 run in 6; the order itself is tested in-process above).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(HERE, "train.py"), *FAKE, "--depth", "0", "--out-dir", str(tmp_path / "run")]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert res.returncode != 0 and res.stderr.count("error: --depth must be > 0") == 1, res.stderr[-2000:]
+    for attempt in range(3):
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert res.returncode != 0 and res.stderr.count("error: --depth must be > 0") == 1, \
+            (attempt, res.stderr[-2000:])
 
 
 def test_curve_groups_by_every_setting_that_changes_the_result_and_counts_a_seed_once(tmp_path, capsys):
-    def run(name, seed, top1, **changes):
+    def run(name, seed, top1, lacks=(), **changes):
         config = asdict(srvit.SRViTConfig(img_size=32, patch_size=8, num_classes=10, embed_dim=64,
                                           num_layers=6, num_heads=4, depth=4))
         args = {**dict(data="cifar10", epochs=1, lr=1e-3, batch_size=128, drop_path=0.0, seed=seed,
-                       subset=None, workers=0, out_dir=name), **changes}
+                       subset=None, workers=0, out_dir=name, schedule="cosine"), **changes}
+        args = {key: value for key, value in args.items() if key not in lacks}   # (a run before the flag)
         os.makedirs(tmp_path / name)
         (tmp_path / name / "metrics.jsonl").write_text(
             json.dumps({"type": "run", "config": config, "args": args, "params": 1, "gmacs": 0.1}) + "\n" +
             json.dumps({"type": "epoch", "epoch": 1, "top1": top1, "elapsed": 1.0}) + "\n")
     run("a-s0", 0, 50.0), run("a-s1", 1, 52.0), run("again-s1", 1, 54.0, workers=4)   # workers change nothing
     run("sub-s0", 0, 40.0, subset=1000), run("cifar100-s0", 0, 30.0, data="cifar100")
+    run("older-s0", 0, 45.0, lacks=("schedule",))              # DeiT's schedule, as the code did then
     rows = srvit_eval.main(["--curve", str(tmp_path / "*")])
     variants = {r["run"]: r["variant"] for r in rows}
     assert variants["sub-s0"] == "subset=1000" and variants["cifar100-s0"] == "data=cifar100"
+    assert variants["older-s0"] == "schedule=deit"
     assert variants["a-s0"] == variants["again-s1"] == ""
     out = capsys.readouterr().out
     # seed 1 twice: its runs' mean (53) counts once beside seed 0's 50
     assert "| 4 | soft | block | - | 2; seed 1 run 2 times, counted once | 51.50 (50.00-53.00) |" in out
     assert "grouped by every setting that changes the result" in out and "subset=None" in out
+    assert "most common value" in out and "schedule=cosine" in out
 
 
 def test_eval_takes_a_run_folder_as_its_best_checkpoint(trained_runs, capsys):
@@ -3065,6 +3199,7 @@ def test_a_run_that_fails_before_its_first_save_leaves_the_out_dir_as_it_found_i
     assert not (tmp_path / "new").exists()                # and the parent folders it made for itself
 
 
+@slow
 def test_slow_a_failed_start_on_another_rank_leaves_no_out_dir_on_rank_0(tmp_path):
     # Rank 1's share of the validation files holds the broken one (the odd indices: cat/1.jpg), so
     # rank 0 sets up (folder, lock) and learns of the failure only when the ranks compare results.

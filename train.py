@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import srvit
-from loaders import (build_dataset, build_loaders, image_size, loader_name, mix_batch, seed_for, train_dir,
-                     use_device, use_memory)
+from loaders import (build_dataset, build_loaders, cpu_decode_note, image_size, loader_name, loader_remedy,
+                     mix_batch, seed_for, train_dir)
 from runtime import (ArgumentParser, Env, OutDir, StopRequest, Stopped, UserError, agree_on_progress, cli,
                      default_amp, fmt_time, init_distributed, on_all_ranks, plural, restore, stop_message)
 
@@ -113,6 +113,10 @@ def check_args(args):
     if args.warmup_epochs >= args.epochs:
         raise UserError(f"--warmup-epochs {args.warmup_epochs:g} is not shorter than --epochs {args.epochs}: "
                         f"lower it (the learning rate would never leave the warm-up)", shared=True)
+    if args.resume not in ("auto", "no") and not os.path.isfile(args.resume):   # before the data is read
+        what = ("is a folder: pass the checkpoint in it, e.g. its last.pt" if os.path.isdir(args.resume)
+                else "no such file")
+        raise UserError(f"--resume {args.resume}: {what}", shared=True)
     if args.loader == "memory" and (args.img_size > 64 or args.randaug or args.erasing):
         raise UserError("--loader memory is for images of <= 64 px with crop and flip only; drop "
                         "--randaug/--erasing or use --loader pil", shared=True)
@@ -121,15 +125,16 @@ def check_args(args):
                         "imagenet); use --loader memory for small images, pil for --data fake", shared=True)
 
 
-def get_args(argv=None):
+def parser():
+    """The flags, in the order --help lists them; a flag left unset takes the recipe's value (get_args)."""
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def flag(name, check=None, **kw):
         """p.add_argument; the help gains each recipe's value (or the default); check_args runs `check`."""
         key = name[2:].replace("-", "_")
         if key in RECIPES["deit"] or key == "lr":      # say what each recipe puts there
-            d, s = RECIPES["deit"].get(key, "5e-4 x batch / 512"), RECIPES["small-images"].get(key)
-            kw["help"] = f"{kw.get('help', '')} [deit: {d}; small-images: {s}]".lstrip()
+            deit, small = RECIPES["deit"].get(key, "5e-4 x batch / 512"), RECIPES["small-images"].get(key)
+            kw["help"] = f"{kw.get('help', '')} [deit: {deit}; small-images: {small}]".lstrip()
         elif (kw.get("default") is not None and kw.get("action") != "store_true"
               and "default" not in kw.get("help", "")):
             kw["help"] = f"{kw.get('help', '')} (default: {kw['default']})".lstrip()
@@ -197,7 +202,8 @@ def get_args(argv=None):
     flag("--grad-ckpt", action="store_true",
          help="activation checkpointing of every block application and mixer")
     flag("--init-from", default=None, help="DeiT/timm/SR-ViT checkpoint to warm-start the blocks from")
-    flag("--out-dir", default=None, help="default runs/<data>-<model>-R<depth>-<mixer>-<share>-s<seed>")
+    flag("--out-dir", default=None,
+         help="default runs/<data>-<model>-R<depth>-<mixer>-<share>[-n<subset>][-v<val-subset>]-s<seed>")
     flag("--resume", default="auto",
          help="checkpoint to resume from; 'auto': <out-dir>/last.pt if it exists; 'no'")
     flag("--save-every", type=int, check=POSITIVE, help="also save last.pt every N steps (long epochs)")
@@ -206,7 +212,12 @@ def get_args(argv=None):
          help="data-loading processes per rank (default: this node's cores / its ranks, <= 8)")
     flag("--log-interval", type=int, check=POSITIVE, help="steps per progress line (default: 10 per epoch)")
     flag("--device", default=None, help="default: cuda if available, else cpu")
-    args = p.parse_args(argv)
+    return p
+
+
+def get_args(argv=None):
+    """The flags, each unset one filled from the recipe (args.from_recipe names those), checked."""
+    args = parser().parse_args(argv)
 
     args.data = args.data or ("folder" if args.data_path else "imagenet")
     args.recipe = choose_recipe(args)
@@ -316,7 +327,8 @@ class Progress:
 
 @dataclass
 class Run:
-    """What the loop needs: fixed for the run, except `progress`."""
+    """What the loop needs: fixed for the run, except `progress` (and `model`, which main wraps in DDP
+    and lets go of before the process group ends)."""
     args: argparse.Namespace
     env: "Env"
     model: torch.nn.Module                 # what trains: DDP-wrapped under torchrun
@@ -396,8 +408,8 @@ def check_finite(bad_step, epoch, run):
     if run.env.ddp:
         dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
     if bad_step.item() >= 0:                            # checked before anything is saved
-        saved = run.out and os.path.exists(run.out.last)
-        kept = (f"the last good checkpoint is kept in {run.out.last}" if saved
+        written = run.out and os.path.exists(run.out.last)
+        kept = (f"the last good checkpoint is kept in {run.out.last}" if written
                 else "no checkpoint had been written yet")
         raise UserError(f"loss became NaN or infinite at step {bad_step.item()} (epoch {epoch + 1}); "
                         f"stopped, {kept}. Try a lower --lr, or --amp bf16/none", shared=True, agreed=True)
@@ -419,25 +431,6 @@ def peak_flops(device):
 def mfu(gmacs, images_per_s, peak_flops):
     """Model FLOPs utilisation: training costs ~3 forward passes (forward + backward), 2 FLOPs per MAC."""
     return 3 * 2 * gmacs * 1e9 * images_per_s / peak_flops
-
-
-def loader_remedy(args, device):
-    """What can make the loader keep up, for the loader and device this run has."""
-    if use_memory(args):
-        return ("the in-memory loader crops and flips on the device: a larger --batch-size amortises its "
-                "launches")
-    if use_device(args, device):
-        return ("decoding and augmentation run on the GPU, so more workers cannot help; a larger "
-                "--micro-batch amortises the per-batch launches")
-    if device.type == "cuda" and args.data != "fake":
-        return "--loader device moves decoding and augmentation to the GPU"
-    return "more --workers would help, if this node has the cores"
-
-
-def cpu_decode_note(loader):
-    """', N images decoded on the CPU ...' when the device path's nvJPEG refused files this epoch, else ''."""
-    n = getattr(getattr(loader, "augment", None), "cpu_decoded", 0)
-    return f" | {n:,} images decoded on the CPU (nvJPEG refused them)" if n else ""
 
 
 def log_progress(run, epoch, loss_sum, log_from, clock):
@@ -555,7 +548,7 @@ def batch_metrics(logits, y):
     """(correct@1, correct@5, summed loss, count) of one batch, float64: (B, classes), (B,) -> (4,)."""
     logits = logits.float()
     top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices         # (B, 5)
-    count = torch.tensor(len(y), device=y.device)
+    count = torch.full((), len(y), device=y.device)          # a fill on the device, not a host-to-device copy
     return torch.stack([(top5[:, 0] == y).sum(), (top5 == y[:, None]).any(1).sum(),
                         F.cross_entropy(logits, y, reduction="sum"), count]).double()
 
@@ -570,7 +563,9 @@ def summarize_metrics(sums):
 def evaluate(model, loader, device, autocast, steps=None, log=None, every=None, watch=None):
     """Top-1, top-5 and loss over the whole split, each sample counted once over all ranks (the one
     evaluation loop; eval.py uses it too). With `log`, a progress line every 10 s (a CPU takes minutes
-    over 10,000 images), or every `every` batches; `watch(mix)` sees each batch's mixture weights."""
+    over 10,000 images), or every `every` batches; `watch(mix)` sees each batch's mixture weights.
+    The model is left in the mode it came in."""
+    was_training = model.training
     model.eval()
     sums = torch.zeros(4, device=device, dtype=torch.float64)   # correct@1, correct@5, loss, count
     t0 = t_log = time.time()
@@ -588,7 +583,7 @@ def evaluate(model, loader, device, autocast, steps=None, log=None, every=None, 
                 f"eta {fmt_time((len(loader) - b) / rate)}")
     if dist.is_initialized():
         dist.all_reduce(sums)
-    model.train()
+    model.train(was_training)
     return summarize_metrics(sums)
 
 
@@ -610,9 +605,9 @@ def setup(args, env):
     out = OutDir(args.out_dir, env.master).open()
     try:
         # A warm-up the recipe clipped to a short run stays as the run started it when --epochs grows.
-        clipped = {"warmup_epochs"} & set(args.from_recipe)
-        saved = restore(args, out, model, optimizer, scaler, n_train, MAY_CHANGE | clipped)
-        if clipped and "args" in saved:
+        recipe_warmup = {"warmup_epochs"} & set(args.from_recipe)
+        saved = restore(args, out, model, optimizer, scaler, n_train, MAY_CHANGE | recipe_warmup)
+        if recipe_warmup and "args" in saved:
             warmup = saved["args"].get("warmup_epochs", args.warmup_epochs)
             args.warmup_epochs = warmup if warmup < args.epochs else args.epochs / 5   # (--epochs shrank)
         progress = Progress(**{f.name: saved[f.name] for f in fields(Progress) if f.name in saved})
@@ -648,7 +643,7 @@ def start_metrics(run):
 
 def describe(run):
     """The start-up lines: where the run resumes, then what it trains, on what, with which recipe."""
-    args, env, c, prog = run.args, run.env, run.raw_model.config, run.progress
+    args, env, cfg, prog = run.args, run.env, run.raw_model.config, run.progress
     if prog.epoch or prog.step:
         steps = f" and {plural(prog.step, 'step')}" if prog.step else ""
         best = f"best top-1 {prog.best_top1:.2f}" if prog.records else "not evaluated yet"
@@ -670,13 +665,16 @@ def describe(run):
                 + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k):g}" for k in given)
                 + (f" (its {plural(recipe_warmup, 'warm-up epoch')}, clipped to a fifth of the run)"
                    if clipped else ""))
-    beyond = [f"loop-scale={c.loop_scale}"] * (c.loop_scale != "none") + ["step-scale"] * c.step_scale
-    env.log(f"SR-ViT D={c.embed_dim} L={c.num_layers} heads={c.num_heads} patch={c.patch_size} R={c.depth} "
-            f"mixer={c.mixer} share={c.share}{''.join(' ' + b for b in beyond)}: "
-            f"{srvit.count_params(run.raw_model):,} params, "
-            f"{run.gmacs:.3g} GMACs/image | {env.device} {args.amp} | {args.out_dir}")
+    # the options beyond our reading of the paper (README), named where they are on
+    beyond = [f"loop-scale={cfg.loop_scale}"] if cfg.loop_scale != "none" else []
+    beyond += ["step-scale"] if cfg.step_scale else []
+    env.log(f"SR-ViT D={cfg.embed_dim} L={cfg.num_layers} heads={cfg.num_heads} patch={cfg.patch_size} "
+            f"R={cfg.depth} mixer={cfg.mixer} share={cfg.share}{''.join(' ' + b for b in beyond)}: "
+            f"{srvit.count_params(run.raw_model):,} params, {run.gmacs:.3g} GMACs/image | {env.device} "
+            f"{args.amp} | {args.out_dir}")
     if prog.epoch >= args.epochs:
-        env.log(f"all {args.epochs} epochs are done already; nothing to train")
+        env.log(f"epoch {args.epochs} of {args.epochs} is done already; nothing to train (a larger --epochs "
+                f"extends the run)")
 
 
 def end_epoch(run, epoch, metrics, clock):
@@ -688,7 +686,8 @@ def end_epoch(run, epoch, metrics, clock):
               **metrics, "best_top1": prog.best_top1, "lr": run.optimizer.param_groups[0]["lr"],
               "epoch_time": seconds, "elapsed": prog.elapsed,
               "images_per_s": (run.steps_per_epoch - start_step) * args.batch_size / seconds}
-    prog.epoch, prog.step, prog.loss_sum, prog.records = epoch + 1, 0, 0.0, prog.records + [record]
+    prog.epoch, prog.step, prog.loss_sum = epoch + 1, 0, 0.0           # the next epoch starts afresh
+    prog.records = prog.records + [record]
     run.env.log(f"epoch {epoch + 1}/{args.epochs} | train loss {record['train_loss']:.4f} | "
                 f"val top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} loss "
                 f"{metrics['val_loss']:.4f} | best {prog.best_top1:.2f} | "

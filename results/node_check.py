@@ -13,9 +13,10 @@ Sections, each on whatever the machine has (on a CPU, the CPU stands in for the 
            by one: the largest pixel difference, alone and while other work runs on the GPU's stream
            (the nvJPEG stream race would show here: see loaders.gpu_decode); beyond tolerance: FAIL
   speed    images/s of the model alone (a synthetic batch on the device) and of loader + model, SR-ViT-S
-           R=1 and R=4, bf16, with and without --compile; the loader's share, MFU, 300 epochs' time
-  ddp      a 2-rank torchrun run (gloo over one GPU if the node has one) that saves, is stopped with
-           SIGTERM, resumes and ends with exit 0
+           R=1 and R=4, bf16, with and without --compile, at one rank's share of DeiT's batch of 1024;
+           the loader's share, MFU, 300 epochs' time (derived: every GPU as fast as this one)
+  ddp      a torchrun run with a rank per GPU, at least 2 (gloo over one GPU if the node has one), that
+           saves, is stopped with SIGTERM, resumes and ends with exit 0
   tests    (--tests) the test suite, python -m pytest -q test_srvit.py, on this machine
 """
 
@@ -49,6 +50,8 @@ from bench import imagenet_like_folder, sync, timed  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167          # ImageNet-1K training images: one epoch
 DECODE_MEAN_TOLERANCE = 2.0         # mean pixel difference (0..255) nvJPEG vs libjpeg may show
+DEIT_BATCH = 1024                   # DeiT's global batch: the paper's command splits it over the GPUs
+TESTS_TIMEOUT = 900                 # seconds for the test suite (--tests); a few minutes on a 2-core CPU
 RED, PLAIN = ("\033[31m", "\033[0m") if sys.stdout.isatty() else ("", "")
 
 
@@ -111,22 +114,26 @@ class Report:
 
 def machine(report, args, device):
     report.section("machine", "Machine", ["what", "value", "what it means for a run"])
-    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    present = torch.cuda.device_count()
+    gpus = present if device.type == "cuda" else 0           # the GPUs this check's runs use
     report.row("machine", "torch / torchvision",
                f"{torch.__version__} / {__import__('torchvision').__version__}",
                "train.py needs torch >= 2.7")
     report.row("machine", "CUDA (torch) / driver", f"{torch.version.cuda} / {driver_version()}",
                "the driver must be at least the CUDA version torch was built for")
-    names = sorted({torch.cuda.get_device_name(i) for i in range(gpus)}) if gpus else ["none"]
+    names = sorted({torch.cuda.get_device_name(i) for i in range(present)}) if present else ["none"]
     peak = train.peak_flops(device)
-    report.row("machine", "GPUs", f"{gpus} x {', '.join(names)}",
-               f"datasheet bf16 peak {peak / 1e12:.0f} TFLOP/s (MFU's denominator)" if peak else
+    meaning = (f"datasheet bf16 peak {peak / 1e12:.0f} TFLOP/s (MFU's denominator)" if peak else
                "no datasheet peak known: MFU is not reported")
+    if present and not gpus:
+        meaning = "not used: this check runs on the CPU (--device cpu)"
+    report.row("machine", "GPUs", f"{present} x {', '.join(names)}", meaning)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     per_rank = max(1, min(8, cores // max(gpus, 1)))
     report.row("machine", "CPU cores", cores, f"{per_rank} loader workers per rank by default")
     ranks = max(gpus, 1)
-    need = loaders.shm_in_flight(per_rank, 64, 224, ranks)            # what train.py's loaders will hold
+    micro = DEIT_BATCH // ranks                     # train.py's validation batch: max(micro-batch, 64)
+    need = loaders.shm_in_flight(per_rank, max(micro, 64), 224, ranks)     # what train.py's loaders hold
     shm = shutil.disk_usage("/dev/shm") if os.path.isdir("/dev/shm") else None
     have = shm and shm.free                                  # free, not total: other jobs may hold some
     size = f"{shm.free / 2**30:.1f} GiB free of {shm.total / 2**30:.1f} GiB" if shm else "none"
@@ -166,8 +173,9 @@ def decode_check(report, args, device, root):
     alone, _ = decode_all(augment, files, args.decode_batch, device, None)
     worst, mean = differences(alone, cpu)
     ok = mean <= DECODE_MEAN_TOLERANCE
+    passed = "ok" if device.type == "cuda" else "ok (no GPU: the device path decodes on the CPU here)"
     report.row("decode", "device path alone, against the CPU decoder", len(files), worst, mean,
-               "ok" if ok else f"mean above {DECODE_MEAN_TOLERANCE}", ok=ok,
+               passed if ok else f"mean above {DECODE_MEAN_TOLERANCE}", ok=ok,
                fix="the device path decodes unlike the CPU here: train with --loader pil, and report "
                    "the torch and torchvision versions")
     work = lambda dev, n: gpu_work(dev, n, alone[0].numel())                 # (pictures all of one size)
@@ -175,8 +183,9 @@ def decode_check(report, args, device, root):
     worst, mean = differences(loaded, alone)
     ok = worst == 0 and not corrupt
     what = "corrupted the other work's tensors" if corrupt else "not the same pixels as alone"
+    passed = "ok: the same pixels" if device.type == "cuda" else "ok (no GPU: no stream to race with)"
     report.row("decode", "while the GPU's stream runs other work, against alone", len(files), worst, mean,
-               "ok: the same pixels" if ok else what, ok=ok,
+               passed if ok else what, ok=ok,
                fix="the decode races with other work on this node: train with --loader pil, and report the "
                    "torch and torchvision versions")
     report.row("decode", "images decoded on the CPU (nvJPEG refused them)", augment.cpu_decoded, "-", "-",
@@ -233,32 +242,44 @@ def speed(report, args, device, root):
     devices = torch.cuda.device_count() if device.type == "cuda" else 1   # the node's ranks, one per GPU
     report.section("speed", f"Speed: {model}, one device, batch {args.batch}",
                    ["R", "compile", "model alone img/s", "loader + model img/s", "loader's share", "MFU",
-                    f"{args.epochs} ImageNet epochs on {devices} device{'s' * (devices > 1)}"])
-    amp = "bf16" if device.type == "cuda" else "none"
+                    f"{args.epochs} ImageNet epochs on {runtime.plural(devices, 'device')}"])
     for depth in args.depth:
         for compiled in (False, True):
-            flags = ["--data-path", root, "--recipe", "deit", "--depth", str(depth), "--batch-size",
-                     str(args.batch), "--workers", str(args.workers), "--amp", amp, "--device", str(device),
-                     "--subset", str(args.images * args.copies)]
-            flags += SMALL_MODEL if args.small else ["--model", "small"]
-            targs = train.get_args(flags)
-            env = SimpleNamespace(rank=0, world=1, micro=args.batch, accum=1, device=device,
-                                  log=lambda *a: None)
-            loader = loaders.build_loaders(targs, env)[0]
-            model = train.build_model(targs, 1000).to(device)
-            if compiled:
-                train.compile_blocks(model, backend=args.compile_backend)
-            opt = torch.optim.AdamW(train.param_groups(model, 0.05), lr=1e-4)
-            step = training_step(model, opt, train.amp_context(device, amp))
-            x = torch.randn(args.batch, 3, targs.img_size, targs.img_size, device=device)
-            y = torch.randint(0, 1000, (args.batch,), device=device)
-            alone = args.batch / timed(lambda: step(x, y), device, args.iters)
-            full = loader_and_model(loader, step, device, args.loader_iters, args.batch)
-            gmacs, peak = srvit.forward_gmacs(model), train.peak_flops(device)
-            mfu = f"{train.mfu(gmacs, alone, peak):.1%}" if peak else "-"
-            hours = args.epochs * IMAGENET_TRAIN / (min(alone, full) * devices) / 3600
-            report.row("speed", depth, "yes" if compiled else "no", f"{alone:,.0f}", f"{full:,.0f}",
-                       f"{max(0.0, 1 - full / alone):.0%}", mfu, f"{hours:,.1f} h (derived)")
+            try:
+                report.row("speed", depth, "yes" if compiled else "no", *speed_row(args, device, root, depth,
+                                                                                   compiled, devices))
+            except torch.cuda.OutOfMemoryError:          # this row only: the others may fit
+                torch.cuda.empty_cache()
+                report.row("speed", depth, "yes" if compiled else "no", "-", "-", "-", "-",
+                           f"out of memory at batch {args.batch}", ok=False,
+                           fix="pass a smaller --batch here; train.py: --micro-batch, --grad-ckpt")
+
+
+def speed_row(args, device, root, depth, compiled, devices):
+    """One row's cells: images/s of the model alone and of loader + model, the loader's share, MFU and
+    the derived wall time of the run."""
+    amp = runtime.default_amp(device)               # as train.py: bf16, or fp16 where a GPU emulates bf16
+    flags = ["--data-path", root, "--recipe", "deit", "--depth", str(depth), "--batch-size", str(args.batch),
+             "--workers", str(args.workers), "--amp", amp, "--device", str(device),
+             "--subset", str(args.images * args.copies)]
+    flags += SMALL_MODEL if args.small else ["--model", "small"]
+    targs = train.get_args(flags)
+    env = SimpleNamespace(rank=0, world=1, micro=args.batch, accum=1, device=device, log=lambda *a: None)
+    loader = loaders.build_loaders(targs, env)[0]
+    model = train.build_model(targs, 1000).to(device)
+    if compiled:
+        train.compile_blocks(model, backend=args.compile_backend)
+    opt = torch.optim.AdamW(train.param_groups(model, 0.05), lr=1e-4)
+    step = training_step(model, opt, train.amp_context(device, amp))
+    x = torch.randn(args.batch, 3, targs.img_size, targs.img_size, device=device)
+    y = torch.randint(0, 1000, (args.batch,), device=device)
+    alone = args.batch / timed(lambda: step(x, y), device, args.iters)
+    full = loader_and_model(loader, step, device, args.loader_iters, args.batch)
+    gmacs, peak = srvit.forward_gmacs(model), train.peak_flops(device)
+    mfu = f"{train.mfu(gmacs, alone, peak):.1%}" if peak else "-"
+    hours = args.epochs * IMAGENET_TRAIN / (min(alone, full) * devices) / 3600
+    return (f"{alone:,.0f}", f"{full:,.0f}", f"{max(0.0, 1 - full / alone):.0%}", mfu,
+            f"{hours:,.1f} h (derived)")
 
 
 SMALL_MODEL = ["--embed-dim", "32", "--num-layers", "2", "--num-heads", "2", "--patch-size", "32"]
@@ -320,16 +341,19 @@ def linked_copies(root, copies):
 # ddp and tests
 
 def ddp_check(report, args, device, tmp):
-    """torchrun with 2 ranks: save every step, SIGTERM once last.pt exists, resume, exit 0."""
-    report.section("ddp", "DDP: 2 ranks, SIGTERM, resume", ["step", "exit code", "seconds", "result"])
+    """torchrun with a rank per GPU (at least 2): save every step, SIGTERM once last.pt exists, resume,
+    exit 0."""
+    ranks = max(2, torch.cuda.device_count() if device.type == "cuda" else 0)
+    report.section("ddp", f"DDP: {ranks} ranks, SIGTERM, resume", ["step", "exit code", "seconds", "result"])
     out = os.path.join(tmp, "ddp-run")
     train_py = os.path.join(ROOT, "train.py")
     # --standalone: a free port on this machine (torchrun's default, 29500, may be taken)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", train_py,
-           "--data", "fake", "--num-classes", "10", "--subset", "2048", "--val-subset", "64", "--img-size",
-           "32", "--patch-size", "8", "--embed-dim", "32", "--num-layers", "2", "--num-heads", "2",
-           "--depth", "2", "--batch-size", "32", "--epochs", "2", "--workers", "0", "--save-every", "1",
-           "--out-dir", out, "--device", device.type]
+    batch = 16 * ranks                               # 64 steps an epoch, whatever the number of ranks
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+           train_py, "--data", "fake", "--num-classes", "10", "--subset", str(64 * batch), "--val-subset",
+           "64", "--img-size", "32", "--patch-size", "8", "--embed-dim", "32", "--num-layers", "2",
+           "--num-heads", "2", "--depth", "2", "--batch-size", str(batch), "--epochs", "2", "--workers", "0",
+           "--save-every", "1", "--out-dir", out, "--device", device.type]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     t0 = time.time()
     # 64 steps an epoch, 2 epochs: the signal lands long before the run's end, even on a fast node
@@ -384,8 +408,12 @@ def tail(log):
 def tests(report, args):
     report.section("tests", "The test suite on this machine", ["command", "exit code", "seconds", "result"])
     t0 = time.time()
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "test_srvit.py"], cwd=ROOT,
-                         capture_output=True, text=True)
+    try:                                    # (bounded: a hung test must not hold the node)
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_srvit.py"]
+        run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TESTS_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        run = SimpleNamespace(returncode="timeout", stdout=(e.stdout or b"").decode(errors="replace")
+                              + f"\nstopped after {TESTS_TIMEOUT} s")
     last = (run.stdout.strip().splitlines() or ["no output"])[-1]
     report.row("tests", "python -m pytest -q test_srvit.py", run.returncode, round(time.time() - t0), last,
                ok=run.returncode == 0, fix="the failing tests are named in the pytest output")
@@ -404,19 +432,23 @@ def get_args(argv=None):
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests use 'eager')")
     p.add_argument("--device", default=None, help="default: cuda if there is one, else cpu")
     p.add_argument("--batch", type=int, default=None,
-                   help="the speed section's batch (default 256; with --small, 4)")
+                   help="the speed section's batch (default: 1024 over the GPUs, at most 256; --small: 4)")
     args = p.parse_args(argv)
+    runtime.check_device(args.device)                  # a GPU that is not there: one line, before the report
     small = args.small
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpus = torch.cuda.device_count() if runtime.check_device(args.device) == "cuda" else 1
     args.images = 32 if small else 512             # generated JPEGs (500 x 375, about 100 KB)
-    args.decode_batch, args.batch = (8, args.batch or 4) if small else (128, args.batch or 256)
+    # one rank of the node: DeiT's 1024 over its GPUs, 256 at most where they are fewer than 4
+    args.decode_batch, args.batch = (8, args.batch or 4) if small else (128, args.batch or
+                                                                        min(256, DEIT_BATCH // gpus))
     args.iters, args.depth, args.epochs = (2 if small else 20), [1, 4], 300
     args.loader_iters = 2 if small else 40         # loader + model: steps timed inside one epoch
     # each picture linked this many times: an epoch of warm-up + timed steps, with 255 to spare (DeiT's
     # repeated-augmentation sampler rounds an epoch down to a multiple of 256): 12,800 at batch 256
     need = (args.loader_iters + warmup_steps(args.loader_iters)) * args.batch + 255
     args.copies = -(-need // args.images)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    args.workers = 0 if small else min(8, cores)
+    args.workers = 0 if small else max(1, min(8, cores // gpus))     # train.py's default for each rank
     return args
 
 

@@ -25,8 +25,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 import srvit
 from loaders import Normalize, OnDevice, build_dataset, mean_std, normalize_image, to_rgb, transforms
-from runtime import (BEFORE_THE_FLAG, ArgumentParser, UserError, check_device, checkpoint_of, cli, first_line,
-                     fmt_time, json_row, plural, read_checkpoint, save_file, write_json)
+from runtime import (BEFORE_THE_FLAG, ArgumentParser, UserError, changed, check_at_least, check_device,
+                     check_output, checkpoint_of, cli, first_line, fmt_time, json_row, plural,
+                     read_checkpoint, read_lines, save_file, write_json)
 from train import MAY_CHANGE, amp_context, evaluate
 
 # The paper's ImageNet-1K top-1, all that its abstract (arXiv 2607.00774) gives: SR-ViT-S at R = 1, 4; DeiT-B.
@@ -104,6 +105,8 @@ def validation_data(args, model, ckpt):
     first)."""
     cfg = model.config
     given = {k: getattr(args, k) for k in ("data", "data_path", "val_subset") if getattr(args, k) is not None}
+    if args.data_path and not args.data:          # as train.py reads it: a folder (not the checkpoint's data)
+        given["data"] = "folder"
     # loaders.build_dataset reads these as train.py does: --val-subset N is training's subset, the same N
     # images
     targs = argparse.Namespace(**{**ckpt.get("args", {}), **given, "img_size": cfg.img_size,
@@ -114,9 +117,12 @@ def validation_data(args, model, ckpt):
     if args.maps:
         mixer_index(args.maps_mixer, len(model.mixers), "--maps-mixer ")
     val, classes = build_dataset(targs, "val", transforms(targs, train=False))
-    if len(classes) != cfg.num_classes:
-        raise UserError(f"the checkpoint classifies {cfg.num_classes} classes, the data at "
-                        f"{targs.data_path} has {len(classes)}")
+    trained_on = ckpt.get("dataset", {}).get("classes")                       # (older checkpoints: no names)
+    if len(classes) != cfg.num_classes or trained_on not in (None, classes):
+        differ = (changed("classes", trained_on, classes) if trained_on and trained_on != classes
+                  else f"{len(classes)} now")
+        raise UserError(f"the checkpoint classifies {cfg.num_classes} classes, other than the data's at "
+                        f"{targs.data_path} ({differ}): evaluate it on the data it was trained on")
     return val, targs.data
 
 
@@ -303,7 +309,7 @@ GREY = (110, 110, 110)
 def read_run(folder):
     """A run folder's metrics.jsonl -> one row of the curve table (None when it has no epoch yet)."""
     path = Path(folder, "metrics.jsonl")
-    rows = [row for row in map(json_row, path.read_text().splitlines()) if row] if path.is_file() else []
+    rows = [row for row in map(json_row, read_lines(path)) if row]
     runs, epochs = [r for r in rows if r.get("type") == "run"], [r for r in rows if r.get("type") == "epoch"]
     if not runs or not epochs:
         return None
@@ -477,15 +483,12 @@ def get_args(argv=None):
         raise UserError("give exactly one of --checkpoint, --curve (eval.py -h lists the options)")
     check_device(args.device)
     check_at_least(args, maps_images=1, batch_size=1, val_subset=1, workers=0)
+    for flag, path, picture in (("--json", args.json, False), ("--plot", args.plot, True),
+                                ("--maps", args.maps, True)):
+        check_output(flag, path, picture)
     if args.checkpoint:
         args.checkpoint = checkpoint_of(args.checkpoint)
     return args
-
-
-def check_at_least(args, **least):     # (shared with results/bench.py)
-    for name, low in least.items():
-        if getattr(args, name) is not None and getattr(args, name) < low:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
 
 
 def main(argv=None):

@@ -58,7 +58,7 @@ def image_size(folder, probe=16):
     not decide the run's size and recipe alone)."""
     from collections import Counter
     from PIL import Image
-    visible = lambda path: sorted(n for n in os.listdir(path) if not n.startswith("."))
+    visible = lambda path: sorted(n for n in listed(path) if not n.startswith("."))
     classes = [c for c in visible(folder) if os.path.isdir(os.path.join(folder, c))]
     names = [[os.path.join(folder, c, n) for n in visible(os.path.join(folder, c))] for c in classes]
     sizes = Counter()
@@ -74,6 +74,19 @@ def image_size(folder, probe=16):
     if not sizes:
         raise UserError(f"no images in {folder}: expected {folder}/<class>/<image>.jpg", shared=True)
     return sizes.most_common(1)[0][0]
+
+
+def listed(folder):
+    """os.listdir, a folder that cannot be read named in one line (not a PermissionError's traceback)."""
+    try:
+        return os.listdir(folder)
+    except OSError as e:
+        raise unreadable_folder(folder, e) from None
+
+
+def unreadable_folder(folder, e):
+    return UserError(f"cannot read the folder {folder} ({e.strerror or type(e).__name__}): give this user "
+                     f"read access to it (chmod -R a+rX), or move it out of the data folder", shared=True)
 
 
 def build_dataset(args, split, transform, loader=None):
@@ -104,10 +117,15 @@ def build_dataset(args, split, transform, loader=None):
             raise UserError(f"{root} has train/ but no val/ or test/ folder for validation")
         try:
             data = ClassFolders(split_dir, transform=transform, loader=loader or read_image)
+        except UserError:
+            raise
         except (FileNotFoundError, OSError) as e:
             raise UserError(f"no images in {split_dir}: {e}. Expected "
                             f"{split_dir}/<class>/<image>.jpg") from None
     classes, keep = list(data.classes), args.subset if train else args.val_subset
+    if len(classes) < 2:                    # (a loss of 0 and top-1 100% from the first step, silently)
+        raise UserError(f"the {split} split has one class ({classes[0]}): a classifier needs two or more "
+                        f"class folders", shared=True)
     if keep:   # the same subset on every rank and in every run
         g = torch.Generator().manual_seed(1234 if train else 4321)
         data = torch.utils.data.Subset(data, torch.randperm(len(data), generator=g)[:keep].tolist())
@@ -128,8 +146,8 @@ def class_folders():
 
     class ClassFolders(ImageFolder):
         def find_classes(self, directory):
-            classes = sorted(e.name for e in os.scandir(directory)
-                             if e.is_dir() and not e.name.startswith("."))
+            classes = sorted(name for name in listed(directory)
+                             if os.path.isdir(os.path.join(directory, name)) and not name.startswith("."))
             if not classes:
                 raise FileNotFoundError(f"no class folders in {directory}")
             return classes, {name: i for i, name in enumerate(classes)}
@@ -150,8 +168,10 @@ def class_folders():
 def pictures_in(folder, is_picture):
     """The files under folder that is_picture accepts, in torchvision's order (by folder, then name),
     without hidden files and folders, each folder walked once however many links lead to it."""
+    def cannot_read(e):                 # (os.walk would skip the folder, and its pictures, silently)
+        raise unreadable_folder(e.filename, e)
     walked, seen = [], set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
+    for root, dirs, files in os.walk(folder, onerror=cannot_read, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:               # a link back to a folder already walked: no pictures twice, no loop
             dirs[:] = []
@@ -195,19 +215,24 @@ def transforms(args, train):
 
 
 def eraser(args):
-    """DeiT's random erasing (per-pixel normal noise in normalised units), or None: drawn per sample
-    after the other transforms (draw_erasing), applied on the device (erase)."""
+    """DeiT's random erasing (per-pixel normal noise in normalised units), or None: its box drawn per
+    sample after the other transforms (draw_erasing), its noise drawn and applied on the device
+    (erasing_noise, erase)."""
     from torchvision.transforms import v2
     return v2.RandomErasing(p=args.erasing, value="random") if args.erasing and args.img_size > 64 else None
 
 
 def draw_erasing(t, size):
     """The draws RandomErasing t makes for a (3, size, size) image, as its forward makes them (same
-    calls, same order): (top, left, height, width, noise (3, h, w)) or None."""
+    calls, same order, so the same box), then a seed for the box's noise: (top, left, height, width,
+    noise seed) or None. The noise itself is drawn on the device (erasing_noise): a float32 box of
+    noise is 4 bytes a pixel through shared memory, where the seed is 8 bytes a box."""
     if t is None or torch.rand(1) >= t.p:
         return None
     e = t.make_params([torch.empty(3, 1, 1).expand(3, size, size)])   # a stand-in with the shape, no memory
-    return None if e["v"] is None else (e["i"], e["j"], e["h"], e["w"], e["v"])
+    if e["v"] is None:                  # (its noise, drawn before the box's corner, is let go here)
+        return None
+    return e["i"], e["j"], e["h"], e["w"], int(torch.randint(2**62, ()))
 
 
 def randaugment_op(magnitude, mean):
@@ -233,12 +258,20 @@ def read_image(path):
 
 def to_rgb(im):
     """PIL's convert("RGB"), but 16-bit greyscale (PNG, TIFF) is scaled to 8 bits first: convert clips it
-    at 255, which turns nearly every such picture white."""
-    if im.mode.startswith("I"):                                    # (older Pillow opens 16-bit PNGs as "I")
+    at 255, which turns nearly every such picture white. Pillow opens 16-bit pictures as "I;16" (older
+    versions: "I", which also holds 32-bit TIFFs): an "I" picture is taken as 16-bit when its values
+    exceed 255, as 8-bit when they do not. Float pixels and 32-bit ranges have no agreed scale: refused
+    (read_image names the file), where convert would make them black or white, silently."""
+    if im.mode == "F" or im.mode.startswith("I"):
         import numpy as np
         from PIL import Image
-        wide = np.asarray(im).astype(np.float64)                     # 0..65535
-        im = Image.fromarray(np.clip(np.round(wide / 257), 0, 255).astype(np.uint8))
+        wide = np.asarray(im).astype(np.float64)
+        top = wide.max(initial=0)
+        if im.mode == "F" or top > 65535:
+            raise ValueError(f"{im.mode} pixels up to {top:g}, not 8 or 16 bits: save it as an 8-bit image")
+        if im.mode.startswith("I;16") or top > 255:                # 0..65535 -> 0..255
+            wide = np.round(wide / 257)
+        im = Image.fromarray(np.clip(wide, 0, 255).astype(np.uint8))
     return im.convert("RGB")
 
 
@@ -345,19 +378,54 @@ class SeededAugment(torch.utils.data.Dataset):
 
 
 def collate_erased(batch):
-    """Collate SeededAugment items: images (B, 3, S, S) uint8, labels (B,), erasing boxes (B, 4)
-    int64 (top, left, height, width; height 0: not erased) and every box's noise as one flat
-    float32 tensor, in batch order (erase)."""
+    """Collate SeededAugment items: images (B, 3, S, S) uint8, labels (B,) and the erasing table
+    (B, 5) int64; no floats cross shared memory."""
     images, labels, draws = zip(*batch)
-    return torch.stack(images), torch.tensor(labels), *erasing_table(draws)
+    return torch.stack(images), torch.tensor(labels), erasing_table(draws)
 
 
 def erasing_table(draws):
-    """Erasing draws (each None or (top, left, h, w, noise (3, h, w))) -> (B, 4) boxes and flat noise."""
-    boxes = torch.tensor([d[:4] if d is not None else (0, 0, 0, 0) for d in draws],
-                         dtype=torch.long).view(-1, 4)
-    noise = [d[4].flatten() for d in draws if d is not None]                      # (3 h w,) each
-    return boxes, torch.cat(noise) if noise else torch.zeros(0)
+    """Erasing draws (each None or (top, left, h, w, noise seed)) -> (B, 5) int64: top, left, height,
+    width (height 0: not erased), noise seed."""
+    return torch.tensor([d if d is not None else (0,) * 5 for d in draws], dtype=torch.long).view(-1, 5)
+
+
+def noise_size(table):
+    """The number of noise values a batch's erasing table asks for: sum of 3 h w (on the CPU)."""
+    return int((3 * table[:, 2] * table[:, 3]).sum())
+
+
+def erasing_noise(table, n):
+    """The batch's erasing noise, standard normal, every box's (3, h, w) in batch order, flat (n,), made
+    where table (erasing_table's, (B, 5)) is, from n = noise_size(table) counted on the CPU (so no
+    device sync). Value i of a box is a function of the box's seed and i alone, by a counter-based
+    hash (splitmix64) made into two uniforms and then a normal (Box-Muller): a sample's noise does not
+    depend on its batch or the device, and a resumed batch gets its noise again."""
+    device = table.device
+    sizes = 3 * table[:, 2] * table[:, 3]                                       # (B,)
+    box = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes, output_size=n)   # (n,)
+    position = torch.arange(n, device=device) - (sizes.cumsum(0) - sizes)[box]   # within its box, (n,)
+    state = table[box, 4] + (2 * position + 1) * GOLDEN                          # wraps, as int64 does
+    u1 = 1.0 - uniform(splitmix64(state))                                        # (0, 1]
+    u2 = uniform(splitmix64(state + GOLDEN))                                     # [0, 1)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * math.pi * u2)        # (n,) float32
+
+
+# splitmix64's constants (0x9e3779b97f4a7c15, 0xbf58476d1ce4e5b9, 0x94d049bb133111eb) as int64
+GOLDEN, MIX1, MIX2 = -7046029254386353131, -4658895280553007687, -7723592293110705685
+
+
+def splitmix64(x):
+    """splitmix64's finaliser on an int64 tensor: products wrap as uint64's would, and each right shift
+    is made logical by masking the sign's copies away."""
+    x = (x ^ ((x >> 30) & (2**34 - 1))) * MIX1
+    x = (x ^ ((x >> 27) & (2**37 - 1))) * MIX2
+    return x ^ ((x >> 31) & (2**33 - 1))
+
+
+def uniform(bits):
+    """The top 24 bits of int64 hashes -> float32 in [0, 1)."""
+    return ((bits >> 40) & (2**24 - 1)).float() * 2.0**-24
 
 
 # ----------------------------------------------------------------------------------------
@@ -501,8 +569,8 @@ def ignore_signals(worker_id):
 
 class OnDevice:
     """A DataLoader of uint8 batches, moved to the device and normalised there (as timm's
-    PrefetchLoader does): (images, labels) from validation, or (images, labels, erasing boxes, noise)
-    from the PIL training path, which the device then erases. set_epoch(epoch, start_batch) picks the
+    PrefetchLoader does): (images, labels) from validation, or (images, labels, erasing table) from
+    the PIL training path, which the device then erases. set_epoch(epoch, start_batch) picks the
     epoch and where a resumed run starts in it, as for every training loader."""
 
     def __init__(self, loader, normalize):
@@ -521,10 +589,14 @@ class OnDevice:
         return self.on_device(iter(self.loader))
 
     def on_device(self, batches):
-        for batch in batches:
-            x, y, *erasing = (t.to(self.device, non_blocking=True) for t in batch)   # pinned on a GPU
+        for x, y, *erasing in batches:
+            x, y = (t.to(self.device, non_blocking=True) for t in (x, y))          # pinned on a GPU
             x = self.normalize(x)                                                   # (B, 3, S, S) float
-            yield (erase(x, *erasing) if erasing else x), y
+            if erasing:                                     # (B, 5): boxes and noise seeds
+                n = noise_size(erasing[0])                  # on the CPU, before the copy
+                table = erasing[0].to(self.device, non_blocking=True)
+                x = erase(x, table[:, :4], erasing_noise(table, n))
+            yield x, y
 
 
 class Normalize:
@@ -551,7 +623,7 @@ def erase(x, boxes, noise):
     left, height, width (height 0: not erased), noise (n,) every box's (3, h, w) noise in batch order.
     One masked copy writes all boxes: the mask's elements, in memory order, run over sample, channel,
     row, column, the order in which each box's noise is laid out."""
-    if noise.numel() == 0:
+    if noise.numel() == 0:              # (no box in this batch)
         return x
     S = x.shape[-1]
     r = torch.arange(S, device=x.device)
@@ -688,7 +760,7 @@ class DeviceAugment:
 
     # The columns of the int64 table: crop box, flip, erasing box, label, then per RandAugment slot
     # the samples in the order of their op (affine ops first, then by op; see collate).
-    CROP, FLIP, ERASE, LABEL, ORDER = 0, 4, 5, 9, 10
+    CROP, FLIP, ERASE, LABEL, ORDER = 0, 4, 5, 10, 11        # ERASE: box (4) and noise seed
 
     def __init__(self, args, device):
         from torchvision.transforms import v2
@@ -739,15 +811,15 @@ class DeviceAugment:
         return name, -magnitude if signed and torch.rand(()) <= 0.5 else magnitude
 
     def pack(self, draws, labels):
-        """A batch's draws -> (table (B, 12) int64, floats: the affine matrices (B, 2, 2, 3) then the
-        erasing noise, flat float32, groups: per slot the ((name, magnitude), count) runs of `order`)."""
+        """A batch's draws -> (table (B, 13) int64, theta: the affine matrices (B, 2, 2, 3) float32,
+        groups: per slot the ((name, magnitude), count) runs of `order`)."""
         B, groups = len(draws), []
         table = torch.zeros(B, self.ORDER + 2, dtype=torch.long)
         theta = torch.zeros(B, 2, 2, 3)
         table[:, self.CROP:self.CROP + 4] = torch.tensor([d[0] for d in draws], dtype=torch.long).view(B, 4)
         table[:, self.FLIP] = torch.tensor([bool(d[1]) for d in draws])
-        boxes, noise = erasing_table([d[4] for d in draws])
-        table[:, self.ERASE:self.ERASE + 4], table[:, self.LABEL] = boxes, torch.as_tensor(labels)
+        table[:, self.ERASE:self.ERASE + 5] = erasing_table([d[4] for d in draws])
+        table[:, self.LABEL] = torch.as_tensor(labels)
         for slot in range(2):
             ops = [d[2 + slot] for d in draws]
             # affine ops first (one grid_sample for all of them), then each other op's samples together
@@ -763,14 +835,14 @@ class DeviceAugment:
                 if kind == "affine":
                     theta[b, slot] = torch.tensor(affine_theta(*ops[b], self.size))
             groups.append([(kind, n) for kind, n in runs if kind is not None])
-        return table, torch.cat([theta.flatten(), noise]), groups
+        return table, theta, groups
 
     def collate(self, batch):
-        """collate_fn of the device path's workers: files and noise differ in size, so each travels
-        as one flat tensor (one shared-memory segment per batch, not one per file)."""
+        """collate_fn of the device path's workers: files differ in size, so they travel as one flat
+        tensor (one shared-memory segment per batch, not one per file)."""
         files, labels, draws, paths = zip(*batch)
-        table, floats, groups = self.pack(draws, labels)
-        return torch.cat(files), [len(f) for f in files], table, floats, groups, list(paths)
+        table, theta, groups = self.pack(draws, labels)
+        return torch.cat(files), [len(f) for f in files], table, theta, groups, list(paths)
 
     # -- on the device: decode, then augment the batch
 
@@ -803,15 +875,14 @@ class DeviceAugment:
                 "blur": self.to_device(torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13)}
         return self.on_device
 
-    def apply(self, images, crops, table, floats, groups):
+    def apply(self, images, crops, table, theta, groups, n_noise):
         """images: B decoded (3, H, W) uint8 on the device; crops: their crop boxes (a list, on the CPU);
-        table, floats: collate's, on the device; groups: collate's. Returns (B, 3, S, S) float,
-        normalised and erased."""
-        S, B, made = self.size, len(images), self.made_once()
+        table, theta: collate's, on the device; groups: collate's; n_noise: noise_size of the table's
+        erasing columns. Returns (B, 3, S, S) float, normalised and erased."""
+        S, made = self.size, self.made_once()
         x = torch.cat([resized_crop(im, *box, S) for im, box in zip(images, crops)])
         x = x.round_().clamp_(0, 255).to(torch.uint8)                                # (B, 3, S, S)
         x = torch.where(table[:, self.FLIP, None, None, None].bool(), x.flip(3), x)
-        theta = floats[:B * 12].view(B, 2, 2, 3)
         for slot, ra in enumerate(self.randaug):
             order, start = table[:, self.ORDER + slot], 0
             for name, n in groups[slot]:
@@ -822,13 +893,15 @@ class DeviceAugment:
                 elif name[0] != "Identity":
                     x[idx] = colour_op(ra, x[idx], *name, made["blur"])
         x = made["normalize"](x)                                              # (B, 3, S, S) float
-        return erase(x, table[:, self.ERASE:self.ERASE + 4], floats[B * 12:])
+        erasing = table[:, self.ERASE:self.ERASE + 5]                         # (B, 5)
+        return erase(x, erasing[:, :4], erasing_noise(erasing, n_noise))
 
     def __call__(self, images, draws):
         """Augment decoded images with their draw() lists, without a loader (tests, the node check)."""
-        table, floats, groups = self.pack(draws, [0] * len(draws))
-        return self.apply(images, [d[0] for d in draws], self.to_device(table), self.to_device(floats),
-                          groups)
+        table, theta, groups = self.pack(draws, [0] * len(draws))
+        n = noise_size(table[:, self.ERASE:self.ERASE + 5])
+        return self.apply(images, [d[0] for d in draws], self.to_device(table), self.to_device(theta),
+                          groups, n)
 
 
 def resized_crop(image, top, left, height, width, size):
@@ -972,10 +1045,11 @@ class DeviceLoader:
 
     def on_device(self, batch):
         """A batch of DeviceAugment.collate, decoded and augmented: (B, 3, S, S) float and (B,) labels."""
-        aug, (files, sizes, table, floats, groups, paths) = self.augment, batch
+        aug, (files, sizes, table, theta, groups, paths) = self.augment, batch
         crops = table[:, aug.CROP:aug.CROP + 4].tolist()               # (on the CPU: no device sync)
-        table, floats = aug.to_device(table), aug.to_device(floats)    # the batch's two copies
-        x = aug.apply(aug.decode(torch.split(files, sizes), paths), crops, table, floats, groups)
+        n_noise = noise_size(table[:, aug.ERASE:aug.ERASE + 5])        # (on the CPU: no device sync)
+        table, theta = aug.to_device(table), aug.to_device(theta)      # the batch's two copies
+        x = aug.apply(aug.decode(torch.split(files, sizes), paths), crops, table, theta, groups, n_noise)
         return x, table[:, aug.LABEL]
 
 

@@ -208,6 +208,24 @@ def default_amp(device):
     return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
 
 
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, matched against the device
+# name, most specific first: an "H100 PCIe" is not an H100 SXM. The one MFU denominator, whatever --amp is.
+PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12),
+             ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("RTX 4090", 165e12),
+             ("L4", 121e12)]
+
+
+def peak_flops(device):
+    """Datasheet dense bf16 peak of this GPU, in FLOP/s; None where unknown (CPU, other GPUs)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((peak for key, peak in PEAK_BF16 if key in name), None) if name else None
+
+
+def mfu(gmacs, images_per_s, peak_flops):
+    """Model FLOPs utilisation: training costs ~3 forward passes (forward + backward), 2 FLOPs per MAC."""
+    return 3 * 2 * gmacs * 1e9 * images_per_s / peak_flops
+
+
 def check_device(name):
     """'cuda' or 'cpu': what --device asks for (default: cuda where there is one)."""
     if name is None:
@@ -258,6 +276,14 @@ def on_all_ranks(env, fn, *args, undo=None):
 # of an epoch best.pt is written first, then last.pt, then the metrics row; last.pt carries every
 # epoch's row, so a resume puts back a row that a kill kept out of metrics.jsonl.
 
+def what_to_free(e):
+    """What a failed write asks of the user: space for a full disk (torch.save's own error has no
+    errno), else what the error names."""
+    if getattr(e, "errno", None) in (None, errno.ENOSPC, errno.EDQUOT):
+        return "is the disk full? Free space"
+    return "give this user write access to the file and its folder (or move aside what is in the way)"
+
+
 class OutDir:
     def __init__(self, path, master):
         self.path, self.master, self.lock_file = path, master, None
@@ -286,6 +312,14 @@ class OutDir:
         for name in os.listdir(self.path):
             if name.endswith(".tmp"):
                 os.remove(os.path.join(self.path, name))
+        try:                                 # a folder we may not write fails now, not after an epoch
+            probe = os.path.join(self.path, f"write-test-{os.getpid()}.tmp")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            self.close(failed=True)
+            raise UserError(f"cannot write in --out-dir {self.path} ({e.strerror}); choose a folder you can "
+                            f"write to") from None
         return self
 
     def lock(self):
@@ -353,8 +387,8 @@ class OutDir:
         except (OSError, RuntimeError) as e:        # a full disk surfaces as either
             if os.path.exists(tmp):
                 os.remove(tmp)
-            raise UserError(f"could not write {path} ({first_line(e)[:120]}); is the disk full? The previous "
-                            f"checkpoint is kept; free space and re-run the same command") from None
+            raise UserError(f"could not write {path} ({first_line(e)[:120]}); {what_to_free(e)}. The "
+                            f"previous checkpoint is kept; re-run the same command once it is done") from None
 
     def append_metrics(self, row):
         """One whole row or none: on a failed write (a full disk) the file is cut back to where it was; the
@@ -373,8 +407,8 @@ class OutDir:
             finally:
                 os.close(fd)
         except OSError as e:
-            raise UserError(f"could not write {self.metrics} ({e.strerror}); is the disk full? The "
-                            f"checkpoint is saved: free space and re-run the same command, which puts the "
+            raise UserError(f"could not write {self.metrics} ({e.strerror}); {what_to_free(e)}. The "
+                            f"checkpoint is saved: re-run the same command once it is done, which puts the "
                             f"row back") from None
 
     def end_epoch(self, ckpt, is_best):
@@ -434,9 +468,35 @@ def write_json(path, obj):
     save_file(path, write)
 
 
+def check_at_least(args, **least):
+    """Each named flag at least its bound, or one line (eval.py's and results/bench.py's flags)."""
+    for name, low in least.items():
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+
+
+# A run's own files in its out-dir (OutDir), which no table or picture may replace.
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "train.lock")
+PICTURES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def check_output(flag, path, picture=False):
+    """Refuse, before any work, an output path that would replace a checkpoint or a run's metrics, or a
+    picture whose name says no picture format."""
+    if path is None:
+        return
+    name = os.path.basename(path)
+    if name in RUN_FILES or name.endswith(".pt") or os.path.isdir(path):
+        what = "a folder" if os.path.isdir(path) else "a checkpoint or a run's own file"
+        raise UserError(f"{flag} {path} is {what}, which this would replace: name a new file")
+    if picture and os.path.splitext(name)[1].lower() not in PICTURES:
+        raise UserError(f"{flag} {path}: name a picture file ({', '.join(PICTURES)})")
+
+
 def save_file(path, write):
     """write(tmp), then rename it to path: a result written after the work is done (a table, a picture)
     fails in one line that names the file (a full disk, a folder that cannot be made), never half a file."""
+    check_output("the output", path)
     tmp = f"{path}.tmp{os.path.splitext(path)[1]}"            # (Pillow picks the format by the extension)
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -459,6 +519,8 @@ def read_checkpoint(path):
     try:
         ckpt = srvit.read_weights(path)
     except ValueError as e:
+        if str(e).startswith("cannot open"):     # there, but not readable: nothing is known of its content
+            raise UserError(str(e)) from None
         best = os.path.join(os.path.dirname(path), "best.pt")
         keep = (f"; best.pt beside it may be whole: --resume {best} resumes from its epoch (the epochs "
                 f"after it are trained again)"
@@ -475,26 +537,34 @@ def read_checkpoint(path):
 BEFORE_THE_FLAG = {"schedule": "deit", "pad_mode": "zeros", "init": "timm"}
 
 
-def check_same_run(path, ckpt, model, args, n_train, may_change):
+def check_same_run(path, ckpt, model, args, dataset, may_change):
     """Refuse to resume another model, other data or another recipe, naming each value that changed:
-    every argument but `may_change` (train.MAY_CHANGE) is compared (keys an older checkpoint does not hold
-    are not)."""
+    every argument but `may_change` (train.MAY_CHANGE) is compared, and the dataset's size and class names
+    (keys an older checkpoint does not hold are not)."""
     saved_cfg = {**asdict(srvit.SRViTConfig()), **ckpt["config"]}
     saved = {**BEFORE_THE_FLAG, **ckpt.get("args", {}), **ckpt.get("dataset", {})}
-    now = {**vars(args), "train_images": n_train}
+    now = {**vars(args), **dataset}
     model_keys = [k for k in asdict(model.config) if k not in ("drop_path_rate", "grad_checkpointing")]
-    data_keys = ("data", "subset", "val_subset", "num_classes", "img_size", "train_images")
+    data_keys = ("data", "subset", "val_subset", "num_classes", "img_size", "train_images", "classes")
     recipe_keys = [k for k in now if k not in may_change and k not in data_keys]
     for keys, have, want, what in ((model_keys, saved_cfg, asdict(model.config), "model"),
                                    (data_keys, saved, now, "data"), (recipe_keys, saved, now, "recipe")):
-        diff = [f"{k}: {have[k]!r} then, {want[k]!r} now" for k in keys
-                if k in have and have[k] != want.get(k)]
+        diff = [changed(k, have[k], want.get(k)) for k in keys if k in have and have[k] != want.get(k)]
         if diff:
             raise UserError(f"{path} was trained with another {what} ({'; '.join(diff)}). Resume with the "
                             f"same command, or start afresh in another --out-dir", shared=True)
 
 
-def restore(args, out, model, optimizer, scaler, n_train, may_change):
+def changed(key, then, now):
+    """'key: <then> then, <now> now'; for the class names, the first that differs (there may be 1000)."""
+    if key != "classes" or not isinstance(then, list) or not isinstance(now, list):
+        return f"{key}: {then!r} then, {now!r} now"
+    i = next((i for i, (old, new) in enumerate(zip(then, now)) if old != new), min(len(then), len(now)))
+    name = lambda names: repr(names[i]) if i < len(names) else "none"
+    return f"class {i + 1}: {name(then)} then, {name(now)} now"
+
+
+def restore(args, out, model, optimizer, scaler, dataset, may_change):
     """Load what --resume points at (default last.pt, if there is one) into the model, optimizer and
     scaler, and return the checkpoint (train.setup builds its Progress from it), its best_top1 raised
     to best.pt's where a kill left best.pt ahead; {} for a fresh run."""
@@ -514,7 +584,7 @@ def restore(args, out, model, optimizer, scaler, n_train, may_change):
     if "optimizer" not in ckpt:
         raise UserError(f"{path} holds weights only, no optimizer state to resume from; use --init-from",
                         shared=True)
-    check_same_run(path, ckpt, model, args, n_train, may_change)
+    check_same_run(path, ckpt, model, args, dataset, may_change)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt["scaler"]:            # (empty from a run without fp16: a resume in fp16 starts a fresh scale)
@@ -544,7 +614,16 @@ def check_no_rows(out):
 
 
 def read_lines(path):
-    return open(path).read().splitlines(keepends=True) if os.path.exists(path) else []
+    """A metrics.jsonl's lines ([] where there is none); a byte that is not UTF-8 spoils only its own
+    line, which json_row then reads as torn."""
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path, errors="replace") as f:
+            return f.read().splitlines(keepends=True)
+    except OSError as e:                   # a folder of that name, a file this user may not read
+        raise UserError(f"cannot read {path} ({e.strerror}): a run's metrics file, readable by this user, "
+                        f"was expected there") from None
 
 
 def json_row(line):

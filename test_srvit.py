@@ -1054,7 +1054,7 @@ def test_device_path_draws_exactly_what_the_pil_path_draws(flags):
         assert [op1, op2] == [seen.get(n) for n in slots] + [None] * (2 - len(slots))
         want = seen.get("erase") or None
         assert (erase is None) == (want is None)
-        assert erase is None or (erase[:4] == want[:4] and torch.equal(erase[4], want[4]))
+        assert erase is None or erase[:4] == want[:4]         # the box (its noise is drawn on the device)
 
 
 def test_device_path_draws_and_augments_as_the_pil_path():
@@ -1070,7 +1070,9 @@ def test_device_path_draws_and_augments_as_the_pil_path():
             torch.default_generator.manual_seed(seed)
             pixels, box = pil(image), loaders.draw_erasing(loaders.eraser(args), 96)   # as a PIL worker does
         # (3, 96, 96)
-        want = loaders.erase(loaders.normalize_image(pixels[None], 96), *loaders.erasing_table([box]))[0]
+        table = loaders.erasing_table([box])
+        want = loaders.erase(loaders.normalize_image(pixels[None], 96), table[:, :4],
+                             loaders.erasing_noise(table, loaders.noise_size(table)))[0]
         got, other = (aug(aug.decode([encoded(image, "PNG")], ["x"]),
                           [aug.draw(s, image.height, image.width)])[0] for s in (seed, seed + 1000))
         diffs.append((((want - got) * std * 255).abs().mean().item(),
@@ -2280,9 +2282,9 @@ def test_compiled_bench_compiles_every_model_of_every_row():
 def test_mfu_uses_the_datasheet_peak_of_the_exact_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: names.pop(0))
     names = ["NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H200", "NVIDIA A100-SXM4-80GB", "Tesla T4"]
-    peaks = [train.peak_flops(torch.device("cuda")) for _ in range(5)]
+    peaks = [runtime.peak_flops(torch.device("cuda")) for _ in range(5)]
     assert peaks == [989e12, 756e12, 989e12, 312e12, None]
-    assert train.mfu(10, 1000, 989e12) == pytest.approx(6e13 / 989e12)
+    assert runtime.mfu(10, 1000, 989e12) == pytest.approx(6e13 / 989e12)
 
 
 # ----------------------------------------------------------------------------------------
@@ -2602,14 +2604,30 @@ def test_every_loader_sends_uint8_through_shared_memory_and_the_device_normalise
         train_loader, val, _, _ = loaders.build_loaders(args, env)
         crossing = next(iter(train_loader.loader))                 # what the workers' DataLoader yields
         assert crossing[0].dtype == torch.uint8, loader_kind          # pixels, or the files' bytes
-        # floats: erasing noise, affine matrices
-        assert all(t.dtype != torch.float32 or t.ndim == 1
-                   for t in crossing if isinstance(t, torch.Tensor)), loader_kind
+        # floats: the affine matrices alone, 12 a sample (the erasing noise is drawn on the device)
+        floats = [t for t in crossing if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        assert sum(t.numel() for t in floats) == (4 * 12 if loader_kind == "device" else 0), loader_kind
         val_batch = next(iter(val.loader))
         assert val_batch[0].dtype == torch.uint8 and val_batch[0].shape[1:] == (3, 96, 96)
         x, _ = next(iter(val))                                     # normalised on the device
         mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in loaders.MEAN_STD["imagenet"])
         torch.testing.assert_close(x, (val_batch[0] / 255 - mean) / std, atol=1e-5, rtol=0)
+
+
+def test_erasing_noise_is_standard_normal_and_each_box_s_own_whatever_its_batch():
+    def noise(boxes):
+        table = loaders.erasing_table(boxes)
+        return loaders.erasing_noise(table, loaders.noise_size(table))
+    a, b = (0, 0, 40, 50, 11), (5, 7, 30, 20, 12)                        # (top, left, h, w, noise seed)
+    both = noise([a, None, b])
+    assert both.shape == (3 * 40 * 50 + 3 * 30 * 20,) and both.dtype == torch.float32
+    assert torch.equal(both, torch.cat([noise([a]), noise([None, b])]))    # a box's noise is its own
+    assert not torch.equal(noise([b]), noise([b[:4] + (13,)]))             # another seed, other noise
+    many = noise([(0, 0, 200, 200, seed) for seed in range(5)])              # 600,000 values
+    assert abs(many.mean()) < 0.01 and abs(many.std() - 1) < 0.01  # (standard errors 0.0013, 0.0009)
+    within = [(many.abs() < k).float().mean().item() for k in (1, 2, 3)]
+    assert all(abs(w - p) < 0.005 for w, p in zip(within, (0.6827, 0.9545, 0.9973))), within
+    assert noise([None, None]).numel() == 0
 
 
 def test_erasing_as_one_masked_copy_equals_pasting_each_box():
@@ -3213,3 +3231,142 @@ def test_slow_a_failed_start_on_another_rank_leaves_no_out_dir_on_rank_0(tmp_pat
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode != 0 and "cannot read image" in res.stderr and "(rank 1)" in res.stderr, res.stderr
     assert not (tmp_path / "runs").exists(), os.listdir(tmp_path / "runs")
+
+
+# ----------------------------------------------------------------------------------------
+# Bad input, a third pass: output paths, other data under one count, unreadable places, numbers
+
+def test_an_output_never_replaces_a_checkpoint_or_a_run_s_metrics(trained_runs):
+    run = trained_runs / "R1"
+    before = {name: (run / name).read_bytes() for name in ("best.pt", "metrics.jsonl")}
+    for argv, said in ((["--checkpoint", str(run), "--json", str(run / "best.pt")], "--json"),
+                       (["--curve", str(run), "--json", str(run / "metrics.jsonl")], "--json"),
+                       (["--curve", str(run), "--plot", str(run / "last.pt")], "--plot"),
+                       (["--curve", str(run), "--plot", str(run)], "is a folder")):
+        with pytest.raises(runtime.UserError, match=re.escape(said)):
+            srvit_eval.main(argv)
+    with pytest.raises(runtime.UserError, match=r"--plot .*curve: name a picture file \(\.png"):
+        srvit_eval.main(["--curve", str(run), "--plot", str(run.parent / "curve")])
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+def test_other_class_names_under_the_same_count_are_refused_on_resume_and_in_eval(tmp_path):
+    make_image_folder(tmp_path / "ab", classes=("a", "b"), n=4)
+    make_image_folder(tmp_path / "cd", classes=("cat", "dog"), n=4)
+    args = ["--device", "cpu", "--loader", "pil", *FAST, "--batch-size", "4", "--epochs", "1",
+            "--out-dir", str(tmp_path / "run")]
+    train.main(["--data-path", str(tmp_path / "ab"), *args])
+    user_error(["--data-path", str(tmp_path / "cd"), *args, "--epochs", "2"], "another data",
+               "class 1: 'a' then, 'cat' now")
+    with pytest.raises(runtime.UserError, match="class 1: 'a' then, 'cat' now.*trained on"):
+        srvit_eval.main(["--checkpoint", str(tmp_path / "run"), "--data-path", str(tmp_path / "cd"),
+                         "--workers", "0", "--device", "cpu"])
+    # --data-path alone means a folder, as in train.py (it was ignored for a run on --data fake)
+    train.main(FAKE + ["--depth", "1", "--epochs", "1", "--num-classes", "2", "--out-dir",
+                       str(tmp_path / "fk")])
+    with pytest.raises(runtime.UserError, match="class 1: 'class 0' then, 'a' now"):   # the folder was read
+        srvit_eval.main(["--checkpoint", str(tmp_path / "fk"), "--data-path", str(tmp_path / "ab"),
+                         "--workers", "0", "--device", "cpu"])
+    user_error(FAKE + ["--data-path", str(tmp_path / "ab")], "--data fake makes up its images")
+    user_error(["--data-path", str(tmp_path / "ab"), "--num-classes", "5"], "a folder's classes are its")
+
+
+def test_an_unreadable_folder_and_a_single_class_are_one_line(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "data", n=4)
+    os.makedirs(tmp_path / "data" / "train" / "cat" / "more")
+    args = ["--data-path", root, "--device", "cpu", "--loader", "pil", *FAST, "--batch-size", "4",
+            "--out-dir", str(tmp_path / "run")]
+    scandir, listdir = os.scandir, os.listdir
+
+    def refuse(under):                      # as a folder at chmod 000 does (this test may run as root)
+        def opener(path="."):
+            if str(path).endswith(under):
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return (scandir if opener.kind == "scandir" else listdir)(path)
+        return opener
+    for kind, under in (("scandir", "more"), ("listdir", "train")):       # inside a class; the split itself
+        with monkeypatch.context() as patched:
+            opener = refuse(under)
+            opener.kind = kind
+            patched.setattr(os, kind, opener)
+            user_error(args, f"cannot read the folder {root}/train", "Permission denied", "chmod")
+    shutil.rmtree(tmp_path / "data" / "train" / "dog")
+    shutil.rmtree(tmp_path / "data" / "val" / "dog")
+    user_error(args, "the train split has one class (cat): a classifier needs two or more")
+
+
+def test_a_folder_that_cannot_be_written_fails_at_start_and_each_failed_write_says_its_cause(tmp_path,
+                                                                                             monkeypatch):
+    real_open = open
+
+    def read_only(path, *args, **kwargs):   # a folder at chmod 555 (this test may run as root)
+        if "write-test" in str(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(runtime, "open", read_only, raising=False)
+    user_error(FAKE + ["--out-dir", str(tmp_path / "run")], "cannot write in --out-dir", "Permission denied")
+    monkeypatch.undo()
+    assert not (tmp_path / "run").exists()
+    out = runtime.OutDir(str(tmp_path / "run"), master=True).open()
+    for error, said in ((PermissionError(errno.EACCES, "Permission denied"), "give this user write access"),
+                        (OSError(errno.ENOSPC, "No space left on device"), "is the disk full? Free space")):
+        monkeypatch.setattr(runtime.torch, "save", lambda *args, error=error: (_ for _ in ()).throw(error))
+        with pytest.raises(runtime.UserError, match=re.escape(said)):
+            out.save({}, out.last)
+    out.close(failed=False)
+
+
+def test_an_unreadable_checkpoint_and_metrics_file_say_what_they_are(tmp_path, monkeypatch, trained_runs):
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    with monkeypatch.context() as patched:
+        patched.setattr(srvit.torch, "load", denied)
+        with pytest.raises(runtime.UserError) as e:
+            runtime.read_checkpoint(str(trained_runs / "R1" / "last.pt"))
+    assert "give this user read access" in str(e.value) and "best.pt" not in str(e.value)
+    metrics = tmp_path / "metrics.jsonl"
+    rows = (trained_runs / "R1" / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    metrics.write_bytes(rows[0] + b'{"type": "epoch", \xff\xfe torn}\n' + b"".join(rows[1:]))
+    assert [runtime.json_row(line) for line in runtime.read_lines(str(metrics))].count(None) == 1
+    metrics.unlink()
+    metrics.mkdir()
+    with pytest.raises(runtime.UserError, match="a run's metrics file, readable by this user, was expected"):
+        runtime.read_lines(str(metrics))
+
+
+def test_numbers_out_of_reach_are_refused_before_the_run(monkeypatch):
+    for flags, said in ((["--mixup", "inf"], "--mixup must be 0 (off) or >= 0.01"),
+                        (["--cutmix", "1e-320"], "--cutmix must be 0 (off) or >= 0.01"),
+                        (["--weight-decay", "inf"], "--weight-decay must be >= 0, got inf"),
+                        (["--seed", str(10**23)], "--seed must be within +-2^63"),
+                        (["--min-lr", "0.1"], "--min-lr 0.1 is above --lr 0.001")):
+        with pytest.raises(runtime.UserError, match=re.escape(said)):
+            train.get_args(FAKE + flags)
+    args = train.get_args(FAKE)
+    out_of_memory = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+                                 "memory")
+    monkeypatch.setattr(srvit, "SRViT", lambda config: (_ for _ in ()).throw(out_of_memory))
+    with pytest.raises(runtime.UserError, match="cannot build the model: out of memory"):
+        train.build_model(args, 10)
+
+
+def test_a_nan_validation_loss_stops_before_anything_is_saved(tmp_path, monkeypatch):
+    evaluate = train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda *args, **kwargs: {**evaluate(*args, **kwargs),
+                                                                   "val_loss": float("nan")})
+    out = tmp_path / "run"
+    user_error(FAKE + ["--depth", "1", "--epochs", "1", "--out-dir", str(out)],
+               "the validation loss is nan at epoch 1; stopped before saving")
+    assert not out.exists()                       # nothing saved: the failed start leaves no trace
+
+
+def test_pictures_without_an_agreed_8_bit_scale_are_refused_not_made_black():
+    from PIL import Image
+    ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    with pytest.raises(ValueError, match="F pixels up to 1, not 8 or 16 bits"):
+        loaders.to_rgb(Image.fromarray(ramp))                       # mode F: convert made it black
+    eight = (ramp * 255).round().astype(np.int32)
+    as_int = Image.fromarray(eight)                                  # 8-bit values in a 32-bit "I" picture
+    assert as_int.mode == "I" and np.array_equal(np.asarray(loaders.to_rgb(as_int))[..., 0], eight)
+    with pytest.raises(ValueError, match="not 8 or 16 bits"):
+        loaders.to_rgb(Image.fromarray(eight * 70000))

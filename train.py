@@ -38,7 +38,8 @@ import srvit
 from loaders import (build_dataset, build_loaders, cpu_decode_note, image_size, loader_name, loader_remedy,
                      mix_batch, seed_for, train_dir)
 from runtime import (ArgumentParser, Env, OutDir, StopRequest, Stopped, UserError, agree_on_progress, cli,
-                     default_amp, fmt_time, init_distributed, on_all_ranks, plural, restore, stop_message)
+                     default_amp, fmt_time, init_distributed, mfu, on_all_ranks, peak_flops, plural, restore,
+                     stop_message)
 
 # ----------------------------------------------------------------------------------------
 # Recipes and arguments
@@ -64,6 +65,7 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float
 # Ranges the numbers must lie in, kept next to their flags below (check=...).
 POSITIVE, NON_NEGATIVE = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
 FRACTION, PROBABILITY = (lambda v: 0 <= v < 1, "in [0, 1)"), (lambda v: 0 <= v <= 1, "in [0, 1]")
+ALPHA = (lambda v: v == 0 or v >= 0.01, "0 (off) or >= 0.01 (a Beta distribution's alpha; DeiT: 0.8, 1.0)")
 CHECKS = {}
 # What may differ between a run and its resume; every other argument must be the same. (--model
 # may: the model itself, width, blocks and heads included, is compared from its config; --amp may,
@@ -108,8 +110,14 @@ def model_name(args):
 def check_args(args):
     for name, (ok, rule) in CHECKS.items():
         value = getattr(args, name)
-        if value is not None and not ok(value):
+        if value is not None and not (ok(value) and math.isfinite(value)):      # (inf passes "> 0")
             raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}", shared=True)
+    if args.min_lr > args.lr and "min_lr" not in args.from_recipe:   # (a recipe's: as DeiT does)
+        raise UserError(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the cosine would rise; lower "
+                        f"it", shared=True)
+    if (args.data == "fake" and args.data_path) or (args.data != "fake" and args.num_classes):
+        raise UserError("--data fake makes up its images and takes --num-classes; a folder's classes are its "
+                        "class folders: drop the flag that does not fit", shared=True)
     if args.warmup_epochs >= args.epochs:
         raise UserError(f"--warmup-epochs {args.warmup_epochs:g} is not shorter than --epochs {args.epochs}: "
                         f"lower it (the learning rate would never leave the warm-up)", shared=True)
@@ -183,8 +191,8 @@ def parser():
          help="deit: DeiT's per-epoch scheduler (one epoch late); cosine: reaches --min-lr at the last step")
     flag("--weight-decay", type=float, check=NON_NEGATIVE)
     flag("--drop-path", type=float, check=FRACTION)
-    flag("--mixup", type=float, check=NON_NEGATIVE, help="MixUp alpha (0: off)")
-    flag("--cutmix", type=float, check=NON_NEGATIVE, help="CutMix alpha (0: off)")
+    flag("--mixup", type=float, check=ALPHA, help="MixUp alpha (0: off)")
+    flag("--cutmix", type=float, check=ALPHA, help="CutMix alpha (0: off)")
     flag("--smoothing", type=float, check=FRACTION)
     flag("--clip-grad", type=float, check=POSITIVE, help="clip the gradient norm (DeiT: off)")
     flag("--randaug", type=int, check=(lambda v: 0 <= v <= 10, "in 0..10 (timm's magnitudes; DeiT uses 9)"),
@@ -207,7 +215,7 @@ def parser():
     flag("--resume", default="auto",
          help="checkpoint to resume from; 'auto': <out-dir>/last.pt if it exists; 'no'")
     flag("--save-every", type=int, check=POSITIVE, help="also save last.pt every N steps (long epochs)")
-    flag("--seed", type=int, default=0)
+    flag("--seed", type=int, default=0, check=(lambda v: abs(v) < 2**63, "within +-2^63 (torch's seeds)"))
     flag("--workers", type=int, check=NON_NEGATIVE,
          help="data-loading processes per rank (default: this node's cores / its ranks, <= 8)")
     flag("--log-interval", type=int, check=POSITIVE, help="steps per progress line (default: 10 per epoch)")
@@ -267,6 +275,11 @@ def build_model(args, num_classes):
             grad_checkpointing=args.grad_ckpt))
     except ValueError as e:
         raise UserError(f"cannot build the model: {e}", shared=True) from None
+    except (MemoryError, RuntimeError) as e:          # e.g. --img-size 8000000: its position table alone
+        if isinstance(e, RuntimeError) and "alloc" not in str(e).lower():
+            raise
+        raise UserError(f"cannot build the model: out of memory ({str(e)[:80]}); check --img-size and the "
+                        f"model's size", shared=True) from None
 
 
 def param_groups(model, weight_decay):
@@ -413,24 +426,6 @@ def check_finite(bad_step, epoch, run):
                 else "no checkpoint had been written yet")
         raise UserError(f"loss became NaN or infinite at step {bad_step.item()} (epoch {epoch + 1}); "
                         f"stopped, {kept}. Try a lower --lr, or --amp bf16/none", shared=True, agreed=True)
-
-
-# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, matched against the device
-# name, most specific first: an "H100 PCIe" is not an H100 SXM. The one MFU denominator, whatever --amp is.
-PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12),
-             ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("RTX 4090", 165e12),
-             ("L4", 121e12)]
-
-
-def peak_flops(device):
-    """Datasheet dense bf16 peak of this GPU, in FLOP/s; None where unknown (CPU, other GPUs)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((peak for key, peak in PEAK_BF16 if key in name), None) if name else None
-
-
-def mfu(gmacs, images_per_s, peak_flops):
-    """Model FLOPs utilisation: training costs ~3 forward passes (forward + backward), 2 FLOPs per MAC."""
-    return 3 * 2 * gmacs * 1e9 * images_per_s / peak_flops
 
 
 def log_progress(run, epoch, loss_sum, log_from, clock):
@@ -606,7 +601,8 @@ def setup(args, env):
     try:
         # A warm-up the recipe clipped to a short run stays as the run started it when --epochs grows.
         recipe_warmup = {"warmup_epochs"} & set(args.from_recipe)
-        saved = restore(args, out, model, optimizer, scaler, n_train, MAY_CHANGE | recipe_warmup)
+        dataset = {"train_images": n_train, "classes": classes}          # what the checkpoint records
+        saved = restore(args, out, model, optimizer, scaler, dataset, MAY_CHANGE | recipe_warmup)
         if recipe_warmup and "args" in saved:
             warmup = saved["args"].get("warmup_epochs", args.warmup_epochs)
             args.warmup_epochs = warmup if warmup < args.epochs else args.epochs / 5   # (--epochs shrank)
@@ -680,6 +676,10 @@ def describe(run):
 def end_epoch(run, epoch, metrics, clock):
     """The epoch's row: logged, then saved in the order a kill can be repaired from (OutDir)."""
     args, prog, seconds, start_step = run.args, run.progress, time.time() - clock.start, clock.first_step
+    if not math.isfinite(metrics["val_loss"]):                  # (the same on every rank: summed over all)
+        raise UserError(f"the validation loss is {metrics['val_loss']} at epoch {epoch + 1}; stopped before "
+                        f"saving, the last good checkpoint is kept. Try a lower --lr, or --amp bf16/none",
+                        shared=True, agreed=True)
     is_best = metrics["top1"] > prog.best_top1
     prog.best_top1 = max(prog.best_top1, metrics["top1"])
     record = {"type": "epoch", "epoch": epoch + 1, "train_loss": prog.loss_sum / run.steps_per_epoch,

@@ -33,9 +33,7 @@ import loaders  # noqa: E402
 import runtime  # noqa: E402
 import srvit  # noqa: E402
 import train  # noqa: E402
-from eval import check_at_least  # noqa: E402
-from runtime import write_json  # noqa: E402
-from runtime import UserError  # noqa: E402
+from runtime import UserError, check_at_least, write_json  # noqa: E402
 from train import amp_context  # noqa: E402
 
 
@@ -60,7 +58,7 @@ def timed(fn, device, iters):
 
 def matmul_ceiling(device, dtype):
     """FLOP/s of a large square matmul on this device and dtype: what is achievable here,
-    printed beside MFU (which is always of the datasheet peak, train.peak_flops)."""
+    printed beside MFU (which is always of the datasheet peak, runtime.peak_flops)."""
     n = 8192 if device.type == "cuda" else 1024
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     return 2 * n ** 3 / min(timed(lambda: a @ b, device, 10) for _ in range(3))
@@ -170,8 +168,8 @@ def bench_row(args, depth, batch, device, amp, peak, ceiling):
     m = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for v, rs in rounds.items()}
     row = {"depth": depth, **m["srvit"],
            "compiled_graphs_min": min(r["compiled_graphs"] for rs in rounds.values() for r in rs)}
-    row["mfu"] = train.mfu(row["gmacs"], row["train_img_s"], peak) if peak else None
-    row["of_achievable"] = train.mfu(row["gmacs"], row["train_img_s"], ceiling)
+    row["mfu"] = runtime.mfu(row["gmacs"], row["train_img_s"], peak) if peak else None
+    row["of_achievable"] = runtime.mfu(row["gmacs"], row["train_img_s"], ceiling)
     if "unshared" in m:
         u = m["unshared"]
         row.update(unshared_params=u["params"], unshared_gmacs=u["gmacs"],
@@ -190,7 +188,7 @@ def bench(args):
     batch = args.batch_size or (256 if device.type == "cuda" else 32)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    ceiling, peak = matmul_ceiling(device, train.AMP_DTYPES[amp]), train.peak_flops(device)
+    ceiling, peak = matmul_ceiling(device, train.AMP_DTYPES[amp]), runtime.peak_flops(device)
     cpu = f"CPU, {torch.get_num_threads()} threads"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     print(f"bench on {name}, {amp}, batch {batch}, compile={args.compile}, grad-ckpt={args.grad_ckpt}; MFU "

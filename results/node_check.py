@@ -122,7 +122,7 @@ def machine(report, args, device):
     report.row("machine", "CUDA (torch) / driver", f"{torch.version.cuda} / {driver_version()}",
                "the driver must be at least the CUDA version torch was built for")
     names = sorted({torch.cuda.get_device_name(i) for i in range(present)}) if present else ["none"]
-    peak = train.peak_flops(device)
+    peak = runtime.peak_flops(device)
     meaning = (f"datasheet bf16 peak {peak / 1e12:.0f} TFLOP/s (MFU's denominator)" if peak else
                "no datasheet peak known: MFU is not reported")
     if present and not gpus:
@@ -275,8 +275,8 @@ def speed_row(args, device, root, depth, compiled, devices):
     y = torch.randint(0, 1000, (args.batch,), device=device)
     alone = args.batch / timed(lambda: step(x, y), device, args.iters)
     full = loader_and_model(loader, step, device, args.loader_iters, args.batch)
-    gmacs, peak = srvit.forward_gmacs(model), train.peak_flops(device)
-    mfu = f"{train.mfu(gmacs, alone, peak):.1%}" if peak else "-"
+    gmacs, peak = srvit.forward_gmacs(model), runtime.peak_flops(device)
+    mfu = f"{runtime.mfu(gmacs, alone, peak):.1%}" if peak else "-"
     hours = args.epochs * IMAGENET_TRAIN / (min(alone, full) * devices) / 3600
     return (f"{alone:,.0f}", f"{full:,.0f}", f"{max(0.0, 1 - full / alone):.0%}", mfu,
             f"{hours:,.1f} h (derived)")

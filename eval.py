@@ -105,8 +105,8 @@ def validation_data(args, model, ckpt):
     first)."""
     cfg = model.config
     given = {k: getattr(args, k) for k in ("data", "data_path", "val_subset") if getattr(args, k) is not None}
-    if args.data_path and not args.data:          # as train.py reads it: a folder (not the checkpoint's data)
-        given["data"] = "folder"
+    if args.data_path and not args.data and ckpt.get("args", {}).get("data") == "fake":
+        given["data"] = "folder"                  # (fake data has no path: the path is a folder's)
     # loaders.build_dataset reads these as train.py does: --val-subset N is training's subset, the same N
     # images
     targs = argparse.Namespace(**{**ckpt.get("args", {}), **given, "img_size": cfg.img_size,

@@ -86,7 +86,7 @@ def listed(folder):
 
 def unreadable_folder(folder, e):
     return UserError(f"cannot read the folder {folder} ({e.strerror or type(e).__name__}): give this user "
-                     f"read access to it (chmod -R a+rX), or move it out of the data folder", shared=True)
+                     f"read access to it (chmod -R u+rX {folder})", shared=True)
 
 
 def build_dataset(args, split, transform, loader=None):
@@ -360,8 +360,8 @@ class RepeatedAugSampler(torch.utils.data.Sampler):
 
 class SeededAugment(torch.utils.data.Dataset):
     """Wraps a dataset: item (index, seed) is the sample augmented from its own random stream, as
-    (uint8 image (3, S, S), label, erasing draw or None): the erasing is drawn from the same stream
-    after the other transforms, as a Compose ending in RandomErasing would draw it."""
+    (uint8 image (3, S, S), label, erasing draw or None): the erasing box is drawn from the same stream
+    after the other transforms, as a Compose ending in RandomErasing would draw it (draw_erasing)."""
 
     def __init__(self, data, eraser=None, size=0):
         self.data, self.eraser, self.size = data, eraser, size
@@ -402,6 +402,8 @@ def erasing_noise(table, n):
     hash (splitmix64) made into two uniforms and then a normal (Box-Muller): a sample's noise does not
     depend on its batch or the device, and a resumed batch gets its noise again."""
     device = table.device
+    if n == 0:                                     # nothing erased in this batch: no work on the device
+        return torch.zeros(0, device=device)
     sizes = 3 * table[:, 2] * table[:, 3]                                       # (B,)
     box = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes, output_size=n)   # (n,)
     position = torch.arange(n, device=device) - (sizes.cumsum(0) - sizes)[box]   # within its box, (n,)
@@ -467,7 +469,7 @@ def cpu_decode_note(loader):
     return f" | {n:,} images decoded on the CPU (nvJPEG refused them)" if n else ""
 
 
-def default_workers(env):
+def default_workers():
     """This node's cores (those this process may run on) shared by this node's ranks, at most 8."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
     return max(1, min(8, cores // launch_env()[3]))
@@ -492,7 +494,7 @@ def build_loaders(args, env):
     if not memory:                   # (the memory path decodes every image now anyway)
         check_headers(val_set)
     sampler = RepeatedAugSampler(len(train_set), env.rank, env.world, args.repeated_aug, args.seed)
-    workers = args.workers if args.workers is not None else default_workers(env)
+    workers = args.workers if args.workers is not None else default_workers()
     eval_batch = max(env.micro, 256 if memory else 64)
     normalize = Normalize(*mean_std(args.img_size), env.device)
     if not memory:
@@ -546,7 +548,7 @@ def shm_in_flight(workers, batch, img_size, ranks, prefetch=2):
 
 
 def check_shared_memory(workers, batch, img_size, env):
-    """Say so at start, before a worker dies of it with "bus error", when /dev/shm is smaller than what
+    """Say so at start, before a worker dies of it with "bus error", when /dev/shm has less free space than
     the loader workers will hold (Docker gives a container 64 MB unless told otherwise)."""
     if not workers or not os.path.isdir("/dev/shm"):
         return
@@ -782,8 +784,8 @@ class DeviceAugment:
 
     def draw(self, seed, height, width):
         """The draws the PIL path makes for this sample: [crop box, flip, op 1, op 2, erasing], each
-        op (name, magnitude) or None (not drawn, or RandAugment off), erasing (i, j, h, w, noise) or
-        None. The calls and their order are those of torchvision's Compose: same seed, same numbers."""
+        op (name, magnitude) or None (not drawn, or RandAugment off), erasing (i, j, h, w, noise seed)
+        or None. The calls and their order are those of torchvision's Compose: same seed, same numbers."""
         from torchvision.transforms import v2
         draws = []
         with torch.random.fork_rng(devices=[]):

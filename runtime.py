@@ -200,6 +200,14 @@ def init_distributed(batch_size, micro_batch=None, device=None):
     return Env(rank, world, device, micro, batch_size // world // micro, cpu_group)
 
 
+def seed_device(seed, device):
+    """Seed the CPU generator and this device's, only: torch.manual_seed seeds every visible GPU
+    (and other accelerators, through a slow lazy path), per step and per sample."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+
+
 def default_amp(device):
     """bf16 where the GPU computes it natively (compute capability 8+; V100 and T4 emulate it, slowly),
     else fp16 on a GPU, none on a CPU."""
@@ -281,6 +289,8 @@ def what_to_free(e):
     errno), else what the error names."""
     if getattr(e, "errno", None) in (None, errno.ENOSPC, errno.EDQUOT):
         return "is the disk full? Free space"
+    if e.errno == errno.EROFS:
+        return "the filesystem is read-only: pass an --out-dir on a writable one"
     return "give this user write access to the file and its folder (or move aside what is in the way)"
 
 
@@ -309,13 +319,13 @@ class OutDir:
         except UserError as e:               # a failed start leaves no trace; another run's files stay
             self.close(failed=not e.shared)  # (shared: the out-dir is another run's, which may write now)
             raise
-        for name in os.listdir(self.path):
-            if name.endswith(".tmp"):
-                os.remove(os.path.join(self.path, name))
         try:                                 # a folder we may not write fails now, not after an epoch
             probe = os.path.join(self.path, f"write-test-{os.getpid()}.tmp")
             open(probe, "w").close()
             os.remove(probe)
+            for name in os.listdir(self.path):           # what a killed run was writing
+                if name.endswith(".tmp"):
+                    os.remove(os.path.join(self.path, name))
         except OSError as e:
             self.close(failed=True)
             raise UserError(f"cannot write in --out-dir {self.path} ({e.strerror}); choose a folder you can "
@@ -545,7 +555,8 @@ def check_same_run(path, ckpt, model, args, dataset, may_change):
     saved = {**BEFORE_THE_FLAG, **ckpt.get("args", {}), **ckpt.get("dataset", {})}
     now = {**vars(args), **dataset}
     model_keys = [k for k in asdict(model.config) if k not in ("drop_path_rate", "grad_checkpointing")]
-    data_keys = ("data", "subset", "val_subset", "num_classes", "img_size", "train_images", "classes")
+    data_keys = ["data", "subset", "val_subset", "img_size", "train_images", "classes"]
+    data_keys += ["num_classes"] if args.data == "fake" else []     # (elsewhere the folder's classes count)
     recipe_keys = [k for k in now if k not in may_change and k not in data_keys]
     for keys, have, want, what in ((model_keys, saved_cfg, asdict(model.config), "model"),
                                    (data_keys, saved, now, "data"), (recipe_keys, saved, now, "recipe")):

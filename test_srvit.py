@@ -3370,3 +3370,9 @@ def test_pictures_without_an_agreed_8_bit_scale_are_refused_not_made_black():
     assert as_int.mode == "I" and np.array_equal(np.asarray(loaders.to_rgb(as_int))[..., 0], eight)
     with pytest.raises(ValueError, match="not 8 or 16 bits"):
         loaders.to_rgb(Image.fromarray(eight * 70000))
+
+
+def test_a_warm_start_of_another_width_names_train_py_s_flags(trained_runs, tmp_path):
+    user_error(FAKE + ["--embed-dim", "64", "--init-from", str(trained_runs / "R1" / "best.pt"), "--out-dir",
+                       str(tmp_path / "run")], "checkpoint is a ViT of width 32",
+               "(train.py: --model, or --embed-dim, --patch-size)")

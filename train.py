@@ -39,7 +39,7 @@ from loaders import (build_dataset, build_loaders, cpu_decode_note, image_size, 
                      mix_batch, seed_for, train_dir)
 from runtime import (ArgumentParser, Env, OutDir, StopRequest, Stopped, UserError, agree_on_progress, cli,
                      default_amp, fmt_time, init_distributed, mfu, on_all_ranks, peak_flops, plural, restore,
-                     stop_message)
+                     seed_device, stop_message)
 
 # ----------------------------------------------------------------------------------------
 # Recipes and arguments
@@ -110,7 +110,7 @@ def model_name(args):
 def check_args(args):
     for name, (ok, rule) in CHECKS.items():
         value = getattr(args, name)
-        if value is not None and not (ok(value) and math.isfinite(value)):      # (inf passes "> 0")
+        if value is not None and not (ok(value) and not (isinstance(value, float) and math.isinf(value))):
             raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}", shared=True)
     if args.min_lr > args.lr and "min_lr" not in args.from_recipe:   # (a recipe's: as DeiT does)
         raise UserError(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the cosine would rise; lower "
@@ -390,14 +390,6 @@ class LoaderGone(Exception):
     SIGINT, so something else killed it: the OOM killer, a SIGKILL)."""
 
 
-def seed_device(seed, device):
-    """Seed the CPU generator and this device's, only: torch.manual_seed seeds every visible GPU
-    (and other accelerators, through a slow lazy path), per step and per sample."""
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.default_generators[device.index or 0].manual_seed(seed)
-
-
 def checkpoint(run):
     return {"model": run.raw_model.state_dict(), "config": asdict(run.raw_model.config),
             "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
@@ -417,15 +409,19 @@ def mean_over_ranks(t, env):
     return t
 
 
+def kept_checkpoint(run):
+    if run.out and os.path.exists(run.out.last):
+        return f"the last good checkpoint is kept in {run.out.last}"
+    return "no checkpoint had been written yet"
+
+
 def check_finite(bad_step, epoch, run):
     if run.env.ddp:
         dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
     if bad_step.item() >= 0:                            # checked before anything is saved
-        written = run.out and os.path.exists(run.out.last)
-        kept = (f"the last good checkpoint is kept in {run.out.last}" if written
-                else "no checkpoint had been written yet")
         raise UserError(f"loss became NaN or infinite at step {bad_step.item()} (epoch {epoch + 1}); "
-                        f"stopped, {kept}. Try a lower --lr, or --amp bf16/none", shared=True, agreed=True)
+                        f"stopped, {kept_checkpoint(run)}. Try a lower --lr, or --amp bf16/none",
+                        shared=True, agreed=True)
 
 
 def log_progress(run, epoch, loss_sum, log_from, clock):
@@ -600,10 +596,10 @@ def setup(args, env):
     out = OutDir(args.out_dir, env.master).open()
     try:
         # A warm-up the recipe clipped to a short run stays as the run started it when --epochs grows.
-        recipe_warmup = {"warmup_epochs"} & set(args.from_recipe)
-        dataset = {"train_images": n_train, "classes": classes}          # what the checkpoint records
-        saved = restore(args, out, model, optimizer, scaler, dataset, MAY_CHANGE | recipe_warmup)
-        if recipe_warmup and "args" in saved:
+        warmup_from_recipe = {"warmup_epochs"} & set(args.from_recipe)
+        data_record = {"train_images": n_train, "classes": classes}      # what the checkpoint records
+        saved = restore(args, out, model, optimizer, scaler, data_record, MAY_CHANGE | warmup_from_recipe)
+        if warmup_from_recipe and "args" in saved:
             warmup = saved["args"].get("warmup_epochs", args.warmup_epochs)
             args.warmup_epochs = warmup if warmup < args.epochs else args.epochs / 5   # (--epochs shrank)
         progress = Progress(**{f.name: saved[f.name] for f in fields(Progress) if f.name in saved})
@@ -613,7 +609,8 @@ def setup(args, env):
             try:
                 srvit.load_pretrained(model, args.init_from, verbose=env.master)
             except ValueError as e:
-                raise UserError(f"--init-from {args.init_from}: {e}", shared=True) from None
+                flags = " (train.py: --model, or --embed-dim, --patch-size)" if "of width" in str(e) else ""
+                raise UserError(f"--init-from {args.init_from}: {e}{flags}", shared=True) from None
     except BaseException:
         out.close(failed=True)      # now, not when the traceback's frames are collected
         raise
@@ -678,7 +675,7 @@ def end_epoch(run, epoch, metrics, clock):
     args, prog, seconds, start_step = run.args, run.progress, time.time() - clock.start, clock.first_step
     if not math.isfinite(metrics["val_loss"]):                  # (the same on every rank: summed over all)
         raise UserError(f"the validation loss is {metrics['val_loss']} at epoch {epoch + 1}; stopped before "
-                        f"saving, the last good checkpoint is kept. Try a lower --lr, or --amp bf16/none",
+                        f"saving it, {kept_checkpoint(run)}. Try a lower --lr, or --amp bf16/none",
                         shared=True, agreed=True)
     is_best = metrics["top1"] > prog.best_top1
     prog.best_top1 = max(prog.best_top1, metrics["top1"])

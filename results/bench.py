@@ -523,6 +523,7 @@ def get_args(argv=None):
     flag("--device", default=None)
     flag("--workers", type=int, default=2)
     args = p.parse_args(argv)
+    runtime.check_output("--json", args.json)          # before the work, not after it
     if sum((args.bench, args.bench_loader, args.activations, args.loader_cpu, args.count_ops)) != 1:
         raise UserError("give exactly one of --bench, --bench-loader, --activations, --loader-cpu, "
                         "--count-ops (python results/bench.py -h lists the options)")

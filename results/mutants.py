@@ -8,8 +8,9 @@ whether the suite fails. A bug the suite lets pass marks a test that is missing 
 
 Each bug is (name, file, the line as it is, the line as planted). The copy is made from the files git
 tracks; the suite runs with -x (it stops at the first failing test) and, by default, without the
-end-to-end tests whose names say slow (-k "not slow"), so a caught bug costs seconds to minutes and a
-bug that survives costs the whole suite.
+end-to-end tests marked slow (-k "not slow" matches the mark too), so a caught bug costs seconds to
+minutes and a bug that survives costs the whole suite. With --only, the page keeps the other bugs' rows
+and its text after the table, and gains or updates the rows of the bugs run.
 """
 
 import argparse
@@ -170,6 +171,15 @@ def merge_rows(path, rows):
     return [now.get(name) or earlier[name] for name, *_ in BUGS if name in now or name in earlier]
 
 
+def text_after_the_table(path):
+    """What path holds after its table (how the table was made), or ''."""
+    if not os.path.isfile(path):
+        return ""
+    lines = open(path).read().splitlines(keepends=True)
+    last = max((i for i, line in enumerate(lines) if line.startswith("|")), default=len(lines) - 1)
+    return "".join(lines[last + 1:])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", help="names of the bugs to plant (default: all)")
@@ -190,8 +200,10 @@ def main(argv=None):
         verdict = "caught" if caught else ("survived" if caught is False else "timed out")
         rows.append((bug[0], bug[1], verdict, test, seconds))
         print(f"[{i}/{len(bugs)}] {bug[0]}: {verdict} {test} ({seconds:.0f} s)", flush=True)
-    if args.only:                 # the other bugs keep their rows from the last run
+    after = ""
+    if args.only:                 # the other bugs keep their rows from the last run, the page its text
         rows = merge_rows(args.out, rows)
+        after = text_after_the_table(args.out)
     caught = sum(r[2].startswith("caught") for r in rows)
     with open(args.out, "w") as f:
         f.write(f"# Planted bugs against the test suite\n\n`python results/mutants.py` (suite run with -x"
@@ -200,6 +212,7 @@ def main(argv=None):
         f.write("| bug | file | result | first failing test | seconds |\n|---|---|---|---|---|\n")
         for name, path, verdict, test, seconds in rows:
             f.write(f"| {name} | {path} | {verdict} | {test or '-'} | {seconds:.0f} |\n")
+        f.write(after)
     print(f"{caught} of {len(rows)} caught; wrote {args.out}")
     return 0 if caught == len(rows) else 1
 

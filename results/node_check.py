@@ -13,8 +13,9 @@ Sections, each on whatever the machine has (on a CPU, the CPU stands in for the 
            by one: the largest pixel difference, alone and while other work runs on the GPU's stream
            (the nvJPEG stream race would show here: see loaders.gpu_decode); beyond tolerance: FAIL
   speed    images/s of the model alone (a synthetic batch on the device) and of loader + model, SR-ViT-S
-           R=1 and R=4, bf16, with and without --compile, at one rank's share of DeiT's batch of 1024;
-           the loader's share, MFU, 300 epochs' time (derived: every GPU as fast as this one)
+           R=1 and R=4, bf16 (fp16 on GPUs before Ampere), with and without --compile, at one rank's
+           share of DeiT's batch of 1024; the loader's share, MFU, 300 epochs' time (derived: every GPU
+           as fast as this one)
   ddp      a torchrun run with a rank per GPU, at least 2 (gloo over one GPU if the node has one), that
            saves, is stopped with SIGTERM, resumes and ends with exit 0
   tests    (--tests) the test suite, python -m pytest -q test_srvit.py, on this machine
@@ -246,13 +247,16 @@ def speed(report, args, device, root):
     for depth in args.depth:
         for compiled in (False, True):
             try:
-                report.row("speed", depth, "yes" if compiled else "no", *speed_row(args, device, root, depth,
-                                                                                   compiled, devices))
+                cells = speed_row(args, device, root, depth, compiled, devices)
             except torch.cuda.OutOfMemoryError:          # this row only: the others may fit
+                cells = None
+            if cells is None:                            # (the traceback's frames are gone: memory is free)
                 torch.cuda.empty_cache()
                 report.row("speed", depth, "yes" if compiled else "no", "-", "-", "-", "-",
                            f"out of memory at batch {args.batch}", ok=False,
                            fix="pass a smaller --batch here; train.py: --micro-batch, --grad-ckpt")
+            else:
+                report.row("speed", depth, "yes" if compiled else "no", *cells)
 
 
 def speed_row(args, device, root, depth, compiled, devices):
@@ -380,14 +384,15 @@ def ddp_check(report, args, device, tmp):
 
 
 @contextlib.contextmanager
-def job(cmd, env, log_path):
+def job(cmd, env, log_path, cwd=None):
     """A torchrun job in its own process group, its output in log_path (a file: a pipe nobody reads
     until the end fills up under NCCL_DEBUG=INFO and blocks the ranks), ended if it is still running
     when the block ends (a timeout, Ctrl-C) so that no rank holds a GPU while the next section runs.
     torchrun starts each rank in a session of its own: SIGTERM to torchrun, which ends its ranks
     (SIGKILL after 30 s), reaches them where a SIGKILL to torchrun would leave them running."""
     with open(log_path, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                cwd=cwd)
     proc.log = lambda: open(log_path).read()
     try:
         yield proc
@@ -408,15 +413,20 @@ def tail(log):
 def tests(report, args):
     report.section("tests", "The test suite on this machine", ["command", "exit code", "seconds", "result"])
     t0 = time.time()
-    try:                                    # (bounded: a hung test must not hold the node)
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_srvit.py"]
-        run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TESTS_TIMEOUT)
-    except subprocess.TimeoutExpired as e:
-        run = SimpleNamespace(returncode="timeout", stdout=(e.stdout or b"").decode(errors="replace")
-                              + f"\nstopped after {TESTS_TIMEOUT} s")
-    last = (run.stdout.strip().splitlines() or ["no output"])[-1]
-    report.row("tests", "python -m pytest -q test_srvit.py", run.returncode, round(time.time() - t0), last,
-               ok=run.returncode == 0, fix="the failing tests are named in the pytest output")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_srvit.py"]
+    # bounded, in a process group of its own: a hung test, and the torchrun jobs it started, end with it
+    with tempfile.TemporaryDirectory() as tmp, job(command, dict(os.environ), os.path.join(tmp, "tests.log"),
+                                                   cwd=ROOT) as run:
+        try:
+            run.wait(timeout=TESTS_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass
+        code, log = run.poll(), run.log()
+    last = (log.strip().splitlines() or ["no output"])[-1]
+    if code is None:
+        code, last = "-", f"stopped after {TESTS_TIMEOUT} s"
+    report.row("tests", "python -m pytest -q test_srvit.py", code, round(time.time() - t0), last,
+               ok=code == 0, fix="the failing tests are named in the pytest output")
 
 
 # ----------------------------------------------------------------------------------------
@@ -434,10 +444,10 @@ def get_args(argv=None):
     p.add_argument("--batch", type=int, default=None,
                    help="the speed section's batch (default: 1024 over the GPUs, at most 256; --small: 4)")
     args = p.parse_args(argv)
-    runtime.check_device(args.device)                  # a GPU that is not there: one line, before the report
+    kind = runtime.check_device(args.device)           # a GPU that is not there: one line, before the report
     small = args.small
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpus = torch.cuda.device_count() if runtime.check_device(args.device) == "cuda" else 1
+    gpus = torch.cuda.device_count() if kind == "cuda" else 1                # this node's ranks
     args.images = 32 if small else 512             # generated JPEGs (500 x 375, about 100 KB)
     # one rank of the node: DeiT's 1024 over its GPUs, 256 at most where they are fewer than 4
     args.decode_batch, args.batch = (8, args.batch or 4) if small else (128, args.batch or

@@ -529,7 +529,7 @@ def read_checkpoint(path):
     try:
         ckpt = srvit.read_weights(path)
     except ValueError as e:
-        if str(e).startswith("cannot open"):     # there, but not readable: nothing is known of its content
+        if isinstance(e.__cause__, PermissionError):   # there, but not readable: nothing known of its content
             raise UserError(str(e)) from None
         best = os.path.join(os.path.dirname(path), "best.pt")
         keep = (f"; best.pt beside it may be whole: --resume {best} resumes from its epoch (the epochs "

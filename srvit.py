@@ -521,7 +521,7 @@ def read_weights(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError as e:                                    # the file is there, but not for us
         raise ValueError(f"cannot open {path} ({e.strerror or type(e).__name__}): give this user read "
-                         f"access to it") from None
+                         f"access to it") from e
     except Exception as e:
         if zipfile.is_zipfile(path) and "weights_only" in str(e):   # whole, with Python objects in it
             raise ValueError(f"{path} holds Python objects besides tensors ({type(e).__name__}). If you "

@@ -110,7 +110,8 @@ def model_name(args):
 def check_args(args):
     for name, (ok, rule) in CHECKS.items():
         value = getattr(args, name)
-        if value is not None and not (ok(value) and not (isinstance(value, float) and math.isinf(value))):
+        infinite = isinstance(value, float) and math.isinf(value)            # (inf passes "> 0")
+        if value is not None and (infinite or not ok(value)):
             raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}", shared=True)
     if args.min_lr > args.lr and "min_lr" not in args.from_recipe:   # (a recipe's: as DeiT does)
         raise UserError(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the cosine would rise; lower "

@@ -296,6 +296,18 @@ def test_drop_path_drops_whole_samples_and_scales_the_kept_ones_by_1_over_keep()
     assert torch.equal(srvit.drop_path(x, 0.25, training=False), x)
 
 
+def test_a_block_drops_its_branches_in_training_only():
+    # DeiT's stochastic depth: a block in eval mode ignores its drop rate; in training each sample
+    # drops each branch with chance 0.5, so about a quarter of the samples pass through unchanged.
+    torch.manual_seed(0)
+    block, x = srvit.Block(32, 2, 4.0).eval(), torch.randn(64, 5, 32)
+    torch.testing.assert_close(block(x, drop_prob=0.5), block(x))
+    unchanged = torch.equal(block(x)[0], x[0])
+    block.train()
+    both_dropped = (block(x, drop_prob=0.5) == x).flatten(1).all(1)              # (B,)
+    assert not unchanged and 4 < both_dropped.sum() < 32
+
+
 def embed(model, x):
     t = model.patch_embed(x)
     return torch.cat([model.cls_token.expand(len(x), -1, -1), t], 1) + model.pos_embed
@@ -317,6 +329,11 @@ def test_mean_and_last_mixers_by_hand(mixer):
                 steps.append(block(steps[-1]))
             h = sum(steps) / 3 if mixer == "mean" else steps[-1]
         torch.testing.assert_close(model(x), head(model, h))
+        _, mix = model(x, return_mix=True)
+    # the weights the table and maps report: 1/3 each, or all on the last step
+    want = torch.tensor([1 / 3] * 3 if mixer == "mean" else [0.0, 0.0, 1.0])
+    for weights in mix:                                                          # (B, T, 3) each
+        torch.testing.assert_close(weights, want.expand_as(weights))
 
 
 def test_stack_sharing_by_hand():
@@ -908,6 +925,29 @@ def test_a_training_step_takes_the_label_smoothed_loss_of_its_micro_batches_and_
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_clip_grad_scales_the_whole_gradient_to_its_norm():
+    # --clip-grad as timm's: the gradient of all parameters together scaled to norm clip, its direction kept.
+    args = train.get_args(FAST + ["--data", "fake", "--depth", "2", "--epochs", "1", "--clip-grad", "0.01"])
+    env = runtime.Env(device=torch.device("cpu"), accum=1, micro=4)
+    model, twin = tiny(depth=2), tiny(depth=2)
+    batch = (images(4), torch.arange(4))
+    opt = torch.optim.AdamW(train.param_groups(model, 0.05), lr=1e-3)
+    seen, adamw_step = [], opt.step
+    def step(*a, **kw):           # the gradients AdamW is given
+        seen.append([p.grad.clone() for p in model.parameters()])
+        return adamw_step(*a, **kw)
+    opt.step = step
+    run = train.Run(args, env, model, opt, torch.amp.GradScaler("cpu", enabled=False), None,
+                    steps_per_epoch=1, num_classes=10)
+    train.train_step(run, iter([batch]), 0, train.EpochClock())
+    F.cross_entropy(twin(batch[0]), batch[1], label_smoothing=args.smoothing).backward()
+    grads = [p.grad for p in twin.parameters()]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    assert norm > 0.1                                                   # so the clip acts
+    for clipped, g in zip(seen[0], grads):
+        torch.testing.assert_close(clipped, g * 0.01 / norm, rtol=1e-4, atol=1e-9)
+
+
 def test_a_lagging_loader_is_named_once_as_the_bound(monkeypatch):
     args = train.get_args(FAST + ["--data", "fake", "--depth", "1", "--epochs", "1"])
     x, y = images(4), torch.arange(4)
@@ -1212,6 +1252,40 @@ def test_reflect_padding_crops_windows_of_the_mirrored_image():
     assert args.pad_mode == "reflect" and "padding_mode=reflect" in str(loaders.transforms(args, True))
 
 
+def position_image(n, size=32):
+    """n copies of a (3, size, size) uint8 image whose channel 0 holds each pixel's row, channel 1 its
+    column: a crop or flip can be read off any pixel."""
+    ramp = torch.arange(size, dtype=torch.uint8)
+    one = torch.stack([ramp[:, None].expand(size, size), ramp[None, :].expand(size, size),
+                       torch.zeros(size, size, dtype=torch.uint8)])
+    return one.expand(n, 3, size, size).contiguous()
+
+
+def test_each_image_draws_its_own_row_offset_column_offset_and_flip():
+    x, pad, mid = position_image(512), 4, 16
+    out = loaders.pad_crop_flip(x, pad, 0.5, torch.Generator().manual_seed(0))
+    flipped = out[:, 1, mid, mid + 1] < out[:, 1, mid, mid]                      # (B,)
+    dy = out[:, 0, mid, mid].long() - mid                                        # (B,) in -pad..pad
+    dx = out[~flipped, 1, mid, mid].long() - mid
+    assert 0.4 < flipped.float().mean() < 0.6
+    for offsets in (dy, dx):          # each of the 9 offsets about 1/9 of the time
+        share = torch.bincount(offsets + pad, minlength=9).float() / len(offsets)
+        assert len(share) == 9 and share.min() > 0.05 and share.max() < 0.18
+    assert (dy[~flipped] == dx).float().mean() < 0.25                            # 1/9 if independent
+
+
+def test_the_memory_loader_augments_each_batch_of_an_epoch_with_its_own_draws():
+    # 64 copies of one image: batches can differ only by their crops and flips.
+    normalize = loaders.Normalize((0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
+    sampler = loaders.RepeatedAugSampler(64, 0, 1, 1, seed=0)
+    loader = loaders.MemoryLoader(position_image(64), torch.zeros(64, dtype=torch.long), 16, normalize,
+                                  sampler, train=True, crop_padding=4, hflip=0.5)
+    loader.set_epoch(0)
+    batches = [x for x, _ in loader]
+    assert len(batches) == 4
+    assert all(not torch.equal(a, b) for i, a in enumerate(batches) for b in batches[i + 1:])
+
+
 def test_bare_command_trains_the_papers_setting_or_names_the_missing_folder(tmp_path, monkeypatch):
     # The README's `torchrun --nproc_per_node=8 train.py --depth 4`: SR-ViT-S at R=4, DeiT's recipe, ImageNet.
     monkeypatch.chdir(tmp_path)
@@ -1409,6 +1483,15 @@ def test_each_repeated_copy_of_an_image_is_augmented_from_its_own_seed_on_every_
     assert len(set(every)) == len(every) == 3 * 256 // world * world
 
 
+def test_the_copies_of_an_image_go_to_different_ranks_as_in_deits_sampler():
+    # DeiT's RASampler with 3 copies on 3 ranks: each rank sees every image of its share once, and the
+    # three ranks see the same images (each its own copy), in the same order.
+    shares = [loaders.RepeatedAugSampler(3 * 256, rank, 3, 3, seed=0).indices() for rank in range(3)]
+    for share in shares:
+        assert len(share) == len(set(share.tolist())) == 256
+    assert torch.equal(shares[0], shares[1]) and torch.equal(shares[1], shares[2])
+
+
 def test_mixup_partner_is_another_image_at_every_world_size():
     # Labels = image ids, so each mixed target row names the two images that were mixed.
     # Measured with torchvision's i-1 pairing: 65.6% (1 rank), 33.1% (2); timm's: ~2% / 0.5%.
@@ -1440,6 +1523,27 @@ def test_mixup_and_cutmix_follow_timm():
     assert target[0, 7].item() == pytest.approx(from_partner, abs=1e-6)
     want = (1 - from_partner) * F.one_hot(y, 8) + from_partner * F.one_hot(y.flip(0), 8)
     torch.testing.assert_close(target, want)
+
+
+def test_mixup_or_cutmix_is_drawn_with_equal_chance_and_the_cutmix_box_is_timms(monkeypatch):
+    x = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 100, 100).contiguous()   # image i: all i
+    y, both = torch.arange(8), SimpleNamespace(mixup=0.8, cutmix=1.0)
+    torch.manual_seed(0)
+    cut = 0
+    for _ in range(400):
+        mixed, _ = loaders.mix_batch(x, y, both, 8)
+        cut += bool(((mixed[0] == 0) | (mixed[0] == 7)).all())     # pasted pixels, none blended
+    assert 150 < cut < 250                                          # 200 expected, sd 10
+    # timm's rand_bbox: a box of side sqrt(1 - lam) times the image's, clipped at the edges
+    monkeypatch.setattr(torch.distributions.Beta, "sample", lambda self: torch.tensor(0.75))
+    rows, cols = [], []
+    for _ in range(50):
+        mixed, target = loaders.mix_batch(x, y, SimpleNamespace(mixup=0.0, cutmix=1.0), 8)
+        pasted = mixed[0, 0] == 7                                                # (100, 100)
+        rows.append(int(pasted.any(1).sum()))
+        cols.append(int(pasted.any(0).sum()))
+        assert target[0, 7].item() == pytest.approx(pasted.float().mean().item(), abs=1e-6)
+    assert max(rows) == max(cols) == 50                             # int(100 * sqrt(0.25)), unclipped
 
 
 def test_randaugment_and_erasing_match_deits_strength():
@@ -2537,6 +2641,24 @@ def test_weight_maps_number_mixers_from_1_and_do_not_paint_uniform_weights_as_a_
     for bad in (0, 3, -3):
         with pytest.raises(runtime.UserError, match=r"this model has 2 mixers, numbered 1\.\.2"):
             srvit_eval.draw_maps(fresh, x, mixer=bad)
+
+
+def test_weight_maps_paint_each_patch_where_it_lies(monkeypatch):
+    # Weights on a ramp over the 4 x 4 patches (row-major), the class token apart: each 28 px
+    # square of step r's map has the colour of its own patch's weight.
+    model = tiny(depth=2, mixer="soft").eval()
+    ramp = torch.zeros(1, 17, 2)                                                 # (n, T, R)
+    ramp[0, 1:, 0] = torch.arange(16) / 15
+    ramp[0, 1:, 1] = 1 - ramp[0, 1:, 0]
+    ramp[0, 0] = torch.tensor([0.3, 0.7])
+    monkeypatch.setattr(model, "forward", lambda x, return_mix=False: (None, [ramp]))
+    picture = srvit_eval.draw_maps(model, images(1))
+    for step in range(2):
+        x0, y0 = 6 + (step + 1) * 118, 22 + 15                                   # the map's corner
+        for patch in range(16):
+            row, col = divmod(patch, 4)
+            pixel = picture.getpixel((x0 + 28 * col + 14, y0 + 28 * row + 14))
+            assert pixel == srvit_eval.colour(ramp[0, 1 + patch, step].item()), (step, patch)
 
 
 def test_curve_plot_gives_every_line_its_own_colour_and_says_how_many_runs(monkeypatch):

@@ -455,18 +455,23 @@ def loader_remedy(args, device):
     if use_memory(args):
         return ("the in-memory loader crops and flips on the device: a larger --batch-size amortises its "
                 "launches")
-    if use_device(args, device):
-        return ("decoding and augmentation run on the GPU, so more workers cannot help; a larger "
-                "--micro-batch amortises the per-batch launches")
+    if use_device(args, device):       # its workers only read files and draw the augmentation
+        return ("decoding and augmentation run on the device, where more workers cannot help: if reading "
+                "the files is slow (network storage), copy them to a local disk; a larger batch per rank "
+                "amortises the per-batch launches")
     if device.type == "cuda" and args.data != "fake":
         return "--loader device moves decoding and augmentation to the GPU"
     return "more --workers would help, if this node has the cores"
 
 
-def cpu_decode_note(loader):
-    """', N images decoded on the CPU ...' when the device path's nvJPEG refused files this epoch, else ''."""
-    n = getattr(getattr(loader, "augment", None), "cpu_decoded", 0)
-    return f" | {n:,} images decoded on the CPU (nvJPEG refused them)" if n else ""
+def cpu_decode_note(loader, group=None):
+    """', N images decoded on the CPU ...' when the device path sent files nvJPEG does not take to the
+    CPU this epoch, summed over ranks (group: a gloo group where the ranks' default one is NCCL); else ''.
+    Call it on every rank."""
+    n = torch.tensor(getattr(getattr(loader, "augment", None), "cpu_decoded", 0))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(n, group=group)
+    return f" | {int(n):,} images decoded on the CPU (CMYK, PNG or others nvJPEG does not take)" if n else ""
 
 
 def default_workers():
@@ -774,7 +779,7 @@ class DeviceAugment:
         self.mean, self.std = mean_std(args.img_size)
         self.on_device = None                                      # tensors made once, at the first batch
         self.decode_stream = None                                  # nvJPEG's output stream (decode)
-        self.cpu_decoded = 0                                       # images nvJPEG refused this epoch
+        self.cpu_decoded = 0                                       # images nvJPEG did not take this epoch
 
     def to_device(self, t):
         """A CPU tensor on the device without waiting for the GPU's queue (a pageable copy would)."""
@@ -842,26 +847,45 @@ class DeviceAugment:
     def collate(self, batch):
         """collate_fn of the device path's workers: files differ in size, so they travel as one flat
         tensor (one shared-memory segment per batch, not one per file)."""
-        files, labels, draws, paths = zip(*batch)
+        files, labels, draws, paths, takes = zip(*batch)
         table, theta, groups = self.pack(draws, labels)
-        return torch.cat(files), [len(f) for f in files], table, theta, groups, list(paths)
+        return torch.cat(files), [len(f) for f in files], table, theta, groups, list(paths), list(takes)
 
     # -- on the device: decode, then augment the batch
 
-    def decode(self, files, paths):
-        """(3, H, W) uint8 images on the device: batched nvJPEG on a GPU, libjpeg/libpng on a CPU;
-        greyscale and CMYK files become RGB, as PIL's convert("RGB") makes them. Files nvJPEG refuses
-        are decoded on the CPU and counted (cpu_decoded; train.py reports them once per epoch)."""
-        if self.device.type == "cuda" and all(f[:2].tolist() == [0xFF, 0xD8] for f in files):
+    def decode(self, files, paths, takes=None):
+        """(3, H, W) uint8 images on the device. On a GPU, batched nvJPEG for the files it takes (takes:
+        per file, from its header as the worker read it: an RGB or greyscale JPEG); libjpeg/libpng on the
+        CPU for the rest (CMYK, a PNG named .JPEG) and for any file nvJPEG refuses after all. Those are
+        counted (cpu_decoded; train.py reports them once per epoch). Greyscale and CMYK files become RGB,
+        as PIL's convert("RGB") makes them."""
+        if takes is None:                                                   # JPEG's magic number
+            takes = [f[:2].tolist() == [0xFF, 0xD8] for f in files]
+        images = [None] * len(files)
+        on_gpu = [i for i, ok in enumerate(takes) if ok] if self.device.type == "cuda" else []
+        if on_gpu:
             try:
-                return gpu_decode(list(files), self.device, self)
-            except RuntimeError as e:     # a JPEG nvJPEG does not take (e.g. CMYK): this batch on the CPU
+                decoded = gpu_decode([files[i] for i in on_gpu], self.device, self)
+            except RuntimeError as e:     # one file refused fails the whole call: then file by file
                 if is_device_fault(e):    # ...but out of memory or a failing device is not hidden
                     raise
-                self.cpu_decoded += len(files)
-        elif self.device.type == "cuda":
-            self.cpu_decoded += len(files)
-        return [self.to_device(cpu_decode(f, path)) for f, path in zip(files, paths)]
+                decoded = [self.gpu_decode_one(files[i]) for i in on_gpu]
+            for i, image in zip(on_gpu, decoded):
+                images[i] = image
+        for i, image in enumerate(images):
+            if image is None:
+                images[i] = self.to_device(cpu_decode(files[i], paths[i]))
+                self.cpu_decoded += self.device.type == "cuda"
+        return images
+
+    def gpu_decode_one(self, file):
+        """One file by nvJPEG, or None where nvJPEG refuses it."""
+        try:
+            return gpu_decode([file], self.device, self)[0]
+        except RuntimeError as e:
+            if is_device_fault(e):
+                raise
+            return None
 
     def made_once(self):
         """The device tensors every batch uses: mean and std, the fill colour, the affine base grid."""
@@ -1006,7 +1030,7 @@ def cpu_decode(data, path):
 
 
 class SeededDraws(torch.utils.data.Dataset):
-    """The device path's worker side: item (index, seed) is (file bytes, label, draws, path)."""
+    """The device path's worker side: item (index, seed) is (file bytes, label, draws, path, takes)."""
 
     def __init__(self, data, augment):
         self.data, self.augment = data, augment
@@ -1021,10 +1045,11 @@ class SeededDraws(torch.utils.data.Dataset):
         (data, path), label = self.data[index]
         try:
             with Image.open(io.BytesIO(data.numpy().tobytes())) as im:   # reads the header only
-                width, height = im.size
+                (width, height), takes = im.size, im.format == "JPEG" and im.mode in ("RGB", "L")
         except Exception as e:
             raise unreadable(path, e) from None
-        return data, label, self.augment.draw(seed, height, width), path
+        # takes: whether nvJPEG decodes it (an RGB or greyscale JPEG), known here at no cost
+        return data, label, self.augment.draw(seed, height, width), path, takes
 
 
 class DeviceLoader:
@@ -1047,11 +1072,12 @@ class DeviceLoader:
 
     def on_device(self, batch):
         """A batch of DeviceAugment.collate, decoded and augmented: (B, 3, S, S) float and (B,) labels."""
-        aug, (files, sizes, table, theta, groups, paths) = self.augment, batch
+        aug, (files, sizes, table, theta, groups, paths, takes) = self.augment, batch
         crops = table[:, aug.CROP:aug.CROP + 4].tolist()               # (on the CPU: no device sync)
         n_noise = noise_size(table[:, aug.ERASE:aug.ERASE + 5])        # (on the CPU: no device sync)
         table, theta = aug.to_device(table), aug.to_device(theta)      # the batch's two copies
-        x = aug.apply(aug.decode(torch.split(files, sizes), paths), crops, table, theta, groups, n_noise)
+        x = aug.apply(aug.decode(torch.split(files, sizes), paths, takes), crops, table, theta, groups,
+                      n_noise)
         return x, table[:, aug.LABEL]
 
 

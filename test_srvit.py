@@ -27,15 +27,34 @@ from srvit import SRViT, load_pretrained, srvit_base, srvit_small, srvit_tiny
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The end-to-end tests (torchrun, subprocesses, compilation, the node check; about half the suite's
-# time): `-m "not slow"` leaves them out for a quick loop; CI runs them all. (The mark is declared
-# here, as the suite has no configuration file.)
-warnings.filterwarnings("ignore", r"Unknown pytest\.mark\.slow", pytest.PytestUnknownMarkWarning)
+# time): `-m "not slow"` leaves them out for a quick loop; CI runs them all. (The suite has no
+# configuration file to register its marks in, so pytest's warning about them is silenced here.)
+warnings.filterwarnings("ignore", r"Unknown pytest\.mark\.(slow|default_device)",
+                        pytest.PytestUnknownMarkWarning)
 slow = pytest.mark.slow
 # Real CIFAR-10 as JPEG folders, where the notebook looks for it: $SRVIT_DATA, else the
 # repository's data/cifar10.
 CIFAR = os.environ.get("SRVIT_DATA") or os.path.join(HERE, "data", "cifar10")
 # A minimal 32 px model: 17 tokens, width 32. Tests build it with different depths/mixers.
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, num_layers=2, num_heads=2, num_classes=10)
+
+
+@pytest.fixture(autouse=True)
+def every_run_names_its_device(request, monkeypatch):
+    """A run left to the default --device trains on cuda on a GPU machine (bf16, the GPU loaders), so a
+    test that passes here could fail there: every run a test starts in-process names its device. The
+    tests of the default itself are marked default_device. (Subprocesses see no GPU: see run_train.)"""
+    if request.node.get_closest_marker("default_device"):
+        return
+    real = runtime.check_device
+
+    def named_only(name):
+        # (a get_args that checks an absent flag chooses no device)
+        if name is None and sys._getframe(1).f_code.co_name != "get_args":
+            pytest.fail("this test runs with the default --device: name it (--device cpu)")
+        return real(name)
+    monkeypatch.setattr(runtime, "check_device", named_only)
+    monkeypatch.setattr(srvit_eval, "check_device", named_only)
 
 
 def tiny(**kw):
@@ -1218,9 +1237,9 @@ def test_device_path_applies_each_sample_its_own_ops_and_a_resumed_epoch_repeats
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(loader_w, whole))
     items = [loader.loader.dataset[key] for key in list(loader.sampler)[:8]]
     # the samples drew different ops
-    assert len({d[2] for _, _, d, _ in items} | {d[3] for _, _, d, _ in items}) > 2
+    assert len({d[2] for _, _, d, *_ in items} | {d[3] for _, _, d, *_ in items}) > 2
     together, labels = loader.on_device(loader.augment.collate(items))
-    assert labels.tolist() == [label for _, label, _, _ in items]
+    assert labels.tolist() == [label for _, label, *_ in items]
     for b in range(8):
         alone, _ = loader.on_device(loader.augment.collate(items[b:b + 1]))
         torch.testing.assert_close(together[b:b + 1], alone, atol=1e-6, rtol=0)
@@ -1286,6 +1305,7 @@ def test_the_memory_loader_augments_each_batch_of_an_epoch_with_its_own_draws():
     assert all(not torch.equal(a, b) for i, a in enumerate(batches) for b in batches[i + 1:])
 
 
+@pytest.mark.default_device
 def test_bare_command_trains_the_papers_setting_or_names_the_missing_folder(tmp_path, monkeypatch):
     # The README's `torchrun --nproc_per_node=8 train.py --depth 4`: SR-ViT-S at R=4, DeiT's recipe, ImageNet.
     monkeypatch.chdir(tmp_path)
@@ -1315,9 +1335,10 @@ def test_the_recipe_follows_a_folders_image_size(tmp_path):
 
 def test_a_mistyped_data_path_is_named_and_nothing_is_created(tmp_path):
     missing = tmp_path / "no-such-folder"
-    user_error(["--data", "cifar10", "--data-path", str(missing)] + FAST[2:], "does not exist")
+    cpu = ["--device", "cpu"]
+    user_error(["--data", "cifar10", "--data-path", str(missing)] + FAST[2:] + cpu, "does not exist")
     for size in ([], FAST[:2]):   # a folder: the recipe looks at its images, or --img-size chose it
-        user_error(["--data-path", str(missing)] + size, f"--data-path {missing} does not exist")
+        user_error(["--data-path", str(missing)] + size + cpu, f"--data-path {missing} does not exist")
     assert not missing.exists()
 
 
@@ -2765,20 +2786,36 @@ def test_erasing_as_one_masked_copy_equals_pasting_each_box():
     assert torch.equal(loaders.erase(x, torch.zeros(5, 4, dtype=torch.long), torch.zeros(0)), x)
 
 
-def test_device_path_counts_the_images_nvjpeg_refuses_and_the_epoch_line_says_so(monkeypatch):
+def test_device_path_sends_only_the_files_nvjpeg_does_not_take_to_the_cpu_and_counts_them(monkeypatch):
     _, aug, _ = deit_augment()
-    data = [encoded(smooth_image(torch.Generator().manual_seed(i), 40, 50)) for i in range(3)]
+    g = torch.Generator().manual_seed(0)
+    data = [encoded(smooth_image(g, 40, 50, mode), fmt)
+            for mode, fmt in (("RGB", "JPEG"), ("CMYK", "JPEG"), ("L", "JPEG"), ("RGB", "PNG"),
+                              ("RGB", "JPEG"))]
+    items = [loaders.SeededDraws([((d, f"{i}.jpg"), 0)], aug)[0, 7] for i, d in enumerate(data)]
+    takes = aug.collate(items)[-1]                    # from each file's header, read in the worker
+    assert takes == [True, False, True, False, True]
+    given = []
 
-    def refuses(*a):
-        raise RuntimeError("nvjpeg: unsupported")
-    monkeypatch.setattr(loaders, "gpu_decode", refuses)
+    def gpu(files, device, augment):                  # nvJPEG, standing in: refuses the last file
+        given.append(len(files))
+        if any(torch.equal(f, data[4]) for f in files):
+            raise RuntimeError("Failed to decode batch: 4")
+        return [loaders.cpu_decode(f, "x") for f in files]
+    monkeypatch.setattr(loaders, "gpu_decode", gpu)
     aug.device = SimpleNamespace(type="cuda")                     # as on a GPU, without one
     monkeypatch.setattr(aug, "to_device", lambda t: t)
-    images = aug.decode(data, ["a.jpg", "b.jpg", "c.jpg"])
-    assert aug.cpu_decoded == 3 and all(im.shape == (3, 40, 50) for im in images)
+    images = aug.decode(data, [f"{i}.jpg" for i in range(5)], takes)
+    # the 3 it takes as one batch (refused), then one by one; CMYK, PNG and the refused one on the CPU
+    assert given == [3, 1, 1, 1] and aug.cpu_decoded == 3
+    assert all(torch.equal(im, loaders.cpu_decode(d, "x")) for im, d in zip(images, data))
     note = loaders.cpu_decode_note(SimpleNamespace(augment=aug))
-    assert note == " | 3 images decoded on the CPU (nvJPEG refused them)"
+    assert note == " | 3 images decoded on the CPU (CMYK, PNG or others nvJPEG does not take)"
     assert loaders.cpu_decode_note(SimpleNamespace()) == ""
+    monkeypatch.setattr(loaders, "gpu_decode", lambda *a: (_ for _ in ()).throw(
+        torch.cuda.OutOfMemoryError("CUDA out of memory")))
+    with pytest.raises(torch.cuda.OutOfMemoryError):              # a device fault is not hidden
+        aug.decode(data[:1], ["0.jpg"], [True])
     loader = loaders.DeviceLoader(SimpleNamespace(sampler=loaders.RepeatedAugSampler(8, 0, 1, 1, 0),
                                                   batch_size=4), aug)
     loader.set_epoch(1)                                            # counted per epoch
@@ -2789,6 +2826,7 @@ def test_the_loader_bound_line_names_a_remedy_that_fits_the_loader():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     deit = train.get_args(["--data", "imagenet", "--loader", "device"])
     assert "more workers cannot help" in loaders.loader_remedy(deit, cuda)
+    assert "--micro-batch" not in loaders.loader_remedy(deit, cuda)       # (it is the per-rank batch already)
     deit.loader = "pil"
     assert "--loader device" in loaders.loader_remedy(deit, cuda)
     assert "--workers" in loaders.loader_remedy(deit, cpu)
@@ -2888,7 +2926,8 @@ def test_slow_node_check_runs_every_section_on_a_cpu_and_reports_failures(tmp_pa
     report = node_check.main(["--small", "--out", str(tmp_path), "--skip", "speed", "ddp", "--device", "cpu"])
     md = (tmp_path / "node-check.md").read_text()
     assert "check(s) FAILED" in md and "FAIL: " in md and "--shm-size" in md and "--loader pil" in md
-    assert len(report.failures) == 2                       # /dev/shm, and the decode against the CPU
+    # /dev/shm, and the decode against the CPU and of the odd files against PIL
+    assert len(report.failures) == 3
 
 
 def test_node_check_reports_a_section_that_fails_and_goes_on_and_exits_1(tmp_path, monkeypatch):
@@ -2901,7 +2940,7 @@ def test_node_check_reports_a_section_that_fails_and_goes_on_and_exits_1(tmp_pat
     monkeypatch.setattr(node_check, "decode_check", out_of_memory)
     monkeypatch.setattr(node_check, "tests", lambda report, args: report.section("tests", "Tests", ["a"]))
     with pytest.raises(SystemExit) as e:
-        node_check.check_node(argv + ["--tests"])
+        node_check.check_node(argv + ["--tests", "quick"])
     assert e.value.code == 1
     md = (tmp_path / "node-check.md").read_text()
     assert "| the section stopped | - | - | - | FAIL: OutOfMemoryError: CUDA out of memory" in md
@@ -2924,6 +2963,10 @@ def test_node_check_links_each_picture_into_a_long_epoch(tmp_path):
     linked = node_check.linked_copies(str(tmp_path / "data"), 3)
     train_files = sorted(os.listdir(os.path.join(linked, "train", "c0")))
     assert len(train_files) == 6 and len(os.listdir(os.path.join(linked, "val", "c0"))) == 2
+    # the DDP section's: a validation image for each of 8 ranks, beside the speed section's folder
+    for_ranks = node_check.linked_copies(str(tmp_path / "data"), 2, val_copies=4)
+    assert len(os.listdir(os.path.join(for_ranks, "val", "c0"))) == 8 and for_ranks != linked
+    assert node_check.get_args(["--device", "cpu"]).tests == "none"
     assert sorted(open(os.path.join(linked, "train", "c0", f), "rb").read() for f in train_files) == \
         [bytes([0]) * 10] * 3 + [bytes([1]) * 10] * 3
     for argv in ([], ["--small"], ["--small", "--batch", "100"]):        # one epoch holds every timed step

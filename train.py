@@ -689,7 +689,7 @@ def end_epoch(run, epoch, metrics, clock):
     run.env.log(f"epoch {epoch + 1}/{args.epochs} | train loss {record['train_loss']:.4f} | "
                 f"val top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} loss "
                 f"{metrics['val_loss']:.4f} | best {prog.best_top1:.2f} | "
-                f"{fmt_time(seconds)}{cpu_decode_note(run.train_loader)}")
+                f"{fmt_time(seconds)}{cpu_decode_note(run.train_loader, run.env.cpu_group)}")
     if run.env.master:
         run.out.end_epoch(checkpoint(run), is_best)
 

@@ -66,10 +66,8 @@ def preprocess(model, image):
 def classify(model, image, k=5):
     """The k most likely classes of an image (a path or a PIL image), most likely first, with
     probabilities to 4 decimals: classify(load_model("runs/x/best.pt"), "cat.png") -> [('cat', 0.71), ...]"""
-    # read when preprocess converts it
-    image = Image.open(image) if isinstance(image, (str, os.PathLike)) else image
-    # (classes,)
-    probs = model.eval()(preprocess(model, image).to(next(model.parameters()).device)).softmax(-1)[0]
+    image = Image.open(image) if isinstance(image, (str, os.PathLike)) else image     # read by preprocess
+    probs = model.eval()(preprocess(model, image).to(next(model.parameters()).device)).softmax(-1)[0]  # (C,)
     top = probs.topk(min(k, len(probs)))
     names = getattr(model, "classes", None) or [str(i) for i in range(len(probs))]
     return [(names[i], round(p, 4)) for p, i in zip(top.values.tolist(), top.indices.tolist())]
@@ -107,15 +105,9 @@ def validation_data(args, model, ckpt):
     given = {k: getattr(args, k) for k in ("data", "data_path", "val_subset") if getattr(args, k) is not None}
     if args.data_path and not args.data and ckpt.get("args", {}).get("data") == "fake":
         given["data"] = "folder"                  # (fake data has no path: the path is a folder's)
-    # loaders.build_dataset reads these as train.py does: --val-subset N is training's subset, the same N
-    # images
+    # read by loaders.build_dataset as train.py reads them: --val-subset N takes training's N images
     targs = argparse.Namespace(**{**ckpt.get("args", {}), **given, "img_size": cfg.img_size,
                                   "num_classes": cfg.num_classes})
-    if args.steps not in (None, "all") and not (args.steps.isdigit() and 1 <= int(args.steps) <= cfg.depth):
-        raise UserError(f"--steps takes 'all' or a number of steps in 1..{cfg.depth} (this model's depth), "
-                        f"got {args.steps!r}")
-    if args.maps:
-        mixer_index(args.maps_mixer, len(model.mixers), "--maps-mixer ")
     val, classes = build_dataset(targs, "val", transforms(targs, train=False))
     trained_on = ckpt.get("dataset", {}).get("classes")                       # (older checkpoints: no names)
     if len(classes) != cfg.num_classes or trained_on not in (None, classes):
@@ -128,15 +120,20 @@ def validation_data(args, model, ckpt):
 
 def evaluate_checkpoint(args):
     model, ckpt = load_checkpoint(args.checkpoint)
-    cfg, steps = model.config, int(args.steps) if args.steps not in (None, "all") else None
+    cfg = model.config
+    if args.steps not in (None, "all") and not (args.steps.isdecimal() and 1 <= int(args.steps) <= cfg.depth):
+        raise UserError(f"--steps takes 'all' or a number of steps in 1..{cfg.depth} (this model's depth), "
+                        f"got {args.steps!r}")
+    steps = int(args.steps) if args.steps not in (None, "all") else None
+    if args.maps:
+        mixer_index(args.maps_mixer, len(model.mixers), "--maps-mixer ")
     val, data = validation_data(args, model, ckpt)
     device = torch.device(args.device or check_device(None))
     model.to(device)
     autocast = amp_context(device, args.amp)
-    batches = torch.utils.data.DataLoader(val, args.batch_size or 256, num_workers=args.workers,
+    batches = torch.utils.data.DataLoader(val, args.batch_size, num_workers=args.workers,
                                           pin_memory=device.type == "cuda")
-    # uint8 to the device, normalised there
-    loader = OnDevice(batches, Normalize(*mean_std(cfg.img_size), device))
+    loader = OnDevice(batches, Normalize(*mean_std(cfg.img_size), device))     # uint8 to the device
     trained = plural(ckpt.get("epoch", 0), "epoch")
     print(f"{args.checkpoint}: SR-ViT D={cfg.embed_dim} L={cfg.num_layers} R={cfg.depth} mixer={cfg.mixer} "
           f"share={cfg.share}, trained {trained} | {len(val):,} images of {data} on {device}")
@@ -158,8 +155,7 @@ def evaluate_checkpoint(args):
         for row in result["anytime"]:
             print("| {steps} | {top1:.2f} | {top5:.2f} | {gmacs:.3g} |".format(**row))
     if args.maps:
-        # spread over the split
-        picks = sorted({i * len(val) // args.maps_images for i in range(args.maps_images)})
+        picks = sorted({i * len(val) // args.maps_images for i in range(args.maps_images)})   # spread out
         images = normalize_image(torch.stack([val[i][0] for i in picks]), cfg.img_size)   # (n, 3, S, S)
         picture = draw_maps(model, images, mixer=args.maps_mixer, relative=args.maps_relative)
         print()
@@ -397,10 +393,13 @@ def curve(args):
                  for seed, accs_of_seed in runs_of[key].items() if len(accs_of_seed) > 1]
         print(f"| {depth} | {mixer} | {share} | {variant or '-'} | {len(accs)}{'; ' if twice else ''}"
               f"{'; '.join(twice)} | {statistics.mean(accs):.2f}{spread} |")
-    if args.plot:
-        plot_curve(groups, args.plot, paper=args.paper)
     if args.json:
         write_json(args.json, rows)
+    if args.plot and not groups:
+        raise UserError(f"no finished run to plot in {' '.join(args.curve)} (the table above lists the "
+                        f"unfinished ones): plot when one has finished")
+    if args.plot:
+        plot_curve(groups, args.plot, paper=args.paper)
     return rows
 
 
@@ -456,14 +455,15 @@ def get_args(argv=None):
     add = p.add_argument
     add("--checkpoint", help="train.py checkpoint to evaluate")
     add("--curve", nargs="+", help="run folders (with metrics.jsonl) for the depth-curve table")
-    add("--data", default=None, choices=["imagenet", "cifar10", "cifar100", "folder", "fake"])
-    add("--data-path", default=None)
+    add("--data", default=None, choices=["imagenet", "cifar10", "cifar100", "folder", "fake"],
+        help="default: the checkpoint's")
+    add("--data-path", default=None, help="default: the checkpoint's")
     add("--val-subset", type=int, default=None,
         help="the first N validation images of train.py's fixed permutation")
     add("--steps", default=None,
         help="'all': the anytime table for k = 1..R; a number k: evaluate the first k steps only")
     add("--maps", default=None, help="PNG file for the SoftMoR weight maps")
-    add("--maps-images", type=int, default=4)
+    add("--maps-images", type=int, default=4, help="how many validation images the maps show")
     add("--maps-mixer", type=int, default=-1,
         help="which mixer to draw: 1..L (block sharing has one per block), -1 the last")
     add("--maps-relative", action="store_true",
@@ -471,10 +471,10 @@ def get_args(argv=None):
     add("--plot", default=None, help="PNG file for the depth curve")
     add("--paper", action="store_true", help="add the paper's ImageNet points as a second panel")
     add("--json", default=None, help="also write the numbers to this JSON file")
-    add("--batch-size", type=int, default=None)
-    add("--amp", default=None, choices=["bf16", "fp16", "none"])
-    add("--device", default=None)
-    add("--workers", type=int, default=2)
+    add("--batch-size", type=int, default=256)
+    add("--amp", default=None, choices=["bf16", "fp16", "none"], help="default: none, full precision")
+    add("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where there is one)")
+    add("--workers", type=int, default=2, help="loader processes")
     args, unknown = p.parse_known_args(argv)
     if unknown:                 # --bench, --activations and --bench-loader moved to results/bench.py
         raise UserError(f"unrecognized arguments: {' '.join(unknown)} (eval.py -h lists the options; "

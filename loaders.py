@@ -58,9 +58,12 @@ def image_size(folder, probe=16):
     not decide the run's size and recipe alone)."""
     from collections import Counter
     from PIL import Image
-    visible = lambda path: sorted(n for n in listed(path) if not n.startswith("."))
-    classes = [c for c in visible(folder) if os.path.isdir(os.path.join(folder, c))]
-    names = [[os.path.join(folder, c, n) for n in visible(os.path.join(folder, c))] for c in classes]
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+    is_picture = lambda path: has_file_allowed_extension(path, IMG_EXTENSIONS)
+    classes = sorted(c for c in listed(folder)
+                     if not c.startswith(".") and os.path.isdir(os.path.join(folder, c)))
+    # (the pictures the dataset will list: in sub-folders of a class too)
+    names = [pictures_in(os.path.join(folder, c), is_picture) for c in classes]
     sizes = Counter()
     for path in (p for rank in range(max(map(len, names),
                                          default=0)) for files in names for p in files[rank:rank + 1]):
@@ -1024,7 +1027,8 @@ def cpu_decode(data, path):
         image = decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError:          # BMP, TIFF, PPM...: ImageFolder lists them, PIL reads them
         image = None
-    if image is None or image.dtype != torch.uint8:           # (16-bit PNGs decode to uint16)
+    # (16-bit PNGs decode to uint16; an animated GIF to all its frames, where PIL reads the first)
+    if image is None or image.dtype != torch.uint8 or image.ndim != 3:
         image = torch.from_numpy(numpy_rgb(data, path)).permute(2, 0, 1)
     return image
 

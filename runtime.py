@@ -136,7 +136,7 @@ def launch_env():
     never come."""
     env, values = os.environ, {}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        if name in env and not env[name].strip().isdigit():
+        if name in env and not env[name].strip().isdecimal():
             raise UserError(f"{name}={env[name]!r} in the environment is not a whole number: torchrun "
                             f"sets it; unset it to run one process")
         values[name] = int(env[name]) if name in env else None
@@ -239,7 +239,7 @@ def check_device(name):
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     kind, _, index = name.partition(":")
-    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdecimal())):
         raise UserError(f"--device {name}: use cpu, cuda or cuda:N", shared=True)
     if kind == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: this machine has no CUDA GPU that PyTorch can use; use --device "

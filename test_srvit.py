@@ -1982,6 +1982,7 @@ def test_a_stray_or_broken_launch_environment_is_one_line(monkeypatch, capsys):
     ran = []
     for env, said in (({"RANK": "1"}, "RANK=1 (LOCAL_RANK=0) of WORLD_SIZE=1"),
                       ({"RANK": "abc"}, "RANK='abc' in the environment is not a whole number"),
+                      ({"RANK": "\u00b2"}, "in the environment is not a whole number"),
                       ({"WORLD_SIZE": "0"}, "RANK=0 (LOCAL_RANK=0) of WORLD_SIZE=0"),
                       ({"LOCAL_WORLD_SIZE": "0"}, "(LOCAL_WORLD_SIZE=0)"),
                       ({"RANK": "0", "WORLD_SIZE": "2"},
@@ -2264,12 +2265,27 @@ def test_eval_refuses_foreign_and_broken_checkpoints(trained_runs, tmp_path):
     (["--maps", "m.png", "--maps-images", "0"], "--maps-images must be >= 1"),
     (["--maps", "m.png", "--maps-mixer", "7"], "this model has 2 mixers"),
     (["--steps", "4"], "--steps takes 'all' or a number of steps in 1..3"),
+    (["--steps", "\u00b2"], "--steps takes 'all' or a number of steps in 1..3"),      # a digit int() refuses
     (["--batch-size", "0"], "--batch-size must be >= 1"),
 ])
 def test_eval_bad_flags_give_one_clear_message(trained_runs, tmp_path, flags, message):
     with pytest.raises(runtime.UserError, match=message):
         srvit_eval.main(["--checkpoint", str(trained_runs / "R3" / "last.pt"), "--workers", "0", "--device",
                          "cpu"] + flags)
+
+
+def test_a_curve_plot_before_any_run_has_finished_is_one_line(trained_runs, tmp_path):
+    run = tmp_path / "half"
+    run.mkdir()
+    rows = [json.loads(line) for line in (trained_runs / "R1" / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        if row.get("type") == "run":
+            row["args"]["epochs"] = 5                                        # 1 epoch of 5 done
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(runtime.UserError, match="no finished run to plot"):
+        srvit_eval.main(["--curve", str(run), "--plot", str(tmp_path / "curve.png")])
+    assert not (tmp_path / "curve.png").exists()
+    assert srvit_eval.main(["--curve", str(run)])[0]["finished"] is False   # the table alone still works
 
 
 def test_eval_cli_prints_one_line_not_the_usage():
@@ -3000,6 +3016,23 @@ def test_the_image_size_comes_from_many_files_and_survives_a_decompression_bomb(
     assert loaders.image_size(str(tmp_path)) == (16, 12)
     os.makedirs(tmp_path / ".ipynb_checkpoints")                                  # hidden: not a class
     assert loaders.image_size(str(tmp_path)) == (16, 12)
+
+
+def test_an_animated_gif_is_its_first_frame_and_pictures_in_sub_folders_set_the_size(tmp_path):
+    import io
+    from PIL import Image
+    frames = [Image.new("RGB", (40, 30), colour) for colour in ("red", "blue")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    got = loaders.cpu_decode(torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8), "a.jpg")
+    pil = np.array(loaders.to_rgb(Image.open(io.BytesIO(buffer.getvalue()))))     # the PIL path's reading
+    assert torch.equal(got, torch.from_numpy(pil).permute(2, 0, 1)) and got[0, 0, 0] == 255   # red
+    # pictures only in sub-folders of each class, as the dataset lists them
+    for c in ("cat", "dog"):
+        os.makedirs(tmp_path / "train" / c / "sub")
+        Image.new("RGB", (48, 40)).save(tmp_path / "train" / c / "sub" / "0.png")
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not a picture")
+    assert loaders.image_size(str(tmp_path / "train")) == (48, 40)
 
 
 def test_hidden_folders_are_not_classes(tmp_path):

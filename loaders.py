@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from runtime import UserError, launch_env
+from runtime import UserError, launch_env, plural
 
 MEAN_STD = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
             "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}
@@ -498,6 +498,9 @@ def build_loaders(args, env):
         whose = f" (the {args.recipe} recipe's)" if "batch_size" in getattr(args, "from_recipe", ()) else ""
         raise UserError(f"only {len(train_set)} training images for a batch of {args.batch_size}{whose}; "
                         f"lower --batch-size")
+    if len(val_set) < env.world:
+        raise UserError(f"{plural(len(val_set), 'validation image')} for {env.world} ranks: each rank "
+                        f"evaluates a share; give at least {env.world} (--val-subset)", shared=True)
     val_set = torch.utils.data.Subset(val_set, range(env.rank, len(val_set), env.world))
     if not memory:                   # (the memory path decodes every image now anyway)
         check_headers(val_set)

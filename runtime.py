@@ -167,8 +167,15 @@ class Env:
     master = property(lambda self: self.rank == 0)
 
     def log(self, *args, **kwargs):
-        if self.master:
+        """print, on rank 0. A console that has gone (a closed pipe: `| head`; a full disk under a log
+        file) ends the printing, not the run: it trains and saves as it would have."""
+        if not self.master:
+            return
+        try:
             print(*args, **kwargs)
+            sys.stdout.flush()            # (a pipe buffers: its error would land on any later line)
+        except OSError:                   # BrokenPipeError, ENOSPC
+            sys.stdout = open(os.devnull, "w")
 
 
 def init_distributed(batch_size, micro_batch=None, device=None):

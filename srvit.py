@@ -535,6 +535,10 @@ def resize_pos_embed(pos_embed, num_patches):
     """(1, 1 + n*n, D) -> (1, 1 + num_patches, D): bicubic over the patch grid, class token kept."""
     cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
     old, new, D = int(math.isqrt(grid.shape[1])), int(math.isqrt(num_patches)), grid.shape[-1]
+    if old * old != grid.shape[1]:        # more tokens than one in front: a distilled DeiT, registers
+        raise ValueError(f"the checkpoint's position embedding has {pos_embed.shape[1]} tokens, not a class "
+                         f"token and a square grid of patches: warm start from a ViT with one class token "
+                         f"(a distilled DeiT or a ViT with registers has more)")
     grid = grid.reshape(1, old, old, D).permute(0, 3, 1, 2)            # (1, D, n, n)
     grid = F.interpolate(grid.float(), size=(new, new), mode="bicubic", align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, D).to(pos_embed.dtype)

@@ -778,6 +778,11 @@ def test_load_pretrained_refuses_non_vit_and_missing_file(tmp_path):
         load_pretrained(tiny(), {"conv1.weight": torch.zeros(1)}, verbose=False)
     with pytest.raises(ValueError, match="not found"):
         load_pretrained(tiny(), str(tmp_path / "nope.pth"), verbose=False)
+    # a distilled DeiT: a class and a distillation token before its 4 x 4 patches, warm-starting 32 px x 8
+    distilled = {**tiny(depth=1, img_size=32).state_dict(), "dist_token": torch.zeros(1, 1, 32),
+                 "pos_embed": torch.zeros(1, 2 + 16, 32)}
+    with pytest.raises(ValueError, match="18 tokens, not a class token and a square grid"):
+        load_pretrained(tiny(img_size=64), distilled, verbose=False)
 
 
 @slow
@@ -1009,6 +1014,18 @@ def test_memory_loader_matches_the_pil_path_without_augmentation(tmp_path):
     assert classes == ["cat", "dog"] and n == 16
     torch.testing.assert_close(batches["memory"][0], batches["pil"][0], atol=1e-6, rtol=0)
     assert torch.equal(batches["memory"][1], batches["pil"][1])
+
+
+def test_fewer_validation_images_than_ranks_is_one_line_on_every_rank(tmp_path):
+    # (an empty share on the memory path ended in a traceback on that rank, the others waiting)
+    root = make_image_folder(tmp_path / "data", n=2)
+    args = train.get_args(["--data-path", root, "--val-subset", "1", "--device", "cpu"] + FAST
+                          + ["--batch-size", "4"])
+    for rank in (0, 1):
+        env = SimpleNamespace(rank=rank, world=2, micro=4, device=torch.device("cpu"), log=lambda *a: None)
+        with pytest.raises(runtime.UserError, match="1 validation image for 2 ranks") as e:
+            loaders.build_loaders(args, env)
+        assert e.value.shared
 
 
 # The device path (--loader device): DeiT's augmentation on whole batches on the device, from the
@@ -1925,6 +1942,7 @@ def test_a_write_error_without_a_message_still_gives_one_line(tmp_path, monkeypa
                                                           "--loader memory"),
     (["--loader", "device"], "--loader device is DeiT's recipe from image files"),
     (["--device", "gpu"], "use cpu, cuda or cuda:N"), (["--device", "cuda:abc"], "use cpu, cuda or cuda:N"),
+    (["--crop-padding", "32"], "--crop-padding 32 is not below --img-size 32"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA GPU")]))
 def test_bad_flags_give_one_clear_message(tmp_path, flags, message):
     user_error(FAKE + flags + ["--out-dir", str(tmp_path / "run")], message)
@@ -2377,6 +2395,12 @@ def test_bench_numbers_are_finite_and_consistent(tmp_path):
     assert r4["unshared_params"] > r4["params"] and "sharing_ratio" not in r1
     assert r4["saved_mib"] > r1["saved_mib"] > 0
     assert json.loads((tmp_path / "bench.json").read_text())["results"] == json.loads(json.dumps(res))
+
+
+@pytest.mark.parametrize("flag", ["--patch-size", "--num-classes", "--embed-dim"])
+def test_bench_refuses_a_model_size_below_1_in_one_line(flag):
+    with pytest.raises(runtime.UserError, match=f"{flag} must be >= 1"):
+        bench_script().get_args(["--bench", "--device", "cpu", flag, "0"])
 
 
 def test_loader_cpu_bench_times_the_workers_of_both_paths(tmp_path, monkeypatch):
@@ -2970,6 +2994,14 @@ def test_node_check_reports_a_section_that_fails_and_goes_on_and_exits_1(tmp_pat
     assert "## Machine" in md and "INTERRUPTED in the decode section" in md
 
 
+def test_node_check_refuses_a_report_folder_it_cannot_write_and_a_zero_batch_before_the_work(tmp_path):
+    node_check = node_check_script()
+    (tmp_path / "a-file").write_text("")
+    for out, said in ((tmp_path / "a-file", "cannot write there"), (tmp_path / "ok", "--batch must be >= 1")):
+        with pytest.raises(runtime.UserError, match=said):
+            node_check.get_args(["--small", "--device", "cpu", "--out", str(out), "--batch", "0"])
+
+
 def test_node_check_links_each_picture_into_a_long_epoch(tmp_path):
     node_check = node_check_script()
     for split in ("train", "val"):
@@ -3100,6 +3132,21 @@ def test_a_full_disk_while_appending_a_metrics_row_leaves_no_torn_row(tmp_path, 
     with pytest.raises(runtime.UserError, match="could not write .*metrics.jsonl .*disk full"):
         out.append_metrics({"type": "epoch", "epoch": 2})
     assert open(out.metrics).read() == before
+
+
+def test_a_console_that_has_gone_ends_the_printing_not_the_run(tmp_path, monkeypatch):
+    # `python train.py ... | head`: the pipe closes after a few lines; the run trains and saves to the end.
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    out = str(tmp_path / "run")
+    train.main(FAKE + ["--depth", "1", "--epochs", "2", "--out-dir", out])
+    assert [row[0] for row in epoch_rows(out)] == [1, 2]
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["epoch"] == 2
 
 
 def test_torn_and_blank_metrics_lines_are_read_and_repaired(tmp_path):

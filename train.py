@@ -126,6 +126,9 @@ def check_args(args):
         what = ("is a folder: pass the checkpoint in it, e.g. its last.pt" if os.path.isdir(args.resume)
                 else "no such file")
         raise UserError(f"--resume {args.resume}: {what}", shared=True)
+    if args.crop_padding >= args.img_size:                  # (reflect padding needs less than the image)
+        raise UserError(f"--crop-padding {args.crop_padding} is not below --img-size {args.img_size}: "
+                        f"lower it (CIFAR's is 4 at 32 px)", shared=True)
     if args.loader == "memory" and (args.img_size > 64 or args.randaug or args.erasing):
         raise UserError("--loader memory is for images of <= 64 px with crop and flip only; drop "
                         "--randaug/--erasing or use --loader pil", shared=True)

@@ -530,7 +530,8 @@ def get_args(argv=None):
     runtime.check_device(args.device)
     if min(args.depth) < 1:
         raise UserError(f"--depth takes recursion depths >= 1, got {args.depth}")
-    check_at_least(args, batch_size=1, iters=1, rounds=1, bench_images=1, workers=0)
+    check_at_least(args, batch_size=1, iters=1, rounds=1, bench_images=1, workers=0, embed_dim=1,
+                   num_layers=1, num_heads=1, img_size=1, patch_size=1, num_classes=1)
     if args.model is None and not args.bench_loader:
         args.model = "small"
     return args

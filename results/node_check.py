@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import gc
 import itertools
-import json
 import os
 import platform
 import shlex
@@ -110,10 +109,12 @@ class Report:
             verdict = f"INTERRUPTED {self.interrupted} (the sections after it did not run); {verdict}"
         head = [f"# Node check: {device}", "", f"`python results/node_check.py {' '.join(sys.argv[1:])}`, "
                 f"{time.strftime('%Y-%m-%d %H:%M')}. Result: {verdict}"]
-        with open(os.path.join(self.out, "node-check.md"), "w") as f:
-            f.write("\n".join(head + self.lines) + "\n")
-        with open(os.path.join(self.out, "node-check.json"), "w") as f:
-            json.dump({"device": device, "failures": self.failures, "sections": self.data}, f, indent=1)
+        def write_md(tmp):
+            with open(tmp, "w") as f:        # closed before the rename: a full disk fails here, not after
+                f.write("\n".join(head + self.lines) + "\n")
+        runtime.save_file(os.path.join(self.out, "node-check.md"), write_md)
+        runtime.write_json(os.path.join(self.out, "node-check.json"),
+                           {"device": device, "failures": self.failures, "sections": self.data})
         print(f"\nwrote {self.out}/node-check.md and node-check.json: {verdict}")
 
 
@@ -504,6 +505,8 @@ def get_args(argv=None):
                    help="the speed section's batch (default: 1024 over the GPUs, at most 256; --small: 4)")
     args = p.parse_args(argv)
     kind = runtime.check_device(args.device)           # a GPU that is not there: one line, before the report
+    writable_folder(args.out)                          # ...and a report that could not be written
+    runtime.check_at_least(args, batch=1)
     args.tests = args.tests or ("quick" if kind == "cuda" else "none")
     small = args.small
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -520,6 +523,18 @@ def get_args(argv=None):
     args.copies = -(-need // args.images)
     args.workers = 0 if small else max(1, min(8, cores // gpus))     # train.py's default for each rank
     return args
+
+
+def writable_folder(path):
+    """Make the report's folder now, and write in it, so that a path it cannot use fails before the work."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise runtime.UserError(f"--out {path}: cannot write there ({e.strerror or type(e).__name__}); name "
+                                f"a folder this user can write") from None
 
 
 def main(argv=None):

@@ -215,7 +215,7 @@ def draw_maps(model, images, mixer=-1, cell=112, relative=False):
     i = mixer_index(mixer, len(mix))
     weights = mix[i].float().cpu()                                     # (n, T, R)
     lo, hi, mid = weights.min().item(), weights.max().item(), weights.mean().item()
-    # short: R = 2 is 360 px wide
+    # (short enough for the picture of R = 2, 360 px wide)
     title = f"Step weights, mixer {i + 1} of {len(mix)} ({cfg.mixer}, share={cfg.share})"
     title += ": weights uniform" if hi - lo < 0.01 else ""                           # all within 0.01
     lo, hi = (min(lo, mid - 0.025), max(hi, mid + 0.025)) if relative else (0.0, 1.0)
@@ -228,13 +228,11 @@ def draw_maps(model, images, mixer=-1, cell=112, relative=False):
     draw.text((pad, 4), title, fill="black")
     for row, x in enumerate(images.cpu()):
         y0 = top + row * row_h + 15
-        # (3, S, S)
-        img = (x * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]).clamp(0, 1)
+        img = (x * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]).clamp(0, 1)  # 3,S,S
         picture = Image.fromarray((img.permute(1, 2, 0) * 255).byte().numpy())
         canvas.paste(picture.resize((cell, cell), Image.NEAREST), (pad, y0))
         for r in range(R):
-            x0, heat = pad + (r + 1) * (cell + pad), Image.new("RGB", (grid, grid))
-            # the patch tokens
+            x0, heat = pad + (r + 1) * (cell + pad), Image.new("RGB", (grid, grid))    # patch tokens only
             heat.putdata([colour((v - lo) / (hi - lo)) for v in weights[row, 1:, r].tolist()])
             canvas.paste(heat.resize((cell, cell), Image.NEAREST), (x0, y0))
             draw.text((x0, y0 - 15), f"step {r + 1} · cls {weights[row, 0, r]:.2f}", fill="black")
@@ -254,8 +252,7 @@ def draw_lines(panel, series, title, xlabel, ylabel, xticks):
     the frame."""
     draw, (W, H) = ImageDraw.Draw(panel), panel.size
     draw.font = font()
-    # room for the legend
-    left, top, bottom, right = 58, 30, 42, 40 + 7 * max(len(label) for label, *_ in series)
+    left, top, bottom, right = 58, 30, 42, 40 + 7 * max(len(label) for label, *_ in series)   # right: legend
     ys = [y for _, pts, _, _ in series for _, *y_range in pts for y in y_range]
     span = max(max(ys) - min(ys), 1.0)
     lo, hi = min(ys) - 0.15 * span, max(ys) + 0.15 * span
@@ -382,8 +379,8 @@ def curve(args):
         groups[key] = [statistics.mean(accs) for accs in by_seed.values()]
     main_sweep = " ".join(f"{k}={v}" for k, v in common_settings(rows).items())
     print("\nFinal top-1 of finished runs by configuration: runs are grouped by every setting that changes "
-          f"the result; the main sweep is each setting's most common value: {main_sweep}. Mean over seeds; "
-          "range where there are several.")
+          f"the result (not --amp: a run may resume on another device in another precision); the main "
+          f"sweep is each setting's most common value: {main_sweep}. Mean over seeds; range where several.")
     print("| R | mixer | share | differs from the main sweep | seeds | final top-1 "
           "|\n|---|---|---|---|---|---|")
     for key, accs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3], kv[0][1])):

@@ -512,7 +512,7 @@ def build_loaders(args, env):
         check_shared_memory(workers, max(env.micro, eval_batch), args.img_size, env)
     if memory:
         env.log(f"decoding {len(train_set):,} + {len(val_set):,} images into memory on {env.device} (once "
-                f"per run; about a minute for CIFAR-10 on a 2-core CPU)")
+                f"per run: CIFAR-10's take 12 s on an idle 2-core CPU, longer on a loaded one)")
         t0 = time.time()
         train = MemoryLoader(*decode_all(train_set, workers), env.micro, normalize, sampler, train=True,
                              crop_padding=args.crop_padding, hflip=args.hflip, seed=args.seed,

@@ -2455,11 +2455,19 @@ def test_mfu_uses_the_datasheet_peak_of_the_exact_device(monkeypatch):
 # ----------------------------------------------------------------------------------------
 # The classroom notebook
 
+def cpu_only(monkeypatch):
+    """The notebook trains on the default device, as its reader would (a GPU where there is one); its
+    tests run it on the CPU, whatever the machine has."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.mark.default_device
 def test_classroom_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     """notebooks/classroom.ipynb, executed cell by cell in its quick budget (SRVIT_NOTEBOOK=quick), as a
     teacher's "Run All" would: no stored outputs, no Jupyter magics, and every cell runs without error."""
     import sys
     from PIL import Image
+    cpu_only(monkeypatch)
 
     data = CIFAR
     if not os.path.isdir(os.path.join(data, "train")):
@@ -2587,8 +2595,10 @@ def test_notebook_has_its_sections_and_a_small_shipped_checkpoint():
     assert model.config.depth == 4 and model.config.init == "torch" and len(model.classes) == 10
 
 
+@pytest.mark.default_device
 @pytest.mark.parametrize("name", list(NOTEBOOK_SECTIONS))
-def test_notebook_section_runs_alone_after_the_setup(name, notebook_setup, tmp_path):
+def test_notebook_section_runs_alone_after_the_setup(name, notebook_setup, tmp_path, monkeypatch):
+    cpu_only(monkeypatch)
     runs = tmp_path / "runs"
     ns = run_section(name, notebook_setup, runs)
     trained = sorted(os.listdir(runs)) if runs.is_dir() else []

@@ -3,10 +3,10 @@ Train SR-ViT: one process (CPU or one GPU), or DDP under torchrun. Only rank 0 l
 
     torchrun --nproc_per_node=8 train.py --depth 4            # the paper's setting: SR-ViT-S, R=4, DeiT's
                                                                # ImageNet recipe, from ./data/imagenet
-    torchrun --nproc_per_node=8 train.py --data-path /data/imagenet --depth 4
+    torchrun --nproc_per_node=8 train.py --data imagenet --data-path /data/imagenet --depth 4
     python train.py --data cifar10 --depth 2                   # classroom run: CIFAR-10 (downloaded), 32 px
     python train.py --data-path ~/data/cifar10 --depth 4       # a folder: train/<class>/, test/<class>/
-    python train.py --data-path /data/imagenet --depth 4 \\
+    python train.py --data imagenet --data-path /data/imagenet --depth 4 \\
         --micro-batch 64 --grad-ckpt --save-every 2000         # one 24 GB GPU, same global batch
 
 The recipe follows the data (--recipe overrides): DeiT's at 224 px for ImageNet and folders of
@@ -433,9 +433,8 @@ def log_progress(run, epoch, loss_sum, log_from, clock):
     args, env, step = run.args, run.env, run.progress.step
     t_log, steps_done, loss_done, wait_done = log_from
     ips = (step - steps_done) * args.batch_size / max(time.time() - t_log, 1e-9)
-    # share of the time spent on data
-    waited = (clock.data_wait - wait_done) / max(time.time() - t_log, 1e-9)
-    # (not on an epoch's first line: it includes the loader workers' start)
+    waited = (clock.data_wait - wait_done) / max(time.time() - t_log, 1e-9)     # share of the time on data
+    # said once, and not on an epoch's first line: that one includes the loader workers' start
     if waited > 0.25 and not clock.loader_told and steps_done != clock.first_step:
         clock.loader_told = True
         hint = loader_remedy(args, env.device)
@@ -592,8 +591,8 @@ def setup(args, env):
     if steps == 0:
         raise UserError(f"an epoch has fewer than one step of {args.batch_size} images; lower --batch-size",
                         shared=True)
-    # on the device first: the optimizer state follows it
-    model = build_model(args, len(classes)).to(env.device)
+    model = build_model(args, len(classes)).to(env.device)        # before the optimizer: its state follows
+
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999),
                                   fused=env.device.type == "cuda")
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.amp == "fp16")

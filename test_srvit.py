@@ -2758,7 +2758,7 @@ def test_curve_plot_gives_every_line_its_own_colour_and_says_how_many_runs(monke
 # The GPU path, checked where a CPU can show it, and the node check (results/node_check.py)
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
-                               reason="needs a CUDA GPU (the node check's --tests runs the suite there)")
+                               reason="needs a CUDA GPU (the node check runs these there)")
 
 
 @needs_gpu
@@ -2805,6 +2805,33 @@ def test_every_loader_sends_uint8_through_shared_memory_and_the_device_normalise
         x, _ = next(iter(val))                                     # normalised on the device
         mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in loaders.MEAN_STD["imagenet"])
         torch.testing.assert_close(x, (val_batch[0] / 255 - mean) / std, atol=1e-5, rtol=0)
+
+
+@needs_gpu
+def test_gpu_device_path_gives_the_cpu_device_paths_batches_within_rounding(tmp_path):
+    # The same draws through the device path on the GPU and on the CPU: the same pictures up to nvJPEG's
+    # and the kernels' rounding (a tensor on the wrong device or in the wrong dtype would show).
+    g = torch.Generator().manual_seed(4)
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            os.makedirs(tmp_path / "data" / split / name)
+            for i in range(8):
+                smooth_image(g, 120, 100).save(tmp_path / "data" / split / name / f"{i}.jpg", quality=90)
+    flags = ["--data-path", str(tmp_path / "data"), "--loader", "device", "--recipe", "deit", "--img-size",
+             "96", "--patch-size", "16", "--batch-size", "8", "--workers", "0"]
+    batches = {}
+    for device in ("cpu", "cuda"):
+        args = train.get_args(flags + ["--device", device])
+        env = SimpleNamespace(rank=0, world=1, micro=8, device=torch.device(device), log=lambda *a: None)
+        loader = loaders.build_loaders(args, env)[0]
+        loader.set_epoch(1)
+        batches[device] = [(x.cpu(), y.cpu()) for x, y in loader]
+    std = torch.tensor(loaders.mean_std(96)[1]).view(1, 3, 1, 1)
+    assert len(batches["cuda"]) == len(batches["cpu"]) == 2
+    for (x_cpu, y_cpu), (x_gpu, y_gpu) in zip(batches["cpu"], batches["cuda"]):
+        assert torch.equal(y_cpu, y_gpu)
+        diff = ((x_cpu - x_gpu) * std * 255).abs()                                  # in 0..255 units
+        assert diff.mean() <= 3.0, diff.mean()
 
 
 def test_erasing_noise_is_standard_normal_and_each_box_s_own_whatever_its_batch():

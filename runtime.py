@@ -12,8 +12,10 @@ never share an out-dir; ranks that disagree where the run stands refuse instead 
 
 import argparse
 import errno
+import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -437,20 +439,28 @@ class OutDir:
 
     def repair_metrics(self, done, records):
         """After a resume with `done` epochs: metrics.jsonl holds each finished epoch exactly once.
-        Rows a kill kept out are put back from the checkpoint's records; rows of epochs past it (a
-        resume from an older checkpoint), repeats and a half-written last line are dropped."""
+        Rows a kill kept out are put back from the checkpoint's records; repeats and a half-written last
+        line are dropped. Rows of epochs past it (a resume from an older checkpoint, best.pt) leave this
+        run's file, which is first kept whole beside it as metrics-until-epoch-<last>.jsonl."""
         lines = read_lines(self.metrics)
-        keep, seen = [], set()
+        keep, seen, later = [], set(), []
         for line in lines:
             row = json_row(line) if line.endswith("\n") else None      # a half-written line: dropped
             if row is None:                                            # (blank or torn: dropped)
                 continue
             if row.get("type") == "epoch":
+                if row["epoch"] > done:
+                    later.append(row["epoch"])
                 if row["epoch"] > done or row["epoch"] in seen:
                     continue
                 seen.add(row["epoch"])
             keep.append(line)
         keep += [json.dumps(r) + "\n" for r in records if r["epoch"] <= done and r["epoch"] not in seen]
+        if later:             # (-2, -3...: a second resume from best.pt to that epoch loses nothing either)
+            stem = os.path.join(self.path, f"metrics-until-epoch-{max(later)}")
+            names = (f"{stem}{f'-{n}' if n > 1 else ''}.jsonl" for n in itertools.count(1))
+            aside = next(name for name in names if not os.path.exists(name))
+            save_file(aside, lambda tmp: shutil.copyfile(self.metrics, tmp))
         if keep != lines:
             try:                             # to .tmp, then renamed: on a full disk the old file stays whole
                 with open(self.metrics + ".tmp", "w") as f:

@@ -1810,6 +1810,13 @@ def test_metrics_repair_keeps_old_rows_and_drops_a_torn_line(tmp_path):
         f.write('{"type": "ep')                                 # killed mid-write
     out.repair_metrics(2, records=[])                          # an old checkpoint: no records, 2 epochs done
     assert [r.get("epoch") for r in read_metrics(str(tmp_path))] == [None, 1, 2]
+    # epoch 3's row left the run's file (it is trained again), but it is not lost
+    kept = [json.loads(line) for line in open(tmp_path / "metrics-until-epoch-3.jsonl") if line.strip()]
+    assert [r.get("epoch") for r in kept] == [None, 1, 2, 2, 3]
+    with open(out.metrics, "a") as f:                        # trained to epoch 3 again, resumed at 2 again
+        f.write(json.dumps({"type": "epoch", "epoch": 3}) + "\n")
+    out.repair_metrics(2, records=[])
+    assert os.path.exists(tmp_path / "metrics-until-epoch-3-2.jsonl") and len(kept) == 5
     out.repair_metrics(3, records=[{"type": "epoch", "epoch": e} for e in (1, 2, 3)])
     assert [r.get("epoch") for r in read_metrics(str(tmp_path))] == [None, 1, 2, 3]
 

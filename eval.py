@@ -171,7 +171,8 @@ def print_mixture_weights(result, mixer):
           f"{math.log(result['steps']):.3f} nats)")
     print("| | " + " | ".join(f"step {k + 1}" for k in range(result["steps"])) + " | entropy |")
     print("|---" * (result["steps"] + 2) + "|")
-    for i, (weights, entropy) in enumerate(zip(result["step_weights"], result["entropy"])):  # abs: no -0.000
+    for i, (weights, entropy) in enumerate(zip(result["step_weights"], result["entropy"])):
+        # (abs: a mixer sure of one step sums to -0.000)
         print(f"| mixer {i + 1} | " + " | ".join(f"{w:.3f}" for w in weights) + f" | {abs(entropy):.3f} |")
 
 

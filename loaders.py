@@ -59,7 +59,9 @@ def image_size(folder, probe=16):
     from collections import Counter
     from PIL import Image
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
-    is_picture = lambda path: has_file_allowed_extension(path, IMG_EXTENSIONS)
+
+    def is_picture(path):
+        return has_file_allowed_extension(path, IMG_EXTENSIONS)
     classes = sorted(c for c in listed(folder)
                      if not c.startswith(".") and os.path.isdir(os.path.join(folder, c)))
     # (the pictures the dataset will list: in sub-folders of a class too)
@@ -1052,7 +1054,9 @@ class SeededDraws(torch.utils.data.Dataset):
         (data, path), label = self.data[index]
         try:
             with Image.open(io.BytesIO(data.numpy().tobytes())) as im:   # reads the header only
-                (width, height), takes = im.size, im.format == "JPEG" and im.mode in ("RGB", "L")
+                width, height = im.size
+                # (Pillow names a JPEG that carries more pictures, as cameras write them, MPO)
+                takes = im.format in ("JPEG", "MPO") and im.mode in ("RGB", "L")
         except Exception as e:
             raise unreadable(path, e) from None
         # takes: whether nvJPEG decodes it (an RGB or greyscale JPEG), known here at no cost

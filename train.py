@@ -126,9 +126,9 @@ def check_args(args):
         what = ("is a folder: pass the checkpoint in it, e.g. its last.pt" if os.path.isdir(args.resume)
                 else "no such file")
         raise UserError(f"--resume {args.resume}: {what}", shared=True)
-    if args.crop_padding >= args.img_size:                  # (reflect padding needs less than the image)
+    if args.crop_padding >= args.img_size:       # a crop of padding alone; reflect cannot pad that much
         raise UserError(f"--crop-padding {args.crop_padding} is not below --img-size {args.img_size}: "
-                        f"lower it (CIFAR's is 4 at 32 px)", shared=True)
+                        f"set --crop-padding lower (CIFAR's is 4 at 32 px)", shared=True)
     if args.loader == "memory" and (args.img_size > 64 or args.randaug or args.erasing):
         raise UserError("--loader memory is for images of <= 64 px with crop and flip only; drop "
                         "--randaug/--erasing or use --loader pil", shared=True)
@@ -592,7 +592,6 @@ def setup(args, env):
         raise UserError(f"an epoch has fewer than one step of {args.batch_size} images; lower --batch-size",
                         shared=True)
     model = build_model(args, len(classes)).to(env.device)        # before the optimizer: its state follows
-
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999),
                                   fused=env.device.type == "cuda")
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.amp == "fp16")
@@ -708,7 +707,7 @@ def main(argv=None):
         if env.ddp:          # only once every rank has set up: DDP's constructor talks to every rank
             run.model = DDP(run.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         agree_on_progress(env, run.progress, args.out_dir)
-        start_metrics(run)
+        on_all_ranks(env, start_metrics, run)           # (rank 0's full disk: every rank stops, none waits)
         describe(run)
         prog = run.progress
         with run.stop:

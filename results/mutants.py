@@ -127,7 +127,7 @@ BUGS = [
      'dirs[:] = [d for d in dirs if not d.startswith(".")]'),
     ("evaluation-leaves-the-model-training", "train.py",
      "    model.train(was_training)", "    model.train()"),
-    # a third round: what the model, loaders and step report and draw, not only what they compute
+    # the sixth run's: what the model, loaders and step report and draw, not only what they compute
     ("attention-drop-path-also-in-evaluation", "srvit.py",
      "x = x + drop_path(attn_scale * self.attn(self.norm1(x)), drop_prob, self.training)",
      "x = x + drop_path(attn_scale * self.attn(self.norm1(x)), drop_prob, True)"),
@@ -236,8 +236,9 @@ def main(argv=None):
     caught = sum(r[2].startswith("caught") for r in rows)
     with open(args.out, "w") as f:
         f.write(f"# Planted bugs against the test suite\n\n`python results/mutants.py` (suite run with -x"
-                f"{f' -k {args.keyword!r}' if args.keyword else ''}): {caught} of {len(rows)} planted bugs "
-                f"make the suite fail.\n\n")
+                f"{f' -k {args.keyword!r}' if args.keyword else ''}"
+                f"{', the table merged from the runs below' if args.only else ''}): {caught} of {len(rows)} "
+                f"planted bugs make the suite fail.\n\n")
         f.write("| bug | file | result | first failing test | seconds |\n|---|---|---|---|---|\n")
         for name, path, verdict, test, seconds in rows:
             f.write(f"| {name} | {path} | {verdict} | {test or '-'} | {seconds:.0f} |\n")

@@ -505,7 +505,6 @@ def get_args(argv=None):
                    help="the speed section's batch (default: 1024 over the GPUs, at most 256; --small: 4)")
     args = p.parse_args(argv)
     kind = runtime.check_device(args.device)           # a GPU that is not there: one line, before the report
-    writable_folder(args.out)                          # ...and a report that could not be written
     runtime.check_at_least(args, batch=1)
     args.tests = args.tests or ("quick" if kind == "cuda" else "none")
     small = args.small
@@ -539,6 +538,7 @@ def writable_folder(path):
 
 def main(argv=None):
     args = get_args(argv)
+    writable_folder(args.out)                          # a report it could not write fails before the work
     device = torch.device(args.device or runtime.check_device(None))
     cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu

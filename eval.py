@@ -475,10 +475,10 @@ def get_args(argv=None):
     add("--workers", type=int, default=2, help="loader processes")
     args, unknown = p.parse_known_args(argv)
     if unknown:                 # --bench, --activations and --bench-loader moved to results/bench.py
-        raise UserError(f"unrecognized arguments: {' '.join(unknown)} (eval.py -h lists the options; "
-                        f"benchmarks: results/bench.py -h)")
+        raise UserError(f"unrecognized arguments: {' '.join(unknown)} (python eval.py --help lists the "
+                        f"options; benchmarks: results/bench.py --help)")
     if bool(args.checkpoint) == bool(args.curve):
-        raise UserError("give exactly one of --checkpoint, --curve (eval.py -h lists the options)")
+        raise UserError("give exactly one of --checkpoint, --curve (python eval.py --help lists the options)")
     check_device(args.device)
     check_at_least(args, maps_images=1, batch_size=1, val_subset=1, workers=0)
     for flag, path, picture in (("--json", args.json, False), ("--plot", args.plot, True),

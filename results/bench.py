@@ -526,7 +526,7 @@ def get_args(argv=None):
     runtime.check_output("--json", args.json)          # before the work, not after it
     if sum((args.bench, args.bench_loader, args.activations, args.loader_cpu, args.count_ops)) != 1:
         raise UserError("give exactly one of --bench, --bench-loader, --activations, --loader-cpu, "
-                        "--count-ops (python results/bench.py -h lists the options)")
+                        "--count-ops (python results/bench.py --help lists the options)")
     runtime.check_device(args.device)
     if min(args.depth) < 1:
         raise UserError(f"--depth takes recursion depths >= 1, got {args.depth}")

@@ -871,13 +871,9 @@ class DeviceAugment:
             takes = [f[:2].tolist() == [0xFF, 0xD8] for f in files]
         images = [None] * len(files)
         on_gpu = [i for i, ok in enumerate(takes) if ok] if self.device.type == "cuda" else []
-        if on_gpu:
-            try:
-                decoded = gpu_decode([files[i] for i in on_gpu], self.device, self)
-            except RuntimeError as e:     # one file refused fails the whole call: then file by file
-                if is_device_fault(e):    # ...but out of memory or a failing device is not hidden
-                    raise
-                decoded = [self.gpu_decode_one(files[i]) for i in on_gpu]
+        if on_gpu:                        # one file refused fails the whole call: then file by file
+            decoded = (self.nvjpeg([files[i] for i in on_gpu])
+                       or [(self.nvjpeg([files[i]]) or [None])[0] for i in on_gpu])
             for i, image in zip(on_gpu, decoded):
                 images[i] = image
         for i, image in enumerate(images):
@@ -886,12 +882,12 @@ class DeviceAugment:
                 self.cpu_decoded += self.device.type == "cuda"
         return images
 
-    def gpu_decode_one(self, file):
-        """One file by nvJPEG, or None where nvJPEG refuses it."""
+    def nvjpeg(self, files):
+        """The files decoded by nvJPEG, or None where it refuses one of them."""
         try:
-            return gpu_decode([file], self.device, self)[0]
+            return gpu_decode(files, self.device, self)
         except RuntimeError as e:
-            if is_device_fault(e):
+            if is_device_fault(e):        # out of memory or a failing device is not hidden
                 raise
             return None
 

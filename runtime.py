@@ -449,9 +449,10 @@ class OutDir:
             if row is None:                                            # (blank or torn: dropped)
                 continue
             if row.get("type") == "epoch":
-                if row["epoch"] > done:
+                if row["epoch"] > done:                                # kept aside below
                     later.append(row["epoch"])
-                if row["epoch"] > done or row["epoch"] in seen:
+                    continue
+                if row["epoch"] in seen:
                     continue
                 seen.add(row["epoch"])
             keep.append(line)
@@ -489,9 +490,14 @@ def checkpoint_of(path):
 
 
 def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=1))
+
+
+def write_text(path, text):
+    """save_file for a text: written whole, or one line that names the file."""
     def write(tmp):
         with open(tmp, "w") as f:        # closed before the rename: a full disk fails here, not after
-            f.write(json.dumps(obj, indent=1))
+            f.write(text)
     save_file(path, write)
 
 

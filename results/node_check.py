@@ -109,10 +109,7 @@ class Report:
             verdict = f"INTERRUPTED {self.interrupted} (the sections after it did not run); {verdict}"
         head = [f"# Node check: {device}", "", f"`python results/node_check.py {' '.join(sys.argv[1:])}`, "
                 f"{time.strftime('%Y-%m-%d %H:%M')}. Result: {verdict}"]
-        def write_md(tmp):
-            with open(tmp, "w") as f:        # closed before the rename: a full disk fails here, not after
-                f.write("\n".join(head + self.lines) + "\n")
-        runtime.save_file(os.path.join(self.out, "node-check.md"), write_md)
+        runtime.write_text(os.path.join(self.out, "node-check.md"), "\n".join(head + self.lines) + "\n")
         runtime.write_json(os.path.join(self.out, "node-check.json"),
                            {"device": device, "failures": self.failures, "sections": self.data})
         print(f"\nwrote {self.out}/node-check.md and node-check.json: {verdict}")
@@ -403,7 +400,7 @@ def ddp_check(report, args, device, tmp, root):
     # sampler rounds an epoch down to a multiple of 256), a validation image per rank
     copies = -(-256 // args.images)
     data = linked_copies(root, copies, val_copies=ranks)
-    per_rank = (args.images * copies // 256 * 256) // ranks
+    per_rank = loaders.RepeatedAugSampler(args.images * copies, 0, ranks, 3, seed=0).per_rank   # DeiT's 3
     micro = max(1, per_rank // 64)
     # --standalone: a free port on this machine (torchrun's default, 29500, may be taken)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import time
 
 import torch
@@ -70,7 +71,7 @@ def image_size(folder, probe=16):
     for path in (p for rank in range(max(map(len, names),
                                          default=0)) for files in names for p in files[rank:rank + 1]):
         try:
-            with Image.open(path) as im:
+            with open_file(path) as f, Image.open(f) as im:
                 sizes[im.size] += 1
         except Exception:                      # not an image, unreadable, a decompression bomb: not counted
             continue
@@ -252,10 +253,24 @@ def randaugment_op(magnitude, mean):
     return v2.RandomApply([op], p=0.5)
 
 
+def open_file(path):
+    """open(path, "rb") for a picture, refusing what is not a regular file: reading a named pipe (or a
+    link to a device) named like an image would wait for a writer, or read, forever. O_NONBLOCK lets the
+    open itself return at once for a pipe; it changes nothing for a regular file."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode) else
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+        raise OSError(f"not a regular file but {kind}")
+    return os.fdopen(fd, "rb")
+
+
 def read_image(path):
     from PIL import Image
     try:
-        with open(path, "rb") as f:
+        with open_file(path) as f:
             return to_rgb(Image.open(f))
     except Exception as e:
         raise unreadable(path, e) from None
@@ -296,7 +311,7 @@ def check_headers(data):
 
     def header(path):
         try:
-            with Image.open(path) as im:
+            with open_file(path) as f, Image.open(f) as im:
                 im.size
         except Exception as e:                      # empty, not an image, a dangling link, a bomb
             return unreadable(path, e)
@@ -729,9 +744,9 @@ def decode_all(dataset, workers):
 def read_encoded(path):
     """ImageFolder's loader for the device path: the file's bytes, (n,) uint8, and its path."""
     try:
-        with open(path, "rb") as f:
+        with open_file(path) as f:
             data = f.read()
-    except OSError as e:                  # a dangling link, an unreadable file
+    except OSError as e:                  # a dangling link, an unreadable file, a named pipe
         raise unreadable(path, e) from None
     if not data:
         raise unreadable(path, ValueError("the file is empty"))

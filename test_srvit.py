@@ -1,5 +1,6 @@
 """Tests for SR-ViT: python -m pytest -q test_srvit.py  (a few minutes on a 2-core CPU)."""
 
+import contextlib
 import copy
 import errno
 import functools
@@ -13,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import warnings
 from dataclasses import asdict
 from types import SimpleNamespace
@@ -3076,6 +3078,49 @@ def test_the_device_loader_names_an_empty_a_dangling_or_an_unreadable_file(tmp_p
     for name in ("empty.jpg", "dangling.jpg", "folder.jpg"):
         with pytest.raises(runtime.UserError, match=f"cannot read image .*{name}.*move it out of the data"):
             loaders.read_encoded(str(tmp_path / name))
+
+
+@contextlib.contextmanager
+def pipe_released(path, after=2.0):
+    """A named pipe at path that a reader blocked on it leaves after `after` seconds (its write end is
+    opened and closed then), so code that waits on it fails a test instead of hanging the suite.
+    Yields a list that holds True when some reader was waiting."""
+    os.mkfifo(path)
+    waited = []
+
+    def release():
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))    # fails (ENXIO) when no reader waits
+            waited.append(True)
+        except OSError:
+            pass
+    timer = threading.Timer(after, release)
+    timer.start()
+    try:
+        yield waited
+    finally:
+        timer.cancel()
+        timer.join()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need a POSIX system")
+def test_a_named_pipe_or_a_device_named_like_an_image_is_refused_not_waited_on(tmp_path):
+    from PIL import Image
+    os.symlink("/dev/zero", tmp_path / "zeros.jpg")                # would read forever
+    for read in (loaders.read_encoded, loaders.read_image):        # the device path's, the PIL path's
+        with pipe_released(tmp_path / f"pipe-{read.__name__}.jpg") as waited:
+            with pytest.raises(runtime.UserError, match="pipe-.*not a regular file but a named pipe.*move it"):
+                read(str(tmp_path / f"pipe-{read.__name__}.jpg"))
+        assert not waited
+        with pytest.raises(runtime.UserError, match="zeros.jpg .*not a regular file but a device"):
+            read(str(tmp_path / "zeros.jpg"))
+    os.makedirs(tmp_path / "data" / "a")
+    os.makedirs(tmp_path / "data" / "b")
+    Image.new("RGB", (16, 12)).save(tmp_path / "data" / "b" / "1.png")
+    with pipe_released(tmp_path / "data" / "a" / "0.png") as waited:   # sorts first: the size probe skips it
+        assert loaders.image_size(str(tmp_path / "data")) == (16, 12) and not waited
+        with pytest.raises(runtime.UserError, match="0.png .*named pipe"):    # and the start-up check names it
+            loaders.check_headers(loaders.ClassFolders(str(tmp_path / "data")))
 
 
 def test_the_image_size_comes_from_many_files_and_survives_a_decompression_bomb(tmp_path, monkeypatch):

@@ -140,8 +140,8 @@ class Attention(nn.Module):
     def forward(self, x):
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)          # each (B, heads, T, D/heads)
-        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v, fused kernel
+        query, key, value = qkv.permute(2, 0, 3, 1, 4)          # each (B, heads, T, D/heads)
+        x = F.scaled_dot_product_attention(query, key, value)  # softmax(q k^T / sqrt(d)) v, fused kernel
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
 
@@ -189,11 +189,11 @@ class SoftMixer(nn.Module):
     what a token looks like after a step, not which step it is; the step bias b carries the
     step's identity. The router's last layer and b start at zero, so a fresh model mixes
     the steps uniformly (it starts as the "mean" mixer) and learns to prefer steps.
-    init="last" instead starts b so that the last step gets weight 0.9 (near plain recursion)."""
+    router_init="last" instead starts b so that the last step gets weight 0.9 (near plain recursion)."""
 
-    def __init__(self, dim, depth, init="uniform"):
+    def __init__(self, dim, depth, router_init="uniform"):
         super().__init__()
-        self.init = init
+        self.router_init = router_init
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.router = Mlp(dim, dim, out_dim=1)             # g: fc1 (D -> D), GELU, fc2 (D -> 1)
         self.step_bias = nn.Parameter(torch.zeros(depth))  # b, one per recursion step
@@ -205,7 +205,7 @@ class SoftMixer(nn.Module):
         nn.init.zeros_(self.router.fc2.bias)
         nn.init.zeros_(self.step_bias)
         R = len(self.step_bias)
-        if self.init == "last" and R > 1:   # softmax weight 0.9 on step R, 0.1 / (R-1) on each other
+        if self.router_init == "last" and R > 1:   # softmax weight 0.9 on step R, 0.1 / (R-1) on each other
             with torch.no_grad():
                 self.step_bias[-1] = math.log(9 * (R - 1))
 
@@ -414,7 +414,8 @@ class SRViT(nn.Module):
 
     def no_weight_decay(self):
         """Names of parameters that DeiT trains without weight decay (besides biases and norms); the
-        step scales too, which decay would pull towards 0 (timm's LayerScale, 1-d, is not decayed either)."""
+        step and loop scales too, which decay would pull towards 0 (timm's LayerScale, 1-d, is not
+        decayed either)."""
         step_biases = {name for name, _ in self.named_parameters() if name.endswith("step_bias")}
         return {"cls_token", "pos_embed", "step_scale", "loop_scale"} | step_biases
 
@@ -464,18 +465,18 @@ def clean_state_dict(state):
     return out
 
 
-def load_pretrained(model, checkpoint, verbose=True):
-    """Load a DeiT / timm ViT (or SR-ViT) checkpoint into `model`, a path or a state dict.
+def load_pretrained(model, source, verbose=True):
+    """Load a DeiT / timm ViT (or SR-ViT) checkpoint into `model`: `source` is a path or a state dict.
 
     The L blocks of a plain ViT become the L shared blocks of an SR-ViT of any depth; only the
-    mixers stay new (a fresh soft mixer is the uniform mean, so the warm-started model starts
-    near the pretrained one). Position embeddings of another grid are interpolated; a head with
-    another number of classes is left new. Returns a dict with the keys left new and the keys
-    of the checkpoint that were not used. Raises ValueError for a checkpoint of another width,
-    patch size or number of blocks."""
-    if isinstance(checkpoint, (str, os.PathLike)):
-        checkpoint = read_weights(checkpoint)
-    state = clean_state_dict(checkpoint)
+    mixers stay new (a fresh soft mixer is the uniform mean, unless router_init="last", so the
+    warm-started model starts near the pretrained one). Position embeddings of another grid are
+    interpolated; a head with another number of classes is left new. Returns a dict with the keys
+    left new and the keys of the checkpoint that were not used. Raises ValueError for a checkpoint
+    of another width, patch size or number of blocks."""
+    if isinstance(source, (str, os.PathLike)):
+        source = read_weights(source)
+    state = clean_state_dict(source)
     own = model.state_dict()
     cfg = model.config
 
@@ -534,7 +535,7 @@ def read_weights(path):
 def resize_pos_embed(pos_embed, num_patches):
     """(1, 1 + n*n, D) -> (1, 1 + num_patches, D): bicubic over the patch grid, class token kept."""
     cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
-    old, new, D = int(math.isqrt(grid.shape[1])), int(math.isqrt(num_patches)), grid.shape[-1]
+    old, new, D = math.isqrt(grid.shape[1]), math.isqrt(num_patches), grid.shape[-1]
     if old * old != grid.shape[1]:        # more tokens than one in front: a distilled DeiT, registers
         raise ValueError(f"the checkpoint's position embedding has {pos_embed.shape[1]} tokens, not a class "
                          f"token and a square grid of patches: warm start from a ViT with one class token "

@@ -878,6 +878,13 @@ def test_train_on_fake_data_writes_metrics_and_checkpoints(tmp_path, monkeypatch
     out = str(tmp_path / "run")
     seeds, seed_device = [], train.seed_device
     monkeypatch.setattr(train, "seed_device", lambda seed, dev: (seeds.append(seed), seed_device(seed, dev)))
+    step_losses, train_step = [], train.train_step
+
+    def recorded_step(*step_args):
+        step_loss, bad = train_step(*step_args)
+        step_losses.append(step_loss.item())
+        return step_loss, bad
+    monkeypatch.setattr(train, "train_step", recorded_step)
     argv = FAKE + ["--depth", "2", "--epochs", "2", "--out-dir", out]
     model = train.main(argv)
     rows = read_metrics(out)
@@ -888,7 +895,9 @@ def test_train_on_fake_data_writes_metrics_and_checkpoints(tmp_path, monkeypatch
     assert rows[0]["type"] == "run" and rows[0]["params"] == srvit.count_params(model)
     epochs = [r for r in rows if r["type"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2] and all(r["val_images"] == 64 for r in epochs)
-    assert all(math.isfinite(r["train_loss"]) for r in epochs)
+    for r in epochs:                           # the mean of the epoch's own step losses, not the run's so far
+        own = step_losses[(r["epoch"] - 1) * steps:r["epoch"] * steps]
+        assert r["train_loss"] == pytest.approx(sum(own) / steps, rel=1e-5), r
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["config"]["depth"] == 2
     assert os.path.isfile(os.path.join(out, "best.pt"))
@@ -1391,6 +1400,9 @@ def test_init_is_a_recipe_setting_and_deit_keeps_timms():
     assert abs(fc1(torch_init).weight.std() - 1 / math.sqrt(3 * 32)) < 0.01
     assert fc1(torch_init).bias.abs().max() > 0
     assert torch.equal(timm.pos_embed, tiny(init="timm").pos_embed)       # same seed, same weights
+    for model in (timm, torch_init):                # the tokens start at trunc-normal(0.02) either way
+        tokens = torch.cat([model.pos_embed.flatten(), model.cls_token.flatten()])     # (17 + 1) x 32 values
+        assert 0.016 < tokens.std() < 0.024 and abs(tokens.mean()) < 0.004  # (standard errors 0.0006, 0.0008)
     assert srvit_small().config.init == "timm" and train.get_args(["--data", "imagenet"]).init == "timm"
     with pytest.raises(ValueError, match="init must be one of"):
         tiny(init="jax")
@@ -3081,26 +3093,27 @@ def test_the_device_loader_names_an_empty_a_dangling_or_an_unreadable_file(tmp_p
 
 
 @contextlib.contextmanager
-def pipe_released(path, after=2.0):
-    """A named pipe at path that a reader blocked on it leaves after `after` seconds (its write end is
-    opened and closed then), so code that waits on it fails a test instead of hanging the suite.
-    Yields a list that holds True when some reader was waiting."""
+def pipe_released(path, after=1.0):
+    """A named pipe at path that any reader blocked on it leaves (its write end is opened and closed
+    every `after` seconds until the block ends), so code that waits on it fails a test instead of
+    hanging the suite. Yields a list that holds True once some reader was found waiting."""
     os.mkfifo(path)
-    waited = []
+    waited, done = [], threading.Event()
 
     def release():
-        try:
-            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))    # fails (ENXIO) when no reader waits
-            waited.append(True)
-        except OSError:
-            pass
-    timer = threading.Timer(after, release)
-    timer.start()
+        while not done.wait(after):
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))   # fails (ENXIO) when no reader waits
+                waited.append(True)
+            except OSError:
+                pass
+    releaser = threading.Thread(target=release, daemon=True)
+    releaser.start()
     try:
         yield waited
     finally:
-        timer.cancel()
-        timer.join()
+        done.set()
+        releaser.join()
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need a POSIX system")
@@ -3109,7 +3122,7 @@ def test_a_named_pipe_or_a_device_named_like_an_image_is_refused_not_waited_on(t
     os.symlink("/dev/zero", tmp_path / "zeros.jpg")                # would read forever
     for read in (loaders.read_encoded, loaders.read_image):        # the device path's, the PIL path's
         with pipe_released(tmp_path / f"pipe-{read.__name__}.jpg") as waited:
-            with pytest.raises(runtime.UserError, match="pipe-.*not a regular file but a named pipe.*move it"):
+            with pytest.raises(runtime.UserError, match="pipe-.*not a regular file but a named pipe"):
                 read(str(tmp_path / f"pipe-{read.__name__}.jpg"))
         assert not waited
         with pytest.raises(runtime.UserError, match="zeros.jpg .*not a regular file but a device"):
@@ -3119,7 +3132,7 @@ def test_a_named_pipe_or_a_device_named_like_an_image_is_refused_not_waited_on(t
     Image.new("RGB", (16, 12)).save(tmp_path / "data" / "b" / "1.png")
     with pipe_released(tmp_path / "data" / "a" / "0.png") as waited:   # sorts first: the size probe skips it
         assert loaders.image_size(str(tmp_path / "data")) == (16, 12) and not waited
-        with pytest.raises(runtime.UserError, match="0.png .*named pipe"):    # and the start-up check names it
+        with pytest.raises(runtime.UserError, match="0.png .*named pipe"):   # the start-up check names it
             loaders.check_headers(loaders.ClassFolders(str(tmp_path / "data")))
 
 

@@ -156,6 +156,13 @@ BUGS = [
     ("clip-by-value-not-norm", "train.py",
      "torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.clip_grad)",
      "torch.nn.utils.clip_grad_value_(run.model.parameters(), args.clip_grad)"),
+    ("epoch-loss-carries-the-run-so-far", "train.py",
+     "prog.epoch, prog.step, prog.loss_sum = epoch + 1, 0, 0.0",
+     "prog.epoch, prog.step = epoch + 1, 0"),
+    ("position-embedding-starts-10x-too-wide", "srvit.py",
+     "nn.init.trunc_normal_(self.pos_embed, std=0.02)", "nn.init.trunc_normal_(self.pos_embed, std=0.2)"),
+    ("a-named-pipe-is-opened-blocking", "loaders.py",
+     "fd = os.open(path, os.O_RDONLY | getattr(os, \"O_NONBLOCK\", 0))", "fd = os.open(path, os.O_RDONLY)"),
 ]
 
 

@@ -14,8 +14,8 @@ Sections, each on whatever the machine has (on a CPU, the CPU stands in for the 
            Then greyscale, progressive and CMYK JPEGs and a PNG named .JPEG in one batch, against PIL
   speed    images/s of the model alone (a synthetic batch on the device) and of loader + model, SR-ViT-S
            R=1 and R=4, bf16 (fp16 on GPUs before Ampere), with and without --compile, at one rank's
-           share of DeiT's batch of 1024; the loader's share, MFU, 300 epochs' time (derived: every GPU
-           as fast as this one)
+           share of DeiT's batch of 1024 (at most 256); the loader's share, MFU, 300 epochs' time
+           (derived: every GPU as fast as this one)
   ddp      a torchrun run with a rank per GPU, at least 2 (gloo over one GPU if the node has one), on the
            paper's path (the generated JPEGs, the device loader, DeiT's recipe), that saves, is stopped
            with SIGTERM, resumes and ends with exit 0
@@ -118,7 +118,7 @@ class Report:
 # ----------------------------------------------------------------------------------------
 # machine
 
-def machine(report, args, device):
+def machine(report, device):
     report.section("machine", "Machine", ["what", "value", "what it means for a run"])
     present = torch.cuda.device_count()
     gpus = present if device.type == "cuda" else 0           # the GPUs this check's runs use
@@ -435,9 +435,10 @@ def ddp_check(report, args, device, tmp, root):
 
 @contextlib.contextmanager
 def job(cmd, env, log_path, cwd=None):
-    """A torchrun job in its own process group, its output in log_path (a file: a pipe nobody reads
-    until the end fills up under NCCL_DEBUG=INFO and blocks the ranks), ended if it is still running
-    when the block ends (a timeout, Ctrl-C) so that no rank holds a GPU while the next section runs.
+    """A subprocess (torchrun, pytest) in its own process group, its output in log_path (a file: a
+    pipe nobody reads until the end fills up under NCCL_DEBUG=INFO and blocks the ranks), ended if it
+    is still running when the block ends (a timeout, Ctrl-C) so that no rank holds a GPU while the
+    next section runs.
     torchrun starts each rank in a session of its own: SIGTERM to torchrun, which ends its ranks
     (SIGKILL after 30 s), reaches them where a SIGKILL to torchrun would leave them running."""
     with open(log_path, "w") as out:
@@ -545,7 +546,7 @@ def main(argv=None):
     report = Report(args.out)
     try:                                   # the report is written however the check ends (Ctrl-C too)
         with tempfile.TemporaryDirectory() as tmp:
-            report.attempt("machine", machine, args, device)
+            report.attempt("machine", machine, device)
             root = None
             if {"decode", "speed", "ddp"} - set(args.skip):
                 root = report.attempt("pictures", pictures, args, tmp)

@@ -318,8 +318,9 @@ def read_run(folder):
 
 
 # Settings that do not change a run's result (train.MAY_CHANGE: workers, device, ...; not --epochs,
-# which may change on resume but changes the result), or that the
-# curve shows in columns of their own (R, mixer, sharing, seed), or that name nothing measured.
+# which may change on resume but changes the result, nor --init-from, which the curve names by its
+# file), or that the curve shows in columns of their own (R, mixer, sharing, seed), or that name
+# nothing measured.
 NOT_RESULT = (MAY_CHANGE - {"epochs", "init_from"}) | {"seed", "depth", "mixer", "share", "recipe",
                                                      "drop_path_rate", "grad_checkpointing"}
 SHORT = {"num_layers": "L", "embed_dim": "D", "num_heads": "heads", "patch_size": "patch", "img_size": "px",
@@ -380,7 +381,8 @@ def curve(args):
         groups[key] = [statistics.mean(accs) for accs in by_seed.values()]
     main_sweep = " ".join(f"{k}={v}" for k, v in common_settings(rows).items())
     print("\nFinal top-1 of finished runs by configuration: runs are grouped by every setting that changes "
-          f"the result (not --amp: a run may resume on another device in another precision); the main "
+          f"the result (not --amp or --loader: a run may resume on another device, in another precision "
+          f"and with another loader); the main "
           f"sweep is each setting's most common value: {main_sweep}. Mean over seeds; range where several.")
     print("| R | mixer | share | differs from the main sweep | seeds | final top-1 "
           "|\n|---|---|---|---|---|---|")

@@ -5,7 +5,8 @@ training loaders, and MixUp/CutMix.
 
     memory   small images (<= 64 px): the split decoded once into a uint8 tensor on the device,
              cropped and flipped there a batch at a time (MemoryLoader)
-    pil      loader workers decode and augment each image with PIL (PILLoader; CPUs, --data fake)
+    pil      loader workers decode and augment each image with PIL (a DataLoader of SeededAugment;
+             CPUs, --data fake)
     device   loader workers read files and draw each sample's augmentation; the device decodes
              (nvJPEG) and augments whole batches (DeviceLoader; DeiT's recipe on GPUs)
 
@@ -526,7 +527,7 @@ def build_loaders(args, env):
     eval_batch = max(env.micro, 256 if memory else 64)
     normalize = Normalize(*mean_std(args.img_size), env.device)
     if not memory:
-        check_shared_memory(workers, max(env.micro, eval_batch), args.img_size, env)
+        check_shared_memory(workers, eval_batch, args.img_size, env)      # (eval_batch >= env.micro)
     if memory:
         env.log(f"decoding {len(train_set):,} + {len(val_set):,} images into memory on {env.device} (once "
                 f"per run: CIFAR-10's take 12 s on an idle 2-core CPU, longer on a loaded one)")
@@ -842,7 +843,7 @@ class DeviceAugment:
 
     def pack(self, draws, labels):
         """A batch's draws -> (table (B, 13) int64, theta: the affine matrices (B, 2, 2, 3) float32,
-        groups: per slot the ((name, magnitude), count) runs of `order`)."""
+        groups: per slot the (op or "affine", count) runs of `order`)."""
         B, groups = len(draws), []
         table = torch.zeros(B, self.ORDER + 2, dtype=torch.long)
         theta = torch.zeros(B, 2, 2, 3)
@@ -1107,8 +1108,9 @@ class DeviceLoader:
 # MixUp / CutMix, as timm's Mixup does it for DeiT
 
 def mix_batch(x, y, args, num_classes):
-    """Per batch, MixUp (alpha 0.8) or CutMix (alpha 1.0) with equal chance; the partner of image
-    i is image B-1-i (the batch reversed, as in timm). Returns images and soft targets (B, classes).
+    """Per batch, MixUp (alpha --mixup, DeiT: 0.8) or CutMix (--cutmix, DeiT: 1.0) with equal chance,
+    or only the one whose alpha is not 0; the partner of image i is image B-1-i (the batch reversed,
+    as in timm). Returns images and soft targets (B, classes).
     (torchvision's MixUp pairs i with i-1; the repeated-augmentation sampler puts the copies of an
     image next to each other, so on one GPU most images would be mixed with a copy of themselves.)"""
     cutmix = args.cutmix > 0 and (args.mixup == 0 or torch.rand(()).item() < 0.5)

@@ -211,7 +211,7 @@ def init_distributed(batch_size, micro_batch=None, device=None):
 
 def seed_device(seed, device):
     """Seed the CPU generator and this device's, only: torch.manual_seed seeds every visible GPU
-    (and other accelerators, through a slow lazy path), per step and per sample."""
+    (and other accelerators, through a slow lazy path), at every step."""
     torch.default_generator.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.default_generators[device.index or 0].manual_seed(seed)
@@ -692,7 +692,8 @@ def agree_on_progress(env, progress, out_dir):
 
 class StopRequest:
     """SIGTERM (Slurm, Kubernetes, torchrun) and Ctrl-C ask the run to stop after the optimizer
-    step in flight; main then saves and exits with one line. A second Ctrl-C stops at once."""
+    step in flight; train_one_epoch then saves, and main exits with one line. A second Ctrl-C stops
+    at once."""
     EVERY = 10                        # under DDP, steps between the ranks' checks (one all-reduce each)
 
     def __init__(self):

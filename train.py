@@ -113,7 +113,7 @@ def check_args(args):
         infinite = isinstance(value, float) and math.isinf(value)            # (inf passes "> 0")
         if value is not None and (infinite or not ok(value)):
             raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}", shared=True)
-    if args.min_lr > args.lr and "min_lr" not in args.from_recipe:   # (a recipe's: as DeiT does)
+    if args.min_lr > args.lr and "min_lr" not in args.from_recipe:   # (a recipe's may be, as DeiT's is)
         raise UserError(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the cosine would rise; lower "
                         f"it", shared=True)
     if (args.data == "fake" and args.data_path) or (args.data != "fake" and args.num_classes):

@@ -1261,7 +1261,9 @@ def test_device_path_applies_each_sample_its_own_ops_and_a_resumed_epoch_repeats
     args.workers = 2                                   # the same batches from loader worker processes
     loader_w = loaders.build_loaders(args, env)[0]
     loader_w.set_epoch(1)
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(loader_w, whole))
+    from_workers = list(loader_w)
+    assert len(from_workers) == len(whole)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(from_workers, whole))
     items = [loader.loader.dataset[key] for key in list(loader.sampler)[:8]]
     # the samples drew different ops
     assert len({d[2] for _, _, d, *_ in items} | {d[3] for _, _, d, *_ in items}) > 2
@@ -1743,6 +1745,31 @@ def test_sigterm_mid_epoch_saves_and_resume_repeats_the_uninterrupted_run(tmp_pa
     monkeypatch.setattr(train, "lr_at", lr_at)
     resumed = train.main(args + ["--out-dir", cut])
     assert epoch_rows(cut) == epoch_rows(str(tmp_path / "whole"))
+    assert_same_weights(resumed.state_dict(), whole.state_dict())
+
+
+def test_a_loader_worker_dying_with_the_signal_saves_the_step_before_and_resume_repeats_the_run(
+        tmp_path, monkeypatch):
+    args = FAKE + ["--depth", "2", "--epochs", "2"]
+    whole = train.main(args + ["--out-dir", str(tmp_path / "whole")])
+    train_step, calls = train.train_step, []
+
+    def worker_dies_in_step_6(*step_args):   # SIGTERM, and the loader's worker dies with it (OOM killer)
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise train.LoaderGone()
+        return train_step(*step_args)
+    monkeypatch.setattr(train, "train_step", worker_dies_in_step_6)
+    cut = str(tmp_path / "cut")
+    with pytest.raises(runtime.Stopped) as stop:
+        train.main(args + ["--out-dir", cut])
+    assert stop.value.code == 143
+    ckpt = torch.load(os.path.join(cut, "last.pt"), weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) == (0, 5)                  # step 6 cannot finish: the 5 before it
+    monkeypatch.setattr(train, "train_step", train_step)
+    resumed = train.main(args + ["--out-dir", cut])
+    assert epoch_rows(cut) == epoch_rows(str(tmp_path / "whole"))   # the epoch's loss too: its 5 steps kept
     assert_same_weights(resumed.state_dict(), whole.state_dict())
 
 

@@ -161,6 +161,9 @@ BUGS = [
      "prog.epoch, prog.step = epoch + 1, 0"),
     ("position-embedding-starts-10x-too-wide", "srvit.py",
      "nn.init.trunc_normal_(self.pos_embed, std=0.02)", "nn.init.trunc_normal_(self.pos_embed, std=0.2)"),
+    ("a-dead-loader-worker-saves-without-the-epoch-loss", "train.py",
+     "prog.loss_sum, prog.elapsed = loss_sum.item(), clock.training_seconds()",
+     "prog.elapsed = clock.training_seconds()"),
     ("a-named-pipe-is-opened-blocking", "loaders.py",
      "fd = os.open(path, os.O_RDONLY | getattr(os, \"O_NONBLOCK\", 0))", "fd = os.open(path, os.O_RDONLY)"),
 ]

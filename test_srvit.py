@@ -239,10 +239,11 @@ def test_a_plain_vit_forward_written_out_equals_r1_at_logits_of_order_one():
     for blk in model.blocks:
         y = F.layer_norm(t, (D,), blk.norm1.weight, blk.norm1.bias, 1e-6)
         qkv = (y @ blk.attn.qkv.weight.T + blk.attn.qkv.bias).view(B, -1, 3, heads, D // heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4)
         # (B, heads, T, T)
-        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D // heads), -1)
-        t = t + ((att @ v).transpose(1, 2).reshape(B, -1, D) @ blk.attn.proj.weight.T + blk.attn.proj.bias)
+        att = torch.softmax(query @ key.transpose(-1, -2) / math.sqrt(D // heads), -1)
+        heads_out = (att @ value).transpose(1, 2).reshape(B, -1, D)                            # (B, T, D)
+        t = t + (heads_out @ blk.attn.proj.weight.T + blk.attn.proj.bias)
         y = F.layer_norm(t, (D,), blk.norm2.weight, blk.norm2.bias, 1e-6)
         # exact (erf) GELU
         y = F.gelu(y @ blk.mlp.fc1.weight.T + blk.mlp.fc1.bias)
@@ -259,9 +260,12 @@ def test_timms_vit_gives_our_logits_when_timm_is_installed():
                                reason="timm is not a dependency; this check runs where it is installed")
     ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32,
                             patch_size=8, embed_dim=32, depth=2, num_heads=2).eval()
-    ours = tiny(depth=1)
-    ours.load_state_dict(ref.state_dict(), strict=True)
+    ours = tiny(depth=1, init="torch").eval()       # weights where every activation matters (as above)
+    with torch.no_grad():
+        ours.head.weight.mul_(20)
+    ref.load_state_dict(ours.state_dict(), strict=True)             # timm's names, every one of them
     x = images(2)
+    assert 0.5 < ref(x).abs().max() < 50                                                       # order 1
     torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
 
 
@@ -892,7 +896,7 @@ def test_train_on_fake_data_writes_metrics_and_checkpoints(tmp_path, monkeypatch
     for r in (r for r in rows if r["type"] == "epoch"):     # the lr of the epoch's last step, over all epochs
         assert r["lr"] == pytest.approx(train.lr_at(r["epoch"] * steps - 1, steps, args), rel=1e-9), r
     assert seeds == [loaders.seed_for("step", 0, epoch, 0, s) for epoch in range(2) for s in range(steps)]
-    assert rows[0]["type"] == "run" and rows[0]["params"] == srvit.count_params(model)
+    assert rows[0]["type"] == "run" and rows[0]["params"] == sum(p.numel() for p in model.parameters())
     epochs = [r for r in rows if r["type"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2] and all(r["val_images"] == 64 for r in epochs)
     for r in epochs:                           # the mean of the epoch's own step losses, not the run's so far

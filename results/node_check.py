@@ -282,6 +282,7 @@ def speed(report, args, device, root):
     report.section("speed", f"Speed: {model}, one device, batch {args.batch}",
                    ["R", "compile", "model alone img/s", "loader + model img/s", "loader's share", "MFU",
                     f"{args.epochs} ImageNet epochs on {runtime.plural(devices, 'device')}"])
+    backend = "yes" if args.compile_backend == "inductor" else f"yes ({args.compile_backend} backend)"
     for depth in args.depth:
         for compiled in (False, True):
             try:
@@ -295,11 +296,11 @@ def speed(report, args, device, root):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if cells is None:
-                report.row("speed", depth, "yes" if compiled else "no", "-", "-", "-", "-",
+                report.row("speed", depth, backend if compiled else "no", "-", "-", "-", "-",
                            f"out of memory at batch {args.batch}", ok=False,
                            fix="pass a smaller --batch here; train.py: --micro-batch, --grad-ckpt")
             else:
-                report.row("speed", depth, "yes" if compiled else "no", *cells)
+                report.row("speed", depth, backend if compiled else "no", *cells)
 
 
 def speed_row(args, device, root, depth, compiled, devices):

@@ -11,6 +11,7 @@ Sections, each on whatever the machine has (on a CPU, the CPU stands in for the 
   decode   generated ImageNet-sized JPEGs decoded by the device path in batches and by the CPU path one
            by one: the largest pixel difference, alone and while other work runs on the GPU's stream
            (the nvJPEG stream race would show here: see loaders.gpu_decode); beyond tolerance: FAIL.
+           A control decodes without the stream ordering, to show whether the race shows on this node.
            Then greyscale, progressive and CMYK JPEGs and a PNG named .JPEG in one batch, against PIL
   speed    images/s of the model alone (a synthetic batch on the device) and of loader + model, SR-ViT-S
            R=1 and R=4, bf16 (fp16 on GPUs before Ampere), with and without --compile, at one rank's
@@ -195,7 +196,26 @@ def decode_check(report, args, device, root):
                passed if ok else what, ok=ok,
                fix="the decode races with other work on this node: train with --loader pil, and report the "
                    "torch and torchvision versions")
+    race_control(report, augment, files, args.decode_batch, device, work, alone)
     odd_files(report, augment)
+
+
+def race_control(report, augment, files, batch, device, work, alone):
+    """The check above, with torchvision's decoder called as it comes (on the training stream, no
+    ordering): where the race shows here, the check above is shown able to fail on this node. Not a
+    failure of the node either way; where it does not show, the check above proves less."""
+    case = "the same, decoded without the stream ordering (a control, not a failure)"
+    if device.type != "cuda":
+        report.row("decode", case, "-", "-", "-", "ok (no GPU: no stream to race with)")
+        return
+    from torchvision.io import ImageReadMode, decode_jpeg
+    unordered = lambda chunk: decode_jpeg(chunk, mode=ImageReadMode.RGB, device=device)
+    raced, corrupt = decode_all(augment, files, batch, device, work, decode=unordered)
+    worst, mean = differences(raced, alone)
+    shown = worst > 0 or corrupt
+    report.row("decode", case, len(files), worst, mean,
+               "the race shows: the check above can fail here" if shown else
+               "the race did not show on this node: the check above proves less here")
 
 
 def odd_files(report, augment):
@@ -231,14 +251,15 @@ def odd_files(report, augment):
                    "and torchvision versions")
 
 
-def decode_all(augment, files, batch, device, load):
-    """Every file through the device path's decode, in batches; with `load`, each batch while other work
-    is queued. Returns (images on the CPU, whether the other work came out wrong)."""
+def decode_all(augment, files, batch, device, load, decode=None):
+    """Every file through the device path's decode (or `decode`), in batches; with `load`, each batch
+    while other work is queued. Returns (images on the CPU, whether the other work came out wrong)."""
+    decode = decode or (lambda chunk: augment.decode(chunk, ["generated"] * len(chunk)))
     images, corrupt = [], False
     for start in range(0, len(files), batch):
         chunk = files[start:start + batch]
         pending = load(device, len(chunk)) if load else None
-        images += [im.cpu() for im in augment.decode(chunk, ["generated"] * len(chunk))]
+        images += [im.cpu() for im in decode(chunk)]
         if pending:
             corrupt |= not pending()              # the other work's result, checked after the decode
     return images, corrupt

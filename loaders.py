@@ -16,6 +16,7 @@ and the pil and device paths draw the same crops, flips and ops for the same sam
 """
 
 import hashlib
+import itertools
 import math
 import os
 import re
@@ -67,10 +68,11 @@ def image_size(folder, probe=16):
     classes = sorted(c for c in listed(folder)
                      if not c.startswith(".") and os.path.isdir(os.path.join(folder, c)))
     # (the pictures the dataset will list: in sub-folders of a class too)
-    names = [pictures_in(os.path.join(folder, c), is_picture) for c in classes]
+    per_class = [pictures_in(os.path.join(folder, c), is_picture) for c in classes]
+    # in turns over the classes: the first picture of each class, then the second of each, ...
+    in_turns = itertools.chain.from_iterable(itertools.zip_longest(*per_class))
     sizes = Counter()
-    for path in (p for rank in range(max(map(len, names),
-                                         default=0)) for files in names for p in files[rank:rank + 1]):
+    for path in (p for p in in_turns if p is not None):
         try:
             with open_file(path) as f, Image.open(f) as im:
                 sizes[im.size] += 1
@@ -498,7 +500,8 @@ def cpu_decode_note(loader, group=None):
 def default_workers():
     """This node's cores (those this process may run on) shared by this node's ranks, at most 8."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(1, min(8, cores // launch_env()[3]))
+    rank, world, local_rank, ranks_on_node = launch_env()
+    return max(1, min(8, cores // ranks_on_node))
 
 
 def build_loaders(args, env):
@@ -581,7 +584,8 @@ def check_shared_memory(workers, batch, img_size, env):
     the loader workers will hold (Docker gives a container 64 MB unless told otherwise)."""
     if not workers or not os.path.isdir("/dev/shm"):
         return
-    need = shm_in_flight(workers, batch, img_size, launch_env()[3])
+    rank, world, local_rank, ranks_on_node = launch_env()
+    need = shm_in_flight(workers, batch, img_size, ranks_on_node)
     shm = shutil.disk_usage("/dev/shm")          # free space: other jobs of the node may already hold some
     if shm.free < need:
         env.log(f"warning: /dev/shm has {shm.free / 2**20:,.0f} MiB free (of {shm.total / 2**20:,.0f} MiB), "

@@ -238,9 +238,10 @@ def peak_flops(device):
     return next((peak for key, peak in PEAK_BF16 if key in name), None) if name else None
 
 
-def mfu(gmacs, images_per_s, peak_flops):
-    """Model FLOPs utilisation: training costs ~3 forward passes (forward + backward), 2 FLOPs per MAC."""
-    return 3 * 2 * gmacs * 1e9 * images_per_s / peak_flops
+def mfu(gmacs, images_per_s, peak):
+    """Model FLOPs utilisation against `peak` FLOP/s: training costs ~3 forward passes (forward +
+    backward), 2 FLOPs per MAC."""
+    return 3 * 2 * gmacs * 1e9 * images_per_s / peak
 
 
 def check_device(name):

@@ -587,8 +587,8 @@ def evaluate(model, loader, device, autocast, steps=None, log=None, every=None, 
 def setup(args, env):
     """Data, model, optimizer, out-dir and the progress to start from, on this rank."""
     train_loader, val_loader, classes, n_train = build_loaders(args, env)
-    steps = len(train_loader) // env.accum
-    if steps == 0:
+    steps_per_epoch = len(train_loader) // env.accum
+    if steps_per_epoch == 0:
         raise UserError(f"an epoch has fewer than one step of {args.batch_size} images; lower --batch-size",
                         shared=True)
     model = build_model(args, len(classes)).to(env.device)        # before the optimizer: its state follows
@@ -618,11 +618,10 @@ def setup(args, env):
         raise
     if args.compile:
         compile_blocks(model)
-    run = Run(args, env, model, optimizer, scaler, train_loader, steps, len(classes), raw_model=model,
-              val_loader=val_loader, classes=classes, n_train=n_train, out=out, progress=progress,
-              log_interval=args.log_interval or max(1, steps // 10), gmacs=srvit.forward_gmacs(model),
-              peak=peak_flops(env.device), saved_epochs=saved_epochs)
-    return run
+    return Run(args, env, model, optimizer, scaler, train_loader, steps_per_epoch, len(classes),
+               raw_model=model, val_loader=val_loader, classes=classes, n_train=n_train, out=out,
+               progress=progress, log_interval=args.log_interval or max(1, steps_per_epoch // 10),
+               gmacs=srvit.forward_gmacs(model), peak=peak_flops(env.device), saved_epochs=saved_epochs)
 
 
 def start_metrics(run):

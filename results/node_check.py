@@ -177,7 +177,7 @@ def decode_check(report, args, device, root):
     files = [loaders.read_encoded(os.path.join(d, f))[0]                   # (n,) uint8 bytes each
              for d, _, names in sorted(os.walk(os.path.join(root, "train"))) for f in sorted(names)]
     cpu = [loaders.cpu_decode(f, "generated") for f in files]
-    alone, _ = decode_all(augment, files, args.decode_batch, device, None)
+    alone, _ = decode_in_batches(augment, files, args.decode_batch, device, None)
     worst, mean = differences(alone, cpu)
     ok = mean <= DECODE_MEAN_TOLERANCE and worst <= DECODE_MAX_TOLERANCE
     passed = "ok" if device.type == "cuda" else "ok (no GPU: the device path decodes on the CPU here)"
@@ -187,7 +187,7 @@ def decode_check(report, args, device, root):
                fix="the device path decodes unlike the CPU here: train with --loader pil, and report "
                    "the torch and torchvision versions")
     work = lambda dev, n: gpu_work(dev, n, alone[0].numel())                 # (pictures all of one size)
-    loaded, corrupt = decode_all(augment, files, args.decode_batch, device, work)
+    loaded, corrupt = decode_in_batches(augment, files, args.decode_batch, device, work)
     worst, mean = differences(loaded, alone)
     ok = worst == 0 and not corrupt
     what = "corrupted the other work's tensors" if corrupt else "not the same pixels as alone"
@@ -210,7 +210,7 @@ def race_control(report, augment, files, batch, device, work, alone):
         return
     from torchvision.io import ImageReadMode, decode_jpeg
     unordered = lambda chunk: decode_jpeg(chunk, mode=ImageReadMode.RGB, device=device)
-    raced, corrupt = decode_all(augment, files, batch, device, work, decode=unordered)
+    raced, corrupt = decode_in_batches(augment, files, batch, device, work, decode=unordered)
     worst, mean = differences(raced, alone)
     shown = worst > 0 or corrupt
     report.row("decode", case, len(files), worst, mean,
@@ -251,7 +251,7 @@ def odd_files(report, augment):
                    "and torchvision versions")
 
 
-def decode_all(augment, files, batch, device, load, decode=None):
+def decode_in_batches(augment, files, batch, device, load, decode=None):
     """Every file through the device path's decode (or `decode`), in batches; with `load`, each batch
     while other work is queued. Returns (images on the CPU, whether the other work came out wrong)."""
     decode = decode or (lambda chunk: augment.decode(chunk, ["generated"] * len(chunk)))

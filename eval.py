@@ -99,8 +99,7 @@ def run_split(model, loader, device, autocast, steps=None, progress=None):
 
 
 def validation_data(args, model, ckpt):
-    """The checkpoint's validation split, or the one --data/--data-path/--val-subset name (flags checked
-    first)."""
+    """The checkpoint's validation split, or the one --data, --data-path, --val-subset name."""
     cfg = model.config
     given = {k: getattr(args, k) for k in ("data", "data_path", "val_subset") if getattr(args, k) is not None}
     if args.data_path and not args.data and ckpt.get("args", {}).get("data") == "fake":
@@ -254,7 +253,7 @@ def draw_lines(panel, series, title, xlabel, ylabel, xticks):
     draw, (W, H) = ImageDraw.Draw(panel), panel.size
     draw.font = font()
     left, top, bottom, right = 58, 30, 42, 40 + 7 * max(len(label) for label, *_ in series)   # right: legend
-    ys = [y for _, pts, _, _ in series for _, *y_range in pts for y in y_range]
+    ys = [y for _, pts, _, _ in series for _, *values in pts for y in values]       # points and whiskers
     span = max(max(ys) - min(ys), 1.0)
     lo, hi = min(ys) - 0.15 * span, max(ys) + 0.15 * span
     x_px = lambda x: left + (x - min(xticks)) / max(1, max(xticks) - min(xticks)) * (W - left - right)
@@ -264,9 +263,9 @@ def draw_lines(panel, series, title, xlabel, ylabel, xticks):
     for x in xticks:
         draw.line([(x_px(x), H - bottom), (x_px(x), H - bottom + 4)], fill="black")
         draw.text((x_px(x) - 3, H - bottom + 6), str(x), fill="black")
-    step = 10 ** math.floor(math.log10((hi - lo) / 4))           # gridlines 1, 2 or 5 x 10^n apart
-    step *= next(factor for limit, factor in ((20, 5), (8, 2), (0, 1)) if (hi - lo) / step > limit)
-    for y in (k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)):
+    grid = 10 ** math.floor(math.log10((hi - lo) / 4))           # gridlines 1, 2 or 5 x 10^n apart
+    grid *= next(factor for limit, factor in ((20, 5), (8, 2), (0, 1)) if (hi - lo) / grid > limit)
+    for y in (n * grid for n in range(math.ceil(lo / grid), math.floor(hi / grid) + 1)):
         draw.line([(left, y_px(y)), (W - right, y_px(y))], fill=(225, 225, 225))
         draw.text((6, y_px(y) - 6), f"{y:.1f}", fill="black")
     draw.text((left + (W - left - right) // 2 - 20, H - 18), xlabel, fill="black")
@@ -412,14 +411,15 @@ def curve_series(groups):
     for variant in sorted({v for v, _, _, _ in groups}):
         base = groups.get((variant, 1, "-", "-"))
         for mixer, share in [(m, s) for m in MIXER_COLOURS for s in ("block", "stack")]:
-            pts = [point(d, a) for (v, d, m, s), a in groups.items() if (v, m, s) == (variant, mixer, share)]
+            pts = [point(depth, accs) for (v, depth, m, s), accs in groups.items()
+                   if (v, m, s) == (variant, mixer, share)]
             if pts:
                 col = MIXER_COLOURS[mixer] if not variant and share == "block" else next(others, GREY)
                 label = mixer + (" stack" if share == "stack" else "") + (f" ({variant})" if variant else "")
                 series.append((label, pts + ([(1, statistics.mean(base))] if base else []), col, not variant))
         if base:                                  # R=1 once, with its own range over seeds
-            colour = next(others, GREY) if variant else (0, 0, 0)
-            series.append((f"R=1 ({variant})" if variant else "R=1", [point(1, base)], colour, False))
+            col = next(others, GREY) if variant else (0, 0, 0)
+            series.append((f"R=1 ({variant})" if variant else "R=1", [point(1, base)], col, False))
     return series
 
 

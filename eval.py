@@ -24,7 +24,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import srvit
-from loaders import Normalize, OnDevice, build_dataset, mean_std, normalize_image, to_rgb, transforms
+from loaders import (Normalize, OnDevice, build_dataset, mean_std, normalize_image, read_image, to_rgb,
+                     transforms)
 from runtime import (BEFORE_THE_FLAG, ArgumentParser, UserError, changed, check_at_least, check_device,
                      check_output, checkpoint_of, cli, first_line, fmt_time, json_row, plural,
                      read_checkpoint, read_lines, save_file, write_json)
@@ -66,7 +67,7 @@ def preprocess(model, image):
 def classify(model, image, k=5):
     """The k most likely classes of an image (a path or a PIL image), most likely first, with
     probabilities to 4 decimals: classify(load_model("runs/x/best.pt"), "cat.png") -> [('cat', 0.71), ...]"""
-    image = Image.open(image) if isinstance(image, (str, os.PathLike)) else image     # read by preprocess
+    image = read_image(image) if isinstance(image, (str, os.PathLike)) else image     # (RGB, as training's)
     probs = model.eval()(preprocess(model, image).to(next(model.parameters()).device)).softmax(-1)[0]  # (C,)
     top = probs.topk(min(k, len(probs)))
     names = getattr(model, "classes", None) or [str(i) for i in range(len(probs))]
@@ -316,10 +317,9 @@ def read_run(folder):
             "final_top1": last["top1"], "wall_s": last["elapsed"]}
 
 
-# Settings that do not change a run's result (train.MAY_CHANGE: workers, device, ...; not --epochs,
-# which may change on resume but changes the result, nor --init-from, which the curve names by its
-# file), or that the curve shows in columns of their own (R, mixer, sharing, seed), or that name
-# nothing measured.
+# Settings that do not change a run's result (train.MAY_CHANGE: workers, device, ...; not --epochs, which
+# changes it, nor --init-from, named by its file), that the curve shows in columns of its own (R, mixer,
+# sharing, seed), or that name nothing measured.
 NOT_RESULT = (MAY_CHANGE - {"epochs", "init_from"}) | {"seed", "depth", "mixer", "share", "recipe",
                                                      "drop_path_rate", "grad_checkpointing"}
 SHORT = {"num_layers": "L", "embed_dim": "D", "num_heads": "heads", "patch_size": "patch", "img_size": "px",

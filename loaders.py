@@ -257,17 +257,15 @@ def randaugment_op(magnitude, mean):
 
 
 def open_file(path):
-    """open(path, "rb") for a picture, refusing what is not a regular file: reading a named pipe (or a
-    link to a device) named like an image would wait for a writer, or read, forever. O_NONBLOCK lets the
-    open itself return at once for a pipe; it changes nothing for a regular file."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    mode = os.fstat(fd).st_mode
+    """open(path, "rb") for a picture, refusing what is not a regular file, before opening it: opening a
+    named pipe named like an image waits for a writer forever, and reading a link to a device may
+    never end."""
+    mode = os.stat(path).st_mode              # (through links: a dangling one raises FileNotFoundError)
     if not stat.S_ISREG(mode):
-        os.close(fd)
         kind = ("a folder" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode) else
                 "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
         raise OSError(f"not a regular file but {kind}")
-    return os.fdopen(fd, "rb")
+    return open(path, "rb")
 
 
 def read_image(path):

@@ -1756,22 +1756,23 @@ def test_a_loader_worker_dying_with_the_signal_saves_the_step_before_and_resume_
         tmp_path, monkeypatch):
     args = FAKE + ["--depth", "2", "--epochs", "2"]
     whole = train.main(args + ["--out-dir", str(tmp_path / "whole")])
-    train_step, calls = train.train_step, []
+    batches_of, died = loaders.MemoryLoader.__iter__, []
 
-    def worker_dies_in_step_6(*step_args):   # SIGTERM, and the loader's worker dies with it (OOM killer)
-        calls.append(1)
-        if len(calls) == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
-            raise train.LoaderGone()
-        return train_step(*step_args)
-    monkeypatch.setattr(train, "train_step", worker_dies_in_step_6)
+    def worker_dies_at_batch_6(self):        # SIGTERM, and a loader worker dies with it (the OOM killer)
+        for b, batch in enumerate(batches_of(self)):
+            if self.train and b == 5 and not died:
+                died.append(b)
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Killed.")
+            yield batch
+    monkeypatch.setattr(loaders.MemoryLoader, "__iter__", worker_dies_at_batch_6)
     cut = str(tmp_path / "cut")
     with pytest.raises(runtime.Stopped) as stop:
         train.main(args + ["--out-dir", cut])
-    assert stop.value.code == 143
+    assert stop.value.code == 143 and died == [5]
     ckpt = torch.load(os.path.join(cut, "last.pt"), weights_only=True)
-    assert (ckpt["epoch"], ckpt["step"]) == (0, 5)                  # step 6 cannot finish: the 5 before it
-    monkeypatch.setattr(train, "train_step", train_step)
+    assert (ckpt["epoch"], ckpt["step"]) == (0, 5) and epoch_rows(cut) == []   # step 6 cannot finish
+    monkeypatch.setattr(loaders.MemoryLoader, "__iter__", batches_of)
     resumed = train.main(args + ["--out-dir", cut])
     assert epoch_rows(cut) == epoch_rows(str(tmp_path / "whole"))   # the epoch's loss too: its 5 steps kept
     assert_same_weights(resumed.state_dict(), whole.state_dict())
@@ -3150,14 +3151,16 @@ def pipe_released(path, after=1.0):
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need a POSIX system")
 def test_a_named_pipe_or_a_device_named_like_an_image_is_refused_not_waited_on(tmp_path):
     from PIL import Image
-    os.symlink("/dev/zero", tmp_path / "zeros.jpg")                # would read forever
-    for read in (loaders.read_encoded, loaders.read_image):        # the device path's, the PIL path's
-        with pipe_released(tmp_path / f"pipe-{read.__name__}.jpg") as waited:
-            with pytest.raises(runtime.UserError, match="pipe-.*not a regular file but a named pipe"):
-                read(str(tmp_path / f"pipe-{read.__name__}.jpg"))
+    os.symlink("/dev/null", tmp_path / "device.jpg")       # a device (/dev/zero's reading would never end)
+    classify = functools.partial(srvit_eval.classify, tiny())
+    for read in (loaders.read_encoded, loaders.read_image, classify):   # device path, PIL path, eval.classify
+        with pipe_released(tmp_path / "pipe.jpg") as waited:
+            with pytest.raises(runtime.UserError, match="pipe.jpg .*not a regular file but a named pipe"):
+                read(str(tmp_path / "pipe.jpg"))
         assert not waited
-        with pytest.raises(runtime.UserError, match="zeros.jpg .*not a regular file but a device"):
-            read(str(tmp_path / "zeros.jpg"))
+        os.remove(tmp_path / "pipe.jpg")
+        with pytest.raises(runtime.UserError, match="device.jpg .*not a regular file but a device"):
+            read(str(tmp_path / "device.jpg"))
     os.makedirs(tmp_path / "data" / "a")
     os.makedirs(tmp_path / "data" / "b")
     Image.new("RGB", (16, 12)).save(tmp_path / "data" / "b" / "1.png")

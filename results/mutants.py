@@ -164,8 +164,8 @@ BUGS = [
     ("a-dead-loader-worker-saves-without-the-epoch-loss", "train.py",
      "prog.loss_sum, prog.elapsed = loss_sum.item(), clock.training_seconds()",
      "prog.elapsed = clock.training_seconds()"),
-    ("a-named-pipe-is-opened-blocking", "loaders.py",
-     "fd = os.open(path, os.O_RDONLY | getattr(os, \"O_NONBLOCK\", 0))", "fd = os.open(path, os.O_RDONLY)"),
+    ("a-named-pipe-is-opened-as-a-picture", "loaders.py",
+     "if not stat.S_ISREG(mode):", "if stat.S_ISDIR(mode):"),
 ]
 
 

@@ -210,7 +210,11 @@ def race_control(report, augment, files, batch, device, work, alone):
         return
     from torchvision.io import ImageReadMode, decode_jpeg
     unordered = lambda chunk: decode_jpeg(chunk, mode=ImageReadMode.RGB, device=device)
-    raced, corrupt = decode_in_batches(augment, files, batch, device, work, decode=unordered)
+    try:
+        raced, corrupt = decode_in_batches(augment, files, batch, device, work, decode=unordered)
+    except RuntimeError as e:           # (the row is a control: its failure is no failure of the node)
+        report.row("decode", case, len(files), "-", "-", f"the control could not run ({runtime.first_line(e)})")
+        return
     worst, mean = differences(raced, alone)
     shown = worst > 0 or corrupt
     report.row("decode", case, len(files), worst, mean,

@@ -213,7 +213,8 @@ def race_control(report, augment, files, batch, device, work, alone):
     try:
         raced, corrupt = decode_in_batches(augment, files, batch, device, work, decode=unordered)
     except RuntimeError as e:           # (the row is a control: its failure is no failure of the node)
-        report.row("decode", case, len(files), "-", "-", f"the control could not run ({runtime.first_line(e)})")
+        said = runtime.first_line(e)
+        report.row("decode", case, len(files), "-", "-", f"the control could not run ({said})")
         return
     worst, mean = differences(raced, alone)
     shown = worst > 0 or corrupt

@@ -130,11 +130,12 @@ def bench_model(cfg, batch, device, amp, compile_, iters, backend="inductor"):
     sync(device)
     first_step_s = time.perf_counter() - t0
     t_train = timed(train_step, device, iters)
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+    on_gpu = device.type == "cuda"
+    peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2 ** 30 if on_gpu else float("nan")
     model.eval()
     t_infer = timed(infer_step, device, iters)
     return {"params": srvit.count_params(model), "gmacs": gmacs, "train_img_s": batch / t_train,
-            "infer_img_s": batch / t_infer, "peak_mem_gib": peak, "compiled_graphs": len(graphs),
+            "infer_img_s": batch / t_infer, "peak_mem_gib": peak_mem_gib, "compiled_graphs": len(graphs),
             "first_step_s": first_step_s, "step_s": t_train,
             "saved_mib": saved_activation_mib(model, x[:2]) * batch / 2}
 
@@ -161,25 +162,29 @@ def bench_row(args, depth, batch, device, amp, peak, ceiling):
     variants = bench_variants(cfg, depth)
     # Alternate the models over rounds and keep each one's median: a shared, noisy machine
     # then slows them alike, and the ratios stay honest.
-    rounds = {v: [] for v in variants}
+    rounds = {variant: [] for variant in variants}
     for _ in range(args.rounds):
-        for v, c in variants.items():
-            rounds[v].append(bench_model(c, batch, device, amp, args.compile, args.iters,
-                                         args.compile_backend))
-    m = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for v, rs in rounds.items()}
-    row = {"depth": depth, **m["srvit"],
-           "compiled_graphs_min": min(r["compiled_graphs"] for rs in rounds.values() for r in rs)}
+        for variant, config in variants.items():
+            rounds[variant].append(bench_model(config, batch, device, amp, args.compile, args.iters,
+                                               args.compile_backend))
+    # medians[variant][measure]: the median over rounds
+    medians = {variant: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+               for variant, runs in rounds.items()}
+    row = {"depth": depth, **medians["srvit"],
+           "compiled_graphs_min": min(run["compiled_graphs"] for runs in rounds.values() for run in runs)}
     row["mfu"] = runtime.mfu(row["gmacs"], row["train_img_s"], peak) if peak else None
     row["of_achievable"] = runtime.mfu(row["gmacs"], row["train_img_s"], ceiling)
-    if "unshared" in m:
-        u = m["unshared"]
-        row.update(unshared_params=u["params"], unshared_gmacs=u["gmacs"],
-                   unshared_train_img_s=u["train_img_s"], train_ratio=row["train_img_s"] / u["train_img_s"],
-                   mixer_gmacs=row["gmacs"] - u["gmacs"])
-    if "no_mixer" in m:
-        row.update(no_mixer_train_img_s=m["no_mixer"]["train_img_s"],
-                   sharing_ratio=m["no_mixer"]["train_img_s"] / m["unshared"]["train_img_s"],
-                   mixer_time_share=1 - row["train_img_s"] / m["no_mixer"]["train_img_s"])
+    if "unshared" in medians:
+        unshared = medians["unshared"]
+        row.update(unshared_params=unshared["params"], unshared_gmacs=unshared["gmacs"],
+                   unshared_train_img_s=unshared["train_img_s"],
+                   train_ratio=row["train_img_s"] / unshared["train_img_s"],
+                   mixer_gmacs=row["gmacs"] - unshared["gmacs"])
+    if "no_mixer" in medians:
+        no_mixer = medians["no_mixer"]
+        row.update(no_mixer_train_img_s=no_mixer["train_img_s"],
+                   sharing_ratio=no_mixer["train_img_s"] / medians["unshared"]["train_img_s"],
+                   mixer_time_share=1 - row["train_img_s"] / no_mixer["train_img_s"])
     return row
 
 

@@ -759,7 +759,7 @@ def read_encoded(path):
 AFFINE_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 
 
-def op_rank(op):
+def op_order(op):
     """Where a sample goes in its slot's order: affine ops first, then the others by op, no op last."""
     if op is None:
         return 2, "", 0.0
@@ -798,9 +798,9 @@ class DeviceAugment:
     def __init__(self, args, device):
         from torchvision.transforms import v2
         self.size, self.device = args.img_size, device
-        self.steps = transforms(args, train=True).transforms[:-1]    # the PIL path's transforms, in order
+        self.pil_transforms = transforms(args, train=True).transforms[:-1]   # in order
         # 2 ops, or none
-        self.randaug = [t.transforms[0] for t in self.steps if isinstance(t, v2.RandomApply)]
+        self.randaug = [t.transforms[0] for t in self.pil_transforms if isinstance(t, v2.RandomApply)]
         self.eraser = eraser(args)
         self.mean, self.std = mean_std(args.img_size)
         self.on_device = None                                      # tensors made once, at the first batch
@@ -821,7 +821,7 @@ class DeviceAugment:
         draws = []
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
-            for t in self.steps:
+            for t in self.pil_transforms:
                 if isinstance(t, v2.RandomResizedCrop):      # stand-ins with the image's shape, no memory
                     box = t.make_params([torch.empty(3, 1, 1, dtype=torch.uint8).expand(3, height, width)])
                     draws.append((box["top"], box["left"], box["height"], box["width"]))
@@ -856,7 +856,7 @@ class DeviceAugment:
         for slot in range(2):
             ops = [d[2 + slot] for d in draws]
             # affine ops first (one grid_sample for all of them), then each other op's samples together
-            order = sorted(range(B), key=lambda b: op_rank(ops[b]))
+            order = sorted(range(B), key=lambda b: op_order(ops[b]))
             table[:, self.ORDER + slot] = torch.tensor(order)
             runs = []                                     # [op or "affine", count] along `order`
             for b in order:

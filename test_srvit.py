@@ -3755,3 +3755,17 @@ def test_a_warm_start_of_another_width_names_train_py_s_flags(trained_runs, tmp_
     user_error(FAKE + ["--embed-dim", "64", "--init-from", str(trained_runs / "R1" / "best.pt"), "--out-dir",
                        str(tmp_path / "run")], "checkpoint is a ViT of width 32",
                "(train.py: --model, or --embed-dim, --patch-size)")
+
+
+def test_every_planted_bug_of_results_mutants_finds_its_line_once():
+    # results/mutants.py plants each bug by replacing one line; a line renamed since would make its bug
+    # fail to plant when the page is next rebuilt: found here, when the rename is made
+    sys.path.insert(0, os.path.join(HERE, "results"))
+    try:
+        import mutants
+    finally:
+        sys.path.pop(0)
+    assert len({name for name, *_ in mutants.BUGS}) == len(mutants.BUGS)          # names are unique
+    for name, path, old, new in mutants.BUGS:
+        text = open(os.path.join(HERE, path)).read()
+        assert text.count(old) == 1 and old != new, name

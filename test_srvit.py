@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from dataclasses import asdict
 from types import SimpleNamespace
@@ -3077,6 +3078,29 @@ def test_node_check_reports_a_section_that_fails_and_goes_on_and_exits_1(tmp_pat
         node_check.main(argv)
     md = (tmp_path / "node-check.md").read_text()
     assert "## Machine" in md and "INTERRUPTED in the decode section" in md
+
+
+def test_node_check_gives_the_tests_what_its_time_limit_leaves(tmp_path, monkeypatch):
+    node_check = node_check_script()
+    waited = []
+
+    @contextlib.contextmanager
+    def never_ends(command, env, log_path, cwd=None):       # a suite that runs past any timeout
+        def wait(timeout):
+            waited.append(timeout)
+            raise subprocess.TimeoutExpired(command, timeout)
+        yield SimpleNamespace(wait=wait, poll=lambda: None, log=lambda: "....")
+    monkeypatch.setattr(node_check, "job", never_ends)
+    rows = {}
+    for limit, used in ((600, 590), (600, 300), (5000, 0)):          # seconds of the check, and used so far
+        report = node_check.Report(str(tmp_path))
+        args = SimpleNamespace(tests="quick", time_limit=limit, started=time.time() - used)
+        node_check.tests(report, args)
+        rows[used] = (report.data["tests"][-1][-1], report.failures)
+    assert rows[590][0].startswith("not run: under a minute of --time-limit 600 s") and not rows[590][1]
+    assert rows[300][0].startswith("stopped after 300 s: what --time-limit 600 s left") and not rows[300][1]
+    assert rows[0][0].startswith("FAIL: stopped after 420 s") and rows[0][1]  # its own bound: a hang
+    assert waited == [pytest.approx(300, abs=5), 420]
 
 
 def test_node_check_refuses_a_report_folder_it_cannot_write_and_a_zero_batch_before_the_work(tmp_path):

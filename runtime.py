@@ -571,16 +571,16 @@ def read_checkpoint(path):
 BEFORE_THE_FLAG = {"schedule": "deit", "pad_mode": "zeros", "init": "timm"}
 
 
-def check_same_run(path, ckpt, model, args, dataset, may_change):
+def check_same_run(path, ckpt, model, settings, dataset, may_change):
     """Refuse to resume another model, other data or another recipe, naming each value that changed:
-    every argument but `may_change` (train.MAY_CHANGE) is compared, and the dataset's size and class names
-    (keys an older checkpoint does not hold are not)."""
+    every setting (the run's flags, a dict) but `may_change` (train.MAY_CHANGE) is compared, and the
+    dataset's size and class names (keys an older checkpoint does not hold are not)."""
     saved_cfg = {**asdict(srvit.SRViTConfig()), **ckpt["config"]}
     saved = {**BEFORE_THE_FLAG, **ckpt.get("args", {}), **ckpt.get("dataset", {})}
-    now = {**vars(args), **dataset}
+    now = {**settings, **dataset}
     model_keys = [k for k in asdict(model.config) if k not in ("drop_path_rate", "grad_checkpointing")]
     data_keys = ["data", "subset", "val_subset", "img_size", "train_images", "classes"]
-    data_keys += ["num_classes"] if args.data == "fake" else []     # (elsewhere the folder's classes count)
+    data_keys += ["num_classes"] if settings["data"] == "fake" else []   # (elsewhere the classes count)
     recipe_keys = [k for k in now if k not in may_change and k not in data_keys]
     for keys, have, want, what in ((model_keys, saved_cfg, asdict(model.config), "model"),
                                    (data_keys, saved, now, "data"), (recipe_keys, saved, now, "recipe")):
@@ -599,19 +599,20 @@ def changed(key, then, now):
     return f"class {i + 1}: {name(then)} then, {name(now)} now"
 
 
-def restore(args, out, model, optimizer, scaler, dataset, may_change):
-    """Load what --resume points at (default last.pt, if there is one) into the model, optimizer and
-    scaler, and return the checkpoint (train.setup builds its Progress from it), its best_top1 raised
-    to best.pt's where a kill left best.pt ahead; {} for a fresh run."""
-    path = out.last if args.resume in ("auto", "no") else args.resume
-    if args.resume == "no":
+def restore(resume, settings, out, model, optimizer, scaler, dataset, may_change):
+    """Load what --resume (`resume`) points at (auto: last.pt, if there is one; no: nothing) into the
+    model, optimizer and scaler, after check_same_run compares the run's `settings` with the checkpoint's,
+    and return the checkpoint (train.setup builds its Progress from it), its best_top1 raised to best.pt's
+    where a kill left best.pt ahead; {} for a fresh run."""
+    path = out.last if resume in ("auto", "no") else resume
+    if resume == "no":
         if os.path.exists(out.last):
             raise UserError(f"--resume no, but {out.path} holds a checkpoint; pass another --out-dir for a "
                             f"new run (nothing is overwritten)", shared=True)
         check_no_rows(out)
         return {}
     if not os.path.isfile(path):
-        if args.resume != "auto":
+        if resume != "auto":
             raise UserError(f"--resume {path}: file not found", shared=True)
         check_no_rows(out)
         return {}
@@ -619,7 +620,7 @@ def restore(args, out, model, optimizer, scaler, dataset, may_change):
     if "optimizer" not in ckpt:
         raise UserError(f"{path} holds weights only, no optimizer state to resume from; use --init-from",
                         shared=True)
-    check_same_run(path, ckpt, model, args, dataset, may_change)
+    check_same_run(path, ckpt, model, settings, dataset, may_change)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt["scaler"]:            # (empty from a run without fp16: a resume in fp16 starts a fresh scale)

@@ -600,7 +600,8 @@ def setup(args, env):
         # A warm-up the recipe clipped to a short run stays as the run started it when --epochs grows.
         warmup_from_recipe = {"warmup_epochs"} & set(args.from_recipe)
         data_record = {"train_images": n_train, "classes": classes}      # what the checkpoint records
-        saved = restore(args, out, model, optimizer, scaler, data_record, MAY_CHANGE | warmup_from_recipe)
+        saved = restore(args.resume, vars(args), out, model, optimizer, scaler, data_record,
+                        MAY_CHANGE | warmup_from_recipe)
         if warmup_from_recipe and "args" in saved:
             warmup = saved["args"].get("warmup_epochs", args.warmup_epochs)
             args.warmup_epochs = warmup if warmup < args.epochs else args.epochs / 5   # (--epochs shrank)

@@ -217,7 +217,7 @@ def test_softmor_equations_by_value_at_every_number_of_steps(share):
         want, want_mix = softmor_by_hand(model, x, k)
         got, got_mix = model(x, steps=k, return_mix=True)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        for g, w in zip(got_mix, want_mix):
+        for g, w in zip(got_mix, want_mix, strict=True):
             torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
         weights = got_mix[0]                                   # (B, T, k)
         if k > 1:                                              # per token, and far from uniform
@@ -662,7 +662,7 @@ def test_trace_returns_every_step_and_the_anytime_logits():
     for k, logits in enumerate(t["anytime"], start=1):          # the equations with the first k steps
         torch.testing.assert_close(logits, softmor_by_hand(model, x, k)[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(t["logits"], model(x))                 # the trace is the forward pass
-    for got, want in zip(t["mix"], softmor_by_hand(model, x, 3)[1]):
+    for got, want in zip(t["mix"], softmor_by_hand(model, x, 3)[1], strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     first_block = model.blocks[0]
     h = embed(model, x)
@@ -715,7 +715,7 @@ def test_ddp_with_compiled_blocks_and_grad_ckpt_trains_as_eager():
         x, y = images(4), torch.arange(4)
         for m in (eager, wrapped):
             F.cross_entropy(m(x), y).backward()
-        for (name, p), q in zip(eager.named_parameters(), model.parameters()):
+        for (name, p), q in zip(eager.named_parameters(), model.parameters(), strict=True):
             torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
     finally:
         dist.destroy_process_group()
@@ -960,7 +960,7 @@ def test_a_training_step_takes_the_label_smoothed_loss_of_its_micro_batches_and_
     twin_opt = torch.optim.AdamW(train.param_groups(twin, 0.05), lr=1e-3)
     (sum(losses) / 2).backward()
     twin_opt.step()
-    for a, b in zip(model.parameters(), twin.parameters()):
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
@@ -983,7 +983,7 @@ def test_clip_grad_scales_the_whole_gradient_to_its_norm():
     grads = [p.grad for p in twin.parameters()]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     assert norm > 0.1                                                   # so the clip acts
-    for clipped, g in zip(seen[0], grads):
+    for clipped, g in zip(seen[0], grads, strict=True):
         torch.testing.assert_close(clipped, g * 0.01 / norm, rtol=1e-4, atol=1e-9)
 
 
@@ -1261,8 +1261,8 @@ def test_device_path_applies_each_sample_its_own_ops_and_a_resumed_epoch_repeats
     whole = list(loader)
     loader.set_epoch(1, start_batch=2)
     resumed = list(loader)
-    assert len(resumed) == 2 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a,
-                                     b in zip(resumed, whole[2:]))
+    pairs = zip(resumed, whole[2:], strict=True)
+    assert len(resumed) == 2 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in pairs)
     args.workers = 2                                   # the same batches from loader worker processes
     loader_w = loaders.build_loaders(args, env)[0]
     loader_w.set_epoch(1)
@@ -2819,7 +2819,7 @@ def test_gpu_batched_decode_gives_the_cpu_decoders_pixels_within_rounding():
     files = [encoded(smooth_image(g, 375, 500)) for _ in range(8)]
     decoded = aug.decode(files, [f"{i}.jpg" for i in range(8)])
     assert aug.cpu_decoded == 0 and all(im.is_cuda for im in decoded)
-    for got, data in zip(decoded, files):
+    for got, data in zip(decoded, files, strict=True):
         diff = (got.cpu().int() - loaders.cpu_decode(data, "x.jpg").int()).abs()
         assert diff.float().mean() <= 2.0 and diff.max() <= 64, (diff.float().mean(), diff.max())
 
@@ -2877,7 +2877,7 @@ def test_gpu_device_path_gives_the_cpu_device_paths_batches_within_rounding(tmp_
         batches[device] = [(x.cpu(), y.cpu()) for x, y in loader]
     std = torch.tensor(loaders.mean_std(96)[1]).view(1, 3, 1, 1)
     assert len(batches["cuda"]) == len(batches["cpu"]) == 2
-    for (x_cpu, y_cpu), (x_gpu, y_gpu) in zip(batches["cpu"], batches["cuda"]):
+    for (x_cpu, y_cpu), (x_gpu, y_gpu) in zip(batches["cpu"], batches["cuda"], strict=True):
         assert torch.equal(y_cpu, y_gpu)
         diff = ((x_cpu - x_gpu) * std * 255).abs()                                  # in 0..255 units
         assert diff.mean() <= 3.0, diff.mean()
@@ -2934,7 +2934,7 @@ def test_device_path_sends_only_the_files_nvjpeg_does_not_take_to_the_cpu_and_co
     images = aug.decode(data, [f"{i}.jpg" for i in range(5)], takes)
     # the 3 it takes as one batch (refused), then one by one; CMYK, PNG and the refused one on the CPU
     assert given == [3, 1, 1, 1] and aug.cpu_decoded == 3
-    assert all(torch.equal(im, loaders.cpu_decode(d, "x")) for im, d in zip(images, data))
+    assert all(torch.equal(im, loaders.cpu_decode(d, "x")) for im, d in zip(images, data, strict=True))
     note = loaders.cpu_decode_note(SimpleNamespace(augment=aug))
     assert note == " | 3 images decoded on the CPU (CMYK, PNG or others nvJPEG does not take)"
     assert loaders.cpu_decode_note(SimpleNamespace()) == ""

@@ -549,6 +549,9 @@ def read_checkpoint(path):
     reader of checkpoint files), its ValueError turned into a one-line UserError for a missing file, a
     file that is not whole, or one that train.py did not write."""
     if not os.path.isfile(path):
+        if os.path.exists(path):           # (a named pipe would be waited on: refused before it is opened)
+            raise UserError(f"{path} is not a checkpoint file but a folder, a named pipe or a device: give a "
+                            f"run's last.pt or best.pt")
         raise UserError(f"checkpoint not found: {path}")
     try:
         ckpt = srvit.read_weights(path)

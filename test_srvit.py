@@ -3551,6 +3551,9 @@ def test_a_file_that_is_not_a_checkpoint_says_what_was_expected(tmp_path):
         with pytest.raises(runtime.UserError, match="not a whole PyTorch checkpoint") as e:
             load(str(picture))
         assert "delete" not in str(e.value)
+    os.mkfifo(tmp_path / "last.pt")                         # exists, but is no file: named, not "not found"
+    with pytest.raises(runtime.UserError, match="last.pt is not a checkpoint file but a folder"):
+        runtime.read_checkpoint(str(tmp_path / "last.pt"))
 
 
 def test_the_default_out_dir_keeps_a_quick_subset_run_apart():

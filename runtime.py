@@ -614,7 +614,7 @@ def restore(resume, settings, out, model, optimizer, scaler, dataset, may_change
                             f"new run (nothing is overwritten)", shared=True)
         check_no_rows(out)
         return {}
-    if not os.path.isfile(path):
+    if not os.path.exists(path):              # (one that is there but no file: read_checkpoint says so)
         if resume != "auto":
             raise UserError(f"--resume {path}: file not found", shared=True)
         check_no_rows(out)

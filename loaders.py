@@ -263,7 +263,7 @@ def open_file(path):
     mode = os.stat(path).st_mode              # (through links: a dangling one raises FileNotFoundError)
     if not stat.S_ISREG(mode):
         kind = ("a folder" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode) else
-                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
         raise OSError(f"not a regular file but {kind}")
     return open(path, "rb")
 

@@ -548,10 +548,7 @@ def read_checkpoint(path):
     """A train.py checkpoint as a dict, for train.py's resume and eval.py: srvit.read_weights (the one
     reader of checkpoint files), its ValueError turned into a one-line UserError for a missing file, a
     file that is not whole, or one that train.py did not write."""
-    if not os.path.isfile(path):
-        if os.path.exists(path):           # (a named pipe would be waited on: refused before it is opened)
-            raise UserError(f"{path} is not a checkpoint file but a folder, a named pipe or a device: give a "
-                            f"run's last.pt or best.pt")
+    if not os.path.exists(path):           # (there but no file: read_weights names what it is)
         raise UserError(f"checkpoint not found: {path}")
     try:
         ckpt = srvit.read_weights(path)

@@ -516,8 +516,9 @@ def load_pretrained(model, source, verbose=True):
 def read_weights(path):
     """A checkpoint file read as tensors only (torch.load's weights_only: no code runs), on the CPU. The one
     reader of checkpoint files (train.py's resume and eval.py use it too); a ValueError says why not."""
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint file not found: {path}")
+    if not os.path.isfile(path):          # (a named pipe would be waited on: refused before it is opened)
+        raise ValueError(f"{path} is not a checkpoint file but a folder, a named pipe or a device"
+                         if os.path.exists(path) else f"checkpoint file not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError as e:                                    # the file is there, but not for us

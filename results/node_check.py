@@ -312,6 +312,7 @@ def speed(report, args, device, root):
     backend = "yes" if args.compile_backend == "inductor" else f"yes ({args.compile_backend} backend)"
     for depth in args.depth:
         for compiled in (False, True):
+            compile_cell = backend if compiled else "no"
             try:
                 cells = speed_row(args, device, root, depth, compiled, devices)
             except Exception as e:     # out of memory ends this row only: the others may fit
@@ -323,11 +324,11 @@ def speed(report, args, device, root):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if cells is None:
-                report.row("speed", depth, backend if compiled else "no", "-", "-", "-", "-",
+                report.row("speed", depth, compile_cell, "-", "-", "-", "-",
                            f"out of memory at batch {args.batch}", ok=False,
                            fix="pass a smaller --batch here; train.py: --micro-batch, --grad-ckpt")
             else:
-                report.row("speed", depth, backend if compiled else "no", *cells)
+                report.row("speed", depth, compile_cell, *cells)
 
 
 def speed_row(args, device, root, depth, compiled, devices):

@@ -497,4 +497,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(cli(main, interrupted="interrupted"))     # bad input: one line, exit 2
+    sys.exit(cli(main, interrupted="interrupted", out_of_memory="lower --batch-size"))  # bad input: 2

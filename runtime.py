@@ -66,9 +66,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def cli(main_fn, argv=None,
-        interrupted="interrupted; the last checkpoint is whole, re-run the same command to resume"):
+        interrupted="interrupted; the last checkpoint is whole, re-run the same command to resume",
+        out_of_memory="the last checkpoint is whole; resume with a smaller --micro-batch (gradient "
+                      "accumulation: the same --batch-size, so the same run) or with --grad-ckpt"):
     """Run main_fn and turn the ways it can end into an exit code and at most one line per rank
-    (eval.py and results/bench.py use it too, with their own line for Ctrl-C)."""
+    (eval.py and results/bench.py use it too, with their own lines for Ctrl-C and a batch too large
+    for the GPU)."""
     try:
         rank, world, _, _ = launch_env()
     except UserError as e:
@@ -88,6 +91,12 @@ def cli(main_fn, argv=None,
             time.sleep(SHARED_ERROR_WAIT)
             if not e.agreed:
                 print(f"error (rank {rank}): {user_error_message(e)}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as e:          # a batch too large for this GPU is a bad flag value
+        where = f" (rank {rank})" if world > 1 else ""
+        said = first_line(e).split(". ")        # "CUDA out of memory. Tried to allocate 2.00 GiB. ..."
+        print(f"error{where}: out of GPU memory ({said[1] if len(said) > 1 else said[0]}); {out_of_memory}",
+              file=sys.stderr)
         return 2
     except Stopped as e:
         if not e.shared or rank == 0:
@@ -114,8 +123,12 @@ def user_error_message(e):
 
 
 def first_line(e):
-    """An exception's first line for a one-line message; its type where it has no message."""
-    return (str(e).splitlines() or [type(e).__name__])[0]
+    """An exception's first line for a one-line message; its type where it has no message. A first line
+    that only announces a list ("Error(s) in loading state_dict for SRViT:") comes with the list's first
+    entry, cut at 200 characters (the list may name every key of a model)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    said = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    return said if len(said) <= 200 else said[:197] + "..."
 
 
 def plural(n, word):
@@ -621,9 +634,14 @@ def restore(resume, settings, out, model, optimizer, scaler, dataset, may_change
         raise UserError(f"{path} holds weights only, no optimizer state to resume from; use --init-from",
                         shared=True)
     check_same_run(path, ckpt, model, settings, dataset, may_change)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt["scaler"]:            # (empty from a run without fp16: a resume in fp16 starts a fresh scale)
+    try:        # (a config that does not match its own weights, or another version's parameter groups)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise UserError(f"{path} does not hold the weights and optimizer state of the model it names "
+                        f"({first_line(e)}); resume from another of this run's checkpoints, or start "
+                        f"afresh in another --out-dir", shared=True) from None
+    if ckpt.get("scaler"):        # (empty from a run without fp16: a resume in fp16 starts a fresh scale)
         scaler.load_state_dict(ckpt["scaler"])
     if os.path.exists(out.best) and os.path.abspath(path) != os.path.abspath(out.best):
         # a kill between best.pt and last.pt: best.pt is ahead of last.pt's record

@@ -1940,6 +1940,19 @@ def test_resume_refuses_other_data_or_recipe_and_never_overwrites(tmp_path):
     user_error(FAKE + ["--depth", "1", "--epochs", "1", "--resume", "no", "--out-dir", out], "--resume no",
                "nothing is overwritten")
     assert open(os.path.join(out, "last.pt"), "rb").read() == before
+    # A checkpoint whose config does not match its own weights (R=2 named, R=1 held), or whose optimizer
+    # holds other parameter groups: one line, no traceback, and the file untouched.
+    for name, tamper in (("config", lambda c: (c["config"].update(depth=2), c["args"].update(depth=2))),
+                         ("optimizer", lambda c: c["optimizer"]["param_groups"].pop())):
+        ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+        tamper(ckpt)
+        torch.save(ckpt, tmp_path / f"{name}.pt")
+        saved = (tmp_path / f"{name}.pt").read_bytes()
+        depth = "2" if name == "config" else "1"
+        user_error(FAKE + ["--depth", depth, "--epochs", "1", "--resume", str(tmp_path / f"{name}.pt"),
+                           "--out-dir", str(tmp_path / name)],
+                   "does not hold the weights and optimizer state of the model it names")
+        assert (tmp_path / f"{name}.pt").read_bytes() == saved
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -2024,6 +2037,27 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.startswith("error: cannot read image") and "broken.jpg" in res.stderr
     assert res.stderr.count("\n") == 1
+
+
+def test_a_batch_too_large_for_the_gpu_is_one_line_that_names_the_remedy(tmp_path, monkeypatch, capsys):
+    real_step, out = train.train_step, str(tmp_path / "run")
+
+    def out_of_memory_at_step_6(run, batches, gstep, clock):
+        if gstep == 6:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                         "capacity of 79.19 GiB of which 1.06 GiB is free.\nmore")
+        return real_step(run, batches, gstep, clock)
+    monkeypatch.setattr(train, "train_step", out_of_memory_at_step_6)
+    argv = FAKE + ["--depth", "1", "--epochs", "1", "--save-every", "4", "--out-dir", out]
+    assert runtime.cli(train.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: out of GPU memory (Tried to allocate 2.00 GiB); the last checkpoint is whole; "
+                   "resume with a smaller --micro-batch (gradient accumulation: the same --batch-size, so "
+                   "the same run) or with --grad-ckpt\n")
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["step"] == 4
+    monkeypatch.setattr(train, "train_step", real_step)      # the remedy resumes the run
+    train.main(argv + ["--micro-batch", "16"])
+    assert [r[0] for r in epoch_rows(out)] == [1]
 
 
 def test_every_rank_reports_its_own_failure(capsys, monkeypatch):

@@ -86,8 +86,7 @@ def run_split(model, loader, device, autocast, steps=None, progress=None):
             seen["weights"] = seen["weights"] + w.sum(dim=(1, 2))         # (mixers, k)
             seen["entropy"] = seen["entropy"] - (w * w.clamp_min(1e-12).log()).sum(-1).sum(dim=(1, 2))
             seen["tokens"] += w.shape[1] * w.shape[2]
-    def say(line):
-        print("  " + line.replace("evaluating", progress, 1), file=sys.stderr)
+    say = lambda line: print("  " + line.replace("evaluating", progress, 1), file=sys.stderr)
     t0 = time.time()
     metrics = evaluate(model, loader, device, autocast, steps, log=say if progress else None,
                        every=max(1, len(loader) // 10), watch=watch)
@@ -307,14 +306,19 @@ def read_run(folder):
     runs, epochs = [r for r in rows if r.get("type") == "run"], [r for r in rows if r.get("type") == "epoch"]
     if not runs or not epochs:
         return None
-    run, last = runs[-1], epochs[-1]
-    config, args = run["config"], run["args"]
-    looped = config["depth"] > 1                          # (R=1 has no mixer and no sharing)
-    return {"run": Path(folder).name, "depth": config["depth"], "mixer": config["mixer"] if looped else "-",
-            "share": config["share"] if looped else "-", "seed": args["seed"], "params": run["params"],
-            "gmacs": run["gmacs"], "epochs": last["epoch"], "finished": last["epoch"] >= args["epochs"],
-            "settings": run_settings(config, args), "best_top1": max(e["top1"] for e in epochs),
-            "final_top1": last["top1"], "wall_s": last["elapsed"]}
+    run, last = runs[-1], epochs[-1]           # (a run extended with --epochs: its last leg's settings)
+    try:
+        config, args = run["config"], run["args"]
+        looped = config["depth"] > 1                          # (R=1 has no mixer and no sharing)
+        return {"run": Path(folder).name, "depth": config["depth"], "seed": args["seed"],
+                "mixer": config["mixer"] if looped else "-", "share": config["share"] if looped else "-",
+                "params": run["params"], "gmacs": run["gmacs"], "settings": run_settings(config, args),
+                "epochs": last["epoch"], "finished": last["epoch"] >= args["epochs"],
+                "best_top1": max(e["top1"] for e in epochs), "final_top1": last["top1"],
+                "wall_s": last["elapsed"]}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:   # another program's rows; "top1": null
+        raise UserError(f"{path} holds a row train.py does not write ({type(e).__name__}: {first_line(e)}): "
+                        f"leave that run out of --curve") from None
 
 
 # Settings that do not change a run's result (train.MAY_CHANGE: workers, device, ...; not --epochs, which
@@ -367,8 +371,7 @@ def curve(args):
     print("| run | R | mixer | share | differs from the main sweep | seed | params | GMACs | epochs | best "
           "top-1 | final top-1 | wall time |\n" + "|---" * 12 + "|")
     for r in rows:
-        epochs = (f"{r['epochs']}" if r["finished"]
-                  else f"{r['epochs']} of {r['settings']['epochs']} (unfinished)")
+        epochs = str(r["epochs"]) + ("" if r["finished"] else f" of {r['settings']['epochs']} (unfinished)")
         print(f"| {r['run']} | {r['depth']} | {r['mixer']} | {r['share']} | {r['variant'] or '-'} | "
               f"{r['seed']} | {r['params']:,} | {r['gmacs']:.3g} | {epochs} | {r['best_top1']:.2f} | "
               f"{r['final_top1']:.2f} | {fmt_time(r['wall_s'])} |")
@@ -380,9 +383,9 @@ def curve(args):
         groups[key] = [statistics.mean(accs) for accs in by_seed.values()]
     main_sweep = " ".join(f"{k}={v}" for k, v in common_settings(rows).items())
     print("\nFinal top-1 of finished runs by configuration: runs are grouped by every setting that changes "
-          f"the result (not --amp or --loader: a run may resume on another device, in another precision "
-          f"and with another loader); the main "
-          f"sweep is each setting's most common value: {main_sweep}. Mean over seeds; range where several.")
+          "the result (not --amp or --loader: a run may resume on another device, precision or loader); the "
+          f"main sweep is each setting's most common value: {main_sweep}. Mean over seeds; range where "
+          "several.")
     print("| R | mixer | share | differs from the main sweep | seeds | final top-1 "
           "|\n|---|---|---|---|---|---|")
     for key, accs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3], kv[0][1])):
@@ -424,8 +427,7 @@ def curve_series(groups):
 
 
 def plot_curve(groups, path=None, paper=False):
-    """Left: our runs (curve_series). Right, when asked: the paper's two public ImageNet points, DeiT-B's
-    level."""
+    """Left: our runs (curve_series). Right, when asked: the paper's ImageNet points, DeiT-B's level."""
     panels = [Image.new("RGB", (760, 380), "white")]
     if paper:
         panels.append(Image.new("RGB", (520, 380), "white"))
@@ -458,10 +460,8 @@ def get_args(argv=None):
     add("--data", default=None, choices=["imagenet", "cifar10", "cifar100", "folder", "fake"],
         help="default: the checkpoint's")
     add("--data-path", default=None, help="default: the checkpoint's")
-    add("--val-subset", type=int, default=None,
-        help="the first N validation images of train.py's fixed permutation")
-    add("--steps", default=None,
-        help="'all': the anytime table for k = 1..R; a number k: evaluate the first k steps only")
+    add("--val-subset", type=int, help="the first N validation images of train.py's fixed permutation")
+    add("--steps", help="'all': the anytime table for k = 1..R; a number k: evaluate the first k steps only")
     add("--maps", default=None, help="PNG file for the SoftMoR weight maps")
     add("--maps-images", type=int, default=4, help="how many validation images the maps show")
     add("--maps-mixer", type=int, default=-1,

@@ -2329,7 +2329,7 @@ def test_eval_checkpoint_anytime_table_and_maps(trained_runs, tmp_path):
     ckpt = str(trained_runs / "R3" / "last.pt")
     res = srvit_eval.main(["--checkpoint", ckpt, "--device", "cpu", "--steps", "all", "--maps",
                            str(tmp_path / "maps.png"), "--json", str(tmp_path / "eval.json"), "--workers",
-                           "0"])
+                           "0", "--batch-size", "24"])             # three batches, the last one short
     saved = read_metrics(str(trained_runs / "R3"))[-1]
     # same numbers as training's eval
     assert res["images"] == 64 and res["top1"] == pytest.approx(saved["top1"])
@@ -3358,6 +3358,28 @@ def test_torn_and_blank_metrics_lines_are_read_and_repaired(tmp_path):
         f.write('\n{"type": "epo')
     assert srvit_eval.read_run(str(tmp_path / "R1"))["final_top1"] == 66.96
     assert [runtime.json_row(line) for line in ("", "{", "[1]", '{"a": 1}')] == [None, None, None, {"a": 1}]
+
+
+def test_curve_reads_a_run_extended_with_more_epochs_and_names_a_row_it_cannot_read(tmp_path):
+    with open(os.path.join(HERE, "results", "cifar10-deep2", "R1-s0", "metrics.jsonl")) as f:
+        run_row = json.loads(f.readline())
+    first, extended = ({**run_row, "args": {**run_row["args"], "epochs": n}} for n in (2, 3))
+    epochs = [{"type": "epoch", "epoch": e, "top1": top1, "elapsed": 10.0 * e}
+              for e, top1 in ((1, 50.0), (2, 60.0))]
+    os.makedirs(tmp_path / "run")
+
+    def write(*rows):
+        (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write(first, *epochs, extended, {"type": "epoch", "epoch": 3, "top1": 55.0, "elapsed": 30.0})
+    row = srvit_eval.read_run(str(tmp_path / "run"))       # the best epoch, the last epoch, the last leg
+    assert (row["best_top1"], row["final_top1"], row["epochs"], row["finished"]) == (60.0, 55.0, 3, True)
+    write(first, *epochs, extended)                        # extended, not yet trained further
+    assert srvit_eval.read_run(str(tmp_path / "run"))["finished"] is False
+    for broken in ({**epochs[1], "top1": None}, {"type": "epoch", "epoch": 2}):
+        write(first, epochs[0], broken)
+        with pytest.raises(runtime.UserError, match=r"metrics.jsonl holds a row train.py does not write "
+                                                    r"\((TypeError|KeyError)"):
+            srvit_eval.read_run(str(tmp_path / "run"))
 
 
 def test_a_failed_write_after_the_work_is_one_line_and_leaves_no_file(tmp_path):

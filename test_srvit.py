@@ -942,6 +942,25 @@ def test_train_one_epoch_runs_on_its_own():
     assert 0.8 * before < state["loss_sum"] / 3 < before + 0.05
 
 
+def test_each_rank_draws_its_own_masks_and_mixes_from_seed_epoch_rank_and_step(monkeypatch):
+    # Drop path and MixUp/CutMix draw from the step's seed: one seed for every rank would give each rank
+    # the same masks and mixes, a batch of world x micro images with only micro draws.
+    args = train.get_args(FAST + ["--data", "fake", "--depth", "1", "--epochs", "2", "--seed", "5"])
+    seeds = []
+    monkeypatch.setattr(train, "seed_device", lambda seed, device: seeds.append(seed))
+    for rank in (0, 3):
+        env = runtime.Env(rank=rank, device=torch.device("cpu"), micro=4)
+        model = tiny(depth=1)
+        batches = type("Fixed", (), {"set_epoch": lambda self, e, start_batch=0: None,
+                                     "__iter__": lambda self: iter([(images(4), torch.arange(4))] * 2)})()
+        run = train.Run(args, env, model, torch.optim.AdamW(model.parameters()),
+                        torch.amp.GradScaler("cpu", enabled=False), batches, steps_per_epoch=2,
+                        num_classes=10)
+        train.train_one_epoch(run, 1)
+    assert seeds == [loaders.seed_for("step", 5, 1, rank, step) for rank in (0, 3) for step in (0, 1)]
+    assert len(set(seeds)) == 4
+
+
 def test_a_training_step_takes_the_label_smoothed_loss_of_its_micro_batches_and_steps_adamw():
     # One step of 2 micro-batches, by value: the loss it reports is the mean of the two label-smoothed
     # cross entropies at the weights before the step, and the weights move as one AdamW step on their

@@ -922,6 +922,20 @@ def test_top1_top5_and_loss_of_a_batch_by_hand():
     assert got["val_loss"] == pytest.approx(loss / 3) and got["val_images"] == 3
 
 
+def test_evaluation_of_large_images_resizes_to_crop_over_0_875_then_takes_the_centre_as_deit():
+    # DeiT evaluates 224 px by resizing the shorter side to 256 (224 / 0.875), bicubic, and cropping the
+    # centre: at 96 px, 109 then 96. Written out with PIL on a 300 x 240 ramp.
+    from PIL import Image
+    rows, cols = np.meshgrid(np.arange(240), np.arange(300), indexing="ij")               # (240, 300)
+    im = Image.fromarray(np.stack([rows, cols * 5 % 256, (rows + 2 * cols) % 256], -1).astype(np.uint8))
+    got = loaders.transforms(SimpleNamespace(img_size=96), train=False)(im)                 # (3, 96, 96)
+    resized = np.asarray(im.resize((int(300 * 109 / 240), 109), Image.BICUBIC))            # (109, 136, 3)
+    top, left = round((109 - 96) / 2), round((136 - 96) / 2)
+    want = torch.from_numpy(resized[top:top + 96, left:left + 96].copy()).permute(2, 0, 1)
+    assert got.dtype == torch.uint8 and got.shape == (3, 96, 96)
+    assert (got.int() - want.int()).abs().max() <= 1
+
+
 def test_train_one_epoch_runs_on_its_own():
     # The loop is testable without main(): a model, a loader, an optimizer and the run's settings.
     # A loader that yields a fixed batch, and an optimizer with lr 0 except through lr_at.

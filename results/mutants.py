@@ -167,6 +167,19 @@ BUGS = [
      "prog.elapsed = clock.training_seconds()"),
     ("a-named-pipe-is-opened-as-a-picture", "loaders.py",
      "if not stat.S_ISREG(mode):", "if stat.S_ISDIR(mode):"),
+    # the eighth run's: a reviewer's reading for bugs in what ranks draw, eval sums and curves read
+    ("every-rank-draws-rank-0s-masks-and-mixes", "train.py",
+     "seed_device(seed_for(\"step\", args.seed, epoch, env.rank, step), env.device)",
+     "seed_device(seed_for(\"step\", args.seed, epoch, 0, step), env.device)"),
+    ("mixture-weights-over-the-last-batch-only", "eval.py",
+     "seen[\"tokens\"] += w.shape[1] * w.shape[2]", "seen[\"tokens\"] = w.shape[1] * w.shape[2]"),
+    ("curve-best-is-the-last-epoch", "eval.py",
+     "\"best_top1\": max(e[\"top1\"] for e in epochs)", "\"best_top1\": epochs[-1][\"top1\"]"),
+    ("curve-reads-an-extended-run-by-its-first-leg", "eval.py",
+     "run, last = runs[-1], epochs[-1]", "run, last = runs[0], epochs[-1]"),
+    ("evaluation-resize-without-deits-crop-ratio", "loaders.py",
+     "resize = v2.Resize(int(args.img_size / 0.875), interpolation=bicubic)",
+     "resize = v2.Resize(args.img_size, interpolation=bicubic)"),
 ]
 
 

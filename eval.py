@@ -26,10 +26,10 @@ from PIL import Image, ImageDraw, ImageFont
 import srvit
 from loaders import (Normalize, OnDevice, build_dataset, mean_std, normalize_image, read_image, to_rgb,
                      transforms)
-from runtime import (BEFORE_THE_FLAG, ArgumentParser, UserError, changed, check_at_least, check_device,
-                     check_output, checkpoint_of, cli, first_line, fmt_time, json_row, plural,
+from runtime import (BEFORE_THE_FLAG, ArgumentParser, UserError, amp_context, changed, check_at_least,
+                     check_device, check_output, checkpoint_of, cli, first_line, fmt_time, json_row, plural,
                      read_checkpoint, read_lines, save_file, write_json)
-from train import MAY_CHANGE, amp_context, evaluate
+from train import MAY_CHANGE, evaluate
 
 # The paper's ImageNet-1K top-1, all that its abstract (arXiv 2607.00774) gives: SR-ViT-S at R = 1, 4; DeiT-B.
 PAPER = {"srvit_s": {1: 79.83, 4: 82.48}, "deit_b": 81.8}
@@ -199,8 +199,8 @@ def mixer_index(mixer, n, named_as="mixer="):
     """Mixer 1..n, or -1 for the last (-2 the one before) -> its index in the model's list; named_as is
     how the caller's user wrote it (a flag, an argument)."""
     if not (1 <= mixer <= n or -n <= mixer <= -1):
-        raise UserError(f"{named_as}{mixer}: this model has {n} mixers, numbered 1..{n} (or -1 for the last)"
-                        if n else "a depth-1 model has no mixer, so there are no weights to draw")
+        raise UserError(f"{named_as}{mixer}: this model has {plural(n, 'mixer')}, numbered 1..{n} (or -1 "
+                        f"for the last)" if n else "a depth-1 model has no mixer, so no weights to draw")
     return mixer - 1 if mixer > 0 else n + mixer
 
 

@@ -515,8 +515,8 @@ def build_loaders(args, env):
     check_same_classes(classes, val_classes, args.data_path)
     if len(train_set) < args.batch_size:
         whose = f" (the {args.recipe} recipe's)" if "batch_size" in getattr(args, "from_recipe", ()) else ""
-        raise UserError(f"only {len(train_set)} training images for a batch of {args.batch_size}{whose}; "
-                        f"lower --batch-size")
+        raise UserError(f"only {plural(len(train_set), 'training image')} for a batch of {args.batch_size}"
+                        f"{whose}; lower --batch-size")
     if len(val_set) < env.world:
         raise UserError(f"{plural(len(val_set), 'validation image')} for {env.world} ranks: each rank "
                         f"evaluates a share; give at least {env.world} (--val-subset)", shared=True)

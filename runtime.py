@@ -1,8 +1,8 @@
 """
 What a training run needs around its loop, and a first reading of train.py can skip: one-line errors
-and exit codes, the distributed set-up, the out-dir (checkpoints, metrics.jsonl, the lock),
-resuming, and stopping on a signal. eval.py and results/bench.py use its errors, `cli` and
-`check_device` too; eval.py also its checkpoint reader.
+and exit codes, the distributed set-up and the device's precision (--amp), the out-dir (checkpoints,
+metrics.jsonl, the lock), resuming, and stopping on a signal. eval.py and results/bench.py use its
+errors, `cli`, `check_device` and `amp_context` too; eval.py also its checkpoint reader.
 
 What it guarantees (each has its test in test_srvit.py): bad input is one line and exit code 2 on
 every rank; checkpoints are whole whatever kills the run; metrics.jsonl holds each finished epoch
@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -238,6 +239,14 @@ def default_amp(device):
     return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}
+
+
+def amp_context(device, amp):
+    """Autocast to the --amp dtype, or nothing for full precision."""
+    return nullcontext() if amp in (None, "none") else torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, matched against the device
 # name, most specific first: an "H100 PCIe" is not an H100 SXM. The one MFU denominator, whatever --amp is.
 PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12),
@@ -268,8 +277,8 @@ def check_device(name):
         raise UserError(f"--device {name}: this machine has no CUDA GPU that PyTorch can use; use --device "
                         f"cpu", shared=True)
     if index and int(index) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPUs (cuda:0..)",
-                        shared=True)
+        gpus = plural(torch.cuda.device_count(), "GPU")
+        raise UserError(f"--device {name}: this machine has {gpus} (cuda:0..)", shared=True)
     return kind
 
 

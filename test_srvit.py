@@ -3035,6 +3035,18 @@ def test_resume_from_a_folder_or_a_missing_file_is_refused_before_the_data_is_re
                        (tmp_path / "run" / "last.pt", "no such file")):
         with pytest.raises(runtime.UserError, match=re.escape(f"--resume {path}: {said}")):
             train.get_args(["--data", "fake", "--resume", str(path)])
+    # a picture or a cut-short checkpoint given to --resume, and a model that cannot be built: said by
+    # get_args, before any image is read
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "cat.jpg")
+    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04" + bytes(100))
+    for path in (tmp_path / "cat.jpg", tmp_path / "cut.pt"):
+        said = f"cannot read {re.escape(str(path))} .*not a whole PyTorch checkpoint .*A train.py checkpoint"
+        with pytest.raises(runtime.UserError, match=said):
+            train.get_args(["--data", "fake", "--resume", str(path)])
+    with pytest.raises(runtime.UserError, match="cannot build the model: embed_dim 192 is not divisible by "
+                                                "num_heads 5"):
+        train.get_args(["--data", "fake", "--embed-dim", "192", "--num-heads", "5"])
 
 
 def test_a_batch_larger_than_the_data_says_where_the_batch_came_from(tmp_path):
@@ -3658,8 +3670,12 @@ def test_the_start_up_lines_say_what_the_recipe_set_and_clip_a_long_warm_up(tmp_
                 "--batch-size", "8", "--epochs", "1", "--workers", "0", "--out-dir", str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert "recipe deit: 1 epoch," in out and "1 epochs" not in out
-    assert "from the deit recipe (flags override it): --lr" in out and "--warmup-epochs 0.2" in out
-    assert "its 5 warm-up epochs, clipped to a fifth of the run" in out
+    recipe_line = next(line for line in out.splitlines() if line.startswith("from the deit recipe"))
+    for said in ("--warmup-epochs 0.2 (its 5 warm-up epochs, clipped to a fifth of the run as it started), ",
+                 "--min-lr 1e-05, ", "--mixup 0.8, ", "--randaug 9, ", "--repeated-aug 3, ",
+                 "--schedule deit", "--lr 7.8125e-06"):      # every setting the recipe gave, not the flags
+        assert said in recipe_line, recipe_line
+    assert not any(flag in recipe_line for flag in ("--epochs", "--img-size", "--batch-size", "--embed-dim"))
     assert train.get_args(["--data", "cifar10", "--epochs", "3"]).warmup_epochs == 1         # shorter: kept
     user_error(FAKE + ["--epochs", "2", "--warmup-epochs", "2"],
                "--warmup-epochs 2 is not shorter than --epochs 2")

@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import time
+import zipfile
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 
@@ -37,9 +38,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import srvit
 from loaders import (build_dataset, build_loaders, cpu_decode_note, image_size, loader_name, loader_remedy,
                      mix_batch, seed_for, train_dir)
-from runtime import (ArgumentParser, Env, OutDir, StopRequest, Stopped, UserError, agree_on_progress, cli,
-                     default_amp, fmt_time, init_distributed, mfu, on_all_ranks, peak_flops, plural, restore,
-                     seed_device, stop_message)
+from runtime import (ArgumentParser, Env, OutDir, StopRequest, Stopped, UserError, agree_on_progress,
+                     amp_context, cli, default_amp, fmt_time, init_distributed, mfu, on_all_ranks, peak_flops,
+                     plural, read_checkpoint, restore, seed_device, stop_message)
 
 # ----------------------------------------------------------------------------------------
 # Recipes and arguments
@@ -61,7 +62,6 @@ RECIPES = {
 # model (D=192, 6 blocks, 3 heads). The presets have 12 blocks.
 DEFAULT_MODEL = {"deit": dict(srvit.PRESETS["small"], num_layers=12),
                  "small-images": dict(embed_dim=192, num_layers=6, num_heads=3)}
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}
 # Ranges the numbers must lie in, kept next to their flags below (check=...).
 POSITIVE, NON_NEGATIVE = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
 FRACTION, PROBABILITY = (lambda v: 0 <= v < 1, "in [0, 1)"), (lambda v: 0 <= v <= 1, "in [0, 1]")
@@ -107,6 +107,19 @@ def model_name(args):
     return preset or f"D{args.embed_dim}-L{args.num_layers}-H{args.num_heads}"
 
 
+def model_config(args, num_classes):
+    """The model the flags ask for, its own checks (image by patch, width by heads) said in one line."""
+    try:
+        return srvit.SRViTConfig(
+            img_size=args.img_size, patch_size=args.patch_size, num_classes=num_classes,
+            embed_dim=args.embed_dim, num_layers=args.num_layers, num_heads=args.num_heads, depth=args.depth,
+            mixer=args.mixer, share=args.share, router_init=args.router_init, init=args.init,
+            step_scale=args.step_scale, loop_scale=args.loop_scale, drop_path_rate=args.drop_path,
+            grad_checkpointing=args.grad_ckpt)
+    except ValueError as e:
+        raise UserError(f"cannot build the model: {e}", shared=True) from None
+
+
 def check_args(args):
     for name, (ok, rule) in CHECKS.items():
         value = getattr(args, name)
@@ -126,6 +139,9 @@ def check_args(args):
         what = ("is a folder: pass the checkpoint in it, e.g. its last.pt" if os.path.isdir(args.resume)
                 else "no such file")
         raise UserError(f"--resume {args.resume}: {what}", shared=True)
+    if args.resume not in ("auto", "no") and not zipfile.is_zipfile(args.resume):   # a JPEG, a cut-short file
+        read_checkpoint(args.resume)                     # says so now, not after the data is read
+    model_config(args, num_classes=1)                    # and so does a model that cannot be built
     if args.crop_padding >= args.img_size:       # a crop of padding alone; reflect cannot pad that much
         raise UserError(f"--crop-padding {args.crop_padding} is not below --img-size {args.img_size}: "
                         f"set --crop-padding lower (CIFAR's is 4 at 32 px)", shared=True)
@@ -144,9 +160,10 @@ def parser():
     def flag(name, check=None, **kw):
         """p.add_argument; the help gains each recipe's value (or the default); check_args runs `check`."""
         key = name[2:].replace("-", "_")
-        if key in RECIPES["deit"] or key == "lr":      # say what each recipe puts there
-            deit, small = RECIPES["deit"].get(key, "5e-4 x batch / 512"), RECIPES["small-images"].get(key)
-            kw["help"] = f"{kw.get('help', '')} [deit: {deit}; small-images: {small}]".lstrip()
+        deit, small = ({**RECIPES[name], **DEFAULT_MODEL[name]} for name in ("deit", "small-images"))
+        if key in deit or key == "lr":                 # say what each recipe puts there
+            kw["help"] = (f"{kw.get('help', '')} [deit: {deit.get(key, '5e-4 x batch / 512')}; small-images: "
+                          f"{small[key]}]").lstrip()
         elif (kw.get("default") is not None and kw.get("action") != "store_true"
               and "default" not in kw.get("help", "")):
             kw["help"] = f"{kw.get('help', '')} (default: {kw['default']})".lstrip()
@@ -167,9 +184,9 @@ def parser():
               "and augments (auto on GPUs)")
     flag("--model", default=None, choices=list(srvit.PRESETS),
          help="a DeiT preset (12 blocks); other flags override it")
-    flag("--embed-dim", type=int, check=POSITIVE, help="[deit: 384 (DeiT-S); small-images: 192]")
-    flag("--num-layers", type=int, check=POSITIVE, help="[deit: 12; small-images: 6]")
-    flag("--num-heads", type=int, check=POSITIVE, help="[deit: 6; small-images: 3]")
+    flag("--embed-dim", type=int, check=POSITIVE, help="width")
+    flag("--num-layers", type=int, check=POSITIVE, help="blocks")
+    flag("--num-heads", type=int, check=POSITIVE, help="attention heads")
     flag("--img-size", type=int, check=POSITIVE, help="small-images from a folder: its images' size")
     flag("--patch-size", type=int, check=POSITIVE)
     flag("--depth", type=int, default=2, check=POSITIVE, help="recursion steps R")
@@ -186,8 +203,7 @@ def parser():
               "(fixed), or by learned per-channel scales starting at 1/R (learned)")
     flag("--epochs", type=int, check=POSITIVE)
     flag("--batch-size", type=int, check=POSITIVE, help="global batch, over all ranks and accumulation steps")
-    flag("--micro-batch", type=int, check=POSITIVE,
-         help="per-device batch; accumulate gradients up to --batch-size")
+    flag("--micro-batch", type=int, check=POSITIVE, help="per-device batch (accumulates to --batch-size)")
     flag("--lr", type=float, check=POSITIVE, help="peak lr")
     flag("--min-lr", type=float, check=NON_NEGATIVE)
     flag("--warmup-epochs", type=float, check=NON_NEGATIVE)
@@ -202,8 +218,7 @@ def parser():
     flag("--randaug", type=int, check=(lambda v: 0 <= v <= 10, "in 0..10 (timm's magnitudes; DeiT uses 9)"),
          help="RandAugment magnitude 0..10, 2 ops (0: off)")
     flag("--erasing", type=float, check=PROBABILITY, help="random erasing probability")
-    flag("--hflip", type=float, check=PROBABILITY,
-         help="horizontal flip probability (0 for digits, text, signs)")
+    flag("--hflip", type=float, check=PROBABILITY, help="horizontal flip probability (0 for digits, text)")
     flag("--crop-padding", type=int, check=NON_NEGATIVE,
          help="small images: pixels of padding for the random crop (0: no crop)")
     flag("--pad-mode", choices=["zeros", "reflect"], help="how --crop-padding pads")
@@ -230,7 +245,6 @@ def parser():
 def get_args(argv=None):
     """The flags, each unset one filled from the recipe (args.from_recipe names those), checked."""
     args = parser().parse_args(argv)
-
     args.data = args.data or ("folder" if args.data_path else "imagenet")
     args.recipe = choose_recipe(args)
     own_size = args.img_size is None and args.recipe == "small-images" and args.data in ("folder", "imagenet")
@@ -271,14 +285,7 @@ def get_args(argv=None):
 def build_model(args, num_classes):
     torch.manual_seed(args.seed)         # identical initial weights on every rank
     try:
-        return srvit.SRViT(srvit.SRViTConfig(
-            img_size=args.img_size, patch_size=args.patch_size, num_classes=num_classes,
-            embed_dim=args.embed_dim, num_layers=args.num_layers, num_heads=args.num_heads, depth=args.depth,
-            mixer=args.mixer, share=args.share, router_init=args.router_init, init=args.init,
-            step_scale=args.step_scale, loop_scale=args.loop_scale, drop_path_rate=args.drop_path,
-            grad_checkpointing=args.grad_ckpt))
-    except ValueError as e:
-        raise UserError(f"cannot build the model: {e}", shared=True) from None
+        return srvit.SRViT(model_config(args, num_classes))
     except (MemoryError, RuntimeError) as e:          # e.g. --img-size 8000000: its position table alone
         if isinstance(e, RuntimeError) and "alloc" not in str(e).lower():
             raise
@@ -311,11 +318,6 @@ def lr_at(step, steps_per_epoch, args):
     else:
         t = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-9)
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * t))
-
-
-def amp_context(device, amp):
-    """Autocast to the --amp dtype, or nothing for full precision."""
-    return nullcontext() if amp in (None, "none") else torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
 def compile_blocks(model, backend="inductor"):
@@ -646,20 +648,20 @@ def describe(run):
                 f"{plural(prog.epoch, 'epoch')}{steps} done, {best}")
         if run.saved_epochs not in (None, args.epochs):
             env.log(f"--epochs {args.epochs} (the run was started with {run.saved_epochs}): the learning "
-                    f"rate follows the cosine over {args.epochs} epochs from the resumed step on")
+                    f"rate follows the cosine over {plural(args.epochs, 'epoch')} from the resumed step on")
     where = f" from {args.data_path}" if args.data_path else ""
     env.log(f"data {args.data}{where}: {run.n_train:,} train images, {run.num_classes} classes, "
             f"{args.img_size} px | recipe {args.recipe}: {plural(args.epochs, 'epoch')}, batch "
             f"{args.batch_size} = {env.world} x {env.micro} x {env.accum} accum, lr {args.lr:.3g}, init "
             f"{args.init} | {loader_name(args, run.env.device)}")
-    given = [k for k in ("epochs", "batch_size", "lr", "warmup_epochs", "img_size") if k in args.from_recipe]
+    given = [k for k in args.from_recipe if k not in DEFAULT_MODEL[args.recipe]]   # (the model line's)
     recipe_warmup = RECIPES[args.recipe]["warmup_epochs"]
-    clipped = "warmup_epochs" in given and args.warmup_epochs != recipe_warmup
+    said = {k: f"--{k.replace('_', '-')} {getattr(args, k)}" for k in given}
+    if "warmup_epochs" in said and args.warmup_epochs != recipe_warmup:            # clipped to a short run
+        said["warmup_epochs"] += (f" (its {plural(recipe_warmup, 'warm-up epoch')}, clipped to a fifth of "
+                                  f"the run as it started)")
     if given:
-        env.log(f"from the {args.recipe} recipe (flags override it): "
-                + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k):g}" for k in given)
-                + (f" (its {plural(recipe_warmup, 'warm-up epoch')}, clipped to a fifth of the run)"
-                   if clipped else ""))
+        env.log(f"from the {args.recipe} recipe (flags override it): " + ", ".join(said.values()))
     # the options beyond our reading of the paper (README), named where they are on
     beyond = [f"loop-scale={cfg.loop_scale}"] if cfg.loop_scale != "none" else []
     beyond += ["step-scale"] if cfg.step_scale else []

@@ -35,7 +35,6 @@ import runtime  # noqa: E402
 import srvit  # noqa: E402
 import train  # noqa: E402
 from runtime import UserError, check_at_least, write_json  # noqa: E402
-from train import amp_context  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------
@@ -109,7 +108,7 @@ def bench_model(cfg, batch, device, amp, compile_, iters, backend="inductor"):
     fwd = compiled(model, backend, graphs) if compile_ else model
     x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
     y = torch.randint(0, cfg.num_classes, (batch,), device=device)
-    autocast = amp_context(device, amp)
+    autocast = runtime.amp_context(device, amp)
 
     def train_step():
         with autocast:
@@ -194,7 +193,7 @@ def bench(args):
     batch = args.batch_size or (256 if device.type == "cuda" else 32)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    ceiling, peak = matmul_ceiling(device, train.AMP_DTYPES[amp]), runtime.peak_flops(device)
+    ceiling, peak = matmul_ceiling(device, runtime.AMP_DTYPES[amp]), runtime.peak_flops(device)
     cpu = f"CPU, {torch.get_num_threads()} threads"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     print(f"bench on {name}, {amp}, batch {batch}, compile={args.compile}, grad-ckpt={args.grad_ckpt}; MFU "

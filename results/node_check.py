@@ -346,7 +346,7 @@ def speed_row(args, device, root, depth, compiled, devices):
     if compiled:
         train.compile_blocks(model, backend=args.compile_backend)
     opt = torch.optim.AdamW(train.param_groups(model, 0.05), lr=1e-4)
-    step = training_step(model, opt, train.amp_context(device, amp))
+    step = training_step(model, opt, runtime.amp_context(device, amp))
     x = torch.randn(args.batch, 3, targs.img_size, targs.img_size, device=device)
     y = torch.randint(0, 1000, (args.batch,), device=device)
     alone = args.batch / timed(lambda: step(x, y), device, args.iters)

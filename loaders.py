@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import time
 
@@ -585,11 +586,12 @@ def check_shared_memory(workers, batch, img_size, env):
     rank, world, local_rank, ranks_on_node = launch_env()
     need = shm_in_flight(workers, batch, img_size, ranks_on_node)
     shm = shutil.disk_usage("/dev/shm")          # free space: other jobs of the node may already hold some
-    if shm.free < need:
-        env.log(f"warning: /dev/shm has {shm.free / 2**20:,.0f} MiB free (of {shm.total / 2**20:,.0f} MiB), "
-                f"and the loader workers of this node will hold about {need / 2**20:,.0f} MiB in it: run "
-                f"the container with --ipc=host or --shm-size=16g, free it, or lower --workers (loader "
-                f"workers die with 'bus error' when it is full)")
+    if shm.free < need and local_rank == 0:      # said by each node's first rank: a node has its own
+        say, node = (env.log, "") if rank == 0 else (print, f" on {socket.gethostname()} (rank {rank})")
+        say(f"warning{node}: /dev/shm has {shm.free / 2**20:,.0f} MiB free (of {shm.total / 2**20:,.0f} "
+            f"MiB), and the loader workers of this node will hold about {need / 2**20:,.0f} MiB in it: run "
+            f"the container with --ipc=host or --shm-size=16g, free it, or lower --workers (loader workers "
+            f"die with 'bus error' when it is full)")
 
 
 def ignore_signals(worker_id):

@@ -3059,7 +3059,7 @@ def test_a_batch_larger_than_the_data_says_where_the_batch_came_from(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 8 worker processes")     # (none start)
-def test_a_small_dev_shm_is_named_at_start(tmp_path, monkeypatch):
+def test_a_small_dev_shm_is_named_at_start(tmp_path, monkeypatch, capsys):
     root = make_image_folder(tmp_path / "data", n=8, size=100)
     args = train.get_args(["--data-path", root, "--loader", "pil", "--workers", "8", "--batch-size", "4"])
     lines = []
@@ -3072,6 +3072,15 @@ def test_a_small_dev_shm_is_named_at_start(tmp_path, monkeypatch):
         loaders.build_loaders(args, env)
         assert any("/dev/shm has 64 MiB free" in line and "--shm-size" in line for line in lines), lines
     lines.clear()
+    # the first rank of each node says it for its node (rank 0 only prints through env.log); the others not
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setattr(loaders.socket, "gethostname", lambda: "node7")
+    for rank, local_rank, said in ((8, 0, True), (9, 1, False)):
+        monkeypatch.setattr(loaders, "launch_env", lambda: (rank, 16, local_rank, 8))
+        loaders.check_shared_memory(8, 4, 224, env)
+        printed = capsys.readouterr().out
+        assert ("warning on node7 (rank 8): /dev/shm has 64 MiB free" in printed) == said, printed
+        assert not lines
     monkeypatch.setattr(loaders.shutil, "disk_usage", lambda path: SimpleNamespace(total=64 * 2**30,
                                                                                     free=64 * 2**30))
     loaders.build_loaders(args, env)

@@ -6,6 +6,7 @@ import errno
 import functools
 import glob
 import itertools
+import inspect
 import json
 import math
 import os
@@ -3182,16 +3183,33 @@ def test_node_check_gives_the_tests_what_its_time_limit_leaves(tmp_path, monkeyp
             raise subprocess.TimeoutExpired(command, timeout)
         yield SimpleNamespace(wait=wait, poll=lambda: None, log=lambda: "....")
     monkeypatch.setattr(node_check, "job", never_ends)
+    monkeypatch.setattr(node_check, "time", SimpleNamespace(time=lambda: 10_000.0))     # a clock that stands
     rows = {}
     for limit, used in ((600, 590), (600, 300), (5000, 0)):          # seconds of the check, and used so far
         report = node_check.Report(str(tmp_path))
-        args = SimpleNamespace(tests="quick", time_limit=limit, started=time.time() - used)
+        args = SimpleNamespace(tests="quick", time_limit=limit, started=10_000.0 - used)
         node_check.tests(report, args)
-        rows[used] = (report.data["tests"][-1][-1], report.failures)
+        rows[used] = (report.data["tests"][-1][-1], report.failures, report.incomplete)
+    # not run, or cut short by --time-limit: not the node's failure, but the report says it is incomplete
     assert rows[590][0].startswith("not run: under a minute of --time-limit 600 s") and not rows[590][1]
     assert rows[300][0].startswith("stopped after 300 s: what --time-limit 600 s left") and not rows[300][1]
-    assert rows[0][0].startswith("FAIL: stopped after 420 s") and rows[0][1]  # its own bound: a hang
-    assert waited == [pytest.approx(300, abs=5), 420]
+    assert rows[590][2] == ["the tests did not run"]
+    assert rows[300][2] == ["the tests were stopped by --time-limit"]
+    assert rows[0][0].startswith("FAIL: stopped after 420 s") and rows[0][1] and not rows[0][2]  # a hang
+    assert waited == [300, 420]
+    monkeypatch.undo()
+    report = node_check.Report(str(tmp_path))
+    report.incomplete.append("the tests did not run")
+    report.write("cpu")
+    assert "Result: INCOMPLETE (the tests did not run); every check that ran passed" in \
+        (tmp_path / "node-check.md").read_text()
+    # on a GPU node the quick part is the suite's not-slow tests and, of the slow ones, those that start ranks
+    words = node_check.QUICK_TESTS.split(" or ")
+    assert words[0] == "not slow"
+    for name, test in globals().items():
+        if name.startswith("test_") and any(mark.name == "slow" for mark in getattr(test, "pytestmark", [])):
+            starts_ranks = "torch.distributed.run" in inspect.getsource(test)
+            assert starts_ranks == any(word in name for word in words[1:]), name
 
 
 def test_node_check_refuses_a_report_folder_it_cannot_write_and_a_zero_batch_before_the_work(tmp_path):

@@ -20,9 +20,10 @@ Sections, each on whatever the machine has (on a CPU, the CPU stands in for the 
   ddp      a torchrun run with a rank per GPU, at least 2 (gloo over one GPU if the node has one), on the
            paper's path (the generated JPEGs, the device loader, DeiT's recipe), that saves, is stopped
            with SIGTERM, resumes and ends with exit 0
-  tests    the test suite on this machine: by default on a GPU node its quick part (-m "not slow": the
-           GPU tests and all but the end-to-end ones, a few minutes); --tests all, or none. They get
-           what --time-limit (600 s for the whole check) leaves, at most 420 s (all: 900 s)
+  tests    the test suite on this machine: by default on a GPU node its quick part (the GPU tests and
+           all but the end-to-end ones, and of those the ones that start ranks: QUICK_TESTS, a few
+           minutes); --tests all, or none. They get what --time-limit (600 s for the whole check) leaves,
+           at most 420 s (all: 900 s); tests that did not run or were cut short make the report INCOMPLETE
 """
 
 import argparse
@@ -61,6 +62,9 @@ DECODE_MAX_TOLERANCE = 64           # largest pixel difference: rounding shows a
 DEIT_BATCH = 1024                   # DeiT's global batch: the paper's command splits it over the GPUs
 # seconds for the test suite, at most: its quick part, and all of it (which takes longer)
 TESTS_TIMEOUT = {"quick": 420, "all": 900}
+# The quick part: all but the end-to-end tests (marked slow), and of those the ones that start ranks
+# (torchrun, gloo over the CPU whatever the node has): on a GPU node they show that they name their device.
+QUICK_TESTS = "not slow or torchrun or ddp or two_nodes or another_rank"
 RED, PLAIN = ("\033[31m", "\033[0m") if sys.stdout.isatty() else ("", "")
 
 
@@ -70,6 +74,7 @@ class Report:
     def __init__(self, out):
         self.out, self.lines, self.data, self.failures, self.widths = out, [], {}, [], {}
         self.interrupted = None             # where a Ctrl-C stopped the check: "in the decode section"
+        self.incomplete = []                # what did not run to its end, and why (not a failure of the node)
 
     def section(self, name, title, header):
         self.lines += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
@@ -107,13 +112,17 @@ class Report:
         os.makedirs(self.out, exist_ok=True)
         verdict = ("every check passed" if not self.failures else
                    f"{len(self.failures)} check(s) FAILED:\n" + "\n".join(f"- {f}" for f in self.failures))
+        if self.incomplete:
+            verdict = (f"INCOMPLETE ({'; '.join(self.incomplete)}); "
+                       + verdict.replace("every check passed", "every check that ran passed"))
         if self.interrupted:
             verdict = f"INTERRUPTED {self.interrupted} (the sections after it did not run); {verdict}"
         head = [f"# Node check: {device}", "", f"`python results/node_check.py {' '.join(sys.argv[1:])}`, "
                 f"{time.strftime('%Y-%m-%d %H:%M')}. Result: {verdict}"]
         runtime.write_text(os.path.join(self.out, "node-check.md"), "\n".join(head + self.lines) + "\n")
         runtime.write_json(os.path.join(self.out, "node-check.json"),
-                           {"device": device, "failures": self.failures, "sections": self.data})
+                           {"device": device, "failures": self.failures, "incomplete": self.incomplete,
+                            "sections": self.data})
         print(f"\nwrote {self.out}/node-check.md and node-check.json: {verdict}")
 
 
@@ -197,8 +206,38 @@ def decode_check(report, args, device, root):
                passed if ok else what, ok=ok,
                fix="the decode races with other work on this node: train with --loader pil, and report the "
                    "torch and torchvision versions")
+    read_after_drop(report, augment, files, args.decode_batch, device, alone)
     race_control(report, augment, files, args.decode_batch, device, work, alone)
     odd_files(report, augment)
+
+
+def read_after_drop(report, augment, files, batch, device, alone):
+    """Each batch's pictures read by kernels queued on the training stream behind a delay, and dropped
+    before the next batch decodes, as a training step drops its batch. Their memory must not go to the
+    next decode before those reads have run: loaders.gpu_decode's record_stream sees to that, and
+    without it the reads would see the next batch's pixels. The sums read must be those of the pictures
+    decoded alone."""
+    case = "read on the training stream after the batch is dropped, against alone"
+    if device.type != "cuda":
+        report.row("decode", case, "-", "-", "-", "ok (no GPU: no stream to race with)")
+        return
+    x = torch.full((4096, 4096), 1.0 / 4096, device=device)
+    sums = []
+    for start in range(0, len(files), batch):
+        images = augment.decode(files[start:start + batch], ["generated"] * len(files[start:start + batch]))
+        delay = x
+        for _ in range(20):                  # ~20 matmuls queued ahead of the reads
+            delay = delay @ x
+        sums.append(torch.stack([image.sum(dtype=torch.int64) for image in images]))
+        del images, delay                    # dropped while the reads are still queued
+    got = torch.cat(sums).cpu()
+    want = torch.tensor([int(image.sum(dtype=torch.int64)) for image in alone])
+    wrong = int((got != want).sum())
+    report.row("decode", case, len(files), "-", "-",
+               "ok: every picture read as decoded" if not wrong else f"{wrong} pictures read changed",
+               ok=not wrong,
+               fix="a decode reuses memory the training stream still reads: train with --loader pil, and "
+                   "report the torch and torchvision versions")
 
 
 def race_control(report, augment, files, batch, device, work, alone):
@@ -499,12 +538,13 @@ def tests(report, args):
     report.section("tests", "The test suite on this machine", ["command", "exit code", "seconds", "result"])
     t0 = time.time()
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_srvit.py"]
-    command += ["-m", "not slow"] if args.tests == "quick" else []
+    command += ["-k", QUICK_TESTS] if args.tests == "quick" else []
     shown = shlex.join(["python"] + command[1:])
     timeout = min(TESTS_TIMEOUT[args.tests], args.time_limit - (t0 - args.started))
     if timeout < 60:                   # (not a failure of the node: the tests did not run)
         report.row("tests", shown, "-", 0, f"not run: under a minute of --time-limit {args.time_limit:g} s "
                    f"was left; run the command alone, or give a longer --time-limit")
+        report.incomplete.append("the tests did not run")
         return
     # bounded, in a process group of its own: a hung test, and the torchrun jobs it started, end with it
     with tempfile.TemporaryDirectory() as tmp, job(command, dict(os.environ), os.path.join(tmp, "tests.log"),
@@ -519,6 +559,8 @@ def tests(report, args):
     if code is None:
         code, last = "-", (f"stopped after {timeout:.0f} s: what --time-limit {args.time_limit:g} s left; "
                            f"run the command alone" if cut_short else f"stopped after {timeout:.0f} s")
+    if cut_short:
+        report.incomplete.append("the tests were stopped by --time-limit")
     report.row("tests", shown, code, round(time.time() - t0), last, ok=code == 0 or cut_short,
                fix="the failing tests are named in the pytest output; a hung one shows with -v")
 
@@ -533,8 +575,8 @@ def get_args(argv=None):
     p.add_argument("--skip", nargs="*", default=[], choices=["decode", "speed", "ddp"],
                    help="sections to leave out")
     p.add_argument("--tests", choices=["quick", "all", "none"], default=None,
-                   help="the test suite: quick (-m 'not slow'; the default on a GPU), all, or none (the "
-                        "default on a CPU, where CI runs it)")
+                   help="the test suite: quick (all but the end-to-end tests that start no ranks; the "
+                        "default on a GPU), all, or none (the default on a CPU, where CI runs it)")
     p.add_argument("--time-limit", type=float, default=600,
                    help="seconds for the whole check (default 600): the test suite gets what is left")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests use 'eager')")

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import warnings
 from dataclasses import asdict
 from types import SimpleNamespace
@@ -3048,6 +3047,20 @@ def test_resume_from_a_folder_or_a_missing_file_is_refused_before_the_data_is_re
     with pytest.raises(runtime.UserError, match="cannot build the model: embed_dim 192 is not divisible by "
                                                 "num_heads 5"):
         train.get_args(["--data", "fake", "--embed-dim", "192", "--num-heads", "5"])
+
+
+def test_a_run_that_decodes_into_memory_says_so_before_it_decodes(monkeypatch):
+    # A CPU user's first line comes at once, not after the decode (CIFAR-10's takes 12 s and more)
+    lines, real_decode_all = [], loaders.decode_all
+
+    def decode_all(dataset, workers):
+        assert lines and lines[0].startswith("decoding 256 + 64 images into memory on cpu"), lines
+        return real_decode_all(dataset, workers)
+    monkeypatch.setattr(loaders, "decode_all", decode_all)
+    env = runtime.Env(device=torch.device("cpu"), micro=32)
+    env.log = lines.append
+    loaders.build_loaders(train.get_args(FAKE + ["--workers", "0"]), env)
+    assert len(lines) == 2 and lines[1].startswith("decoded 256 + 64 images into memory on cpu in ")
 
 
 def test_a_batch_larger_than_the_data_says_where_the_batch_came_from(tmp_path):

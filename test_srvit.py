@@ -43,6 +43,17 @@ TINY = dict(img_size=32, patch_size=8, embed_dim=32, num_layers=2, num_heads=2, 
 
 
 @pytest.fixture(autouse=True)
+def nothing_is_written_into_the_repository():
+    """Tests write under pytest's tmp_path only: a run's default out-dir (runs/), a download (data/) or a
+    node check's default report folder made in the repository by a test fails that test."""
+    names = ("runs", "data", "node-check")
+    made = lambda: {name for name in names if os.path.exists(os.path.join(HERE, name))}
+    before = made()
+    yield
+    assert made() <= before, f"this test wrote {sorted(made() - before)} into the repository"
+
+
+@pytest.fixture(autouse=True)
 def every_run_names_its_device(request, monkeypatch):
     """A run left to the default --device trains on cuda on a GPU machine (bf16, the GPU loaders), so a
     test that passes here could fail there: every run a test starts in-process names its device. The

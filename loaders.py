@@ -162,11 +162,12 @@ def class_folders():
                 raise FileNotFoundError(f"no class folders in {directory}")
             return classes, {name: i for i, name in enumerate(classes)}
 
-        @staticmethod
-        def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None,
+                         allow_empty=False):
             is_picture = is_valid_file or (lambda path: has_file_allowed_extension(path, extensions))
+            self.skipped = {}                  # files of the class folders that are not pictures, by suffix
             samples = [(path, index) for name, index in sorted(class_to_idx.items())
-                       for path in pictures_in(os.path.join(directory, name), is_picture)]
+                       for path in pictures_in(os.path.join(directory, name), is_picture, self.skipped)]
             found = {index for _, index in samples}
             empty = sorted(name for name, index in class_to_idx.items() if index not in found)
             if empty and not allow_empty:
@@ -175,9 +176,10 @@ def class_folders():
     return ClassFolders
 
 
-def pictures_in(folder, is_picture):
+def pictures_in(folder, is_picture, skipped=None):
     """The files under folder that is_picture accepts, in torchvision's order (by folder, then name),
-    without hidden files and folders, each folder walked once however many links lead to it."""
+    without hidden files and folders, each folder walked once however many links lead to it. The others
+    are counted in `skipped` by suffix ({".heic": 3}), where it is given."""
     def cannot_read(e):                 # (os.walk would skip the folder, and its pictures, silently)
         raise unreadable_folder(e.filename, e)
     walked, seen = [], set()
@@ -189,8 +191,11 @@ def pictures_in(folder, is_picture):
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))   # (so the first of two links wins)
         walked.append((root, sorted(f for f in files if not f.startswith("."))))
-    return [os.path.join(root, f) for root, files in sorted(walked) for f in files
-            if is_picture(os.path.join(root, f))]
+    paths = [os.path.join(root, f) for root, files in sorted(walked) for f in files]
+    for path in itertools.filterfalse(is_picture, paths if skipped is not None else []):
+        suffix = os.path.splitext(path)[1].lower() or "no suffix"
+        skipped[suffix] = skipped.get(suffix, 0) + 1
+    return [path for path in paths if is_picture(path)]
 
 
 def ClassFolders(*args, **kwargs):   # (the class is made on first use: torchvision is imported lazily here)
@@ -503,6 +508,20 @@ def default_workers():
     return max(1, min(8, cores // ranks_on_node))
 
 
+def say_skipped(train_set, val_set, env):
+    """One line naming the files of the class folders that are not pictures torchvision reads (a phone's
+    .heic, a .gif), which the datasets leave out, so that none is left out without a word."""
+    skipped = {}
+    for data in (train_set, val_set):
+        for suffix, n in getattr(getattr(data, "dataset", data), "skipped", {}).items():
+            skipped[suffix] = skipped.get(suffix, 0) + n
+    if skipped:
+        most_first = sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))
+        kinds = ", ".join(f"{n:,} {suffix}" for suffix, n in most_first)
+        env.log(f"left out {plural(sum(skipped.values()), 'file')} of the class folders that are not "
+                f"pictures train.py reads ({kinds}); convert them to JPEG or PNG to use them")
+
+
 def build_loaders(args, env):
     """This rank's training and validation loaders, the class names and the number of training images.
     Validation is split over ranks (each image counted once); training follows the seeded sampler. Every
@@ -514,6 +533,7 @@ def build_loaders(args, env):
                           build_dataset(args, "train", decode if memory else transforms(args, train=True)))
     val_set, val_classes = build_dataset(args, "val", decode if memory else transforms(args, train=False))
     check_same_classes(classes, val_classes, args.data_path)
+    say_skipped(train_set, val_set, env)
     if len(train_set) < args.batch_size:
         whose = f" (the {args.recipe} recipe's)" if "batch_size" in getattr(args, "from_recipe", ()) else ""
         raise UserError(f"only {plural(len(train_set), 'training image')} for a batch of {args.batch_size}"

@@ -3060,6 +3060,20 @@ def test_resume_from_a_folder_or_a_missing_file_is_refused_before_the_data_is_re
         train.get_args(["--data", "fake", "--embed-dim", "192", "--num-heads", "5"])
 
 
+def test_files_of_the_class_folders_that_are_not_pictures_are_named_not_left_out_silently(tmp_path):
+    root = make_image_folder(tmp_path / "data", n=4)
+    for name in ("train/cat/a.heic", "train/cat/b.HEIC", "train/dog/notes", "val/dog/x.gif"):
+        (tmp_path / "data" / name).write_bytes(b"not one torchvision reads")
+    lines = []
+    env = runtime.Env(device=torch.device("cpu"), micro=4)
+    env.log = lines.append
+    _, _, _, n_train = loaders.build_loaders(train.get_args(["--data-path", root, "--device", "cpu",
+                                                             "--workers", "0", "--batch-size", "4"]), env)
+    assert n_train == 8
+    assert ("left out 4 files of the class folders that are not pictures train.py reads (2 .heic, 1 .gif, "
+            "1 no suffix); convert them to JPEG or PNG to use them") in lines, lines
+
+
 def test_a_run_that_decodes_into_memory_says_so_before_it_decodes(monkeypatch):
     # A CPU user's first line comes at once, not after the decode (CIFAR-10's takes 12 s and more)
     lines, real_decode_all = [], loaders.decode_all
@@ -3703,7 +3717,7 @@ def test_a_file_that_is_not_a_checkpoint_says_what_was_expected(tmp_path):
         with pytest.raises(runtime.UserError, match="not a whole PyTorch checkpoint") as e:
             load(str(picture))
         assert "delete" not in str(e.value)
-    os.mkfifo(tmp_path / "last.pt")                         # exists, but is no file: named, not "not found"
+    os.mkdir(tmp_path / "last.pt")                          # there, but no file: named, not "not found"
     with pytest.raises(runtime.UserError, match="last.pt is not a checkpoint file but a folder"):
         runtime.read_checkpoint(str(tmp_path / "last.pt"))
 

@@ -473,7 +473,7 @@ def load_pretrained(model, source, verbose=True):
     warm-started model starts near the pretrained one). Position embeddings of another grid are
     interpolated; a head with another number of classes is left new. Returns a dict with the keys
     left new and the keys of the checkpoint that were not used. Raises ValueError for a checkpoint
-    of another width, patch size or number of blocks."""
+    of another width, patch size, number of blocks or block shape (an MLP ratio)."""
     if isinstance(source, (str, os.PathLike)):
         source = read_weights(source)
     state = clean_state_dict(source)
@@ -501,6 +501,10 @@ def load_pretrained(model, source, verbose=True):
             continue
         if name == "pos_embed" and value.shape != own[name].shape:
             value = resize_pos_embed(value, own[name].shape[1] - 1)
+        if value.shape != own[name].shape and name.startswith("blocks."):   # the warm start's point
+            raise ValueError(f"checkpoint's {name} is {tuple(value.shape)}, this model's "
+                             f"{tuple(own[name].shape)}: a ViT of another MLP ratio (mlp_ratio) or block; "
+                             f"build the model to match")
         if value.shape != own[name].shape:   # another head size, or mixers of another depth
             unused.append(name)
             continue

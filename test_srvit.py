@@ -784,7 +784,8 @@ def test_load_pretrained_interpolates_positions_and_leaves_other_head_new():
 
 @pytest.mark.parametrize("other, match", [
     (dict(embed_dim=64), "width 64, patch 8"), (dict(patch_size=4), "width 32, patch 4"),
-    (dict(num_layers=3), "3 blocks")])
+    (dict(num_layers=3), "3 blocks"),
+    (dict(mlp_ratio=2.0), r"checkpoint's blocks.0.mlp.fc1.weight is \(64, 32\), this model's \(128, 32\)")])
 def test_load_pretrained_refuses_another_model(other, match):
     with pytest.raises(ValueError, match=match):
         load_pretrained(tiny(), tiny(**other).state_dict(), verbose=False)

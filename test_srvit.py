@@ -2051,7 +2051,8 @@ def test_a_write_error_without_a_message_still_gives_one_line(tmp_path, monkeypa
     (["--batch-size", "-32"], "--batch-size must be > 0"), (["--micro-batch", "-8"],
                                                             "--micro-batch must be > 0"),
     (["--num-heads", "0"], "--num-heads must be > 0"), (["--patch-size", "0"], "--patch-size must be > 0"),
-    (["--repeated-aug", "0"], "--repeated-aug must be > 0"), (["--workers", "-1"], "--workers must be >= 0"),
+    (["--repeated-aug", "0"], "--repeated-aug must be in 1..64"),
+    (["--workers", "-1"], "--workers must be in 0..256"),
     (["--epochs", "0"], "--epochs must be > 0"), (["--lr", "0"], "--lr must be > 0"),
     (["--hflip", "1.5"], "--hflip must be in [0, 1]"),
     (["--depth", "0"], "--depth must be > 0"), (["--patch-size", "5"], "not divisible by patch_size 5"),
@@ -3919,6 +3920,8 @@ def test_numbers_out_of_reach_are_refused_before_the_run(monkeypatch):
                         (["--cutmix", "1e-320"], "--cutmix must be 0 (off) or >= 0.01"),
                         (["--weight-decay", "inf"], "--weight-decay must be >= 0, got inf"),
                         (["--seed", str(10**23)], "--seed must be within +-2^63"),
+                        (["--workers", "100000"], "--workers must be in 0..256, got 100000"),
+                        (["--repeated-aug", str(10**9)], "--repeated-aug must be in 1..64 (DeiT: 3)"),
                         (["--min-lr", "0.1"], "--min-lr 0.1 is above --lr 0.001")):
         with pytest.raises(runtime.UserError, match=re.escape(said)):
             train.get_args(FAKE + flags)

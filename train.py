@@ -66,6 +66,7 @@ DEFAULT_MODEL = {"deit": dict(srvit.PRESETS["small"], num_layers=12),
 POSITIVE, NON_NEGATIVE = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
 FRACTION, PROBABILITY = (lambda v: 0 <= v < 1, "in [0, 1)"), (lambda v: 0 <= v <= 1, "in [0, 1]")
 ALPHA = (lambda v: v == 0 or v >= 0.01, "0 (off) or >= 0.01 (a Beta distribution's alpha; DeiT: 0.8, 1.0)")
+WORKERS, REPEATS = (lambda v: 0 <= v <= 256, "in 0..256"), (lambda v: 1 <= v <= 64, "in 1..64 (DeiT: 3)")
 CHECKS = {}
 # What may differ between a run and its resume; every other argument must be the same. (--model
 # may: the model itself, width, blocks and heads included, is compared from its config; --amp may,
@@ -222,7 +223,7 @@ def parser():
     flag("--crop-padding", type=int, check=NON_NEGATIVE,
          help="small images: pixels of padding for the random crop (0: no crop)")
     flag("--pad-mode", choices=["zeros", "reflect"], help="how --crop-padding pads")
-    flag("--repeated-aug", type=int, check=POSITIVE, help="DeiT's repeated augmentation: copies per image")
+    flag("--repeated-aug", type=int, check=REPEATS, help="DeiT's repeated augmentation: copies per image")
     flag("--amp", default=None, choices=["bf16", "fp16", "none"],
          help="default: bf16 on GPUs that have it, else fp16; none on CPU")
     flag("--compile", action="store_true", help="torch.compile each block (once, whatever the depth)")
@@ -235,7 +236,7 @@ def parser():
          help="checkpoint to resume from; 'auto': <out-dir>/last.pt if it exists; 'no'")
     flag("--save-every", type=int, check=POSITIVE, help="also save last.pt every N steps (long epochs)")
     flag("--seed", type=int, default=0, check=(lambda v: abs(v) < 2**63, "within +-2^63 (torch's seeds)"))
-    flag("--workers", type=int, check=NON_NEGATIVE,
+    flag("--workers", type=int, check=WORKERS,
          help="data-loading processes per rank (default: this node's cores / its ranks, <= 8)")
     flag("--log-interval", type=int, check=POSITIVE, help="steps per progress line (default: 10 per epoch)")
     flag("--device", default=None, help="default: cuda if available, else cpu")
@@ -670,8 +671,7 @@ def describe(run):
             f"{srvit.count_params(run.raw_model):,} params, {run.gmacs:.3g} GMACs/image | {env.device} "
             f"{args.amp} | {args.out_dir}")
     if prog.epoch >= args.epochs:
-        env.log(f"epoch {args.epochs} of {args.epochs} is done already; nothing to train (a larger --epochs "
-                f"extends the run)")
+        env.log(f"epoch {args.epochs} of {args.epochs} is done already; a larger --epochs extends the run")
 
 
 def end_epoch(run, epoch, metrics, clock):

@@ -4,14 +4,16 @@ train.py works on this node and how fast it is, and writes a report a lab can pa
 node-check.md (a table per section, failures marked FAIL with what to do) and node-check.json.
 
     python results/node_check.py --out results/node-h100   # a GPU node: 5-10 minutes, the quick tests too
-    python results/node_check.py --small --out /tmp/nc     # a CPU: the same steps at small sizes (CI)
+    python results/node_check.py --small --device cpu --compile-backend eager --out /tmp/nc   # a CPU: small
+                                                           # sizes (eager: no C++ build of compiled kernels)
 
 Sections, each on whatever the machine has (on a CPU, the CPU stands in for the device):
   machine  torch, torchvision, CUDA and driver, GPUs, CPU cores, /dev/shm, NCCL; what each means
   decode   generated ImageNet-sized JPEGs decoded by the device path in batches and by the CPU path one
            by one: the largest pixel difference, alone and while other work runs on the GPU's stream
            (the nvJPEG stream race would show here: see loaders.gpu_decode); beyond tolerance: FAIL.
-           A control decodes without the stream ordering, to show whether the race shows on this node.
+           A control decodes without the stream ordering, to show whether the race shows on this node;
+           then each batch read on the training stream after it is dropped (record_stream's guard).
            Then greyscale, progressive and CMYK JPEGs and a PNG named .JPEG in one batch, against PIL
   speed    images/s of the model alone (a synthetic batch on the device) and of loader + model, SR-ViT-S
            R=1 and R=4, bf16 (fp16 on GPUs before Ampere), with and without --compile, at one rank's
@@ -206,8 +208,8 @@ def decode_check(report, args, device, root):
                passed if ok else what, ok=ok,
                fix="the decode races with other work on this node: train with --loader pil, and report the "
                    "torch and torchvision versions")
-    read_after_drop(report, augment, files, args.decode_batch, device, alone)
     race_control(report, augment, files, args.decode_batch, device, work, alone)
+    read_after_drop(report, augment, files, args.decode_batch, device, alone)
     odd_files(report, augment)
 
 
@@ -343,7 +345,8 @@ def gpu_work(device, n, image_bytes):
 
 def speed(report, args, device, root):
     root = linked_copies(root, args.copies)
-    model = "a tiny model (--small: width 32, 2 blocks, patch 32)" if args.small else "SR-ViT-S"
+    model = ("a tiny model (--small: width 32, 2 blocks, patch 32; its speeds show that the code runs, they "
+             "measure nothing)" if args.small else "SR-ViT-S")
     devices = torch.cuda.device_count() if device.type == "cuda" else 1   # the node's ranks, one per GPU
     report.section("speed", f"Speed: {model}, one device, batch {args.batch}",
                    ["R", "compile", "model alone img/s", "loader + model img/s", "loader's share", "MFU",
@@ -384,8 +387,10 @@ def speed_row(args, device, root, depth, compiled, devices):
     model = train.build_model(targs, 1000).to(device)
     if compiled:
         train.compile_blocks(model, backend=args.compile_backend)
-    opt = torch.optim.AdamW(train.param_groups(model, 0.05), lr=1e-4)
-    step = training_step(model, opt, runtime.amp_context(device, amp))
+    # train.py's step: its optimizer (fused on a GPU), its loss scaling under fp16 (off otherwise)
+    opt = torch.optim.AdamW(train.param_groups(model, 0.05), lr=1e-4, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    step = training_step(model, opt, runtime.amp_context(device, amp), scaler)
     x = torch.randn(args.batch, 3, targs.img_size, targs.img_size, device=device)
     y = torch.randint(0, 1000, (args.batch,), device=device)
     alone = args.batch / timed(lambda: step(x, y), device, args.iters)
@@ -400,12 +405,13 @@ def speed_row(args, device, root, depth, compiled, devices):
 SMALL_MODEL = ["--embed-dim", "32", "--num-layers", "2", "--num-heads", "2", "--patch-size", "32"]
 
 
-def training_step(model, opt, autocast):
+def training_step(model, opt, autocast, scaler):
     def step(x, y):
         with autocast:
             loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
     return step
 
@@ -496,7 +502,8 @@ def ddp_check(report, args, device, tmp, root):
     with job(cmd, env, os.path.join(tmp, "ddp-second.log")) as second:
         second.wait(timeout=600)
     log = second.log()
-    resumed = second.returncode == 0 and "resumed from" in log and "done: best top-1" in log
+    resumed = (second.returncode == 0 and "resumed from" in log and "done: best top-1" in log
+               and "Traceback" not in log)
     report.row("ddp", "the same command again: resume to the end", second.returncode, round(time.time() - t0),
                "resumed and finished" if resumed else tail(log), ok=resumed, fix="see the log above")
 
@@ -595,7 +602,7 @@ def get_args(argv=None):
     # one rank of the node: DeiT's 1024 over its GPUs, 256 at most where they are fewer than 4
     args.decode_batch, args.batch = (8, args.batch or 4) if small else (128, args.batch or
                                                                         min(256, DEIT_BATCH // gpus))
-    args.iters, args.depth, args.epochs = (2 if small else 20), [1, 4], 300
+    args.iters, args.depth, args.epochs = (5 if small else 20), [1, 4], 300
     args.loader_iters = 2 if small else 40         # loader + model: steps timed inside one epoch
     # each picture linked this many times: an epoch of warm-up + timed steps, with 255 to spare (DeiT's
     # repeated-augmentation sampler rounds an epoch down to a multiple of 256): 12,800 at batch 256

@@ -75,9 +75,9 @@ def classify(model, image, k=5):
 
 
 @torch.no_grad()
-def run_split(model, loader, device, autocast, steps=None, progress=None):
+def run_split(model, loader, device, autocast, steps=None, label=None):
     """One pass of training's evaluation (train.evaluate): top-1, top-5, loss, and per mixer the mean weight
-    of each step and the entropy over all tokens. progress: a label, said on stderr every ~10%."""
+    of each step and the entropy over all tokens. label: what the progress on stderr (every ~10%) calls it."""
     seen = {"weights": 0, "entropy": 0, "tokens": 0}
 
     def watch(mix):
@@ -86,26 +86,26 @@ def run_split(model, loader, device, autocast, steps=None, progress=None):
             seen["weights"] = seen["weights"] + w.sum(dim=(1, 2))         # (mixers, k)
             seen["entropy"] = seen["entropy"] - (w * w.clamp_min(1e-12).log()).sum(-1).sum(dim=(1, 2))
             seen["tokens"] += w.shape[1] * w.shape[2]
-    say = lambda line: print("  " + line.replace("evaluating", progress, 1), file=sys.stderr)
+    say = lambda line: print("  " + line.replace("evaluating", label, 1), file=sys.stderr)
     t0 = time.time()
-    metrics = evaluate(model, loader, device, autocast, steps, log=say if progress else None,
+    metrics = evaluate(model, loader, device, autocast, steps, log=say if label else None,
                        every=max(1, len(loader) // 10), watch=watch)
-    out = {"top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["val_loss"],
-           "images": metrics["val_images"], "images_per_s": metrics["val_images"] / (time.time() - t0)}
+    result = {"top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["val_loss"],
+              "images": metrics["val_images"], "images_per_s": metrics["val_images"] / (time.time() - t0)}
     if seen["tokens"]:
-        out["step_weights"] = (seen["weights"] / seen["tokens"]).tolist()    # [mixer - 1][step - 1]
-        out["entropy"] = (seen["entropy"] / seen["tokens"]).tolist()         # [mixer - 1], nats
-    return out
+        result["step_weights"] = (seen["weights"] / seen["tokens"]).tolist()    # [mixer - 1][step - 1]
+        result["entropy"] = (seen["entropy"] / seen["tokens"]).tolist()         # [mixer - 1], nats
+    return result
 
 
 def validation_data(args, model, ckpt):
     """The checkpoint's validation split, or the one --data, --data-path, --val-subset name."""
     cfg = model.config
-    given = {k: getattr(args, k) for k in ("data", "data_path", "val_subset") if getattr(args, k) is not None}
+    overrides = {k: v for k in ("data", "data_path", "val_subset") if (v := getattr(args, k)) is not None}
     if args.data_path and not args.data and ckpt.get("args", {}).get("data") == "fake":
-        given["data"] = "folder"                  # (fake data has no path: the path is a folder's)
+        overrides["data"] = "folder"                  # (fake data has no path: the path is a folder's)
     # read by loaders.build_dataset as train.py reads them: --val-subset N takes training's N images
-    targs = argparse.Namespace(**{**ckpt.get("args", {}), **given, "img_size": cfg.img_size,
+    targs = argparse.Namespace(**{**ckpt.get("args", {}), **overrides, "img_size": cfg.img_size,
                                   "num_classes": cfg.num_classes})
     val, classes = build_dataset(targs, "val", transforms(targs, train=False))
     trained_on = ckpt.get("dataset", {}).get("classes")                       # (older checkpoints: no names)
@@ -138,13 +138,13 @@ def evaluate_checkpoint(args):
           f"share={cfg.share}, trained {trained} | {len(val):,} images of {data} on {device}")
     result = {"checkpoint": args.checkpoint, "params": srvit.count_params(model),
               "gmacs": srvit.forward_gmacs(model, steps=steps), "steps": steps or cfg.depth,
-              **run_split(model, loader, device, autocast, steps, progress="evaluating")}
+              **run_split(model, loader, device, autocast, steps, label="evaluating")}
     print("top-1 {top1:.2f} | top-5 {top5:.2f} | loss {loss:.4f} | {images_per_s:,.0f} images/s (with data "
           "loading) | {params:,} params | {gmacs:.3g} GMACs/image".format(**result))
     if "step_weights" in result:
         print_mixture_weights(result, cfg.mixer)
     if args.steps == "all":
-        passes = [run_split(model, loader, device, autocast, k, progress=f"steps {k}")
+        passes = [run_split(model, loader, device, autocast, k, label=f"steps {k}")
                   for k in range(1, cfg.depth)] + [result]
         result["anytime"] = [{"steps": k, "top1": split["top1"], "top5": split["top5"],
                               "gmacs": srvit.forward_gmacs(model, steps=k)}
@@ -164,9 +164,9 @@ def evaluate_checkpoint(args):
     return result
 
 
-def print_mixture_weights(result, mixer):
+def print_mixture_weights(result, kind):
     """The table of each mixer's mean weight per step and its entropy (uniform: log k nats)."""
-    print(f"\nMixture weights ({mixer}), mean over validation tokens; entropy (uniform "
+    print(f"\nMixture weights ({kind}), mean over validation tokens; entropy (uniform "
           f"{math.log(result['steps']):.3f} nats)")
     print("| | " + " | ".join(f"step {k + 1}" for k in range(result["steps"])) + " | entropy |")
     print("|---" * (result["steps"] + 2) + "|")

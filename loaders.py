@@ -809,13 +809,15 @@ def affine_theta(name, magnitude, size):
 class DeviceAugment:
     """DeiT's training augmentation of the PIL path (`transforms(args, train=True)` and `eraser`), in
     three parts: draw(seed, height, width) and collate(items) in a loader worker, and apply() on the
-    device for a whole batch. collate packs a batch's draws into one int64 table and one float32
-    tensor, so the device gets two pinned non-blocking copies per batch, whatever the batch size.
+    device for a whole batch. collate packs a batch's draws into one int64 table (the affine matrices'
+    float32 bits among its columns), so the device gets one pinned non-blocking copy per batch, whatever
+    the batch size.
     It holds torchvision transforms and plain numbers only, so it pickles to spawned workers."""
 
-    # The columns of the int64 table: crop box, flip, erasing box, label, then per RandAugment slot
-    # the samples in the order of their op (affine ops first, then by op; see collate).
-    CROP, FLIP, ERASE, LABEL, ORDER = 0, 4, 5, 10, 11        # ERASE: box (4) and noise seed
+    # The columns of the int64 table: crop box, flip, erasing box, label, per RandAugment slot the samples
+    # in the order of their op (affine ops first, then by op; see pack), then the affine matrices: per
+    # slot a (2, 3) float32 matrix, 12 floats a sample held as the bits of 6 int64 (unpacked by a view).
+    CROP, FLIP, ERASE, LABEL, ORDER, THETA = 0, 4, 5, 10, 11, 13     # ERASE: box (4) and noise seed
 
     def __init__(self, args, device):
         from torchvision.transforms import v2
@@ -866,11 +868,11 @@ class DeviceAugment:
         return name, -magnitude if signed and torch.rand(()) <= 0.5 else magnitude
 
     def pack(self, draws, labels):
-        """A batch's draws -> (table (B, 13) int64, theta: the affine matrices (B, 2, 2, 3) float32,
-        groups: per slot the (op or "affine", count) runs of `order`)."""
+        """A batch's draws -> (table (B, 19) int64, groups: per slot the (op or "affine", count) runs of
+        `order`)."""
         B, groups = len(draws), []
-        table = torch.zeros(B, self.ORDER + 2, dtype=torch.long)
-        theta = torch.zeros(B, 2, 2, 3)
+        table = torch.zeros(B, self.THETA + 6, dtype=torch.long)
+        theta = torch.zeros(B, 2, 2, 3)                    # (B, slot, 2, 3) float32
         table[:, self.CROP:self.CROP + 4] = torch.tensor([d[0] for d in draws], dtype=torch.long).view(B, 4)
         table[:, self.FLIP] = torch.tensor([bool(d[1]) for d in draws])
         table[:, self.ERASE:self.ERASE + 5] = erasing_table([d[4] for d in draws])
@@ -890,14 +892,19 @@ class DeviceAugment:
                 if kind == "affine":
                     theta[b, slot] = torch.tensor(affine_theta(*ops[b], self.size))
             groups.append([(kind, n) for kind, n in runs if kind is not None])
-        return table, theta, groups
+        table[:, self.THETA:] = theta.view(B, 12).view(torch.long)       # the bits, not the values
+        return table, groups
+
+    def thetas(self, table):
+        """The affine matrices of pack's table, (B, 2, 2, 3) float32: a view of its bits, no copy."""
+        return table[:, self.THETA:].view(torch.float32).view(-1, 2, 2, 3)
 
     def collate(self, batch):
         """collate_fn of the device path's workers: files differ in size, so they travel as one flat
         tensor (one shared-memory segment per batch, not one per file)."""
         files, labels, draws, paths, takes = zip(*batch)
-        table, theta, groups = self.pack(draws, labels)
-        return torch.cat(files), [len(f) for f in files], table, theta, groups, list(paths), list(takes)
+        table, groups = self.pack(draws, labels)
+        return torch.cat(files), [len(f) for f in files], table, groups, list(paths), list(takes)
 
     # -- on the device: decode, then augment the batch
 
@@ -945,11 +952,11 @@ class DeviceAugment:
                 "blur": self.to_device(torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13)}
         return self.on_device
 
-    def apply(self, images, crops, table, theta, groups, n_noise):
+    def apply(self, images, crops, table, groups, n_noise):
         """images: B decoded (3, H, W) uint8 on the device; crops: their crop boxes (a list, on the CPU);
-        table, theta: collate's, on the device; groups: collate's; n_noise: noise_size of the table's
-        erasing columns. Returns (B, 3, S, S) float, normalised and erased."""
-        S, made = self.size, self.made_once()
+        table: collate's, on the device; groups: collate's; n_noise: noise_size of the table's erasing
+        columns. Returns (B, 3, S, S) float, normalised and erased."""
+        S, made, theta = self.size, self.made_once(), self.thetas(table)
         x = torch.cat([resized_crop(im, *box, S) for im, box in zip(images, crops)])
         x = x.round_().clamp_(0, 255).to(torch.uint8)                                # (B, 3, S, S)
         x = torch.where(table[:, self.FLIP, None, None, None].bool(), x.flip(3), x)
@@ -968,10 +975,9 @@ class DeviceAugment:
 
     def __call__(self, images, draws):
         """Augment decoded images with their draw() lists, without a loader (tests, the node check)."""
-        table, theta, groups = self.pack(draws, [0] * len(draws))
+        table, groups = self.pack(draws, [0] * len(draws))
         n = noise_size(table[:, self.ERASE:self.ERASE + 5])
-        return self.apply(images, [d[0] for d in draws], self.to_device(table), self.to_device(theta),
-                          groups, n)
+        return self.apply(images, [d[0] for d in draws], self.to_device(table), groups, n)
 
 
 def resized_crop(image, top, left, height, width, size):
@@ -1119,12 +1125,11 @@ class DeviceLoader:
 
     def on_device(self, batch):
         """A batch of DeviceAugment.collate, decoded and augmented: (B, 3, S, S) float and (B,) labels."""
-        aug, (files, sizes, table, theta, groups, paths, takes) = self.augment, batch
+        aug, (files, sizes, table, groups, paths, takes) = self.augment, batch
         crops = table[:, aug.CROP:aug.CROP + 4].tolist()               # (on the CPU: no device sync)
         n_noise = noise_size(table[:, aug.ERASE:aug.ERASE + 5])        # (on the CPU: no device sync)
-        table, theta = aug.to_device(table), aug.to_device(theta)      # the batch's two copies
-        x = aug.apply(aug.decode(torch.split(files, sizes), paths, takes), crops, table, theta, groups,
-                      n_noise)
+        table = aug.to_device(table)                                   # the batch's one copy
+        x = aug.apply(aug.decode(torch.split(files, sizes), paths, takes), crops, table, groups, n_noise)
         return x, table[:, aug.LABEL]
 
 

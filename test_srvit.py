@@ -2534,6 +2534,17 @@ def test_bench_numbers_are_finite_and_consistent(tmp_path):
     assert json.loads((tmp_path / "bench.json").read_text())["results"] == json.loads(json.dumps(res))
 
 
+def test_the_device_path_makes_no_tensor_from_python_data_in_a_batch(tmp_path):
+    # results/bench.py --count-ops at small batches: decode + augmentation of a batch make no tensor from
+    # Python data (each would be a blocking host-to-device copy on a GPU); the draws reach the device as
+    # one table, made by the loader workers. MixUp/CutMix makes one: the Beta parameter, on the CPU.
+    bench = bench_script()
+    counts = bench.device_path_counts(bench.get_args(["--count-ops", "--batch-size", "8"]))
+    assert [r["from_python"] for r in counts["rows"]] == [0, 0, 0]
+    assert [r["mix_from_python"] for r in counts["rows"]] == [1, 1, 1]
+    assert [r["decode_ops"] for r in counts["rows"]] == [8, 16, 32]          # one per file on a CPU
+
+
 @pytest.mark.parametrize("flag", ["--patch-size", "--num-classes", "--embed-dim"])
 def test_bench_refuses_a_model_size_below_1_in_one_line(flag):
     with pytest.raises(runtime.UserError, match=f"{flag} must be >= 1"):
@@ -2934,9 +2945,13 @@ def test_every_loader_sends_uint8_through_shared_memory_and_the_device_normalise
         train_loader, val, _, _ = loaders.build_loaders(args, env)
         crossing = next(iter(train_loader.loader))                 # what the workers' DataLoader yields
         assert crossing[0].dtype == torch.uint8, loader_kind          # pixels, or the files' bytes
-        # floats: the affine matrices alone, 12 a sample (the erasing noise is drawn on the device)
+        # no floats: the erasing noise is drawn on the device; the device path's draws are one int64 table
+        # (the affine matrices' bits among its columns), the batch's one copy to the device
         floats = [t for t in crossing if isinstance(t, torch.Tensor) and t.is_floating_point()]
-        assert sum(t.numel() for t in floats) == (4 * 12 if loader_kind == "device" else 0), loader_kind
+        assert not floats, loader_kind
+        if loader_kind == "device":
+            tables = [t for t in crossing if isinstance(t, torch.Tensor) and t.dtype == torch.long]
+            assert len(tables) == 1 and tables[0].shape == (4, 19)
         val_batch = next(iter(val.loader))
         assert val_batch[0].dtype == torch.uint8 and val_batch[0].shape[1:] == (3, 96, 96)
         x, _ = next(iter(val))                                     # normalised on the device

@@ -464,7 +464,7 @@ def device_path_counts(args):
             loader.on_device(copy.deepcopy(packed))                            # warm-up: lazy set-up
             packed = copy.deepcopy(packed)                                     # (older code edits its batch)
             files = torch.split(packed[0], packed[1])
-            decode = count_ops(lambda: loader.augment.decode(files, *packed[5:]))[0]
+            decode = count_ops(lambda: loader.augment.decode(files, *packed[-2:]))[0]   # (paths, takes)
             ops, from_python = count_ops(lambda: loader.on_device(packed))
             ops -= decode            # one op per file on a CPU, one per batch on a GPU: counted apart
             x = torch.randn(n, 3, 8, 8)

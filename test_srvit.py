@@ -3183,7 +3183,7 @@ def node_check_script():
 
 
 @slow
-def test_slow_node_check_runs_every_section_on_a_cpu_and_reports_failures(tmp_path, monkeypatch):
+def test_node_check_runs_every_section_on_a_cpu_and_reports_failures(tmp_path, monkeypatch):
     node_check = node_check_script()
     roomy_shm = SimpleNamespace(total=2**36, free=2**36)                 # (this machine's own may be small)
     monkeypatch.setattr(node_check.shutil, "disk_usage", lambda path: roomy_shm)
@@ -3677,7 +3677,7 @@ def test_a_shared_error_on_another_rank_waits_for_rank_0_to_say_it(monkeypatch, 
 
 
 @slow
-def test_slow_a_shared_error_under_torchrun_reaches_the_user(tmp_path):
+def test_a_shared_error_under_torchrun_reaches_the_user(tmp_path):
     # Three runs (the lost line was seen 1 run in 6; the order itself is tested in-process above).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(HERE, "train.py"), *FAKE, "--depth", "0", "--out-dir", str(tmp_path / "run")]
@@ -3819,7 +3819,7 @@ def test_a_run_that_fails_before_its_first_save_leaves_the_out_dir_as_it_found_i
 
 
 @slow
-def test_slow_a_failed_start_on_another_rank_leaves_no_out_dir_on_rank_0(tmp_path):
+def test_a_failed_start_on_another_rank_leaves_no_out_dir_on_rank_0(tmp_path):
     # Rank 1's share of the validation files holds the broken one (the odd indices: cat/1.jpg), so
     # rank 0 sets up (folder, lock) and learns of the failure only when the ranks compare results.
     root = make_image_folder(tmp_path / "data", n=4)

@@ -316,7 +316,7 @@ def read_run(folder):
                 "epochs": last["epoch"], "finished": last["epoch"] >= args["epochs"],
                 "best_top1": max(e["top1"] for e in epochs), "final_top1": last["top1"],
                 "wall_s": last["elapsed"]}
-    except (KeyError, TypeError, ValueError, AttributeError) as e:   # another program's rows; "top1": null
+    except (KeyError, TypeError, ValueError) as e:       # another program's rows; "top1": null
         raise UserError(f"{path} holds a row train.py does not write ({type(e).__name__}: {first_line(e)}): "
                         f"leave that run out of --curve") from None
 

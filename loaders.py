@@ -872,7 +872,7 @@ class DeviceAugment:
         `order`)."""
         B, groups = len(draws), []
         table = torch.zeros(B, self.THETA + 6, dtype=torch.long)
-        theta = torch.zeros(B, 2, 2, 3)                    # (B, slot, 2, 3) float32
+        theta = torch.zeros(B, 2, 2, 3, dtype=torch.float32)        # (B, slot, 2, 3)
         table[:, self.CROP:self.CROP + 4] = torch.tensor([d[0] for d in draws], dtype=torch.long).view(B, 4)
         table[:, self.FLIP] = torch.tensor([bool(d[1]) for d in draws])
         table[:, self.ERASE:self.ERASE + 5] = erasing_table([d[4] for d in draws])

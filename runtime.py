@@ -68,11 +68,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def cli(main_fn, argv=None,
         interrupted="interrupted; the last checkpoint is whole, re-run the same command to resume",
-        out_of_memory="the last checkpoint is whole; resume with a smaller --micro-batch (gradient "
-                      "accumulation: the same --batch-size, so the same run) or with --grad-ckpt"):
+        out_of_memory="nothing half-written is left; re-run with a smaller --micro-batch (gradient "
+                      "accumulation: the same --batch-size, so the same run, resumed from its last "
+                      "checkpoint) or with --grad-ckpt"):
     """Run main_fn and turn the ways it can end into an exit code and at most one line per rank
-    (eval.py and results/bench.py use it too, with their own lines for Ctrl-C and a batch too large
-    for the GPU)."""
+    (eval.py and results/ scripts use it too, with their own lines for Ctrl-C and a batch too large for
+    the GPU)."""
     try:
         rank, world, _, _ = launch_env()
     except UserError as e:
@@ -647,6 +648,8 @@ def restore(resume, settings, out, model, optimizer, scaler, dataset, may_change
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
     except (KeyError, RuntimeError, ValueError) as e:
+        if isinstance(e, torch.OutOfMemoryError) or "CUDA" in str(e):     # the device's fault, not the file's
+            raise
         raise UserError(f"{path} does not hold the weights and optimizer state of the model it names "
                         f"({first_line(e)}); resume from another of this run's checkpoints, or start "
                         f"afresh in another --out-dir", shared=True) from None

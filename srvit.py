@@ -503,8 +503,8 @@ def load_pretrained(model, source, verbose=True):
             value = resize_pos_embed(value, own[name].shape[1] - 1)
         if value.shape != own[name].shape and name.startswith("blocks."):   # the warm start's point
             raise ValueError(f"checkpoint's {name} is {tuple(value.shape)}, this model's "
-                             f"{tuple(own[name].shape)}: a ViT of another MLP ratio (mlp_ratio) or block; "
-                             f"build the model to match")
+                             f"{tuple(own[name].shape)}: a ViT whose blocks differ, as another mlp_ratio "
+                             f"makes them (train.py builds DeiT's, 4); build the model to match")
         if value.shape != own[name].shape:   # another head size, or mixers of another depth
             unused.append(name)
             continue

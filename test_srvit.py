@@ -2102,9 +2102,9 @@ def test_a_batch_too_large_for_the_gpu_is_one_line_that_names_the_remedy(tmp_pat
     argv = FAKE + ["--depth", "1", "--epochs", "1", "--save-every", "4", "--out-dir", out]
     assert runtime.cli(train.main, argv) == 2
     err = capsys.readouterr().err
-    assert err == ("error: out of GPU memory (Tried to allocate 2.00 GiB); the last checkpoint is whole; "
-                   "resume with a smaller --micro-batch (gradient accumulation: the same --batch-size, so "
-                   "the same run) or with --grad-ckpt\n")
+    assert err == ("error: out of GPU memory (Tried to allocate 2.00 GiB); nothing half-written is left; "
+                   "re-run with a smaller --micro-batch (gradient accumulation: the same --batch-size, so "
+                   "the same run, resumed from its last checkpoint) or with --grad-ckpt\n")
     assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["step"] == 4
     monkeypatch.setattr(train, "train_step", real_step)      # the remedy resumes the run
     train.main(argv + ["--micro-batch", "16"])
@@ -2383,7 +2383,8 @@ def test_eval_checkpoint_anytime_table_and_maps(trained_runs, tmp_path):
                            "0", "--batch-size", "24"])             # three batches, the last one short
     saved = read_metrics(str(trained_runs / "R3"))[-1]
     # same numbers as training's eval
-    assert res["images"] == 64 and res["top1"] == pytest.approx(saved["top1"])
+    # (another batching than training's evaluation: a near tie may round the other way, one image at most)
+    assert res["images"] == 64 and res["top1"] == pytest.approx(saved["top1"], abs=100 / 64)
     g = [r["gmacs"] for r in res["anytime"]]
     # each step adds one pass of the blocks
     assert g[0] < g[1] and g[2] - g[1] == pytest.approx(g[1] - g[0])
@@ -3136,12 +3137,14 @@ def test_a_small_dev_shm_is_named_at_start(tmp_path, monkeypatch, capsys):
     # the first rank of each node says it for its node (rank 0 only prints through env.log); the others not
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setattr(loaders.socket, "gethostname", lambda: "node7")
-    for rank, local_rank, said in ((8, 0, True), (9, 1, False)):
-        monkeypatch.setattr(loaders, "launch_env", lambda: (rank, 16, local_rank, 8))
-        loaders.check_shared_memory(8, 4, 224, env)
-        printed = capsys.readouterr().out
-        assert ("warning on node7 (rank 8): /dev/shm has 64 MiB free" in printed) == said, printed
-        assert not lines
+    with monkeypatch.context() as on_node_7:
+        for rank, local_rank, said in ((8, 0, True), (9, 1, False)):
+            on_node_7.setattr(loaders, "launch_env", lambda: (rank, 16, local_rank, 8))
+            loaders.check_shared_memory(8, 4, 224, env)
+            printed = capsys.readouterr().out
+            assert ("/dev/shm" in printed) == said, printed
+            assert not said or "warning on node7 (rank 8): /dev/shm has 64 MiB free" in printed, printed
+            assert not lines
     monkeypatch.setattr(loaders.shutil, "disk_usage", lambda path: SimpleNamespace(total=64 * 2**30,
                                                                                     free=64 * 2**30))
     loaders.build_loaders(args, env)
@@ -3243,13 +3246,14 @@ def test_node_check_gives_the_tests_what_its_time_limit_leaves(tmp_path, monkeyp
             raise subprocess.TimeoutExpired(command, timeout)
         yield SimpleNamespace(wait=wait, poll=lambda: None, log=lambda: "....")
     monkeypatch.setattr(node_check, "job", never_ends)
-    monkeypatch.setattr(node_check, "time", SimpleNamespace(time=lambda: 10_000.0))     # a clock that stands
     rows = {}
-    for limit, used in ((600, 590), (600, 300), (5000, 0)):          # seconds of the check, and used so far
-        report = node_check.Report(str(tmp_path))
-        args = SimpleNamespace(tests="quick", time_limit=limit, started=10_000.0 - used)
-        node_check.tests(report, args)
-        rows[used] = (report.data["tests"][-1][-1], report.failures, report.incomplete)
+    with monkeypatch.context() as standing:
+        standing.setattr(node_check, "time", SimpleNamespace(time=lambda: 10_000.0))   # a clock that stands
+        for limit, used in ((600, 590), (600, 300), (5000, 0)):      # seconds of the check, and used so far
+            report = node_check.Report(str(tmp_path))
+            args = SimpleNamespace(tests="quick", time_limit=limit, started=10_000.0 - used)
+            node_check.tests(report, args)
+            rows[used] = (report.data["tests"][-1][-1], report.failures, report.incomplete)
     # not run, or cut short by --time-limit: not the node's failure, but the report says it is incomplete
     assert rows[590][0].startswith("not run: under a minute of --time-limit 600 s") and not rows[590][1]
     assert rows[300][0].startswith("stopped after 300 s: what --time-limit 600 s left") and not rows[300][1]
@@ -3257,7 +3261,6 @@ def test_node_check_gives_the_tests_what_its_time_limit_leaves(tmp_path, monkeyp
     assert rows[300][2] == ["the tests were stopped by --time-limit"]
     assert rows[0][0].startswith("FAIL: stopped after 420 s") and rows[0][1] and not rows[0][2]  # a hang
     assert waited == [300, 420]
-    monkeypatch.undo()
     report = node_check.Report(str(tmp_path))
     report.incomplete.append("the tests did not run")
     report.write("cpu")

@@ -161,7 +161,7 @@ def parser():
     def flag(name, check=None, **kw):
         """p.add_argument; the help gains each recipe's value (or the default); check_args runs `check`."""
         key = name[2:].replace("-", "_")
-        deit, small = ({**RECIPES[name], **DEFAULT_MODEL[name]} for name in ("deit", "small-images"))
+        deit, small = ({**RECIPES[recipe], **DEFAULT_MODEL[recipe]} for recipe in ("deit", "small-images"))
         if key in deit or key == "lr":                 # say what each recipe puts there
             kw["help"] = (f"{kw.get('help', '')} [deit: {deit.get(key, '5e-4 x batch / 512')}; small-images: "
                           f"{small[key]}]").lstrip()
@@ -655,13 +655,13 @@ def describe(run):
             f"{args.img_size} px | recipe {args.recipe}: {plural(args.epochs, 'epoch')}, batch "
             f"{args.batch_size} = {env.world} x {env.micro} x {env.accum} accum, lr {args.lr:.3g}, init "
             f"{args.init} | {loader_name(args, run.env.device)}")
-    given = [k for k in args.from_recipe if k not in DEFAULT_MODEL[args.recipe]]   # (the model line's)
+    recipe_set = [k for k in args.from_recipe if k not in DEFAULT_MODEL[args.recipe]]  # (the model line's)
     recipe_warmup = RECIPES[args.recipe]["warmup_epochs"]
-    said = {k: f"--{k.replace('_', '-')} {getattr(args, k)}" for k in given}
+    said = {k: f"--{k.replace('_', '-')} {getattr(args, k)}" for k in recipe_set}
     if "warmup_epochs" in said and args.warmup_epochs != recipe_warmup:            # clipped to a short run
         said["warmup_epochs"] += (f" (its {plural(recipe_warmup, 'warm-up epoch')}, clipped to a fifth of "
                                   f"the run as it started)")
-    if given:
+    if recipe_set:
         env.log(f"from the {args.recipe} recipe (flags override it): " + ", ".join(said.values()))
     # the options beyond our reading of the paper (README), named where they are on
     beyond = [f"loop-scale={cfg.loop_scale}"] if cfg.loop_scale != "none" else []

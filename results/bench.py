@@ -17,6 +17,7 @@ that made them are in results/README.md, loader-cpu.md and compile-cpu.md carry 
 """
 
 import argparse
+import inspect
 import math
 import os
 import statistics
@@ -464,7 +465,10 @@ def device_path_counts(args):
             loader.on_device(copy.deepcopy(packed))                            # warm-up: lazy set-up
             packed = copy.deepcopy(packed)                                     # (older code edits its batch)
             files = torch.split(packed[0], packed[1])
-            decode = count_ops(lambda: loader.augment.decode(files, *packed[-2:]))[0]   # (paths, takes)
+            # (paths, and which files nvJPEG takes where this code's decode asks for them)
+            asks = inspect.signature(loader.augment.decode).parameters
+            arguments = packed[-2:] if "takes" in asks else packed[-1:]
+            decode = count_ops(lambda: loader.augment.decode(files, *arguments))[0]
             ops, from_python = count_ops(lambda: loader.on_device(packed))
             ops -= decode            # one op per file on a CPU, one per batch on a GPU: counted apart
             x = torch.randn(n, 3, 8, 8)
@@ -553,4 +557,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(runtime.cli(main, interrupted="interrupted"))     # bad input: one line, exit 2
+    sys.exit(runtime.cli(main, interrupted="interrupted", out_of_memory="lower --batch-size"))  # bad input: 2

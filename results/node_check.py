@@ -4,8 +4,8 @@ train.py works on this node and how fast it is, and writes a report a lab can pa
 node-check.md (a table per section, failures marked FAIL with what to do) and node-check.json.
 
     python results/node_check.py --out results/node-h100   # a GPU node: 5-10 minutes, the quick tests too
-    python results/node_check.py --small --device cpu --compile-backend eager --out /tmp/nc   # a CPU: small
-                                                           # sizes (eager: no C++ build of compiled kernels)
+    python results/node_check.py --small --device cpu --compile-backend eager --out node-check-cpu
+                                              # a CPU: small sizes (eager: no C++ build of compiled kernels)
 
 Sections, each on whatever the machine has (on a CPU, the CPU stands in for the device):
   machine  torch, torchvision, CUDA and driver, GPUs, CPU cores, /dev/shm, NCCL; what each means
@@ -670,4 +670,4 @@ def check_node(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(runtime.cli(check_node, interrupted="interrupted"))
+    sys.exit(runtime.cli(check_node, interrupted="interrupted", out_of_memory="use a smaller --batch"))

@@ -3211,6 +3211,24 @@ def test_node_check_runs_every_section_on_a_cpu_and_reports_failures(tmp_path, m
     assert len(report.failures) == 3
 
 
+def test_node_check_counts_the_pictures_read_changed_after_their_batch_is_dropped(monkeypatch):
+    # The GPU-only row's counting, on the CPU: the GPU's wait stood in by nothing, a decode that hands the
+    # second batch's pictures changed (as a reused block would be) is counted picture by picture.
+    node_check = node_check_script()
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: None)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    files = [torch.full((3, 4, 5), i, dtype=torch.uint8) for i in range(7)]       # stand-ins, decoded as is
+    want = torch.tensor([int(f.sum(dtype=torch.int64)) for f in files])
+    calls = []
+
+    def decode(chunk):
+        calls.append(len(chunk))
+        return [f + 1 if len(calls) == 2 else f.clone() for f in chunk]
+    cpu = torch.device("cpu")
+    assert node_check.reads_after_drop(files, 3, cpu, lambda chunk: [f.clone() for f in chunk], want) == 0
+    assert node_check.reads_after_drop(files, 3, cpu, decode, want) == 3 and calls == [3, 3, 1]
+
+
 def test_node_check_reports_a_section_that_fails_and_goes_on_and_exits_1(tmp_path, monkeypatch):
     node_check = node_check_script()
     argv = ["--small", "--out", str(tmp_path), "--skip", "speed", "ddp", "--device", "cpu"]

@@ -27,7 +27,9 @@ NAME = re.compile(r"L(\d+)-R(\d+)(?:-(.*))?$")
 def all_runs():
     runs = load_runs(HERE)
     deep2 = load_runs(HERE.parent / "cifar10-deep2")
-    runs.update({DEEP2[c]: seeds for c, seeds in deep2.items() if c in DEEP2})
+    for config, seeds in deep2.items():          # (this study's own seeds of a deep2 cell join them)
+        if config in DEEP2:
+            runs[DEEP2[config]] = {**seeds, **runs.get(DEEP2[config], {})}
     return dict(sorted(runs.items(), key=lambda kv: key_of(kv[0])))
 
 

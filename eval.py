@@ -29,7 +29,7 @@ from loaders import (Normalize, OnDevice, build_dataset, mean_std, normalize_ima
 from runtime import (BEFORE_THE_FLAG, ArgumentParser, UserError, amp_context, changed, check_at_least,
                      check_device, check_output, checkpoint_of, cli, first_line, fmt_time, json_row, plural,
                      read_checkpoint, read_lines, save_file, write_json)
-from train import MAY_CHANGE, evaluate
+from train import MAY_CHANGE, WORKERS, evaluate
 
 # The paper's ImageNet-1K top-1, all that its abstract (arXiv 2607.00774) gives: SR-ViT-S at R = 1, 4; DeiT-B.
 PAPER = {"srvit_s": {1: 79.83, 4: 82.48}, "deit_b": 81.8}
@@ -37,6 +37,15 @@ PAPER = {"srvit_s": {1: 79.83, 4: 82.48}, "deit_b": 81.8}
 
 # ----------------------------------------------------------------------------------------
 # Evaluate a checkpoint
+
+def say(*args, write=print):
+    """print(*args), or write(*args) that prints (save_file); a closed stdout (`| head`) ends the printing."""
+    try:
+        write(*args)
+        sys.stdout.flush()
+    except OSError:                      # BrokenPipeError (save_file's own errors arrive as UserErrors)
+        sys.stdout = open(os.devnull, "w")
+
 
 def load_checkpoint(path):
     """A train.py checkpoint -> (model in eval mode, checkpoint dict). One clear error otherwise."""
@@ -86,9 +95,9 @@ def run_split(model, loader, device, autocast, steps=None, label=None):
             seen["weights"] = seen["weights"] + w.sum(dim=(1, 2))         # (mixers, k)
             seen["entropy"] = seen["entropy"] - (w * w.clamp_min(1e-12).log()).sum(-1).sum(dim=(1, 2))
             seen["tokens"] += w.shape[1] * w.shape[2]
-    say = lambda line: print("  " + line.replace("evaluating", label, 1), file=sys.stderr)
+    progress = lambda line: print("  " + line.replace("evaluating", label, 1), file=sys.stderr)
     t0 = time.time()
-    metrics = evaluate(model, loader, device, autocast, steps, log=say if label else None,
+    metrics = evaluate(model, loader, device, autocast, steps, log=progress if label else None,
                        every=max(1, len(loader) // 10), watch=watch)
     result = {"top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["val_loss"],
               "images": metrics["val_images"], "images_per_s": metrics["val_images"] / (time.time() - t0)}
@@ -98,9 +107,16 @@ def run_split(model, loader, device, autocast, steps=None, label=None):
     return result
 
 
-def validation_data(args, model, ckpt):
-    """The checkpoint's validation split, or the one --data, --data-path, --val-subset name."""
+def evaluate_checkpoint(args):
+    model, ckpt = load_checkpoint(args.checkpoint)
     cfg = model.config
+    if args.steps not in (None, "all") and not (args.steps.isdecimal() and 1 <= int(args.steps) <= cfg.depth):
+        raise UserError(f"--steps takes 'all' or a number of steps in 1..{cfg.depth} (this model's depth), "
+                        f"got {args.steps!r}")
+    steps = int(args.steps) if args.steps not in (None, "all") else None
+    if args.maps:
+        mixer_index(args.maps_mixer, len(model.mixers), "--maps-mixer ")
+    # the checkpoint's validation split, or the one --data, --data-path, --val-subset name
     overrides = {k: v for k in ("data", "data_path", "val_subset") if (v := getattr(args, k)) is not None}
     if args.data_path and not args.data and ckpt.get("args", {}).get("data") == "fake":
         overrides["data"] = "folder"                  # (fake data has no path: the path is a folder's)
@@ -114,19 +130,6 @@ def validation_data(args, model, ckpt):
                   else f"{len(classes)} now")
         raise UserError(f"the checkpoint classifies {cfg.num_classes} classes, other than the data's at "
                         f"{targs.data_path} ({differ}): evaluate it on the data it was trained on")
-    return val, targs.data
-
-
-def evaluate_checkpoint(args):
-    model, ckpt = load_checkpoint(args.checkpoint)
-    cfg = model.config
-    if args.steps not in (None, "all") and not (args.steps.isdecimal() and 1 <= int(args.steps) <= cfg.depth):
-        raise UserError(f"--steps takes 'all' or a number of steps in 1..{cfg.depth} (this model's depth), "
-                        f"got {args.steps!r}")
-    steps = int(args.steps) if args.steps not in (None, "all") else None
-    if args.maps:
-        mixer_index(args.maps_mixer, len(model.mixers), "--maps-mixer ")
-    val, data = validation_data(args, model, ckpt)
     device = torch.device(args.device or check_device(None))
     model.to(device)
     autocast = amp_context(device, args.amp)
@@ -134,45 +137,40 @@ def evaluate_checkpoint(args):
                                           pin_memory=device.type == "cuda")
     loader = OnDevice(batches, Normalize(*mean_std(cfg.img_size), device))     # uint8 to the device
     trained = plural(ckpt.get("epoch", 0), "epoch")
-    print(f"{args.checkpoint}: SR-ViT D={cfg.embed_dim} L={cfg.num_layers} R={cfg.depth} mixer={cfg.mixer} "
-          f"share={cfg.share}, trained {trained} | {len(val):,} images of {data} on {device}")
+    say(f"{args.checkpoint}: SR-ViT D={cfg.embed_dim} L={cfg.num_layers} R={cfg.depth} mixer={cfg.mixer} "
+        f"share={cfg.share}, trained {trained} | {len(val):,} images of {targs.data} on {device}")
     result = {"checkpoint": args.checkpoint, "params": srvit.count_params(model),
               "gmacs": srvit.forward_gmacs(model, steps=steps), "steps": steps or cfg.depth,
               **run_split(model, loader, device, autocast, steps, label="evaluating")}
-    print("top-1 {top1:.2f} | top-5 {top5:.2f} | loss {loss:.4f} | {images_per_s:,.0f} images/s (with data "
-          "loading) | {params:,} params | {gmacs:.3g} GMACs/image".format(**result))
-    if "step_weights" in result:
-        print_mixture_weights(result, cfg.mixer)
+    say("top-1 {top1:.2f} | top-5 {top5:.2f} | loss {loss:.4f} | {images_per_s:,.0f} images/s (with data "
+        "loading) | {params:,} params | {gmacs:.3g} GMACs/image".format(**result))
+    if "step_weights" in result:       # (abs(entropy): a mixer sure of one step sums to -0.000)
+        k = result["steps"]
+        say(f"\nMixture weights ({cfg.mixer}), mean over validation tokens; entropy (uniform "
+            f"{math.log(k):.3f} nats)\n| | {' | '.join(f'step {j + 1}' for j in range(k))} | entropy |\n"
+            + "|---" * (k + 2) + "|")
+        for i, (weights, entropy) in enumerate(zip(result["step_weights"], result["entropy"])):
+            say(f"| mixer {i + 1} | " + " | ".join(f"{w:.3f}" for w in weights) + f" | {abs(entropy):.3f} |")
     if args.steps == "all":
         passes = [run_split(model, loader, device, autocast, k, label=f"steps {k}")
                   for k in range(1, cfg.depth)] + [result]
         result["anytime"] = [{"steps": k, "top1": split["top1"], "top5": split["top5"],
                               "gmacs": srvit.forward_gmacs(model, steps=k)}
                              for k, split in enumerate(passes, 1)]
-        print("\nAnytime inference: the first k steps of the same model\n| steps k | top-1 | top-5 | GMACs |")
-        print("|---|---|---|---|")
+        say("\nAnytime inference: the first k steps of the same model\n| steps k | top-1 | top-5 | GMACs |\n"
+            "|---|---|---|---|")
         for row in result["anytime"]:
-            print("| {steps} | {top1:.2f} | {top5:.2f} | {gmacs:.3g} |".format(**row))
+            say("| {steps} | {top1:.2f} | {top5:.2f} | {gmacs:.3g} |".format(**row))
     if args.maps:
-        picks = sorted({i * len(val) // args.maps_images for i in range(args.maps_images)})   # spread out
+        n = min(args.maps_images, len(val))                         # (--maps-images: 1..64, get_args)
+        picks = sorted({i * len(val) // n for i in range(n)})                            # spread out
         images = normalize_image(torch.stack([val[i][0] for i in picks]), cfg.img_size)   # (n, 3, S, S)
         picture = draw_maps(model, images, mixer=args.maps_mixer, relative=args.maps_relative)
-        print()
-        save_file(args.maps, picture.save)
+        say()
+        say(args.maps, picture.save, write=save_file)
     if args.json:
-        write_json(args.json, result)
+        say(args.json, result, write=write_json)
     return result
-
-
-def print_mixture_weights(result, kind):
-    """The table of each mixer's mean weight per step and its entropy (uniform: log k nats)."""
-    print(f"\nMixture weights ({kind}), mean over validation tokens; entropy (uniform "
-          f"{math.log(result['steps']):.3f} nats)")
-    print("| | " + " | ".join(f"step {k + 1}" for k in range(result["steps"])) + " | entropy |")
-    print("|---" * (result["steps"] + 2) + "|")
-    for i, (weights, entropy) in enumerate(zip(result["step_weights"], result["entropy"])):
-        # (abs: a mixer sure of one step sums to -0.000)
-        print(f"| mixer {i + 1} | " + " | ".join(f"{w:.3f}" for w in weights) + f" | {abs(entropy):.3f} |")
 
 
 # ----------------------------------------------------------------------------------------
@@ -196,8 +194,7 @@ def font(size=13):
 
 
 def mixer_index(mixer, n, named_as="mixer="):
-    """Mixer 1..n, or -1 for the last (-2 the one before) -> its index in the model's list; named_as is
-    how the caller's user wrote it (a flag, an argument)."""
+    """Mixer 1..n, or -1 for the last (-2 the one before) -> its index; named_as: how the user wrote it."""
     if not (1 <= mixer <= n or -n <= mixer <= -1):
         raise UserError(f"{named_as}{mixer}: this model has {plural(n, 'mixer')}, numbered 1..{n} (or -1 "
                         f"for the last)" if n else "a depth-1 model has no mixer, so no weights to draw")
@@ -206,10 +203,9 @@ def mixer_index(mixer, n, named_as="mixer="):
 
 @torch.no_grad()
 def draw_maps(model, images, mixer=-1, cell=112, relative=False):
-    """A picture (PIL image): per image (n, 3, S, S, normalised as the model's input) the image and one
-    heat map per step of the weight that mixer (1..L, -1 the last) gives the step at each patch (0 dark,
-    1 yellow; the class token's above). relative: colours over the weights shown (near 1/R after short
-    training), a span of 0.05 at least."""
+    """A picture (PIL image): per image (n, 3, S, S, normalised as the model's input) the image and one heat
+    map per step of the weight that mixer (1..L, -1 the last) gives the step at each patch (0 dark, 1 yellow;
+    the class token's above). relative: colours over the weights shown (near 1/R), a span of 0.05 at least."""
     cfg, R = model.config, model.config.depth
     _, mix = model.eval()(images.to(next(model.parameters()).device), return_mix=True)
     i = mixer_index(mixer, len(mix))
@@ -246,12 +242,13 @@ def draw_maps(model, images, mixer=-1, cell=112, relative=False):
 
 
 def draw_lines(panel, series, title, xlabel, ylabel, xticks):
-    """A line chart into a Pillow image: series = [(label, [(x, y), ...], colour, joined)]. A point
-    may be (x, y, low, high): a whisker from low to high (the range over seeds) is drawn through it.
-    x = None: a level that belongs to no x (one reference model): a short tick on the y axis, outside
-    the frame."""
+    """A line chart into a Pillow image: series = [(label, [(x, y), ...], colour, joined)]. A point may be
+    (x, y, low, high): a whisker from low to high (the range over seeds) is drawn through it. x = None: a
+    level that belongs to no x (one reference model): a short tick on the y axis, outside the frame."""
     draw, (W, H) = ImageDraw.Draw(panel), panel.size
     draw.font = font()
+    fit = (W // 2 - 40) // 7                  # the legend takes half the panel at most: longer labels are cut
+    series = [(label if len(label) <= fit else label[:fit - 3] + "...", *rest) for label, *rest in series]
     left, top, bottom, right = 58, 30, 42, 40 + 7 * max(len(label) for label, *_ in series)   # right: legend
     ys = [y for _, pts, _, _ in series for _, *values in pts for y in values]       # points and whiskers
     span = max(max(ys) - min(ys), 1.0)
@@ -353,50 +350,46 @@ def common_settings(rows):
             for key in keys}
 
 
-def label_variants(rows):
-    """Name each run's variant by the settings where it differs from most runs ('' = the main sweep)."""
-    common = common_settings(rows)
+def curve(args):
+    found = {a: [r for f in sorted(glob.glob(a)) if os.path.isdir(f) and (r := read_run(f))]
+             for a in args.curve}                                     # each argument's runs
+    rows, empty = [r for runs in found.values() for r in runs], [a for a in found if not found[a]]
+    if not rows:
+        raise UserError(f"no finished runs (metrics.jsonl with an epoch) in {' '.join(args.curve)}")
+    if empty:
+        print(f"warning: no run (metrics.jsonl with an epoch) in {' '.join(empty)}: skipped", file=sys.stderr)
+    common = common_settings(rows)        # a run's variant: the settings where it differs from most runs
     for r in rows:
         mine = r["settings"]
         r["variant"] = " ".join(f"{k}={mine[k]}" for k in common if k in mine and str(mine[k]) != common[k])
-
-
-def curve(args):
-    folders = [f for pattern in args.curve for f in sorted(glob.glob(pattern)) if os.path.isdir(f)]
-    rows = [r for r in map(read_run, folders) if r]
-    if not rows:
-        raise UserError(f"no finished runs (metrics.jsonl with an epoch) in {' '.join(args.curve)}")
-    label_variants(rows)
     rows.sort(key=lambda r: (r["variant"], r["depth"] > 1, r["mixer"], r["share"], r["depth"], r["seed"]))
-    print("| run | R | mixer | share | differs from the main sweep | seed | params | GMACs | epochs | best "
-          "top-1 | final top-1 | wall time |\n" + "|---" * 12 + "|")
+    say("| run | R | mixer | share | differs from the main sweep | seed | params | GMACs | epochs | best "
+        "top-1 | final top-1 | wall time |\n" + "|---" * 12 + "|")
     for r in rows:
         epochs = str(r["epochs"]) + ("" if r["finished"] else f" of {r['settings']['epochs']} (unfinished)")
-        print(f"| {r['run']} | {r['depth']} | {r['mixer']} | {r['share']} | {r['variant'] or '-'} | "
-              f"{r['seed']} | {r['params']:,} | {r['gmacs']:.3g} | {epochs} | {r['best_top1']:.2f} | "
-              f"{r['final_top1']:.2f} | {fmt_time(r['wall_s'])} |")
-    groups, runs_of = {}, {}
+        say(f"| {r['run']} | {r['depth']} | {r['mixer']} | {r['share']} | {r['variant'] or '-'} | "
+            f"{r['seed']} | {r['params']:,} | {r['gmacs']:.3g} | {epochs} | {r['best_top1']:.2f} | "
+            f"{r['final_top1']:.2f} | {fmt_time(r['wall_s'])} |")
+    runs_of = {}                                     # a seed run twice counts once: the mean of its runs
     for r in filter(lambda r: r["finished"], rows):
         key = (r["variant"], r["depth"], r["mixer"], r["share"])
         runs_of.setdefault(key, {}).setdefault(r["seed"], []).append(r["final_top1"])
-    for key, by_seed in runs_of.items():            # a seed run twice counts once: the mean of its runs
-        groups[key] = [statistics.mean(accs) for accs in by_seed.values()]
-    main_sweep = " ".join(f"{k}={v}" for k, v in common_settings(rows).items())
-    print("\nFinal top-1 of finished runs by configuration: runs are grouped by every setting that changes "
-          "the result (not --amp or --loader: a run may resume on another device, precision or loader); the "
-          f"main sweep is each setting's most common value: {main_sweep}. Mean over seeds; range where "
-          "several.")
-    print("| R | mixer | share | differs from the main sweep | seeds | final top-1 "
-          "|\n|---|---|---|---|---|---|")
+    groups = {key: [statistics.mean(accs) for accs in by_seed.values()] for key, by_seed in runs_of.items()}
+    main_sweep = " ".join(f"{k}={v}" for k, v in common.items())
+    say("\nFinal top-1 of finished runs by configuration: runs are grouped by every setting that changes "
+        "the result (not --amp or --loader: a run may resume on another device, precision or loader); the "
+        f"main sweep is each setting's most common value: {main_sweep}. Mean over seeds; range where "
+        "several.\n| R | mixer | share | differs from the main sweep | seeds | final top-1 |\n"
+        "|---|---|---|---|---|---|")
     for key, accs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3], kv[0][1])):
         variant, depth, mixer, share = key
         spread = f" ({min(accs):.2f}-{max(accs):.2f})" if len(accs) > 1 else ""
         twice = [f"seed {seed} run {len(accs_of_seed)} times, counted once"
                  for seed, accs_of_seed in runs_of[key].items() if len(accs_of_seed) > 1]
-        print(f"| {depth} | {mixer} | {share} | {variant or '-'} | {len(accs)}{'; ' if twice else ''}"
-              f"{'; '.join(twice)} | {statistics.mean(accs):.2f}{spread} |")
+        say(f"| {depth} | {mixer} | {share} | {variant or '-'} | {len(accs)}{'; ' if twice else ''}"
+            f"{'; '.join(twice)} | {statistics.mean(accs):.2f}{spread} |")
     if args.json:
-        write_json(args.json, rows)
+        say(args.json, rows, write=write_json)
     if args.plot and not groups:
         raise UserError(f"no finished run to plot in {' '.join(args.curve)} (the table above lists the "
                         f"unfinished ones): plot when one has finished")
@@ -446,7 +439,7 @@ def plot_curve(groups, path=None, paper=False):
     for p, x in zip(panels, (0, 760)):
         canvas.paste(p, (x, 0))
     if path:
-        save_file(path, canvas.save)
+        say(path, canvas.save, write=save_file)
     return canvas
 
 
@@ -464,10 +457,8 @@ def get_args(argv=None):
     add("--steps", help="'all': the anytime table for k = 1..R; a number k: evaluate the first k steps only")
     add("--maps", default=None, help="PNG file for the SoftMoR weight maps")
     add("--maps-images", type=int, default=4, help="how many validation images the maps show")
-    add("--maps-mixer", type=int, default=-1,
-        help="which mixer to draw: 1..L (block sharing has one per block), -1 the last")
-    add("--maps-relative", action="store_true",
-        help="colours from the smallest to the largest weight shown, not 0..1")
+    add("--maps-mixer", type=int, default=-1, help="the mixer to draw: 1..L (one per block), -1 the last")
+    add("--maps-relative", action="store_true", help="colours span the weights shown, not 0..1")
     add("--plot", default=None, help="PNG file for the depth curve")
     add("--paper", action="store_true", help="add the paper's ImageNet points as a second panel")
     add("--json", default=None, help="also write the numbers to this JSON file")
@@ -482,12 +473,21 @@ def get_args(argv=None):
     if bool(args.checkpoint) == bool(args.curve):
         raise UserError("give exactly one of --checkpoint, --curve (python eval.py --help lists the options)")
     check_device(args.device)
-    check_at_least(args, maps_images=1, batch_size=1, val_subset=1, workers=0)
+    check_at_least(args, batch_size=1, val_subset=1)
+    for k, (ok, rule) in (("workers", WORKERS), ("maps_images", (lambda n: 1 <= n <= 64, ">= 1 and <= 64"))):
+        if not ok(getattr(args, k)):                                # (as train.py's check_args says it)
+            raise UserError(f"--{k.replace('_', '-')} must be {rule}, got {getattr(args, k)}")
+    if args.checkpoint:
+        args.checkpoint = checkpoint_of(args.checkpoint)
+    taken = {os.path.realpath(args.checkpoint): "the checkpoint it evaluates"} if args.checkpoint else {}
     for flag, path, picture in (("--json", args.json, False), ("--plot", args.plot, True),
                                 ("--maps", args.maps, True)):
         check_output(flag, path, picture)
-    if args.checkpoint:
-        args.checkpoint = checkpoint_of(args.checkpoint)
+        real = path and os.path.realpath(path)                         # (a link: the file it names)
+        if real and (real in taken or any(Path(p).match("metrics*.jsonl") for p in (path, real))):
+            raise UserError(f"{flag} {path} is {taken.get(real, 'the metrics of a run')}, which this would "
+                            f"replace: name a new file")
+        taken[real] = f"the file {flag} writes"
     return args
 
 

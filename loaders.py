@@ -66,10 +66,10 @@ def image_size(folder, probe=16):
 
     def is_picture(path):
         return has_file_allowed_extension(path, IMG_EXTENSIONS)
-    classes = sorted(c for c in listed(folder)
-                     if not c.startswith(".") and os.path.isdir(os.path.join(folder, c)))
+    classes, _ = class_entries(folder)
     # (the pictures the dataset will list: in sub-folders of a class too)
-    per_class = [pictures_in(os.path.join(folder, c), is_picture) for c in classes]
+    walls = split_walls(folder, classes)
+    per_class = [pictures_in(os.path.join(folder, c), is_picture, walls=walls) for c in classes]
     # in turns over the classes: the first picture of each class, then the second of each, ...
     in_turns = itertools.chain.from_iterable(itertools.zip_longest(*per_class))
     sizes = Counter()
@@ -92,6 +92,49 @@ def listed(folder):
         return os.listdir(folder)
     except OSError as e:
         raise unreadable_folder(folder, e) from None
+
+
+def class_entries(directory):
+    """The class folders of a split (their names, sorted) and the paths of the other entries beside them,
+    which are in no class; hidden entries are neither. An entry that cannot be looked at is refused: a
+    link to a class folder on a disk not mounted would make the class vanish, and the run would train on
+    the others without a word."""
+    classes, loose = [], []
+    for name in sorted(n for n in listed(directory) if not n.startswith(".")):
+        path = os.path.join(directory, name)
+        try:
+            mode = os.stat(path).st_mode                             # (through links)
+        except OSError as e:
+            if os.path.islink(path) and isinstance(e, FileNotFoundError):
+                raise UserError(f"{path} is a link to {os.readlink(path)}, which does not exist (a disk not "
+                                f"mounted?): mount it, or remove the link", shared=True) from None
+            if isinstance(e, PermissionError):
+                raise unreadable_folder(directory, e) from None
+            raise UserError(f"cannot look at {path} ({e.strerror or type(e).__name__}): repair or remove "
+                            f"it (were it a class folder, its class would be left out)",
+                            shared=True) from None
+        if stat.S_ISDIR(mode):
+            classes.append(name)
+        else:
+            loose.append(path)
+    return classes, loose
+
+
+def split_walls(directory, classes):
+    """The real paths a class folder's walk must not enter: the split's folder and those above it, and
+    the class folders (a link to one of them would list other classes' pictures under this class)."""
+    real = os.path.realpath(directory)
+    return ({real} | set(ancestors(real))
+            | {os.path.realpath(os.path.join(directory, name)) for name in classes})
+
+
+def ancestors(real):
+    """The folders above a real path, up to the filesystem's root."""
+    up = []
+    while os.path.dirname(real) != real:
+        real = os.path.dirname(real)
+        up.append(real)
+    return up
 
 
 def unreadable_folder(folder, e):
@@ -156,8 +199,7 @@ def class_folders():
 
     class ClassFolders(ImageFolder):
         def find_classes(self, directory):
-            classes = sorted(name for name in listed(directory)
-                             if os.path.isdir(os.path.join(directory, name)) and not name.startswith("."))
+            classes, self.loose = class_entries(directory)     # loose: files beside the class folders
             if not classes:
                 raise FileNotFoundError(f"no class folders in {directory}")
             return classes, {name: i for i, name in enumerate(classes)}
@@ -166,8 +208,11 @@ def class_folders():
                          allow_empty=False):
             is_picture = is_valid_file or (lambda path: has_file_allowed_extension(path, extensions))
             self.skipped = {}                  # files of the class folders that are not pictures, by suffix
+            self.not_walked = []               # links inside them to the split's own folders
+            walls = split_walls(directory, list(class_to_idx))
             samples = [(path, index) for name, index in sorted(class_to_idx.items())
-                       for path in pictures_in(os.path.join(directory, name), is_picture, self.skipped)]
+                       for path in pictures_in(os.path.join(directory, name), is_picture, self.skipped,
+                                               walls, self.not_walked)]
             found = {index for _, index in samples}
             empty = sorted(name for name, index in class_to_idx.items() if index not in found)
             if empty and not allow_empty:
@@ -176,15 +221,25 @@ def class_folders():
     return ClassFolders
 
 
-def pictures_in(folder, is_picture, skipped=None):
+def pictures_in(folder, is_picture, skipped=None, walls=(), not_walked=None):
     """The files under folder that is_picture accepts, in torchvision's order (by folder, then name),
     without hidden files and folders, each folder walked once however many links lead to it. The others
-    are counted in `skipped` by suffix ({".heic": 3}), where it is given."""
+    are counted in `skipped` by suffix ({".heic": 3}), where it is given. A link to a folder above this
+    one, or to one whose real path is in `walls` (split_walls: the split's folder, the other class folders),
+    is not followed, and its path is added to `not_walked` where it is given: through it the other
+    classes' pictures would be listed under this class."""
     def cannot_read(e):                 # (os.walk would skip the folder, and its pictures, silently)
         raise unreadable_folder(e.filename, e)
+    top = os.path.realpath(folder)
+    walls = (set(walls) | set(ancestors(top))) - {top}   # (two class names for one folder: still walked)
     walked, seen = [], set()
     for root, dirs, files in os.walk(folder, onerror=cannot_read, followlinks=True):
         real = os.path.realpath(root)
+        if real in walls:
+            if not_walked is not None:
+                not_walked.append(root)
+            dirs[:] = []
+            continue
         if real in seen:               # a link back to a folder already walked: no pictures twice, no loop
             dirs[:] = []
             continue
@@ -509,17 +564,37 @@ def default_workers():
 
 
 def say_skipped(train_set, val_set, env):
-    """One line naming the files of the class folders that are not pictures torchvision reads (a phone's
-    .heic, a .gif), which the datasets leave out, so that none is left out without a word."""
-    skipped = {}
+    """One line naming what the datasets leave out, so that nothing is left out without a word: the files
+    of the class folders that are not pictures torchvision reads (a phone's .heic, a .gif), the files
+    beside the class folders (in no class), and the links inside class folders that are not followed
+    (pictures_in)."""
+    skipped, loose, not_walked = {}, [], []
     for data in (train_set, val_set):
-        for suffix, n in getattr(getattr(data, "dataset", data), "skipped", {}).items():
+        data = getattr(data, "dataset", data)
+        for suffix, n in getattr(data, "skipped", {}).items():
             skipped[suffix] = skipped.get(suffix, 0) + n
+        loose += getattr(data, "loose", [])
+        not_walked += getattr(data, "not_walked", [])
+    said, loose, not_walked = [], list(dict.fromkeys(loose)), list(dict.fromkeys(not_walked))
     if skipped:
         most_first = sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))
         kinds = ", ".join(f"{n:,} {suffix}" for suffix, n in most_first)
-        env.log(f"left out {plural(sum(skipped.values()), 'file')} of the class folders that are not "
-                f"pictures train.py reads ({kinds}); convert them to JPEG or PNG to use them")
+        said.append(f"{plural(sum(skipped.values()), 'file')} of the class folders that are not pictures "
+                    f"train.py reads ({kinds}); convert them to JPEG or PNG to use them")
+    if loose:
+        said.append(f"{plural(len(loose), 'file')} beside the class folders, in no class ({some(loose)}); "
+                    f"move a picture into its class's folder to use it")
+    if not_walked:
+        said.append(f"{plural(len(not_walked), 'link')} inside class folders to the split's folder, a "
+                    f"folder above it or another class's ({some(not_walked)}), not followed: it would list "
+                    f"other classes' pictures under its class")
+    if said:
+        env.log("left out " + ". Also left out ".join(said))
+
+
+def some(paths, n=3):
+    """The first n paths, and how many more."""
+    return ", ".join(paths[:n]) + (f" and {len(paths) - n:,} more" if len(paths) > n else "")
 
 
 def build_loaders(args, env):
@@ -984,6 +1059,15 @@ def resized_crop(image, top, left, height, width, size):
     """torchvision's resized_crop of one (3, H, W) uint8 image: (1, 3, size, size) float, not rounded
     (the batch is rounded at once). Crops differ in size, so this is the one op per sample."""
     crop = image[None, :, top:top + height, left:left + width].float()
+    # CUDA's antialiased bicubic holds each block's filter weights in shared memory, (32 iw + 33 ih) * 4
+    # bytes with iw, ih = 1 + 2 ceil(2 crop / size): past about 47 x the output side that is more than a
+    # block may have ("Too much shared memory required"), and the step fails. So a side over 32 x is first
+    # averaged over whole blocks of k pixels (k per side, the least that leaves at most 32 x): a box inside
+    # bicubic's far wider filter, so near the one-step resize (the CPU's, which has no such limit); up to
+    # k - 1 pixels at the crop's far edge are dropped, under 1/32 of an output pixel.
+    shrink = [math.ceil(n / (32 * size)) for n in (height, width)]
+    if max(shrink) > 1:
+        crop = F.avg_pool2d(crop, shrink)
     return F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
 
 
@@ -1041,11 +1125,14 @@ NVJPEG_DEVICE_STATUS = re.compile(r"failed to [^:]*: [568]$")
 def is_device_fault(e):
     """Whether an error of the batched decode is the device's, not the files'. torchvision re-raises
     every nvJPEG and CUDA error as a plain RuntimeError ("Error while decoding JPEG images: ..."), so
-    the message tells them apart: out of memory, a CUDA error, nvJPEG's status for a device failure."""
+    the message tells them apart: out of memory, a CUDA error, nvJPEG's status for a device failure.
+    torchvision 0.29's decoder (on torch's stable ABI) checks its CUDA calls with a macro that says only
+    "... API call failed at <file>, line N", the cause (out of memory among them) dropped: a CUDA call
+    failing is the device's, never a file's."""
     said = str(e).lower()
     return (isinstance(e, DEVICE_FAULTS) or NVJPEG_DEVICE_STATUS.search(said) is not None
             or any(sign in said for sign in ("out of memory", "cuda error", "cuda driver error",
-                                             "failed to synchronize")))
+                                             "failed to synchronize", "api call failed")))
 
 
 def gpu_decode(files, device, augment):

@@ -15,6 +15,7 @@ import errno
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -100,6 +101,13 @@ def cli(main_fn, argv=None,
         print(f"error{where}: out of GPU memory ({said[1] if len(said) > 1 else said[0]}); {out_of_memory}",
               file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if world == 1 or not peer_gone(e):
+            raise
+        # another rank stopped (its own one line, or a crash) and took the collective with it
+        print(f"error (rank {rank}): stopped because another rank ended the run; that rank's message says "
+              f"why", file=sys.stderr)
+        return 2
     except Stopped as e:
         if not e.shared or rank == 0:
             print(f"(rank {rank}) {e}" if not e.shared and world > 1 else str(e), file=sys.stderr)
@@ -115,6 +123,15 @@ def cli(main_fn, argv=None,
             quiet_worker_deaths()
             for worker in multiprocessing.active_children():
                 worker.kill()
+
+
+# How gloo and NCCL report a rank that has gone: what every other rank meets in its next collective.
+PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe",
+             "communicator was aborted", "nccl communicator", "connection refused")
+
+
+def peer_gone(e):
+    return isinstance(e, dist.DistNetworkError) or any(s in str(e).lower() for s in PEER_GONE)
 
 
 def user_error_message(e):
@@ -193,6 +210,8 @@ class Env:
             sys.stdout.flush()            # (a pipe buffers: its error would land on any later line)
         except OSError:                   # BrokenPipeError, ENOSPC
             sys.stdout = open(os.devnull, "w")
+        except UnicodeEncodeError:        # a path that is not UTF-8, on a console that takes UTF-8 only
+            self.log(*(str(a).encode("ascii", "backslashreplace").decode() for a in args), **kwargs)
 
 
 def init_distributed(batch_size, micro_batch=None, device=None):
@@ -218,6 +237,8 @@ def init_distributed(batch_size, micro_batch=None, device=None):
             torch.cuda.set_device(device)
     else:
         device = torch.device(device or ("cuda" if cuda else "cpu"))
+        if device.type == "cuda" and device.index:      # pinned memory and nvJPEG use the current GPU:
+            torch.cuda.set_device(device)               # without this, --device cuda:1 also takes GPU 0
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cpu_group = dist.new_group(backend="gloo") if world > 1 and cuda else None
@@ -327,6 +348,10 @@ def what_to_free(e):
     return "give this user write access to the file and its folder (or move aside what is in the way)"
 
 
+# the temporary files a killed run of ours leaves in its out-dir (OutDir.save, open, write_rows)
+KILLED_WRITE = re.compile(r"(last\.pt|best\.pt|metrics\.jsonl|write-test-\d+)\.tmp")
+
+
 class OutDir:
     def __init__(self, path, master):
         self.path, self.master, self.lock_file = path, master, None
@@ -356,8 +381,8 @@ class OutDir:
             probe = os.path.join(self.path, f"write-test-{os.getpid()}.tmp")
             open(probe, "w").close()
             os.remove(probe)
-            for name in os.listdir(self.path):           # what a killed run was writing
-                if name.endswith(".tmp"):
+            for name in os.listdir(self.path):           # what a killed run was writing, and only that:
+                if KILLED_WRITE.fullmatch(name):         # the folder may hold the user's own *.tmp files
                     os.remove(os.path.join(self.path, name))
         except OSError as e:
             self.close(failed=True)
@@ -473,6 +498,10 @@ class OutDir:
             if row is None:                                            # (blank or torn: dropped)
                 continue
             if row.get("type") == "epoch":
+                if not isinstance(row.get("epoch"), int):              # not a row train.py wrote
+                    raise UserError(f"{self.metrics} holds an epoch row without its epoch number, which "
+                                    f"train.py does not write: {line.strip()[:80]}; delete that line, or "
+                                    f"resume into another --out-dir", shared=True)
                 if row["epoch"] > done:                                # kept aside below
                     later.append(row["epoch"])
                     continue
@@ -567,26 +596,36 @@ def save_file(path, write):
     print(f"wrote {path}")
 
 
-def read_checkpoint(path):
+def load_optimizer(optimizer, state):
+    """The checkpoint's optimizer state, run the way this machine's optimizer was built. torch's
+    load_state_dict takes each group's `fused` and `foreach` from the file too: a run resumed on a GPU
+    from a CPU checkpoint would drop the fused AdamW, and under fp16 its GradScaler would hand the
+    unfused step the scale it cannot take."""
+    how = {k: optimizer.defaults[k] for k in ("fused", "foreach", "capturable") if k in optimizer.defaults}
+    optimizer.load_state_dict({**state, "param_groups": [{**g, **how} for g in state["param_groups"]]})
+
+
+def read_checkpoint(path, shared=False):
     """A train.py checkpoint as a dict, for train.py's resume and eval.py: srvit.read_weights (the one
     reader of checkpoint files), its ValueError turned into a one-line UserError for a missing file, a
-    file that is not whole, or one that train.py did not write."""
+    file that is not whole, or one that train.py did not write. `shared`: every rank reads this file."""
     if not os.path.exists(path):           # (there but no file: read_weights names what it is)
-        raise UserError(f"checkpoint not found: {path}")
+        raise UserError(f"checkpoint not found: {path}", shared=shared)
     try:
         ckpt = srvit.read_weights(path)
     except ValueError as e:
         if isinstance(e.__cause__, PermissionError):   # there, but not readable: nothing known of its content
-            raise UserError(str(e)) from None
+            raise UserError(str(e), shared=shared) from None
         best = os.path.join(os.path.dirname(path), "best.pt")
         keep = (f"; best.pt beside it may be whole: --resume {best} resumes from its epoch (the epochs "
                 f"after it are trained again)"
                 if os.path.basename(path) == "last.pt" and os.path.isfile(best) else "")
         said = str(e).rstrip(".")
-        raise UserError(f"{said}. A train.py checkpoint is a run's last.pt or best.pt{keep}") from None
+        raise UserError(f"{said}. A train.py checkpoint is a run's last.pt or best.pt{keep}",
+                        shared=shared) from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise UserError(f"{path} is not a train.py checkpoint (no 'config'); for DeiT/timm weights use "
-                        f"train.py --init-from, or srvit.load_pretrained in Python")
+                        f"train.py --init-from, or srvit.load_pretrained in Python", shared=shared)
     return ckpt
 
 
@@ -639,15 +678,15 @@ def restore(resume, settings, out, model, optimizer, scaler, dataset, may_change
             raise UserError(f"--resume {path}: file not found", shared=True)
         check_no_rows(out)
         return {}
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, shared=True)
     if "optimizer" not in ckpt:
         raise UserError(f"{path} holds weights only, no optimizer state to resume from; use --init-from",
                         shared=True)
     check_same_run(path, ckpt, model, settings, dataset, may_change)
     try:        # (a config that does not match its own weights, or another version's parameter groups)
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (KeyError, RuntimeError, ValueError) as e:
+        load_optimizer(optimizer, ckpt["optimizer"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
         if isinstance(e, torch.OutOfMemoryError) or "CUDA" in str(e):     # the device's fault, not the file's
             raise
         raise UserError(f"{path} does not hold the weights and optimizer state of the model it names "
@@ -684,6 +723,9 @@ def read_lines(path):
     line, which json_row then reads as torn."""
     if not os.path.exists(path):
         return []
+    if not os.path.isfile(path):           # a named pipe would be waited on for ever
+        raise UserError(f"{path} is not a file (a folder, a named pipe or a device): a run's metrics file, "
+                        f"readable by this user, was expected there")
     try:
         with open(path, errors="replace") as f:
             return f.read().splitlines(keepends=True)

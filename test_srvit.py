@@ -7,6 +7,7 @@ import functools
 import glob
 import itertools
 import inspect
+import io
 import json
 import math
 import os
@@ -1064,6 +1065,30 @@ def test_a_lagging_loader_is_named_once_as_the_bound(monkeypatch):
         lines.clear()
 
 
+def test_the_progress_line_and_the_epoch_row_say_what_the_clock_measured(monkeypatch):
+    now = [2.0]
+    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: now[0], perf_counter=lambda: now[0]))
+    lines = []
+    weights = torch.nn.Parameter(torch.zeros(1))
+    run = SimpleNamespace(args=SimpleNamespace(batch_size=4, epochs=3), steps_per_epoch=10, gmacs=1.0,
+                          env=SimpleNamespace(log=lines.append, device=torch.device("cpu"), world=1,
+                                              master=False, cpu_group=None),
+                          progress=train.Progress(epoch=1, step=6, loss_sum=13.0, elapsed=50.0),
+                          optimizer=torch.optim.SGD([weights], lr=1e-3), peak=None, train_loader=None)
+    clock = train.EpochClock(elapsed_before=40.0, first_step=2, start=0.0)
+    # steps 5 and 6 (loss 3.0 together) in the second since the last line, at batch 4: 8 img/s; 14 steps
+    # of this epoch and the next one left: 56 images, 7 s
+    log_from = train.log_progress(run, 1, 13.0, (1.0, 4, 10.0, 0.0), clock)
+    assert lines == ["epoch 2/3 | step 6/10 | loss 1.5000 | lr 1.00e-03 | 8 img/s | eta 0:00:07 "
+                     "(+ evaluation)"]
+    assert log_from == (2.0, 6, 13.0, 0.0)
+    # the epoch's row: 8 steps of 4 images in 10 training seconds (50 - 40); evaluation ran to t=12
+    now[0] = 12.0
+    train.end_epoch(run, 1, {"val_loss": 1.0, "top1": 50.0, "top5": 90.0}, clock)
+    row = run.progress.records[-1]
+    assert row["images_per_s"] == 3.2 and row["epoch_time"] == 12.0 and row["elapsed"] == 50.0
+
+
 def test_memory_loader_matches_the_pil_path_without_augmentation(tmp_path):
     # Same images, same order, same normalisation: the fast path changes speed, not data.
     root = make_image_folder(tmp_path / "data", n=8)
@@ -1869,6 +1894,32 @@ def test_kill_between_checkpoint_and_metrics_row_loses_nothing(tmp_path, monkeyp
     assert not [f for f in os.listdir(cut) if f.endswith(".tmp")]
 
 
+def test_a_resume_keeps_the_optimizer_this_machine_built_and_the_checkpoints_state():
+    # a CPU run (unfused AdamW) resumed on a GPU (fused): the file's groups must not switch fusing off
+    torch.manual_seed(0)
+    weights = torch.nn.Parameter(torch.randn(3, device="cpu"))
+    saved = torch.optim.AdamW([weights], lr=0.123, fused=False)
+    weights.grad = torch.ones(3, device="cpu")
+    saved.step()
+    fused = torch.optim.AdamW([weights], lr=1.0, fused=True)
+    runtime.load_optimizer(fused, saved.state_dict())
+    group = fused.param_groups[0]
+    assert group["fused"] is True and group["foreach"] is None and group["lr"] == 0.123
+    assert torch.equal(fused.state[weights]["exp_avg"], saved.state[weights]["exp_avg"])
+
+
+def test_a_start_deletes_only_the_temporary_files_a_killed_run_leaves(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    ours = ["last.pt.tmp", "best.pt.tmp", "metrics.jsonl.tmp", "write-test-123.tmp"]
+    theirs = ["draft.tmp", "notes.pt.tmp", "last.pt.tmp.bak"]       # the user's files, in a shared folder
+    for name in ours + theirs:
+        (out / name).write_bytes(b"x")
+    (out / "cache.tmp").mkdir()
+    runtime.OutDir(str(out), master=True).open().close(failed=False)
+    assert sorted(os.listdir(out)) == sorted(theirs + ["cache.tmp", "train.lock"])
+
+
 def test_kill_between_best_and_last_keeps_the_best_model(tmp_path, monkeypatch):
     # The kill comes right after best.pt of epoch 2 is renamed into place, before last.pt of epoch
     # 2. The resumed run re-trains epoch 2 and scores lower there (as a GPU run, which does not
@@ -1922,6 +1973,20 @@ def test_metrics_repair_keeps_old_rows_and_drops_a_torn_line(tmp_path):
     assert epochs_in("metrics-until-epoch-3-2.jsonl") == [None, 1, 2, 3]
     out.repair_metrics(3, records=[{"type": "epoch", "epoch": e} for e in (1, 2, 3)])
     assert [r.get("epoch") for r in read_metrics(str(tmp_path))] == [None, 1, 2, 3]
+
+
+def test_metrics_repair_refuses_an_epoch_row_without_its_number_and_a_pipe_in_its_place(tmp_path):
+    out = runtime.OutDir(str(tmp_path), master=True)
+    rows = '{"type": "run"}\n{"type": "epoch", "epoch": 1}\n{"type": "epoch", "note": "x"}\n'
+    with open(out.metrics, "w") as f:
+        f.write(rows)
+    with pytest.raises(runtime.UserError, match="epoch row without its epoch number"):
+        out.repair_metrics(1, records=[])
+    assert open(out.metrics).read() == rows                         # nothing dropped
+    os.remove(out.metrics)
+    os.mkfifo(out.metrics)                                            # would block an open() for ever
+    with pytest.raises(runtime.UserError, match="is not a file"):
+        runtime.read_lines(out.metrics)
 
 
 @slow
@@ -2156,6 +2221,37 @@ def test_a_stray_or_broken_launch_environment_is_one_line(monkeypatch, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and said in err and "torchrun" in err, (env, err)
     assert ran == [] and runtime.launch_env() == (0, 1, 0, 1)
+
+
+def test_device_cuda_1_makes_gpu_1_the_current_one(monkeypatch):
+    # (on a CPU: the device check and set_device stand in for the GPU's)
+    current = []
+    monkeypatch.setattr(runtime, "check_device", lambda device: "cuda")
+    monkeypatch.setattr(runtime.torch.cuda, "set_device", current.append)
+    monkeypatch.setattr(runtime.torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(runtime.torch.backends.cudnn, "allow_tf32", False)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    env = runtime.init_distributed(8, device="cuda:1")
+    assert env.device == torch.device("cuda:1") and current == [torch.device("cuda:1")]
+
+
+def test_a_path_that_is_not_utf8_is_printed_escaped_on_a_strict_console(monkeypatch):
+    console = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", console)
+    path = os.fsdecode(b"/data/caf\xe9")                       # as Python holds a non-UTF-8 file name
+    runtime.Env().log(f"data: {path}")
+    console.flush()
+    assert console.buffer.getvalue() == b"data: /data/caf\\udce9\n"
+
+
+@slow
+def test_a_world_size_that_is_no_number_is_one_line_to_the_end_of_the_program():
+    # cli says it; train.py's own exit path read WORLD_SIZE again with int() and added a traceback
+    res = subprocess.run([sys.executable, "train.py", "--data", "fake"], capture_output=True, text=True,
+                         cwd=HERE, timeout=120, env={**os.environ, "WORLD_SIZE": "abc"})
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "WORLD_SIZE='abc'" in res.stderr
 
 
 def test_on_all_ranks_undoes_what_this_rank_set_up_when_another_rank_failed(monkeypatch):
@@ -2825,11 +2921,12 @@ def test_eval_val_subset_takes_trainings_subset_and_progress_stays_out_of_stdout
     # the same 16 images as train.py --val-subset 16 picks, scored as train.py scores them
     targs = SimpleNamespace(**{**torch.load(ckpt, weights_only=True)["args"], "val_subset": 16})
     val, _ = loaders.build_dataset(targs, "val", loaders.transforms(targs, train=False))
-    batches = loaders.OnDevice(torch.utils.data.DataLoader(val, 8),
+    batches = loaders.OnDevice(torch.utils.data.DataLoader(val, 2),      # eval's batches: the same sums
                                loaders.Normalize(*loaders.mean_std(32), "cpu"))
     want = train.evaluate(srvit_eval.load_model(ckpt), batches, torch.device("cpu"), nullcontext())
-    assert (res["top1"], res["top5"]) == (want["top1"],
-                                          want["top5"]) and res["loss"] == pytest.approx(want["val_loss"])
+    assert res["top1"] == pytest.approx(want["top1"], abs=100 / 16)     # (a near-tie may flip one image)
+    assert res["top5"] == pytest.approx(want["top5"], abs=100 / 16)
+    assert res["loss"] == pytest.approx(want["val_loss"])
     out, err = capsys.readouterr()
     # progress on stderr
     assert "evaluating: batch 4/8" in err and "images/s | eta" in err and "batch" not in out
@@ -3697,6 +3794,56 @@ def test_a_shared_error_on_another_rank_waits_for_rank_0_to_say_it(monkeypatch, 
     assert len(slept) == 2                                                        # rank 0 does not wait
 
 
+def test_a_picture_given_to_resume_is_said_once_by_rank_0_under_torchrun(tmp_path, monkeypatch, capsys):
+    # every rank reads the same --resume file: its error is shared, so rank 1 waits for rank 0 to say it
+    slept = []
+    monkeypatch.setattr(runtime.time, "sleep", slept.append)
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("TORCHELASTIC_RUN_ID", "x"),
+                        ("MASTER_ADDR", "localhost")):
+        monkeypatch.setenv(name, value)
+    picture = tmp_path / "cat.jpg"
+    picture.write_bytes(b"\xff\xd8\xff\xe0" + bytes(60))       # a JPEG's first bytes, no checkpoint
+    argv = FAKE + ["--resume", str(picture), "--out-dir", str(tmp_path / "run")]
+    assert runtime.cli(train.main, argv) == 2
+    assert slept == [runtime.SHARED_ERROR_WAIT]          # (torchrun ends this rank once rank 0 has said it)
+    assert capsys.readouterr().err.startswith(f"error (rank 1): cannot read {picture}")
+
+
+def test_a_rank_whose_peer_has_gone_says_one_line(monkeypatch, capsys):
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("TORCHELASTIC_RUN_ID", "x"),
+                        ("MASTER_ADDR", "localhost")):
+        monkeypatch.setenv(name, value)
+
+    def raising(error):
+        def main(argv):
+            raise error
+        return main
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                        "[127.0.0.1]:29500")
+    assert runtime.cli(raising(gloo)) == 2
+    err = capsys.readouterr().err
+    assert err == "error (rank 1): stopped because another rank ended the run; that rank's message says why\n"
+    with pytest.raises(RuntimeError, match="a bug"):                      # anything else stays a traceback
+        runtime.cli(raising(RuntimeError("a bug")))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(RuntimeError, match="closed by peer"):             # one process has no peer
+        runtime.cli(raising(gloo))
+
+
+@slow
+def test_a_failed_write_on_rank_0_is_one_line_on_every_rank_under_torchrun(tmp_path):
+    out = tmp_path / "run"
+    (out / "best.pt").mkdir(parents=True)                  # rank 0 cannot write its first best.pt
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "train.py"), *FAKE, "--epochs", "2", "--out-dir", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ranks = res.stderr.split("elastic/multiprocessing")[0]          # what the ranks said, before torchrun
+    assert res.returncode != 0 and "Traceback" not in ranks, res.stderr[-3000:]
+    assert "error (rank 0): could not write" in ranks and "error (rank 1): stopped because" in ranks, ranks
+
+
 @slow
 def test_a_shared_error_under_torchrun_reaches_the_user(tmp_path):
     # Three runs (the lost line was seen 1 run in 6; the order itself is tested in-process above).
@@ -4014,3 +4161,231 @@ def test_every_planted_bug_of_results_mutants_finds_its_line_once():
     for name, path, old, new in mutants.BUGS:
         text = open(os.path.join(HERE, path)).read()
         assert text.count(old) == 1 and old != new, name
+
+
+def loader_lines(root):
+    """build_loaders' log lines and its number of training images, for a class-folder tree on the CPU."""
+    lines = []
+    env = runtime.Env(device=torch.device("cpu"), micro=4)
+    env.log = lines.append
+    _, _, _, n_train = loaders.build_loaders(train.get_args(["--data-path", root, "--device", "cpu",
+                                                             "--workers", "0", "--batch-size", "4"]), env)
+    return lines, n_train
+
+
+def test_a_link_in_a_class_folder_to_the_split_or_another_class_lists_no_picture_under_it(tmp_path):
+    # Through such a link the walk of one class listed the other classes' pictures under it: {cat: 16,
+    # dog: 16} for 4 + 4 pictures, mislabelled without a word. Not followed now, and named.
+    from collections import Counter
+    root = make_image_folder(tmp_path / "data", n=4)
+    split = tmp_path / "data" / "train"
+    os.symlink("..", split / "cat" / "up")                                 # the split's folder
+    os.symlink(os.path.join("..", "dog"), split / "cat" / "dogs")          # another class's folder
+    os.symlink(os.path.join("..", ".."), split / "dog" / "top")            # above the split: val/ too
+    data = loaders.ClassFolders(str(split))
+    assert Counter(data.classes[i] for _, i in data.samples) == {"cat": 4, "dog": 4}
+    assert sorted(data.samples) == sorted((str(split / c / f"{i}.jpg"), data.classes.index(c))
+                                          for c in ("cat", "dog") for i in range(4))
+    links = [str(split / "cat" / "dogs"), str(split / "cat" / "up"), str(split / "dog" / "top")]
+    assert data.not_walked == links
+    lines, n_train = loader_lines(root)
+    assert n_train == 8
+    assert (f"left out 3 links inside class folders to the split's folder, a folder above it or another "
+            f"class's ({', '.join(links)}), not followed: it would list other classes' pictures under its "
+            f"class") in lines, lines
+
+
+def test_files_beside_the_class_folders_are_named_and_a_class_folder_link_to_nowhere_is_refused(tmp_path):
+    # Both were dropped silently: a loose file at the class level, and a link to a class folder on a disk
+    # not mounted (the whole class gone, the run training on the others).
+    from PIL import Image
+    root = make_image_folder(tmp_path / "data", n=4)
+    split = tmp_path / "data" / "train"
+    Image.new("RGB", (8, 8)).save(split / "loose.png")
+    (split / "d.tar.gz").write_bytes(b"\x1f\x8b an archive")
+    (split / ".DS_Store").write_bytes(b"Finder's")                   # hidden: left out without a word
+    lines, n_train = loader_lines(root)
+    assert n_train == 8
+    assert (f"left out 2 files beside the class folders, in no class ({split / 'd.tar.gz'}, "
+            f"{split / 'loose.png'}); move a picture into its class's folder to use it") in lines, lines
+    assert loaders.ClassFolders(str(split)).loose == [str(split / "d.tar.gz"), str(split / "loose.png")]
+    os.symlink(tmp_path / "unmounted" / "bird", split / "bird")
+    said = (f"{re.escape(str(split / 'bird'))} is a link to {re.escape(str(tmp_path / 'unmounted' / 'bird'))}"
+            f", which does not exist \\(a disk not mounted\\?\\): mount it, or remove the link$")
+    with pytest.raises(runtime.UserError, match=said):
+        loaders.ClassFolders(str(split))
+    with pytest.raises(runtime.UserError, match=said):       # (train.py's first look at the folder)
+        loaders.image_size(str(split))
+
+
+def test_a_cuda_call_failing_in_the_stable_abi_jpeg_decoder_is_a_device_fault_not_a_bad_file(monkeypatch):
+    # torchvision 0.29's decoder (torch's stable ABI) says only where a CUDA call failed, its "out of
+    # memory" dropped: taken for a bad file, the batch went to the CPU without a word
+    _, aug, _ = deit_augment()
+    aug.device = torch.device("cuda")                                # (nothing reaches the device here)
+    monkeypatch.setattr(aug, "to_device", lambda x: x)
+    jpeg = encoded(smooth_image(torch.Generator().manual_seed(2), 40, 50), "JPEG")
+    fault = RuntimeError("Error while decoding JPEG images: CUDA API call failed at /__w/vision/vision/"
+                         "torchvision/csrc/io/image/cuda/decode_jpegs_cuda.cpp, line 412")
+    assert loaders.is_device_fault(fault)
+    assert loaders.is_device_fault(RuntimeError("nvjpeg api CALL FAILED at decode.cpp, line 9"))
+    monkeypatch.setattr(loaders, "gpu_decode", lambda *a: (_ for _ in ()).throw(fault))
+    with pytest.raises(RuntimeError, match="API call failed at .*line 412"):
+        aug.decode([jpeg], ["x.jpg"])
+    assert aug.cpu_decoded == 0
+    assert not loaders.is_device_fault(RuntimeError("Error while decoding JPEG images: Failed to decode "
+                                                    "batch: 4"))                  # a file nvJPEG refuses
+
+
+def test_a_crop_over_32_times_the_output_side_is_averaged_down_first_and_stays_near_the_plain_resize(
+        monkeypatch):
+    # CUDA's antialiased bicubic fails ("Too much shared memory required") past about 47 x the output
+    # side; a crop over 32 x is first averaged over k x k blocks. Checked on the CPU at S = 8.
+    image = torch.from_numpy(np.array(smooth_image(torch.Generator().manual_seed(3), 420, 330)))
+    image = image.permute(2, 0, 1).contiguous()                                  # (3, 420, 330) uint8
+    pooled, avg_pool2d = [], F.avg_pool2d
+
+    def spy(x, kernel, *args, **kw):
+        pooled.append((tuple(x.shape[-2:]), list(kernel)))
+        return avg_pool2d(x, kernel, *args, **kw)
+    monkeypatch.setattr(F, "avg_pool2d", spy)
+
+    def plain(top, left, h, w):
+        crop = image[None, :, top:top + h, left:left + w].float()
+        return F.interpolate(crop, size=(8, 8), mode="bicubic", align_corners=False, antialias=True)
+    out = loaders.resized_crop(image, 5, 7, 400, 300, 8)                        # 50 x and 37.5 x
+    assert pooled == [((400, 300), [2, 2])]
+    diff = (out - plain(5, 7, 400, 300)).abs()          # in levels of 255: mean < 0.1, max < 0.5
+    assert out.shape == (1, 3, 8, 8) and diff.mean() < 0.1 and diff.max() < 0.5, (diff.mean(), diff.max())
+    # a side that k does not divide: its last pixel is dropped (401 = 2 * 200 + 1), as written out
+    out = loaders.resized_crop(image, 3, 11, 401, 120, 8)
+    crop = image[None, :, 3:403, 11:131].float()
+    assert pooled[1:] == [((401, 120), [2, 1])]
+    assert torch.equal(out, F.interpolate(avg_pool2d(crop, [2, 1]), size=(8, 8), mode="bicubic",
+                                          align_corners=False, antialias=True))
+    # at 32 x and under: the one resize, as before
+    assert torch.equal(loaders.resized_crop(image, 0, 0, 256, 200, 8), plain(0, 0, 256, 200))
+    assert len(pooled) == 2
+
+
+# ----------------------------------------------------------------------------------------
+# eval.py and results/bench.py, a reviewer's pass: outputs, a closed stdout, long labels, ranges
+
+def test_an_eval_output_is_never_the_checkpoint_another_output_or_a_run_s_metrics(tmp_path):
+    ckpt, run, png = tmp_path / "model.pth", tmp_path / "run", str(tmp_path / "p.png")
+    ckpt.write_bytes(b"weights")                         # refused before it is read: any bytes do
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "link.json").symlink_to(ckpt)
+    for argv, said in ((["--checkpoint", str(ckpt), "--json", str(ckpt)],
+                        f"--json {ckpt} is the checkpoint it evaluates, which this would replace"),
+                       (["--checkpoint", str(ckpt), "--json", str(tmp_path / "link.json")],
+                        "link.json is the checkpoint it evaluates"),
+                       (["--checkpoint", str(ckpt), "--json", png, "--maps", png],
+                        f"--maps {png} is the file --json writes"),
+                       (["--curve", str(run), "--json", png, "--plot", png],
+                        f"--plot {png} is the file --json writes"),
+                       (["--curve", str(run), "--json", str(run / "metrics-old.jsonl")],
+                        "metrics-old.jsonl is the metrics of a run")):
+        with pytest.raises(runtime.UserError, match=re.escape(said)):
+            srvit_eval.main(argv + ["--device", "cpu"])
+    assert ckpt.read_bytes() == b"weights" and (run / "metrics.jsonl").read_text() == "{}\n"
+    assert sorted(os.listdir(tmp_path)) == ["link.json", "model.pth", "run"]
+    assert os.listdir(run) == ["metrics.jsonl"]
+
+
+def test_eval_piped_into_head_still_writes_its_files(trained_runs, tmp_path, monkeypatch):
+    from PIL import Image
+
+    class ClosedPipe:                           # stdout once `| head -1` has exited: every write fails
+        def write(self, text):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    res = srvit_eval.main(["--checkpoint", str(trained_runs / "R3" / "last.pt"), "--device", "cpu",
+                           "--workers", "0", "--maps", str(tmp_path / "m.png"), "--maps-images", "1",
+                           "--json", str(tmp_path / "e.json")])
+    assert sys.stdout.name == os.devnull                 # the printing went on, to nowhere
+    sys.stdout.close()
+    assert res["images"] == 64
+    assert json.loads((tmp_path / "e.json").read_text()) == json.loads(json.dumps(res))
+    with Image.open(tmp_path / "m.png") as im:                             # one row: the image and 3 steps
+        assert im.size == (6 + 4 * 118, 22 + 1 * (15 + 118) + 40)
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    rows = srvit_eval.main(["--curve", str(trained_runs / "*"), "--json", str(tmp_path / "c.json"),
+                            "--plot", str(tmp_path / "c.png")])
+    sys.stdout.close()
+    assert [r["run"] for r in json.loads((tmp_path / "c.json").read_text())] == [r["run"] for r in rows]
+    with Image.open(tmp_path / "c.png") as im:
+        assert im.size == (760, 380)
+
+
+def test_a_curve_label_too_long_for_the_legend_is_cut_not_a_crash():
+    variant = " ".join(f"setting{i}=value{i}" for i in range(7))       # a run that differs in many settings
+    groups = {("", 1, "-", "-"): [55.0], ("", 4, "soft", "block"): [59.0],
+              (variant, 4, "soft", "block"): [58.0]}
+    assert max(len(label) for label, *_ in srvit_eval.curve_series(groups)) > 100
+    im = np.asarray(srvit_eval.plot_curve(groups, paper=True))
+    assert im.shape == (380, 760 + 520, 3)
+    # the frame's bottom edge (y = 380 - 42) runs from x = 58 to the legend, 40 + 7 * 48 px from the right
+    assert (im[338, 58:760 - 376] == 0).all() and (im[338, 760 - 370:760 - 300] == 255).all()
+
+
+def test_curve_names_an_argument_that_held_no_run(tmp_path, capsys):
+    config = asdict(srvit.SRViTConfig(img_size=32, patch_size=8, num_classes=10, depth=2))
+    args = dict(data="cifar10", epochs=1, lr=1e-3, batch_size=128, seed=0)
+    os.makedirs(tmp_path / "R2")
+    os.makedirs(tmp_path / "empty")
+    (tmp_path / "R2" / "metrics.jsonl").write_text(
+        json.dumps({"type": "run", "config": config, "args": args, "params": 1, "gmacs": 0.1}) + "\n" +
+        json.dumps({"type": "epoch", "epoch": 1, "top1": 50.0, "elapsed": 1.0}) + "\n")
+    typo, empty = str(tmp_path / "R2x"), str(tmp_path / "empty")
+    rows = srvit_eval.main(["--curve", str(tmp_path / "R2"), typo, empty])
+    assert [r["run"] for r in rows] == ["R2"]
+    said = capsys.readouterr().err
+    assert said == f"warning: no run (metrics.jsonl with an epoch) in {typo} {empty}: skipped\n", said
+    with pytest.raises(runtime.UserError, match=re.escape(f"no finished runs (metrics.jsonl with an epoch) "
+                                                          f"in {typo} {empty}")):
+        srvit_eval.main(["--curve", typo, empty])
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("eval", ["--maps-images", "1000000000"], "--maps-images must be >= 1 and <= 64, got 1000000000"),
+    ("eval", ["--workers", "300"], "--workers must be in 0..256, got 300"),
+    ("eval", ["--workers", "-1"], "--workers must be in 0..256, got -1"),
+    ("bench", ["--bench-loader", "--workers", "300"], "--workers must be in 0..256, got 300"),
+    ("bench", ["--loader-cpu", "--bench-images", "4", "--batch-size", "8"],
+     "--bench-images 4 is less than one batch (--batch-size 8): give at least 8, or a smaller --batch-size"),
+    ("bench", ["--loader-cpu", "--bench-images", "10"],
+     "--bench-images 10 is less than one batch (--batch-size 64)"),
+])
+def test_eval_and_bench_refuse_counts_out_of_range_before_any_work(tmp_path, script, flags, message):
+    # eval: before it reads the checkpoint (here none); bench: in its argument checks
+    if script == "eval":
+        flags = ["--checkpoint", str(tmp_path / "x.pt"), "--maps", str(tmp_path / "m.png")] + flags
+    with pytest.raises(runtime.UserError, match=re.escape(message)):
+        (srvit_eval.main if script == "eval" else bench_script().get_args)(flags + ["--device", "cpu"])
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("capability, amp", [((7, 5), torch.float16), ((9, 0), torch.bfloat16)])
+def test_bench_takes_train_py_s_default_precision_on_each_gpu(monkeypatch, capability, amp):
+    # a T4 (7.5) computes bf16 slowly, by emulation: train.py runs fp16 there (runtime.default_amp)
+    bench = bench_script()
+    args = bench.get_args(BENCH + ["--depth", "1"])
+    args.device = "cuda"                                 # no GPU needed: the bench stops at its first matmul
+
+    class Measured(Exception):
+        pass
+
+    def ceiling(device, dtype):
+        raise Measured(dtype)
+    monkeypatch.setattr(bench, "matmul_ceiling", ceiling)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    for backend in (torch.backends.cuda.matmul, torch.backends.cudnn):       # bench sets them on a GPU
+        monkeypatch.setattr(backend, "allow_tf32", backend.allow_tf32)
+    with pytest.raises(Measured) as measured:
+        bench.bench(args)
+    assert measured.value.args == (amp,)

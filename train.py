@@ -141,7 +141,7 @@ def check_args(args):
                 else "no such file")
         raise UserError(f"--resume {args.resume}: {what}", shared=True)
     if args.resume not in ("auto", "no") and not zipfile.is_zipfile(args.resume):   # a JPEG, a cut-short file
-        read_checkpoint(args.resume)                     # says so now, not after the data is read
+        read_checkpoint(args.resume, shared=True)        # says so now, not after the data is read
     model_config(args, num_classes=1)                    # and so does a model that cannot be built
     if args.crop_padding >= args.img_size:       # a crop of padding alone; reflect cannot pad that much
         raise UserError(f"--crop-padding {args.crop_padding} is not below --img-size {args.img_size}: "
@@ -686,7 +686,8 @@ def end_epoch(run, epoch, metrics, clock):
     record = {"type": "epoch", "epoch": epoch + 1, "train_loss": prog.loss_sum / run.steps_per_epoch,
               **metrics, "best_top1": prog.best_top1, "lr": run.optimizer.param_groups[0]["lr"],
               "epoch_time": seconds, "elapsed": prog.elapsed,
-              "images_per_s": (run.steps_per_epoch - start_step) * args.batch_size / seconds}
+              "images_per_s": (run.steps_per_epoch - start_step) * args.batch_size    # training alone
+              / max(prog.elapsed - clock.elapsed_before, 1e-9)}
     prog.epoch, prog.step, prog.loss_sum = epoch + 1, 0, 0.0           # the next epoch starts afresh
     prog.records = prog.records + [record]
     run.env.log(f"epoch {epoch + 1}/{args.epochs} | train loss {record['train_loss']:.4f} | "
@@ -739,11 +740,10 @@ def main(argv=None):
 
 if __name__ == "__main__":
     code = cli(main)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        # Under torchrun, leave without the interpreter's teardown: freeing the process group's
-        # C++ threads there aborts now and then ("terminate called without an active exception",
-        # 2 of 12 two-process runs here, even after barrier + destroy_process_group), which
-        # turned finished runs into failures. Everything is saved and flushed by now.
+    if os.environ.get("WORLD_SIZE", "1").strip() != "1":        # (a bad one was said by cli: no int())
+        # Under torchrun, leave without the interpreter's teardown: freeing the process group's C++
+        # threads there failed 2 of 12 finished two-process runs ("terminate called without an active
+        # exception"), even after barrier + destroy_process_group. Everything is saved and flushed.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

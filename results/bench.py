@@ -190,7 +190,7 @@ def bench_row(args, depth, batch, device, amp, peak, ceiling):
 
 def bench(args):
     device = torch.device(args.device or runtime.check_device(None))
-    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    amp = args.amp or runtime.default_amp(device)          # as train.py: fp16 on GPUs without bf16
     batch = args.batch_size or (256 if device.type == "cuda" else 32)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -352,6 +352,9 @@ def imagenet_like_folder(root, n, g):
     return root
 
 
+LOADER_CPU_BATCH = 64          # --loader-cpu's batch without --batch-size
+
+
 def loader_cpu(args):
     """time_loader_workers with one thread, as a loader worker has (DataLoader sets it)."""
     threads = torch.get_num_threads()
@@ -373,8 +376,8 @@ def time_loader_workers(args):
     g = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data_path or imagenet_like_folder(tmp, args.bench_images, g)
-        env = SimpleNamespace(rank=0, world=1, micro=args.batch_size or 64, device=torch.device("cpu"),
-                              log=lambda *a: None)
+        env = SimpleNamespace(rank=0, world=1, micro=args.batch_size or LOADER_CPU_BATCH,
+                              device=torch.device("cpu"), log=lambda *a: None)
         by_path = {}
         for loader in ("pil", "device"):
             targs = train.get_args(["--data-path", root, "--recipe", "deit", "--loader", loader, "--workers",
@@ -540,8 +543,15 @@ def get_args(argv=None):
     runtime.check_device(args.device)
     if min(args.depth) < 1:
         raise UserError(f"--depth takes recursion depths >= 1, got {args.depth}")
-    check_at_least(args, batch_size=1, iters=1, rounds=1, bench_images=1, workers=0, embed_dim=1,
-                   num_layers=1, num_heads=1, img_size=1, patch_size=1, num_classes=1)
+    check_at_least(args, batch_size=1, iters=1, rounds=1, bench_images=1, embed_dim=1, num_layers=1,
+                   num_heads=1, img_size=1, patch_size=1, num_classes=1)
+    ok, rule = train.WORKERS
+    if not ok(args.workers):                                          # (said as train.py says it)
+        raise UserError(f"--workers must be {rule}, got {args.workers}")
+    if args.loader_cpu and args.bench_images < (args.batch_size or LOADER_CPU_BATCH):
+        batch = args.batch_size or LOADER_CPU_BATCH
+        raise UserError(f"--bench-images {args.bench_images} is less than one batch (--batch-size {batch}): "
+                        f"give at least {batch}, or a smaller --batch-size")
     if args.model is None and not args.bench_loader:
         args.model = "small"
     return args

@@ -9,7 +9,9 @@ whether the suite fails. A bug the suite lets pass marks a test that is missing 
 Each bug is (name, file, the line as it is, the line as planted). The copy is made from the files git
 tracks; the suite runs with -x (it stops at the first failing test) and, by default, without the
 end-to-end tests marked slow (-k "not slow" matches the mark too), so a caught bug costs seconds to
-minutes and a bug that survives costs the whole suite. With --only, the page keeps the other bugs' rows
+minutes and a bug that survives costs the whole suite. The test that caught a bug in the last run (the
+table in --out) runs alone first: where it fails, the bug is caught in seconds; where it passes, the
+suite runs (--whole-suite: the suite for every bug). With --only, the page keeps the other bugs' rows
 and its text after the table, and gains or updates the rows of the bugs run.
 """
 
@@ -180,6 +182,20 @@ BUGS = [
     ("evaluation-resize-without-deits-crop-ratio", "loaders.py",
      "resize = v2.Resize(int(args.img_size / 0.875), interpolation=bicubic)",
      "resize = v2.Resize(args.img_size, interpolation=bicubic)"),
+    # ninth run: found passing by a reviewer's reading
+    ("progress-eta-one-epoch-short", "train.py",
+     "left = (args.epochs - epoch) * run.steps_per_epoch - step",
+     "left = (args.epochs - epoch - 1) * run.steps_per_epoch - step"),
+    ("progress-loss-over-the-whole-epoch", "train.py",
+     'f"loss {(loss_sum - loss_done) / max(step - steps_done, 1):.4f} | lr "',
+     'f"loss {loss_sum / max(step, 1):.4f} | lr "'),
+    ("epoch-speed-counts-the-evaluation", "train.py",
+     "/ max(prog.elapsed - clock.elapsed_before, 1e-9)}", "/ seconds}"),
+    ("resume-takes-the-files-fusing", "runtime.py",
+     'optimizer.load_state_dict({**state, "param_groups": [{**g, **how} for g in state["param_groups"]]})',
+     "optimizer.load_state_dict(state)"),
+    ("a-start-deletes-every-tmp-file", "runtime.py",
+     "if KILLED_WRITE.fullmatch(name):", 'if name.endswith(".tmp"):'),
 ]
 
 
@@ -198,28 +214,37 @@ def plant(bug, dest):
     open(os.path.join(dest, path), "w").write(text.replace(old, new))
 
 
-def run_suite(dest, keyword, timeout):
-    """(caught, seconds, first failing test or '')."""
+def run_suite(dest, keyword, timeout, first=""):
+    """(caught, seconds, first failing test or ''). first: a test run alone before the suite, the one that
+    caught this bug last time; where it fails, the bug is caught (a test failed) without the suite."""
     t0 = time.time()
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "test_srvit.py"]
-    cmd += ["-k", keyword] if keyword else []
-    try:
-        res = subprocess.run(cmd, cwd=dest, capture_output=True, text=True, timeout=timeout,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    except subprocess.TimeoutExpired:
-        return None, time.time() - t0, "timed out"
-    failed = [line.split()[1] for line in res.stdout.splitlines() if line.startswith("FAILED ")]
-    return res.returncode != 0, time.time() - t0, (failed[0].split("::")[-1] if failed else "")
+    pytest = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+    suite = pytest + ["test_srvit.py"] + (["-k", keyword] if keyword else [])
+    for cmd in ([pytest + [f"test_srvit.py::{first}"]] if first else []) + [suite]:
+        try:
+            res = subprocess.run(cmd, cwd=dest, capture_output=True, text=True, timeout=timeout,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+        except subprocess.TimeoutExpired:
+            return None, time.time() - t0, "timed out"
+        failed = [line.split()[1] for line in res.stdout.splitlines() if line.startswith("FAILED ")]
+        if failed or cmd is suite:          # (a first test that passes, or no longer exists: the suite)
+            return res.returncode != 0, time.time() - t0, (failed[0].split("::")[-1] if failed else "")
 
 
-def merge_rows(path, rows):
-    """rows of this run, in BUGS order, with the rows an earlier run wrote to path for the other bugs."""
+def earlier_rows(path):
+    """{bug: (bug, file, result, first failing test, seconds)} from the table an earlier run wrote."""
     earlier = {}
     if os.path.isfile(path):
         for line in open(path).read().splitlines():
             cells = [c.strip() for c in line.strip("|").split("|")]
             if len(cells) == 5 and cells[4].isdigit():
                 earlier[cells[0]] = (cells[0], cells[1], cells[2], cells[3], float(cells[4]))
+    return earlier
+
+
+def merge_rows(path, rows):
+    """rows of this run, in BUGS order, with the rows an earlier run wrote to path for the other bugs."""
+    earlier = earlier_rows(path)
     now = {row[0]: row for row in rows}
     return [now.get(name) or earlier[name] for name, *_ in BUGS if name in now or name in earlier]
 
@@ -240,7 +265,11 @@ def main(argv=None):
     p.add_argument("-k", dest="keyword", default="not slow", help="pytest -k expression ('' runs every test)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per suite run")
     p.add_argument("--out", default=os.path.join(ROOT, "results", "mutants.md"))
+    p.add_argument("--whole-suite", action="store_true",
+                   help="run the suite for every bug, not first the test that caught it in --out's table")
     args = p.parse_args(argv)
+    catchers = {} if args.whole_suite else {name: row[3] for name, row in earlier_rows(args.out).items()
+                                            if row[2].startswith("caught") and row[3] != "-"}
     bugs = [b for b in BUGS if not args.only or b[0] in args.only]
     if args.list or not bugs:
         print("\n".join(f"{name}: {path}: {old!r} -> {new!r}" for name, path, old, new in BUGS))
@@ -249,7 +278,7 @@ def main(argv=None):
     for i, bug in enumerate(bugs, 1):
         with tempfile.TemporaryDirectory() as dest:
             plant(bug, dest)
-            caught, seconds, test = run_suite(dest, args.keyword, args.timeout)
+            caught, seconds, test = run_suite(dest, args.keyword, args.timeout, catchers.get(bug[0], ""))
         verdict = "caught" if caught else ("survived" if caught is False else "timed out")
         rows.append((bug[0], bug[1], verdict, test, seconds))
         print(f"[{i}/{len(bugs)}] {bug[0]}: {verdict} {test} ({seconds:.0f} s)", flush=True)
@@ -261,6 +290,7 @@ def main(argv=None):
     with open(args.out, "w") as f:
         f.write(f"# Planted bugs against the test suite\n\n`python results/mutants.py` (suite run with -x"
                 f"{f' -k {args.keyword!r}' if args.keyword else ''}"
+                f"{'' if args.whole_suite else ', after the test that caught each bug before, alone'}"
                 f"{', the table merged from the runs below' if args.only else ''}): {caught} of {len(rows)} "
                 f"planted bugs make the suite fail.\n\n")
         f.write("| bug | file | result | first failing test | seconds |\n|---|---|---|---|---|\n")

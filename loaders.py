@@ -1223,7 +1223,7 @@ class DeviceLoader:
 # ----------------------------------------------------------------------------------------
 # MixUp / CutMix, as timm's Mixup does it for DeiT
 
-def mix_batch(x, y, args, num_classes):
+def mixup_cutmix(x, y, args, num_classes):
     """Per batch, MixUp (alpha --mixup, DeiT: 0.8) or CutMix (--cutmix, DeiT: 1.0) with equal chance,
     or only the one whose alpha is not 0; the partner of image i is image B-1-i (the batch reversed,
     as in timm). Returns images and soft targets (B, classes).

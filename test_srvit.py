@@ -1638,7 +1638,7 @@ def test_mixup_partner_is_another_image_at_every_world_size():
             idx = sampler.indices()
             for b in range(len(idx) // micro):
                 ids = idx[b * micro:(b + 1) * micro]
-                _, target = loaders.mix_batch(torch.zeros(micro, 3, 8, 8), ids, args, n)
+                _, target = loaders.mixup_cutmix(torch.zeros(micro, 3, 8, 8), ids, args, n)
                 same += int(((target > 0).sum(1) == 1).sum())    # mixed with a copy of itself
                 total += micro
         assert same / total < 0.04, (world, same / total)
@@ -1647,11 +1647,11 @@ def test_mixup_partner_is_another_image_at_every_world_size():
 def test_mixup_and_cutmix_follow_timm():
     torch.manual_seed(0)
     x, y = torch.rand(8, 3, 16, 16), torch.arange(8)
-    mixed, target = loaders.mix_batch(x, y, SimpleNamespace(mixup=0.8, cutmix=0.0), 8)
+    mixed, target = loaders.mixup_cutmix(x, y, SimpleNamespace(mixup=0.8, cutmix=0.0), 8)
     lam = target[0, 0].item()
     torch.testing.assert_close(mixed, lam * x + (1 - lam) * x.flip(0))
     torch.testing.assert_close(target, lam * F.one_hot(y, 8) + (1 - lam) * F.one_hot(y.flip(0), 8))
-    mixed, target = loaders.mix_batch(x, y, SimpleNamespace(mixup=0.0, cutmix=1.0), 8)
+    mixed, target = loaders.mixup_cutmix(x, y, SimpleNamespace(mixup=0.0, cutmix=1.0), 8)
     from_partner = (mixed != x).any(1).float().mean().item()    # share of pixels pasted from the partner
     assert target[0, 7].item() == pytest.approx(from_partner, abs=1e-6)
     want = (1 - from_partner) * F.one_hot(y, 8) + from_partner * F.one_hot(y.flip(0), 8)
@@ -1664,14 +1664,14 @@ def test_mixup_or_cutmix_is_drawn_with_equal_chance_and_the_cutmix_box_is_timms(
     torch.manual_seed(0)
     cut = 0
     for _ in range(400):
-        mixed, _ = loaders.mix_batch(x, y, both, 8)
+        mixed, _ = loaders.mixup_cutmix(x, y, both, 8)
         cut += bool(((mixed[0] == 0) | (mixed[0] == 7)).all())     # pasted pixels, none blended
     assert 150 < cut < 250                                          # 200 expected, sd 10
     # timm's rand_bbox: a box of side sqrt(1 - lam) times the image's, clipped at the edges
     monkeypatch.setattr(torch.distributions.Beta, "sample", lambda self: torch.tensor(0.75))
     rows, cols = [], []
     for _ in range(50):
-        mixed, target = loaders.mix_batch(x, y, SimpleNamespace(mixup=0.0, cutmix=1.0), 8)
+        mixed, target = loaders.mixup_cutmix(x, y, SimpleNamespace(mixup=0.0, cutmix=1.0), 8)
         pasted = mixed[0, 0] == 7                                                # (100, 100)
         rows.append(int(pasted.any(1).sum()))
         cols.append(int(pasted.any(0).sum()))

@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import srvit
 from loaders import (build_dataset, build_loaders, cpu_decode_note, image_size, loader_name, loader_remedy,
-                     mix_batch, seed_for, train_dir)
+                     mixup_cutmix, seed_for, train_dir)
 from runtime import (ArgumentParser, Env, OutDir, StopRequest, Stopped, UserError, agree_on_progress,
                      amp_context, cli, default_amp, fmt_time, init_distributed, mfu, on_all_ranks, peak_flops,
                      plural, read_checkpoint, restore, seed_device, stop_message)
@@ -372,7 +372,7 @@ class Run:
     def __post_init__(self):
         self.raw_model = self.raw_model or self.model
         self.autocast = amp_context(self.env.device, self.args.amp)
-        self.mixing = self.args.mixup > 0 or self.args.cutmix > 0
+        self.mixup_or_cutmix = self.args.mixup > 0 or self.args.cutmix > 0
         self.stop = self.stop or StopRequest()
 
 
@@ -469,8 +469,8 @@ def train_step(run, batches, gstep, clock):
                 raise
             raise LoaderGone() from None
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)   # (B, 3, S, S), (B,)
-        if run.mixing:
-            x, y = mix_batch(x, y, args, run.num_classes)               # y: (B, classes) soft targets
+        if run.mixup_or_cutmix:
+            x, y = mixup_cutmix(x, y, args, run.num_classes)            # y: (B, classes) soft targets
         # DDP averages gradients over ranks on backward; skip that on all but the last micro-step
         sync = micro_step == env.accum - 1 or not env.ddp
         with (nullcontext() if sync else run.model.no_sync()), run.autocast:

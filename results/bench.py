@@ -476,7 +476,8 @@ def device_path_counts(args):
             ops -= decode            # one op per file on a CPU, one per batch on a GPU: counted apart
             x = torch.randn(n, 3, 8, 8)
             y = torch.randint(0, 10, (n,))
-            mix_ops, mix_python = count_ops(lambda: mod_loaders.mix_batch(x, y, targs, 10))
+            mixup_cutmix = getattr(mod_loaders, "mixup_cutmix", None) or mod_loaders.mix_batch  # (older name)
+            mix_ops, mix_python = count_ops(lambda: mixup_cutmix(x, y, targs, 10))
             rows.append({"batch": n, "ops": ops, "decode_ops": decode, "from_python": from_python,
                          "mix_ops": mix_ops, "mix_from_python": mix_python})
     slope = lambda a, b: (b["ops"] - a["ops"]) / (b["batch"] - a["batch"])

@@ -2741,10 +2741,11 @@ def test_classroom_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     for i, (source, _) in enumerate(cells):
         exec(compile(source, f"cell {i}", "exec"), ns)          # a failing cell names itself in the traceback
 
-    budget = ns["B"]
+    budget = ns["BUDGET"]
     assert ns["MODE"] == "quick" and ns["DATA"] is not None
     # section 1: DeiT = SR-ViT at R=1; the extra parameters are the mixers
-    assert srvit.count_params(ns["sr"]) - srvit.count_params(ns["deit"]) == ns["parts_sr"]["mixers"] > 0
+    extra = srvit.count_params(ns["recursive"]) - srvit.count_params(ns["deit"])
+    assert extra == ns["parts_recursive"]["mixers"] > 0
     # sections 3 and 4: a trained model, its checkpoints, a picture of its weights, one anytime row per step
     model = ns["model"]
     assert isinstance(model, srvit.SRViT) and model.config.depth == budget["depth"] and not model.training
@@ -2867,6 +2868,11 @@ def test_the_files_a_reader_opens_first_stay_within_their_budgets():
     assert len(code) >= 10 and os.path.join(HERE, "results", "bench.py") in code, code
     wide = [f"{os.path.relpath(name, HERE)}:{n}" for name in code for n, line in enumerate(open(name), 1)
             if len(line.rstrip("\n")) > 110]
+    with open(NOTEBOOK) as f:                # the lesson's code cells follow the same rule
+        cells = json.load(f)["cells"]
+    wide += [f"notebooks/classroom.ipynb cell {i}:{n}" for i, cell in enumerate(cells)
+             if cell["cell_type"] == "code"
+             for n, line in enumerate("".join(cell["source"]).splitlines(), 1) if len(line) > 110]
     assert wide == [], wide                  # no line packed past 110 columns
     imports = set(re.findall(r"^\s*(?:import|from) (\w+)", open(os.path.join(HERE, "srvit.py")).read(), re.M))
     assert imports <= {"torch", *sys.stdlib_module_names}, imports

@@ -1,0 +1,1 @@
+python train.py --data cifar10 --embed-dim 64 --num-layers 6 --num-heads 4 --patch-size 8 --batch-size 128 --lr 1e-3   --epochs 15 --workers 0 --log-interval 100 --num-layers 5 --depth 4 --mixer soft --loop-scale fixed --seed 2 --data-path <cifar10> --out-dir <dir>/L5-R4-soft-fixed-s2    # code: commit f0c77560487a29c721e474409bb2ee3f48869b69 + results/cifar10-map/frozen.patch

@@ -28,7 +28,7 @@ from loaders import (Normalize, OnDevice, build_dataset, mean_std, normalize_ima
                      transforms)
 from runtime import (BEFORE_THE_FLAG, ArgumentParser, UserError, amp_context, changed, check_at_least,
                      check_device, check_output, checkpoint_of, cli, first_line, fmt_time, json_row, plural,
-                     read_checkpoint, read_lines, save_file, write_json)
+                     read_checkpoint, read_lines, save_file, say, use_device, write_json)
 from train import MAY_CHANGE, WORKERS, evaluate
 
 # The paper's ImageNet-1K top-1, all that its abstract (arXiv 2607.00774) gives: SR-ViT-S at R = 1, 4; DeiT-B.
@@ -37,15 +37,6 @@ PAPER = {"srvit_s": {1: 79.83, 4: 82.48}, "deit_b": 81.8}
 
 # ----------------------------------------------------------------------------------------
 # Evaluate a checkpoint
-
-def say(*args, write=print):
-    """print(*args), or write(*args) that prints (save_file); a closed stdout (`| head`) ends the printing."""
-    try:
-        write(*args)
-        sys.stdout.flush()
-    except OSError:                      # BrokenPipeError (save_file's own errors arrive as UserErrors)
-        sys.stdout = open(os.devnull, "w")
-
 
 def load_checkpoint(path):
     """A train.py checkpoint -> (model in eval mode, checkpoint dict). One clear error otherwise."""
@@ -107,16 +98,9 @@ def run_split(model, loader, device, autocast, steps=None, label=None):
     return result
 
 
-def evaluate_checkpoint(args):
-    model, ckpt = load_checkpoint(args.checkpoint)
-    cfg = model.config
-    if args.steps not in (None, "all") and not (args.steps.isdecimal() and 1 <= int(args.steps) <= cfg.depth):
-        raise UserError(f"--steps takes 'all' or a number of steps in 1..{cfg.depth} (this model's depth), "
-                        f"got {args.steps!r}")
-    steps = int(args.steps) if args.steps not in (None, "all") else None
-    if args.maps:
-        mixer_index(args.maps_mixer, len(model.mixers), "--maps-mixer ")
-    # the checkpoint's validation split, or the one --data, --data-path, --val-subset name
+def validation_data(args, ckpt, cfg):
+    """(the validation set, the arguments it was built from): the checkpoint's validation split, or the
+    one --data, --data-path and --val-subset name."""
     overrides = {k: v for k in ("data", "data_path", "val_subset") if (v := getattr(args, k)) is not None}
     if args.data_path and not args.data and ckpt.get("args", {}).get("data") == "fake":
         overrides["data"] = "folder"                  # (fake data has no path: the path is a folder's)
@@ -130,7 +114,20 @@ def evaluate_checkpoint(args):
                   else f"{len(classes)} now")
         raise UserError(f"the checkpoint classifies {cfg.num_classes} classes, other than the data's at "
                         f"{targs.data_path} ({differ}): evaluate it on the data it was trained on")
-    device = torch.device(args.device or check_device(None))
+    return val, targs
+
+
+def evaluate_checkpoint(args):
+    model, ckpt = load_checkpoint(args.checkpoint)
+    cfg = model.config
+    if args.steps not in (None, "all") and not (args.steps.isdecimal() and 1 <= int(args.steps) <= cfg.depth):
+        raise UserError(f"--steps takes 'all' or a number of steps in 1..{cfg.depth} (this model's depth), "
+                        f"got {args.steps!r}")
+    steps = int(args.steps) if args.steps not in (None, "all") else None
+    if args.maps:
+        mixer_index(args.maps_mixer, len(model.mixers), "--maps-mixer ")
+    val, targs = validation_data(args, ckpt, cfg)
+    device = use_device(args.device or check_device(None))
     model.to(device)
     autocast = amp_context(device, args.amp)
     batches = torch.utils.data.DataLoader(val, args.batch_size, num_workers=args.workers,
@@ -167,9 +164,9 @@ def evaluate_checkpoint(args):
         images = normalize_image(torch.stack([val[i][0] for i in picks]), cfg.img_size)   # (n, 3, S, S)
         picture = draw_maps(model, images, mixer=args.maps_mixer, relative=args.maps_relative)
         say()
-        say(args.maps, picture.save, write=save_file)
+        save_file(args.maps, picture.save)
     if args.json:
-        say(args.json, result, write=write_json)
+        write_json(args.json, result)
     return result
 
 
@@ -248,7 +245,9 @@ def draw_lines(panel, series, title, xlabel, ylabel, xticks):
     draw, (W, H) = ImageDraw.Draw(panel), panel.size
     draw.font = font()
     fit = (W // 2 - 40) // 7                  # the legend takes half the panel at most: longer labels are cut
-    series = [(label if len(label) <= fit else label[:fit - 3] + "...", *rest) for label, *rest in series]
+    head = (fit - 3) // 2                     # cut in the middle: a variant's last settings tell it apart
+    series = [(label if len(label) <= fit else label[:head] + "..." + label[len(label) - (fit - 3 - head):],
+               *rest) for label, *rest in series]
     left, top, bottom, right = 58, 30, 42, 40 + 7 * max(len(label) for label, *_ in series)   # right: legend
     ys = [y for _, pts, _, _ in series for _, *values in pts for y in values]       # points and whiskers
     span = max(max(ys) - min(ys), 1.0)
@@ -389,7 +388,7 @@ def curve(args):
         say(f"| {depth} | {mixer} | {share} | {variant or '-'} | {len(accs)}{'; ' if twice else ''}"
             f"{'; '.join(twice)} | {statistics.mean(accs):.2f}{spread} |")
     if args.json:
-        say(args.json, rows, write=write_json)
+        write_json(args.json, rows)
     if args.plot and not groups:
         raise UserError(f"no finished run to plot in {' '.join(args.curve)} (the table above lists the "
                         f"unfinished ones): plot when one has finished")
@@ -439,7 +438,7 @@ def plot_curve(groups, path=None, paper=False):
     for p, x in zip(panels, (0, 760)):
         canvas.paste(p, (x, 0))
     if path:
-        say(path, canvas.save, write=save_file)
+        save_file(path, canvas.save)
     return canvas
 
 
@@ -474,7 +473,7 @@ def get_args(argv=None):
         raise UserError("give exactly one of --checkpoint, --curve (python eval.py --help lists the options)")
     check_device(args.device)
     check_at_least(args, batch_size=1, val_subset=1)
-    for k, (ok, rule) in (("workers", WORKERS), ("maps_images", (lambda n: 1 <= n <= 64, ">= 1 and <= 64"))):
+    for k, (ok, rule) in (("workers", WORKERS), ("maps_images", (lambda n: 1 <= n <= 64, "in 1..64"))):
         if not ok(getattr(args, k)):                                # (as train.py's check_args says it)
             raise UserError(f"--{k.replace('_', '-')} must be {rule}, got {getattr(args, k)}")
     if args.checkpoint:
@@ -484,7 +483,8 @@ def get_args(argv=None):
                                 ("--maps", args.maps, True)):
         check_output(flag, path, picture)
         real = path and os.path.realpath(path)                         # (a link: the file it names)
-        if real and (real in taken or any(Path(p).match("metrics*.jsonl") for p in (path, real))):
+        rows = real and os.path.exists(real) and Path(real).match("metrics*.jsonl")  # a run's, kept aside too
+        if real and (real in taken or rows):
             raise UserError(f"{flag} {path} is {taken.get(real, 'the metrics of a run')}, which this would "
                             f"replace: name a new file")
         taken[real] = f"the file {flag} writes"

@@ -108,6 +108,9 @@ def class_entries(directory):
             if os.path.islink(path) and isinstance(e, FileNotFoundError):
                 raise UserError(f"{path} is a link to {os.readlink(path)}, which does not exist (a disk not "
                                 f"mounted?): mount it, or remove the link", shared=True) from None
+            if isinstance(e, PermissionError) and os.path.islink(path):      # the link's target is closed
+                raise UserError(f"cannot look at {path}, a link to {os.readlink(path)} ({e.strerror}): give "
+                                f"this user access to it, or remove the link", shared=True) from None
             if isinstance(e, PermissionError):
                 raise unreadable_folder(directory, e) from None
             raise UserError(f"cannot look at {path} ({e.strerror or type(e).__name__}): repair or remove "
@@ -224,10 +227,10 @@ def class_folders():
 def pictures_in(folder, is_picture, skipped=None, walls=(), not_walked=None):
     """The files under folder that is_picture accepts, in torchvision's order (by folder, then name),
     without hidden files and folders, each folder walked once however many links lead to it. The others
-    are counted in `skipped` by suffix ({".heic": 3}), where it is given. A link to a folder above this
-    one, or to one whose real path is in `walls` (split_walls: the split's folder, the other class folders),
-    is not followed, and its path is added to `not_walked` where it is given: through it the other
-    classes' pictures would be listed under this class."""
+    are counted in `skipped` by suffix ({".heic": 3}), where it is given. A folder whose real path is above
+    this one or in `walls` (split_walls: the split's folder, the other class folders), reached through a
+    link or named by another class's link, is not walked, and its path is added to `not_walked` where it
+    is given: through it the other classes' pictures would be listed under this class."""
     def cannot_read(e):                 # (os.walk would skip the folder, and its pictures, silently)
         raise unreadable_folder(e.filename, e)
     top = os.path.realpath(folder)
@@ -585,9 +588,9 @@ def say_skipped(train_set, val_set, env):
         said.append(f"{plural(len(loose), 'file')} beside the class folders, in no class ({some(loose)}); "
                     f"move a picture into its class's folder to use it")
     if not_walked:
-        said.append(f"{plural(len(not_walked), 'link')} inside class folders to the split's folder, a "
-                    f"folder above it or another class's ({some(not_walked)}), not followed: it would list "
-                    f"other classes' pictures under its class")
+        said.append(f"{plural(len(not_walked), 'folder')} inside class folders that are also the split's "
+                    f"folder, a folder above it or another class's ({some(not_walked)}), not walked: each "
+                    f"would list other classes' pictures under its class")
     if said:
         env.log("left out " + ". Also left out ".join(said))
 

@@ -105,8 +105,8 @@ def cli(main_fn, argv=None,
         if world == 1 or not peer_gone(e):
             raise
         # another rank stopped (its own one line, or a crash) and took the collective with it
-        print(f"error (rank {rank}): stopped because another rank ended the run; that rank's message says "
-              f"why", file=sys.stderr)
+        print(f"error (rank {rank}): stopped because another rank ended the run ({first_line(e)[:100]}); "
+              f"that rank's message says why", file=sys.stderr)
         return 2
     except Stopped as e:
         if not e.shared or rank == 0:
@@ -126,12 +126,13 @@ def cli(main_fn, argv=None,
 
 
 # How gloo and NCCL report a rank that has gone: what every other rank meets in its next collective.
+# (Not a failure to start or to reach the others: that is this rank's own, and keeps its traceback.)
 PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe",
-             "communicator was aborted", "nccl communicator", "connection refused")
+             "communicator was aborted")
 
 
 def peer_gone(e):
-    return isinstance(e, dist.DistNetworkError) or any(s in str(e).lower() for s in PEER_GONE)
+    return dist.is_available() and dist.is_initialized() and any(s in str(e).lower() for s in PEER_GONE)
 
 
 def user_error_message(e):
@@ -201,17 +202,21 @@ class Env:
     master = property(lambda self: self.rank == 0)
 
     def log(self, *args, **kwargs):
-        """print, on rank 0. A console that has gone (a closed pipe: `| head`; a full disk under a log
-        file) ends the printing, not the run: it trains and saves as it would have."""
-        if not self.master:
-            return
-        try:
-            print(*args, **kwargs)
-            sys.stdout.flush()            # (a pipe buffers: its error would land on any later line)
-        except OSError:                   # BrokenPipeError, ENOSPC
-            sys.stdout = open(os.devnull, "w")
-        except UnicodeEncodeError:        # a path that is not UTF-8, on a console that takes UTF-8 only
-            self.log(*(str(a).encode("ascii", "backslashreplace").decode() for a in args), **kwargs)
+        """say, on rank 0."""
+        if self.master:
+            say(*args, **kwargs)
+
+
+def say(*args, **kwargs):
+    """print, for a console that may go: a closed pipe (`| head`) or a full disk under a log file ends the
+    printing, not the program, which trains and saves (or evaluates and writes) as it would have."""
+    try:
+        print(*args, **kwargs)
+        sys.stdout.flush()                # (a pipe buffers: its error would land on any later line)
+    except OSError:                       # BrokenPipeError, ENOSPC
+        sys.stdout = open(os.devnull, "w")
+    except UnicodeEncodeError:            # a path that is not UTF-8, on a console that takes UTF-8 only
+        say(*(str(a).encode("ascii", "backslashreplace").decode() for a in args), **kwargs)
 
 
 def init_distributed(batch_size, micro_batch=None, device=None):
@@ -236,13 +241,20 @@ def init_distributed(batch_size, micro_batch=None, device=None):
         if cuda:
             torch.cuda.set_device(device)
     else:
-        device = torch.device(device or ("cuda" if cuda else "cpu"))
-        if device.type == "cuda" and device.index:      # pinned memory and nvJPEG use the current GPU:
-            torch.cuda.set_device(device)               # without this, --device cuda:1 also takes GPU 0
+        device = use_device(device or ("cuda" if cuda else "cpu"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cpu_group = dist.new_group(backend="gloo") if world > 1 and cuda else None
     return Env(rank, world, device, micro, batch_size // world // micro, cpu_group)
+
+
+def use_device(name):
+    """torch.device(name), made the current GPU where it names one: pinned memory and nvJPEG use the
+    current GPU, so --device cuda:1 would also take memory on GPU 0."""
+    device = torch.device(name)
+    if device.type == "cuda" and device.index:
+        torch.cuda.set_device(device)
+    return device
 
 
 def seed_device(seed, device):
@@ -593,7 +605,7 @@ def save_file(path, write):
             os.remove(tmp)
         raise UserError(f"could not write {path} ({first_line(e)}); choose another path or free "
                         f"space") from None
-    print(f"wrote {path}")
+    say(f"wrote {path}")
 
 
 def load_optimizer(optimizer, state):

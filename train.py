@@ -686,7 +686,7 @@ def end_epoch(run, epoch, metrics, clock):
     record = {"type": "epoch", "epoch": epoch + 1, "train_loss": prog.loss_sum / run.steps_per_epoch,
               **metrics, "best_top1": prog.best_top1, "lr": run.optimizer.param_groups[0]["lr"],
               "epoch_time": seconds, "elapsed": prog.elapsed,
-              "images_per_s": (run.steps_per_epoch - start_step) * args.batch_size    # training alone
+              "train_images_per_s": (run.steps_per_epoch - start_step) * args.batch_size
               / max(prog.elapsed - clock.elapsed_before, 1e-9)}
     prog.epoch, prog.step, prog.loss_sum = epoch + 1, 0, 0.0           # the next epoch starts afresh
     prog.records = prog.records + [record]

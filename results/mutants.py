@@ -11,8 +11,8 @@ tracks; the suite runs with -x (it stops at the first failing test) and, by defa
 end-to-end tests marked slow (-k "not slow" matches the mark too), so a caught bug costs seconds to
 minutes and a bug that survives costs the whole suite. The test that caught a bug in the last run (the
 table in --out) runs alone first: where it fails, the bug is caught in seconds; where it passes, the
-suite runs (--whole-suite: the suite for every bug). With --only, the page keeps the other bugs' rows
-and its text after the table, and gains or updates the rows of the bugs run.
+suite runs (--whole-suite: the suite for every bug). The page keeps its text after the table; with
+--only, it keeps the other bugs' rows too, and gains or updates the rows of the bugs run.
 """
 
 import argparse
@@ -303,10 +303,9 @@ def main(argv=None):
         verdict = "caught" if caught else ("survived" if caught is False else "timed out")
         rows.append((bug[0], bug[1], verdict, test, seconds))
         print(f"[{i}/{len(bugs)}] {bug[0]}: {verdict} {test} ({seconds:.0f} s)", flush=True)
-    after = ""
-    if args.only:                 # the other bugs keep their rows from the last run, the page its text
+    after = text_after_the_table(args.out)        # the page's account of how the list grew
+    if args.only:                 # the other bugs keep their rows from the last run
         rows = merge_rows(args.out, rows)
-        after = text_after_the_table(args.out)
     caught = sum(r[2].startswith("caught") for r in rows)
     with open(args.out, "w") as f:
         f.write(f"# Planted bugs against the test suite\n\n`python results/mutants.py` (suite run with -x"

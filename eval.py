@@ -27,8 +27,8 @@ import srvit
 from loaders import (Normalize, OnDevice, build_dataset, mean_std, normalize_image, read_image, to_rgb,
                      transforms)
 from runtime import (BEFORE_THE_FLAG, ArgumentParser, UserError, amp_context, changed, check_at_least,
-                     check_device, check_output, checkpoint_of, cli, first_line, fmt_time, json_row, plural,
-                     read_checkpoint, read_lines, save_file, say, use_device, write_json)
+                     check_device, check_output, check_rules, checkpoint_of, cli, first_line, fmt_time,
+                     json_row, plural, read_checkpoint, read_lines, save_file, say, use_device, write_json)
 from train import MAY_CHANGE, WORKERS, evaluate
 
 # The paper's ImageNet-1K top-1, all that its abstract (arXiv 2607.00774) gives: SR-ViT-S at R = 1, 4; DeiT-B.
@@ -473,9 +473,7 @@ def get_args(argv=None):
         raise UserError("give exactly one of --checkpoint, --curve (python eval.py --help lists the options)")
     check_device(args.device)
     check_at_least(args, batch_size=1, val_subset=1)
-    for k, (ok, rule) in (("workers", WORKERS), ("maps_images", (lambda n: 1 <= n <= 64, "in 1..64"))):
-        if not ok(getattr(args, k)):                                # (as train.py's check_args says it)
-            raise UserError(f"--{k.replace('_', '-')} must be {rule}, got {getattr(args, k)}")
+    check_rules(args, workers=WORKERS, maps_images=(lambda n: 1 <= n <= 64, "in 1..64"))
     if args.checkpoint:
         args.checkpoint = checkpoint_of(args.checkpoint)
     taken = {os.path.realpath(args.checkpoint): "the checkpoint it evaluates"} if args.checkpoint else {}

@@ -14,6 +14,7 @@ import argparse
 import errno
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -237,9 +238,7 @@ def init_distributed(batch_size, micro_batch=None, device=None):
         # the ranks share the GPUs and talk over gloo, which NCCL does not allow; slow, but it runs.
         shared_gpus = cuda and torch.cuda.device_count() < local_world
         dist.init_process_group("nccl" if cuda and not shared_gpus else "gloo")
-        device = torch.device(f"cuda:{local % torch.cuda.device_count()}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(device)
+        device = use_device(f"cuda:{local % torch.cuda.device_count()}" if cuda else "cpu")
     else:
         device = use_device(device or ("cuda" if cuda else "cpu"))
     if device.type == "cuda":
@@ -252,7 +251,7 @@ def use_device(name):
     """torch.device(name), made the current GPU where it names one: pinned memory and nvJPEG use the
     current GPU, so --device cuda:1 would also take memory on GPU 0."""
     device = torch.device(name)
-    if device.type == "cuda" and device.index:
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     return device
 
@@ -564,6 +563,16 @@ def write_text(path, text):
         with open(tmp, "w") as f:        # closed before the rename: a full disk fails here, not after
             f.write(text)
     save_file(path, write)
+
+
+def check_rules(args, shared=False, **rules):
+    """Each named flag's value passes its rule, (ok, "in 0..256"), or one line; an infinite float fails
+    (it passes "> 0"). train.py's flags, and those eval.py and results/bench.py share with it."""
+    for name, (ok, rule) in rules.items():
+        value = getattr(args, name)
+        infinite = isinstance(value, float) and math.isinf(value)
+        if value is not None and (infinite or not ok(value)):
+            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}", shared=shared)
 
 
 def check_at_least(args, **least):

@@ -39,8 +39,8 @@ import srvit
 from loaders import (build_dataset, build_loaders, cpu_decode_note, image_size, loader_name, loader_remedy,
                      mixup_cutmix, seed_for, train_dir)
 from runtime import (ArgumentParser, Env, OutDir, StopRequest, Stopped, UserError, agree_on_progress,
-                     amp_context, cli, default_amp, fmt_time, init_distributed, mfu, on_all_ranks, peak_flops,
-                     plural, read_checkpoint, restore, seed_device, stop_message)
+                     amp_context, check_rules, cli, default_amp, fmt_time, init_distributed, mfu,
+                     on_all_ranks, peak_flops, plural, read_checkpoint, restore, seed_device, stop_message)
 
 # ----------------------------------------------------------------------------------------
 # Recipes and arguments
@@ -122,11 +122,7 @@ def model_config(args, num_classes):
 
 
 def check_args(args):
-    for name, (ok, rule) in CHECKS.items():
-        value = getattr(args, name)
-        infinite = isinstance(value, float) and math.isinf(value)            # (inf passes "> 0")
-        if value is not None and (infinite or not ok(value)):
-            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}", shared=True)
+    check_rules(args, shared=True, **CHECKS)
     if args.min_lr > args.lr and "min_lr" not in args.from_recipe:   # (a recipe's may be, as DeiT's is)
         raise UserError(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the cosine would rise; lower "
                         f"it", shared=True)

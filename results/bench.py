@@ -35,7 +35,7 @@ import loaders  # noqa: E402
 import runtime  # noqa: E402
 import srvit  # noqa: E402
 import train  # noqa: E402
-from runtime import UserError, check_at_least, write_json  # noqa: E402
+from runtime import UserError, check_at_least, check_rules, write_json  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------
@@ -546,11 +546,9 @@ def get_args(argv=None):
         raise UserError(f"--depth takes recursion depths >= 1, got {args.depth}")
     check_at_least(args, batch_size=1, iters=1, rounds=1, bench_images=1, embed_dim=1, num_layers=1,
                    num_heads=1, img_size=1, patch_size=1, num_classes=1)
-    ok, rule = train.WORKERS
-    if not ok(args.workers):                                          # (said as train.py says it)
-        raise UserError(f"--workers must be {rule}, got {args.workers}")
-    if args.loader_cpu and args.bench_images < (args.batch_size or LOADER_CPU_BATCH):
-        batch = args.batch_size or LOADER_CPU_BATCH
+    check_rules(args, workers=train.WORKERS)                           # (said as train.py says it)
+    batch = args.batch_size or LOADER_CPU_BATCH
+    if args.loader_cpu and args.bench_images < batch:
         raise UserError(f"--bench-images {args.bench_images} is less than one batch (--batch-size {batch}): "
                         f"give at least {batch}, or a smaller --batch-size")
     if args.model is None and not args.bench_loader:
